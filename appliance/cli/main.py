@@ -1,0 +1,121 @@
+"""The ``appliance`` command: parse arguments, call the library, map errors to exit codes.
+
+Each command group lives in its own module in this package and exposes
+``register(subparsers, common)``; handlers take the parsed ``argparse.Namespace`` and return
+an exit code. No command prints a traceback unless ``--debug`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from appliance import __version__
+from appliance.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, ApplianceError
+from appliance.paths import STORE_ENV, default_store
+
+# Command groups, in the order --help lists them. Each module defines register().
+COMMAND_MODULES = (
+    "appliance.cli.doctor",
+)
+
+EPILOG = f"""\
+exit codes:
+  0  ok
+  1  usage error (bad arguments, a file named on the command line is missing)
+  2  refused: integrity, signature, trust, rollback or expiry check failed
+  3  any other error (I/O, disk full, peer unreachable, ...)
+
+The store is --store DIR, else ${STORE_ENV}, else the platform data dir
+(currently {default_store()}).
+Run 'appliance COMMAND --help' for each command's options and examples.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that exits with our usage code (1) instead of its own 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def _common_options() -> argparse.ArgumentParser:
+    """Options accepted both before and after the command name."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--store",
+        type=Path,
+        default=argparse.SUPPRESS,
+        metavar="DIR",
+        help=f"store directory (default: ${STORE_ENV}, else the platform data dir)",
+    )
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print tracebacks on errors",
+    )
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_options()
+    parser = _Parser(
+        prog="appliance",
+        description=(
+            "Air-gapped model provisioning: build signed GGUF bundles on removable media, "
+            "verify and import them into a local store, share them between LAN peers, and "
+            "serve them with llama.cpp through an OpenAI-compatible API."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"appliance {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub, common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.debug = getattr(args, "debug", False)
+    args.store = Path(getattr(args, "store", None) or default_store())
+    handler = getattr(args, "func", None)
+    if handler is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(handler(args) or EXIT_OK)
+    except ApplianceError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"appliance: {type(e).__name__}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("appliance: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: say so in one line, the traceback with --debug
+        if args.debug:
+            traceback.print_exc()
+        print(
+            f"appliance: internal error: {type(e).__name__}: {e} (run with --debug for a traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,18 @@
+"""Where things live on a host: the store directory and its well-known sub-paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import platformdirs
+
+STORE_ENV = "APPLIANCE_HOME"
+
+
+def default_store() -> Path:
+    """``$APPLIANCE_HOME`` if set, else the platform's user data dir (``~/.local/share/appliance``)."""
+    env = os.environ.get(STORE_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path(platformdirs.user_data_dir("appliance", appauthor=False))
