@@ -1,0 +1,105 @@
+"""Run every benchmark in bench/ and write bench/results/latest.{json,md}.
+
+Usage: .venv/bin/python -m bench.run [--quick] [--only NAME] [--out DIR]
+
+Each bench/bench_<area>.py compares appliance with a native tool (zstd, b3sum, cp, curl,
+in-process llama-cpp-python) in this same run; the table shows both figures and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench.harness import BenchContext, Comparison
+
+BENCH_DIR = Path(__file__).resolve().parent
+
+
+def _discover(only: str | None) -> list[str]:
+    names = sorted(p.stem for p in BENCH_DIR.glob("bench_*.py"))
+    return [n for n in names if only is None or only in n]
+
+
+def _model_path() -> Path | None:
+    try:
+        from appliance.default_model import default_model_path
+
+        return default_model_path()
+    except Exception as e:  # the gemma package is optional for a bench run
+        print(f"(no default model: {e}; benchmarks use generated data)", file=sys.stderr)
+        return None
+
+
+def _markdown(rows: list[Comparison], meta: dict[str, str]) -> str:
+    lines = [
+        f"Measured {meta['date']} on {meta['machine']} with `{meta['command']}`.",
+        "",
+        "| benchmark | unit | appliance | native | native tool | ratio |",
+        "|---|---|---:|---:|---|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.name} | {r.unit} | {r.ours:.1f} | {r.native:.1f} | `{r.native_tool}` "
+            f"| {r.ratio:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small inputs (smoke run)")
+    parser.add_argument("--only", help="run only benchmarks whose module name contains this")
+    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
+    args = parser.parse_args(argv)
+
+    sys.path.insert(0, str(BENCH_DIR.parent / "tests"))
+    from gguf_fixtures import write_tiny_llama
+
+    rows: list[Comparison] = []
+    with tempfile.TemporaryDirectory(prefix="appliance-bench-", dir=BENCH_DIR.parent) as tmp:
+        work = Path(tmp)
+        tiny = write_tiny_llama(work / "tiny.gguf")
+        ctx = BenchContext(workdir=work, model_path=None if args.quick else _model_path(),
+                           tiny_model_path=tiny, quick=args.quick)
+        for name in _discover(args.only):
+            module = importlib.import_module(f"bench.{name}")
+            start = time.perf_counter()
+            print(f"==> {name}", flush=True)
+            results = module.run(ctx)
+            for r in results:
+                print(f"    {r.name}: {r.ours:.1f} vs {r.native:.1f} {r.unit} "
+                      f"({r.native_tool}) = {r.ratio:.2f}x", flush=True)
+            print(f"    ({time.perf_counter() - start:.1f} s)", flush=True)
+            rows.extend(results)
+
+    meta = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {_cpu_count()} cores, Python {platform.python_version()}",
+        "command": "python -m bench.run" + (" --quick" if args.quick else ""),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latest.json").write_text(
+        json.dumps({"meta": meta, "results": [r.to_json() for r in rows]}, indent=2) + "\n"
+    )
+    (args.out / "latest.md").write_text(_markdown(rows, meta))
+    print(f"\nwrote {args.out / 'latest.md'}")
+    return 0
+
+
+def _cpu_count() -> int:
+    import os
+
+    return os.cpu_count() or 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
