@@ -18,6 +18,7 @@ calls them, with ``raise ... from e``. The CLI maps the three families to exit c
     │   ├── TrustError                  trust root invalid, wrong role, unknown key
     │   │   ├── RotationError           chain gap, version down, missing old/new root signatures
     │   │   ├── FingerprintMismatchError  operator's fingerprint does not match the root
+    │   │   ├── ScopeError              a publisher signed a model outside its name patterns
     │   │   └── NoTrustRootError        nothing installed to verify against
     │   ├── RollbackError               older channel sequence, or same sequence, other bytes
     │   ├── ExpiredError                bundle or root past its expiry (says both clocks)
@@ -136,6 +137,10 @@ class RotationError(TrustError):
 
 class FingerprintMismatchError(TrustError):
     """The fingerprint read by the operator does not match the root."""
+
+
+class ScopeError(TrustError):
+    """A publisher key signed a model whose name its patterns in the trust root do not allow."""
 
 
 class NoTrustRootError(TrustError):
