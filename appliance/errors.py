@@ -33,7 +33,9 @@ calls them, with ``raise ... from e``. The CLI maps the three families to exit c
     ├── PeerError                       a peer is unreachable, misbehaves or lies
     │   └── PeerProtocolError           a peer's response breaks the protocol
     ├── ServeError                      the inference server cannot do what was asked
-    │   └── WorkerCrashedError          the llama.cpp worker died (signal named)
+    │   ├── WorkerCrashedError          the llama.cpp worker died (signal named)
+    │   ├── BadRequestError             an API request is malformed or too long (HTTP 400)
+    │   └── QueueFullError              the bounded request queue is full (HTTP 429)
     └── DoctorError                     an essential doctor check failed
 
 Subclasses carry the facts a caller acts on as attributes (``IntegrityError.chunk``,
@@ -201,6 +203,14 @@ class ServeError(ApplianceError):
 
 class WorkerCrashedError(ServeError):
     """The llama.cpp worker process died; the message names the signal."""
+
+
+class BadRequestError(ServeError):
+    """An API request is malformed, asks for what the model cannot do, or is too long."""
+
+
+class QueueFullError(ServeError):
+    """The bounded request queue is full; the client should retry later."""
 
 
 class DoctorError(ApplianceError):
