@@ -1,0 +1,45 @@
+"""Shared test fixtures: GGUF files made once per session, and the real default model.
+
+- ``tiny_gguf``: a runnable tiny llama (seed 0, ChatML-like template), ~100 KiB.
+- ``many_tensor_gguf``: a non-runnable GGUF with 200 tensors of mixed types, ~40 MB.
+- ``gemma_gguf``: the real gemma-3-270m Q4_K_M file (253 MB), assembled once per machine
+  into ``~/.cache/appliance-test/``; the test is skipped when the model package is absent.
+
+Treat the session files as read-only: copy one to tmp_path before editing it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from gguf_fixtures import write_many_tensor_gguf, write_tiny_llama
+
+from appliance.errors import UsageError
+
+GEMMA_CACHE = Path.home() / ".cache" / "appliance-test"
+
+
+@pytest.fixture(scope="session")
+def gguf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(gguf_dir: Path) -> Path:
+    return write_tiny_llama(gguf_dir / "tiny-llama.gguf")
+
+
+@pytest.fixture(scope="session")
+def many_tensor_gguf(gguf_dir: Path) -> Path:
+    return write_many_tensor_gguf(gguf_dir / "many-tensor.gguf")
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf() -> Path:
+    from appliance.default_model import default_model_path
+
+    try:
+        return default_model_path(GEMMA_CACHE)
+    except UsageError as e:
+        pytest.skip(f"real default model unavailable: {e}")
