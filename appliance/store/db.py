@@ -36,6 +36,61 @@ CREATE TABLE IF NOT EXISTS audit (
     prev    TEXT NOT NULL,
     hash    TEXT NOT NULL
 );
+-- appliance.store (store.py, staging.py, scrub.py, records.py): the local model store.
+-- Signed manifests as imported, kept so peers can re-serve them and `models show` can cite them.
+CREATE TABLE IF NOT EXISTS manifests (
+    hash        TEXT PRIMARY KEY,
+    channel     TEXT NOT NULL,
+    sequence    INTEGER NOT NULL,
+    body        BLOB NOT NULL,
+    signatures  TEXT NOT NULL,
+    signers     TEXT NOT NULL,
+    added_at    TEXT NOT NULL
+);
+-- One row per import of one manifest: 'partial' until every model in it is published.
+CREATE TABLE IF NOT EXISTS imports (
+    manifest    TEXT PRIMARY KEY REFERENCES manifests(hash),
+    state       TEXT NOT NULL CHECK (state IN ('partial', 'complete', 'abandoned')),
+    started_at  TEXT NOT NULL,
+    updated_at  TEXT NOT NULL,
+    total_bytes INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS models (
+    id          INTEGER PRIMARY KEY,
+    name        TEXT NOT NULL,
+    version     TEXT NOT NULL,
+    license     TEXT NOT NULL,
+    provenance  TEXT NOT NULL,
+    gguf        TEXT NOT NULL,
+    manifest    TEXT NOT NULL REFERENCES manifests(hash),
+    state       TEXT NOT NULL CHECK (state IN ('importing', 'published', 'quarantined')),
+    started_at  TEXT NOT NULL,
+    imported_at TEXT,
+    UNIQUE (name, version)
+);
+CREATE TABLE IF NOT EXISTS files (
+    id          INTEGER PRIMARY KEY,
+    model       INTEGER NOT NULL REFERENCES models(id) ON DELETE CASCADE,
+    path        TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    merkle_root TEXT NOT NULL,
+    blake3      TEXT,
+    state       TEXT NOT NULL CHECK (state IN ('staging', 'published', 'quarantined')),
+    verified_at TEXT,
+    quarantine_path TEXT,
+    UNIQUE (model, path)
+);
+-- A file's chunk list; done = 1 once the bytes are verified and fsynced at byte_offset.
+CREATE TABLE IF NOT EXISTS chunks (
+    file        INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
+    idx         INTEGER NOT NULL,
+    byte_offset INTEGER NOT NULL,
+    length      INTEGER NOT NULL,
+    digest      TEXT NOT NULL,
+    done        INTEGER NOT NULL DEFAULT 0 CHECK (done IN (0, 1)),
+    PRIMARY KEY (file, idx)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS chunks_held ON chunks(digest) WHERE done = 1;
 """
 
 

@@ -1,0 +1,304 @@
+"""One file being written into the store: staged, filled chunk by chunk, then published.
+
+The ordering that keeps the index and the files agreeing after a SIGKILL or power loss:
+
+1. the file row is committed (state ``staging``) BEFORE ``staging/<id>.part`` is created and
+   preallocated, and the staging directory is fsynced;
+2. ``write_chunk`` checks the chunk's BLAKE3 and pwrites it at its offset; the chunk is marked
+   done in the index only in ``flush``, AFTER an fsync of the staged file, so ``done = 1``
+   always means the bytes are durable (a crash before the commit just rewrites the chunk);
+3. ``publish`` (every chunk done) hashes the whole file, fsyncs it, makes it read-only,
+   renames it into ``models/<name>/<version>/<path>``, fsyncs both directories, and only then
+   commits ``published`` in one transaction (with the model when it was its last file).
+   A crash between the rename and the commit leaves a staging row whose staged file is gone
+   and whose final file exists: ``Store.stage_file`` and ``gc`` finish that publish after
+   re-verifying the file.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import blake3
+
+from appliance.errors import IntegrityError, StoreError, TruncatedError
+from appliance.store import layout
+
+# Chunks written but not yet marked done are fsynced and committed once they add up to this.
+DEFAULT_FLUSH_BYTES = 64 * 1024 * 1024
+_READ_BLOCK = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PendingChunk:
+    idx: int
+    offset: int
+    length: int
+    digest: str
+
+
+def hash_file(path: Path, size: int | None = None) -> str:
+    """BLAKE3 of a whole file, read in blocks (flat memory)."""
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    buf = bytearray(_READ_BLOCK)
+    view = memoryview(buf)
+    total = 0
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            hasher.update(view[:n])
+            total += n
+    if size is not None and total != size:
+        raise TruncatedError(f"{path} is {total} bytes, expected {size}", file=str(path))
+    return hasher.hexdigest()
+
+
+def verify_chunks(path: Path, chunks: list[PendingChunk], size: int, file_label: str) -> str:
+    """Re-hash every chunk of a file on disk; return the whole-file BLAKE3 or raise.
+
+    Raises TruncatedError when the file's size differs, IntegrityError naming the first chunk
+    whose bytes differ.
+    """
+    whole = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    with open(path, "rb", buffering=0) as f:
+        actual = os.fstat(f.fileno()).st_size
+        if actual != size:
+            raise TruncatedError(
+                f"file is {actual} bytes, expected {size}", file=file_label, offset=actual
+            )
+        fd = f.fileno()
+        for chunk in sorted(chunks, key=lambda c: c.offset):
+            data = os.pread(fd, chunk.length, chunk.offset)
+            whole.update(data)
+            if len(data) != chunk.length or blake3.blake3(data).hexdigest() != chunk.digest:
+                raise IntegrityError(
+                    "stored bytes differ from the signed manifest",
+                    chunk=chunk.digest,
+                    file=file_label,
+                    offset=chunk.offset,
+                )
+    return whole.hexdigest()
+
+
+def _now(now: datetime | None) -> str:
+    return (now or datetime.now(UTC)).isoformat(timespec="seconds")
+
+
+class StagedFile:
+    """A file of a model under import. Use ``Store.stage_file`` to get one."""
+
+    def __init__(
+        self,
+        *,
+        conn: sqlite3.Connection,
+        store_dir: Path,
+        file_id: int,
+        model_id: int,
+        model_name: str,
+        model_version: str,
+        path: str,
+        size: int,
+        state: str,
+        flush_bytes: int = DEFAULT_FLUSH_BYTES,
+    ) -> None:
+        self.conn = conn
+        self.store_dir = store_dir
+        self.file_id = file_id
+        self.model_id = model_id
+        self.model_name = model_name
+        self.model_version = model_version
+        self.path = path
+        self.size = size
+        self.state = state
+        self.flush_bytes = flush_bytes
+        self.staged = layout.staged_path(store_dir, file_id)
+        self.final = layout.published_path(store_dir, model_name, model_version, path)
+        self._fd: int | None = None
+        self._unflushed: list[int] = []
+        self._unflushed_bytes = 0
+        self._chunks = {
+            row["idx"]: PendingChunk(row["idx"], row["byte_offset"], row["length"], row["digest"])
+            for row in conn.execute(
+                "SELECT idx, byte_offset, length, digest FROM chunks WHERE file = ?", (file_id,)
+            )
+        }
+
+    @property
+    def label(self) -> str:
+        return f"{self.model_name}:{self.model_version}/{self.path}"
+
+    @property
+    def is_published(self) -> bool:
+        return self.state == "published"
+
+    def pending(self) -> list[PendingChunk]:
+        """Chunks not yet durable in the staged file, in file order."""
+        if self.is_published:
+            return []
+        rows = self.conn.execute(
+            "SELECT idx FROM chunks WHERE file = ? AND done = 0 ORDER BY idx", (self.file_id,)
+        )
+        unflushed = set(self._unflushed)
+        return [self._chunks[r["idx"]] for r in rows if r["idx"] not in unflushed]
+
+    def chunk(self, idx: int) -> PendingChunk:
+        return self._chunks[idx]
+
+    def all_chunks(self) -> list[PendingChunk]:
+        return [self._chunks[i] for i in sorted(self._chunks)]
+
+    def open(self) -> None:
+        """Create (or reopen) the staged file, preallocated to its final size."""
+        if self._fd is not None or self.is_published:
+            return
+        existed = self.staged.exists()
+        try:
+            fd = os.open(self.staged, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise layout.os_error(e, f"cannot create {self.staged}", needed=self.size) from e
+        try:
+            if os.fstat(fd).st_size != self.size or not existed:
+                if os.fstat(fd).st_size > self.size:
+                    os.ftruncate(fd, self.size)
+                if self.size:
+                    try:
+                        os.posix_fallocate(fd, 0, self.size)
+                    except OSError as e:
+                        if layout.is_disk_full(e):
+                            raise
+                        os.ftruncate(fd, self.size)  # the filesystem cannot preallocate
+                os.fsync(fd)
+                layout.fsync_dir(self.staged.parent)
+        except OSError as e:
+            os.close(fd)
+            if not existed:
+                # Give the space back; the row stays 'staging' and the next run recreates it.
+                self.staged.unlink(missing_ok=True)
+            raise layout.os_error(
+                e, f"cannot preallocate {self.size} bytes for {self.label}", needed=self.size
+            ) from e
+        self._fd = fd
+
+    def write_chunk(self, idx: int, data: bytes) -> None:
+        """Check the chunk against the manifest's hash and pwrite it at its offset."""
+        chunk = self._chunks[idx]
+        if len(data) != chunk.length or blake3.blake3(data).hexdigest() != chunk.digest:
+            raise IntegrityError(
+                "chunk bytes differ from the signed manifest", chunk=chunk.digest, file=self.label
+            )
+        self.open()
+        assert self._fd is not None
+        view = memoryview(data)
+        written = 0
+        try:
+            while written < len(data):
+                written += os.pwrite(self._fd, view[written:], chunk.offset + written)
+        except OSError as e:
+            raise layout.os_error(e, f"cannot write {self.label}", needed=chunk.length) from e
+        self._unflushed.append(idx)
+        self._unflushed_bytes += chunk.length
+        if self._unflushed_bytes >= self.flush_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """fsync the staged file, then mark the chunks written since the last flush as done."""
+        if not self._unflushed:
+            return
+        assert self._fd is not None
+        try:
+            os.fdatasync(self._fd)
+        except OSError as e:
+            raise layout.os_error(e, f"cannot flush {self.label}") from e
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.executemany(
+                "UPDATE chunks SET done = 1 WHERE file = ? AND idx = ?",
+                [(self.file_id, idx) for idx in self._unflushed],
+            )
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise layout.os_error(e, "cannot record written chunks in the index") from e
+        self._unflushed.clear()
+        self._unflushed_bytes = 0
+
+    def done_bytes(self) -> int:
+        row = self.conn.execute(
+            "SELECT COALESCE(SUM(length), 0) AS n FROM chunks WHERE file = ? AND done = 1",
+            (self.file_id,),
+        ).fetchone()
+        return int(row["n"]) + self._unflushed_bytes
+
+    def close(self) -> None:
+        """Flush what was written (so it is not redone) and close the staged file."""
+        try:
+            if self._fd is not None:
+                self.flush()
+        finally:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def publish(self, now: datetime | None = None) -> bool:
+        """Move the complete file into place; return True when this completed its model."""
+        if self.is_published:
+            return False
+        self.open()
+        self.flush()
+        assert self._fd is not None
+        left = self.conn.execute(
+            "SELECT COUNT(*) AS n FROM chunks WHERE file = ? AND done = 0", (self.file_id,)
+        ).fetchone()["n"]
+        if left:
+            raise StoreError(f"cannot publish {self.label}: {left} chunks are not written yet")
+        try:
+            os.fsync(self._fd)
+            os.fchmod(self._fd, 0o444)
+        except OSError as e:
+            raise layout.os_error(e, f"cannot flush {self.label}") from e
+        finally:
+            os.close(self._fd)
+            self._fd = None
+        whole = hash_file(self.staged, self.size)
+        try:
+            layout.make_parents(self.store_dir, self.final)
+            os.rename(self.staged, self.final)
+            layout.fsync_dir(self.final.parent)
+            layout.fsync_dir(self.staged.parent)
+        except OSError as e:
+            raise layout.os_error(e, f"cannot publish {self.label}") from e
+        return self.mark_published(whole, now)
+
+    def mark_published(self, whole_blake3: str, now: datetime | None = None) -> bool:
+        """Commit the publish of a file already renamed into place."""
+        stamp = _now(now)
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.execute(
+                "UPDATE files SET state = 'published', blake3 = ?, verified_at = ? WHERE id = ?",
+                (whole_blake3, stamp, self.file_id),
+            )
+            self.conn.execute("UPDATE chunks SET done = 1 WHERE file = ?", (self.file_id,))
+            left = self.conn.execute(
+                "SELECT COUNT(*) AS n FROM files WHERE model = ? AND state != 'published'",
+                (self.model_id,),
+            ).fetchone()["n"]
+            if not left:
+                self.conn.execute(
+                    "UPDATE models SET state = 'published', imported_at = ? WHERE id = ?",
+                    (stamp, self.model_id),
+                )
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise layout.os_error(e, f"cannot record the publish of {self.label}") from e
+        self.state = "published"
+        return not left

@@ -1,0 +1,545 @@
+"""The write side of the store: import bookkeeping, staged files, local chunk lookup, removal.
+
+``Store`` wraps one index connection. Writers (importer, peer pull, ``models rm``) hold
+``layout.writer_lock`` around their work; readers (the server, a peer serving chunks) just
+open a ``Store`` and read. The model inputs are duck-typed (``ModelLike``...) so the manifest
+dataclasses of ``appliance.format.manifest`` are passed straight in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sqlite3
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, is_dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import blake3
+
+from appliance.errors import IntegrityError, StoreError
+from appliance.store import audit, layout
+from appliance.store.db import connect
+from appliance.store.records import ModelRecord, find_model, list_models
+from appliance.store.staging import DEFAULT_FLUSH_BYTES, PendingChunk, StagedFile, verify_chunks
+
+
+class ChunkLike(Protocol):
+    @property
+    def digest(self) -> str: ...
+    @property
+    def length(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+
+
+class FileLike(Protocol):
+    @property
+    def path(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def merkle_root(self) -> str: ...
+    @property
+    def chunks(self) -> Sequence[ChunkLike]: ...
+
+
+class ModelLike(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def license(self) -> str: ...
+    @property
+    def provenance(self) -> Any: ...
+    @property
+    def gguf(self) -> Any: ...
+    @property
+    def files(self) -> Sequence[FileLike]: ...
+
+
+@dataclass(frozen=True)
+class BundleOrigin:
+    """The authenticated manifest a model came from (kept so peers can re-serve it)."""
+
+    manifest_hash: str
+    channel: str
+    sequence: int
+    manifest_bytes: bytes
+    signatures: tuple[str, ...]  # detached signatures, one line each
+    signers: tuple[str, ...]  # key ids that met the threshold
+
+
+@dataclass(frozen=True)
+class LocalChunk:
+    digest: str
+    path: Path
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    name: str
+    version: str
+    action: str  # present | resume | new
+    size: int
+    bytes_done: int  # chunks already durable in the store for this model
+    bytes_to_allocate: int  # staged files still to be created
+
+
+def jsonable(value: Any) -> Any:
+    """Manifest facts (dataclasses, mappings, tuples) as plain JSON values."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return jsonable(asdict(value))
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)
+
+
+def _stamp(now: datetime | None) -> str:
+    return (now or datetime.now(UTC)).isoformat(timespec="seconds")
+
+
+def _file_key(files: Sequence[FileLike]) -> set[tuple[str, int, str]]:
+    return {(f.path, f.size, f.merkle_root) for f in files}
+
+
+class Store:
+    """One open store: ``with Store(path) as store: ...``."""
+
+    def __init__(self, store_dir: Path, *, flush_bytes: int = DEFAULT_FLUSH_BYTES) -> None:
+        self.store_dir = store_dir
+        self.flush_bytes = flush_bytes
+        layout.ensure_dirs(store_dir)
+        self.conn = connect(store_dir)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any error; sqlite errors become StoreError."""
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            raise layout.os_error(e, "cannot write the store index") from e
+        try:
+            yield self.conn
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise layout.os_error(e, "cannot write the store index") from e
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def list_models(self, *, include_importing: bool = False) -> list[ModelRecord]:
+        return list_models(self.store_dir, include_importing=include_importing, conn=self.conn)
+
+    def find_model(self, ref: str) -> ModelRecord:
+        return find_model(self.store_dir, ref, conn=self.conn)
+
+    def find_chunk(self, digest: str) -> list[LocalChunk]:
+        """Every place a verified, durable copy of a chunk lives (staged or published)."""
+        rows = self.conn.execute(
+            """SELECT c.byte_offset, c.length, f.id, f.path, f.state, m.name, m.version
+               FROM chunks c JOIN files f ON f.id = c.file JOIN models m ON m.id = f.model
+               WHERE c.digest = ? AND c.done = 1 AND f.state IN ('staging', 'published')""",
+            (digest,),
+        ).fetchall()
+        found = []
+        for r in rows:
+            if r["state"] == "published":
+                path = layout.published_path(self.store_dir, r["name"], r["version"], r["path"])
+            else:
+                path = layout.staged_path(self.store_dir, r["id"])
+            found.append(LocalChunk(digest, path, r["byte_offset"], r["length"]))
+        return found
+
+    def read_local_chunk(self, digest: str) -> bytes | None:
+        """The chunk's bytes from a local copy, re-checked against its hash; None if none is good.
+
+        A staged file may be renamed into place between the lookup and the read, so a missing
+        file triggers one more lookup.
+        """
+        for _attempt in range(2):
+            missing = False
+            for loc in self.find_chunk(digest):
+                try:
+                    with open(loc.path, "rb", buffering=0) as f:
+                        data = os.pread(f.fileno(), loc.length, loc.offset)
+                except FileNotFoundError:
+                    missing = True
+                    continue
+                except OSError:
+                    continue
+                if len(data) == loc.length and blake3.blake3(data).hexdigest() == digest:
+                    return data
+            if not missing:
+                break
+        return None
+
+    def held_digests(self) -> set[str]:
+        """Digests of every chunk this host holds verified (peers advertise these)."""
+        rows = self.conn.execute(
+            """SELECT DISTINCT c.digest FROM chunks c JOIN files f ON f.id = c.file
+               WHERE c.done = 1 AND f.state IN ('staging', 'published')"""
+        )
+        return {r["digest"] for r in rows}
+
+    def manifest(self, manifest_hash: str) -> tuple[bytes, tuple[str, ...]] | None:
+        """A recorded manifest's exact bytes and its detached signatures."""
+        row = self.conn.execute(
+            "SELECT body, signatures FROM manifests WHERE hash = ?", (manifest_hash,)
+        ).fetchone()
+        if row is None:
+            return None
+        return bytes(row["body"]), tuple(json.loads(row["signatures"]))
+
+    def pending_imports(self) -> list[str]:
+        """Hashes of manifests whose import has not completed."""
+        rows = self.conn.execute(
+            "SELECT manifest FROM imports WHERE state = 'partial' ORDER BY started_at"
+        )
+        return [r["manifest"] for r in rows]
+
+    # -- importing -------------------------------------------------------------------------
+
+    def plan(self, models: Sequence[ModelLike]) -> list[ModelPlan]:
+        """What an import of these models would do; StoreError if one conflicts.
+
+        A model already published (or quarantined) under the same name and version with
+        different files is a conflict: the operator removes it first. Nothing is written.
+        """
+        plans = []
+        for model in models:
+            size = sum(f.size for f in model.files)
+            row = self.conn.execute(
+                "SELECT id, state FROM models WHERE name = ? AND version = ?",
+                (model.name, model.version),
+            ).fetchone()
+            if row is None:
+                plans.append(ModelPlan(model.name, model.version, "new", size, 0, size))
+                continue
+            same = _file_key(model.files) == self._stored_file_key(row["id"])
+            if not same and row["state"] != "importing":
+                raise StoreError(
+                    f"model {model.name}:{model.version} is already in the store with different "
+                    f"files; remove it first ('appliance models rm {model.name}:{model.version}')"
+                )
+            if not same:
+                plans.append(ModelPlan(model.name, model.version, "new", size, 0, size))
+            elif row["state"] == "published":
+                plans.append(ModelPlan(model.name, model.version, "present", size, size, 0))
+            else:
+                done, to_allocate = self._progress(row["id"])
+                plans.append(
+                    ModelPlan(model.name, model.version, "resume", size, done, to_allocate)
+                )
+        return plans
+
+    def _stored_file_key(self, model_id: int) -> set[tuple[str, int, str]]:
+        rows = self.conn.execute(
+            "SELECT path, size, merkle_root FROM files WHERE model = ?", (model_id,)
+        )
+        return {(r["path"], r["size"], r["merkle_root"]) for r in rows}
+
+    def _progress(self, model_id: int) -> tuple[int, int]:
+        done = 0
+        to_allocate = 0
+        for f in self.conn.execute(
+            "SELECT id, size, state FROM files WHERE model = ?", (model_id,)
+        ).fetchall():
+            if f["state"] == "published":
+                done += f["size"]
+                continue
+            if f["state"] == "staging" and layout.staged_path(self.store_dir, f["id"]).exists():
+                done += self.conn.execute(
+                    "SELECT COALESCE(SUM(length), 0) AS n FROM chunks WHERE file = ? AND done = 1",
+                    (f["id"],),
+                ).fetchone()["n"]
+            else:
+                to_allocate += f["size"]
+        return done, to_allocate
+
+    def add_manifest(self, origin: BundleOrigin, total_bytes: int, now: datetime | None) -> None:
+        """Record the manifest and its import; call inside ``transaction()``."""
+        stamp = _stamp(now)
+        self.conn.execute(
+            """INSERT OR IGNORE INTO manifests
+               (hash, channel, sequence, body, signatures, signers, added_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?)""",
+            (
+                origin.manifest_hash,
+                origin.channel,
+                origin.sequence,
+                origin.manifest_bytes,
+                json.dumps(list(origin.signatures)),
+                json.dumps(list(origin.signers)),
+                stamp,
+            ),
+        )
+        self.conn.execute(
+            """INSERT INTO imports (manifest, state, started_at, updated_at, total_bytes)
+               VALUES (?, 'partial', ?, ?, ?)
+               ON CONFLICT (manifest) DO UPDATE SET updated_at = excluded.updated_at""",
+            (origin.manifest_hash, stamp, stamp, total_bytes),
+        )
+
+    def finish_import(self, manifest_hash: str, now: datetime | None) -> None:
+        with self.transaction():
+            self.conn.execute(
+                "UPDATE imports SET state = 'complete', updated_at = ? WHERE manifest = ?",
+                (_stamp(now), manifest_hash),
+            )
+
+    def begin_model(
+        self, model: ModelLike, manifest_hash: str, now: datetime | None = None
+    ) -> int | None:
+        """Make (or find) the model's rows; None when it is already published identically."""
+        self.recover()
+        row = self.conn.execute(
+            "SELECT id, state FROM models WHERE name = ? AND version = ?",
+            (model.name, model.version),
+        ).fetchone()
+        stale_files: list[int] = []
+        if row is not None:
+            same = _file_key(model.files) == self._stored_file_key(row["id"])
+            if same and row["state"] == "published":
+                return None
+            if same:
+                with self.transaction():
+                    # A quarantined file (or a lost staged file) starts again from nothing.
+                    self.conn.execute(
+                        """UPDATE chunks SET done = 0 WHERE file IN
+                           (SELECT id FROM files WHERE model = ? AND state = 'quarantined')""",
+                        (row["id"],),
+                    )
+                    self.conn.execute(
+                        """UPDATE files SET state = 'staging', quarantine_path = NULL
+                           WHERE model = ? AND state = 'quarantined'""",
+                        (row["id"],),
+                    )
+                    self.conn.execute(
+                        "UPDATE models SET state = 'importing', manifest = ? WHERE id = ?",
+                        (manifest_hash, row["id"]),
+                    )
+                return int(row["id"])
+            if row["state"] != "importing":
+                self.plan([model])  # raises the conflict
+            stale_files = [
+                r["id"]
+                for r in self.conn.execute("SELECT id FROM files WHERE model = ?", (row["id"],))
+            ]
+        # Leftovers of an interrupted rm or an abandoned import at the final paths are orphans.
+        for f in model.files:
+            final = layout.published_path(self.store_dir, model.name, model.version, f.path)
+            if final.exists():
+                final.unlink()
+        stamp = _stamp(now)
+        with self.transaction():
+            if row is not None:
+                self.conn.execute("DELETE FROM models WHERE id = ?", (row["id"],))
+            cur = self.conn.execute(
+                """INSERT INTO models (name, version, license, provenance, gguf, manifest, state,
+                   started_at) VALUES (?, ?, ?, ?, ?, ?, 'importing', ?)""",
+                (
+                    model.name,
+                    model.version,
+                    model.license,
+                    json.dumps(jsonable(model.provenance), sort_keys=True),
+                    json.dumps(jsonable(model.gguf), sort_keys=True),
+                    manifest_hash,
+                    stamp,
+                ),
+            )
+            model_id = int(cur.lastrowid or 0)
+            for f in model.files:
+                layout.relative_parts(f.path)
+                fcur = self.conn.execute(
+                    """INSERT INTO files (model, path, size, merkle_root, state)
+                       VALUES (?, ?, ?, ?, 'staging')""",
+                    (model_id, f.path, f.size, f.merkle_root),
+                )
+                file_id = int(fcur.lastrowid or 0)
+                self.conn.executemany(
+                    """INSERT INTO chunks (file, idx, byte_offset, length, digest)
+                       VALUES (?, ?, ?, ?, ?)""",
+                    [(file_id, i, c.offset, c.length, c.digest) for i, c in enumerate(f.chunks)],
+                )
+        for file_id in stale_files:
+            layout.staged_path(self.store_dir, file_id).unlink(missing_ok=True)
+        return model_id
+
+    def stage_files(self, model_id: int, now: datetime | None = None) -> list[StagedFile]:
+        """The model's files, ready to receive chunks (finishing any publish a crash cut)."""
+        model = self.conn.execute(
+            "SELECT name, version FROM models WHERE id = ?", (model_id,)
+        ).fetchone()
+        staged = []
+        for row in self.conn.execute(
+            "SELECT id, path, size, state FROM files WHERE model = ? ORDER BY id", (model_id,)
+        ).fetchall():
+            sf = StagedFile(
+                conn=self.conn,
+                store_dir=self.store_dir,
+                file_id=row["id"],
+                model_id=model_id,
+                model_name=model["name"],
+                model_version=model["version"],
+                path=row["path"],
+                size=row["size"],
+                state=row["state"],
+                flush_bytes=self.flush_bytes,
+            )
+            if sf.state == "staging" and not sf.staged.exists():
+                self._settle_lost_staged(sf, now)
+            staged.append(sf)
+        return staged
+
+    def _settle_lost_staged(self, sf: StagedFile, now: datetime | None) -> None:
+        """A staging row without its staged file: a publish cut before its commit, or new."""
+        if sf.final.exists():
+            try:
+                whole = verify_chunks(sf.final, sf.all_chunks(), sf.size, sf.label)
+            except (IntegrityError, OSError) as e:
+                # Not what the manifest says: keep it as evidence, start the file again.
+                target = self.quarantine_target(
+                    sf.file_id, sf.model_name, sf.model_version, sf.path, now
+                )
+                try:
+                    os.rename(sf.final, target)
+                    layout.fsync_dir(target.parent)
+                except OSError as move_error:
+                    raise layout.os_error(move_error, f"cannot quarantine {sf.final}") from e
+                with self.transaction():
+                    audit.append(
+                        self.store_dir,
+                        "quarantine",
+                        {
+                            "model": sf.model_name,
+                            "version": sf.model_version,
+                            "path": sf.path,
+                            "reason": str(e),
+                            "moved_to": str(target),
+                        },
+                        conn=self.conn,
+                        now=now,
+                    )
+            else:
+                sf.mark_published(whole, now)
+                return
+        with self.transaction():
+            self.conn.execute("UPDATE chunks SET done = 0 WHERE file = ?", (sf.file_id,))
+
+    def recover(self) -> None:
+        """Finish quarantine moves that a crash interrupted (the index already says quarantined)."""
+        for row in self.conn.execute(
+            """SELECT f.path, f.quarantine_path, m.name, m.version FROM files f
+               JOIN models m ON m.id = f.model
+               WHERE f.state = 'quarantined' AND f.quarantine_path IS NOT NULL"""
+        ).fetchall():
+            final = layout.published_path(self.store_dir, row["name"], row["version"], row["path"])
+            target = Path(row["quarantine_path"])
+            if final.exists() and not target.exists():
+                try:
+                    os.rename(final, target)
+                    layout.fsync_dir(target.parent)
+                except OSError as e:
+                    raise layout.os_error(e, f"cannot move {final} to quarantine") from e
+
+    def quarantine_target(
+        self, file_id: int, name: str, version: str, path: str, now: datetime | None
+    ) -> Path:
+        stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
+        base = layout.quarantine_dir(self.store_dir) / layout.quarantine_name(
+            stamp, file_id, name, version, path
+        )
+        target, n = base, 1
+        while target.exists():
+            n += 1
+            target = base.with_name(f"{base.name}.{n}")
+        return target
+
+    # -- removing --------------------------------------------------------------------------
+
+    def remove_model(self, ref: str, now: datetime | None = None) -> ModelRecord:
+        """Forget a model, then delete its files (quarantined copies are kept)."""
+        model = self.find_model(ref)
+        with self.transaction():
+            row = self.conn.execute(
+                "SELECT id FROM models WHERE name = ? AND version = ?", (model.name, model.version)
+            ).fetchone()
+            file_ids = [
+                r["id"]
+                for r in self.conn.execute("SELECT id FROM files WHERE model = ?", (row["id"],))
+            ]
+            self.conn.execute("DELETE FROM models WHERE id = ?", (row["id"],))
+            audit.append(
+                self.store_dir,
+                "delete",
+                {
+                    "model": model.name,
+                    "version": model.version,
+                    "size": model.size,
+                    "manifest": model.manifest_hash,
+                },
+                conn=self.conn,
+                now=now,
+            )
+        # The index no longer names these files; a crash from here on leaves orphans for gc.
+        for file_id in file_ids:
+            layout.staged_path(self.store_dir, file_id).unlink(missing_ok=True)
+        remove_tree(model.dir)
+        prune_empty_dirs(layout.models_dir(self.store_dir))
+        return model
+
+    def chunks_of(self, file_id: int) -> list[PendingChunk]:
+        return [
+            PendingChunk(r["idx"], r["byte_offset"], r["length"], r["digest"])
+            for r in self.conn.execute(
+                "SELECT idx, byte_offset, length, digest FROM chunks WHERE file = ? ORDER BY idx",
+                (file_id,),
+            )
+        ]
+
+
+def remove_tree(path: Path) -> None:
+    if path.exists():
+        try:
+            shutil.rmtree(path)
+        except OSError as e:
+            raise layout.os_error(e, f"cannot delete {path}") from e
+
+
+def prune_empty_dirs(root: Path) -> None:
+    """Remove empty directories under root (not root itself), deepest first."""
+    if not root.exists():
+        return
+    for dirpath, _dirs, _files in sorted(os.walk(root), key=lambda t: -len(t[0])):
+        p = Path(dirpath)
+        if p != root:
+            with contextlib.suppress(OSError):
+                p.rmdir()
