@@ -210,8 +210,13 @@ def test_unfinished_import_is_replaced_by_a_different_one(store_dir: Path) -> No
     old = payload(200_000)
     new = payload(200_000, seed=3)
     with Store(store_dir, flush_bytes=1) as store:
-        write_model(store, model_entry("m", "v", {"a.bin": old}), {"a.bin": old},
-                    limit_chunks=2, publish=False)
+        write_model(
+            store,
+            model_entry("m", "v", {"a.bin": old}),
+            {"a.bin": old},
+            limit_chunks=2,
+            publish=False,
+        )
         write_model(store, model_entry("m", "v", {"a.bin": new}), {"a.bin": new})
     assert get_model(store_dir, "m").path.read_bytes() == new
     assert list((store_dir / "staging").iterdir()) == []
@@ -270,9 +275,9 @@ def test_get_model_refuses_a_resized_file(store_dir: Path) -> None:
 
 def test_second_writer_is_told_the_store_is_busy(store_dir: Path) -> None:
     with layout.writer_lock(store_dir, "import"):
+        second = layout.writer_lock(store_dir, "gc")
         with pytest.raises(StoreError, match="busy"):
-            with layout.writer_lock(store_dir, "gc"):
-                pass
+            second.__enter__()
     with layout.writer_lock(store_dir, "gc"):
         pass
 
