@@ -1,0 +1,511 @@
+"""The bundle manifest: dataclasses, hostile-input parsing and canonical bytes.
+
+Pure: bytes in, objects out; no files, no clock. The manifest is the one signed document of a
+bundle (signatures cover its exact bytes, see ``appliance.format.signing``), so the parser
+treats its input as hostile even after the signature threshold is met: size cap first, then
+``format_version``, then every field, with unknown keys, duplicate paths, lying sizes and
+mismatched Merkle roots refused.
+
+Public API (called by the bundle reader, the importer and peers):
+
+- ``Manifest(format_version, channel, sequence, created, expires, models)``
+- ``ModelEntry(name, version, license, provenance, gguf, files)``
+- ``Provenance(builder, sources)`` / ``SourceRecord(path, source, sha256)``
+- ``GgufInfo(architecture, quantization, parameter_count, context_length, tensor_count,
+  chat_template_hash)``
+- ``FileEntry(path, size, merkle_root, chunks)`` / ``ChunkRef(digest, length, offset)``
+- ``parse_manifest(data, limits) -> Manifest`` raises ``FormatError``,
+  ``UnsafePathError``, ``LimitExceededError``
+- ``manifest_bytes(manifest) -> bytes`` deterministic (sorted keys), what the builder signs
+- ``manifest_hash(data) -> str`` BLAKE3 hex of the exact bytes
+
+Chunk offsets are not stored; they follow from the lengths and are computed while parsing.
+The exact YAML schema is in docs/FORMAT.md, section "Manifest".
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import blake3
+
+from appliance.errors import FormatError, LimitExceededError, UnsafePathError
+from appliance.format import yamlsafe
+from appliance.format.merkle import merkle_root
+from appliance.limits import DEFAULT_LIMITS, Limits
+
+FORMAT_VERSION = 1
+DIGEST_HEX_CHARS = 64
+SHA256_HEX_CHARS = 64
+TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+# Sequences are stored in SQLite INTEGER columns by the store.
+MAX_SEQUENCE = (1 << 63) - 1
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
+# One name segment: starts with a letter or digit, so "." and ".." and hidden names are out.
+_SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._+-]*"
+_MODEL_NAME = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*")
+_SIMPLE_NAME = re.compile(_SEGMENT)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRef:
+    """One chunk of a file: BLAKE3 ``digest`` (hex) of its plain bytes, ``length``, and its
+    ``offset`` in the file (computed from the lengths before it, never stored)."""
+
+    digest: str
+    length: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A model file: ``path`` relative to the model's directory, ``size`` in bytes, the
+    Merkle ``merkle_root`` (hex) over its chunk digests, and its ``chunks`` in file order."""
+
+    path: str
+    size: int
+    merkle_root: str
+    chunks: tuple[ChunkRef, ...]
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """Where the builder got one file: ``source`` (e.g. ``hf:org/repo@rev/file.gguf``) and the
+    ``sha256`` (hex) of the upstream file, so a site can compare with the publisher's hash."""
+
+    path: str
+    source: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Provenance:
+    builder: str  # e.g. "appliance 0.1.0"
+    sources: tuple[SourceRecord, ...]
+
+
+@dataclass(frozen=True)
+class GgufInfo:
+    """GGUF facts of the model's first GGUF file (see ``appliance.gguf_layout``)."""
+
+    architecture: str
+    quantization: str | None
+    parameter_count: int | None
+    context_length: int | None
+    tensor_count: int
+    chat_template_hash: str | None
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    version: str
+    license: str
+    provenance: Provenance
+    gguf: GgufInfo | None
+    files: tuple[FileEntry, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format_version: int
+    channel: str
+    sequence: int
+    created: datetime
+    expires: datetime
+    models: tuple[ModelEntry, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(m.size for m in self.models)
+
+    def iter_chunks(self) -> Iterator[tuple[ModelEntry, FileEntry, ChunkRef]]:
+        """Every chunk reference in manifest order (duplicates included)."""
+        for model in self.models:
+            for file in model.files:
+                for chunk in file.chunks:
+                    yield model, file, chunk
+
+    def unique_chunks(self) -> list[ChunkRef]:
+        """Each distinct chunk once, in order of first appearance: the order of media packs."""
+        seen: set[str] = set()
+        out: list[ChunkRef] = []
+        for _, _, chunk in self.iter_chunks():
+            if chunk.digest not in seen:
+                seen.add(chunk.digest)
+                out.append(chunk)
+        return out
+
+    def find_model(self, name: str, version: str | None = None) -> ModelEntry | None:
+        for model in self.models:
+            if model.name == name and (version is None or model.version == version):
+                return model
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Serialising
+
+
+def format_timestamp(moment: datetime) -> str:
+    if moment.tzinfo is None:
+        raise ValueError("timestamps must be timezone-aware")
+    return moment.astimezone(UTC).strftime(TIMESTAMP_FORMAT)
+
+
+def _chunk_text(chunk: ChunkRef) -> str:
+    return f"{chunk.digest} {chunk.length}"
+
+
+def manifest_to_value(manifest: Manifest) -> dict[str, Any]:
+    """The plain-value tree that ``manifest_bytes`` dumps (also handy for --json output)."""
+    return {
+        "format_version": manifest.format_version,
+        "channel": manifest.channel,
+        "sequence": manifest.sequence,
+        "created": format_timestamp(manifest.created),
+        "expires": format_timestamp(manifest.expires),
+        "models": [
+            {
+                "name": m.name,
+                "version": m.version,
+                "license": m.license,
+                "provenance": {
+                    "builder": m.provenance.builder,
+                    "sources": [
+                        {"path": s.path, "source": s.source, "sha256": s.sha256}
+                        for s in m.provenance.sources
+                    ],
+                },
+                "gguf": None
+                if m.gguf is None
+                else {
+                    "architecture": m.gguf.architecture,
+                    "quantization": m.gguf.quantization,
+                    "parameter_count": m.gguf.parameter_count,
+                    "context_length": m.gguf.context_length,
+                    "tensor_count": m.gguf.tensor_count,
+                    "chat_template_hash": m.gguf.chat_template_hash,
+                },
+                "files": [
+                    {
+                        "path": f.path,
+                        "size": f.size,
+                        "merkle_root": f.merkle_root,
+                        "chunks": [_chunk_text(c) for c in f.chunks],
+                    }
+                    for f in m.files
+                ],
+            }
+            for m in manifest.models
+        ],
+    }
+
+
+def manifest_bytes(manifest: Manifest) -> bytes:
+    """Deterministic bytes of ``manifest`` (sorted keys, block YAML): what gets signed."""
+    return yamlsafe.dump(manifest_to_value(manifest))
+
+
+def manifest_hash(data: bytes) -> str:
+    """BLAKE3 (hex) of a manifest's exact bytes: the bundle's identity."""
+    return blake3.blake3(data).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing hostile bytes
+
+
+def parse_manifest(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Manifest:
+    """Parse untrusted manifest bytes into a ``Manifest`` or raise a ``FormatError`` subclass.
+
+    Checks, in order: size cap, YAML safety (no aliases, tags, duplicate keys; depth cap),
+    ``format_version``, then every field: unknown keys, types, names, paths (``UnsafePathError``),
+    counts and lengths against ``limits`` (``LimitExceededError``), chunk lengths summing to the
+    declared size, and each file's Merkle root matching its chunk list.
+    """
+    root = yamlsafe.load(
+        data, max_bytes=limits.max_manifest_bytes, max_depth=limits.max_yaml_depth,
+        what="manifest",
+    )
+    if not isinstance(root, dict):
+        raise FormatError("manifest: top level must be a mapping")
+    version = root.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise FormatError(
+            f"manifest: unsupported format_version {version!r} (this reader knows "
+            f"{FORMAT_VERSION})"
+        )
+    _keys(root, {"format_version", "channel", "sequence", "created", "expires", "models"}, set(),
+          "manifest")
+    channel = _simple_name(root["channel"], "manifest channel", limits)
+    sequence = _int(root["sequence"], "manifest sequence", minimum=1, maximum=MAX_SEQUENCE)
+    created = parse_timestamp(root["created"], "manifest created")
+    expires = parse_timestamp(root["expires"], "manifest expires")
+    if expires <= created:
+        raise FormatError("manifest: expires is not after created")
+    models_raw = _list(root["models"], "manifest models")
+    if not models_raw:
+        raise FormatError("manifest: models is empty")
+    if len(models_raw) > limits.max_models:
+        raise LimitExceededError(
+            f"manifest: {len(models_raw)} models, over the cap of {limits.max_models}"
+        )
+    models = tuple(_parse_model(raw, i, limits) for i, raw in enumerate(models_raw))
+    seen: set[tuple[str, str]] = set()
+    for model in models:
+        key = (model.name, model.version)
+        if key in seen:
+            raise FormatError(f"manifest: model {model.name} {model.version} appears twice")
+        seen.add(key)
+    return Manifest(
+        format_version=version, channel=channel, sequence=sequence, created=created,
+        expires=expires, models=models,
+    )
+
+
+def parse_timestamp(value: object, where: str) -> datetime:
+    """``YYYY-MM-DDTHH:MM:SSZ`` (UTC, a YAML string) -> an aware datetime."""
+    if not isinstance(value, str) or not _TIMESTAMP.fullmatch(value):
+        raise FormatError(f"{where}: expected a UTC timestamp like 2025-01-31T12:00:00Z")
+    try:
+        return datetime.strptime(value, TIMESTAMP_FORMAT).replace(tzinfo=UTC)
+    except ValueError as e:
+        raise FormatError(f"{where}: {value!r} is not a valid date") from e
+
+
+def _parse_model(raw: object, index: int, limits: Limits) -> ModelEntry:
+    where = f"manifest models[{index}]"
+    mapping = _mapping(raw, where)
+    _keys(mapping, {"name", "version", "license", "provenance", "gguf", "files"}, set(), where)
+    name = _model_name(mapping["name"], f"{where}.name", limits)
+    where = f"model {name}"
+    version = _simple_name(mapping["version"], f"{where} version", limits)
+    license_ = _text(mapping["license"], f"{where} license", limits.max_name_bytes)
+    files_raw = _list(mapping["files"], f"{where} files")
+    if not files_raw:
+        raise FormatError(f"{where}: files is empty")
+    if len(files_raw) > limits.max_files_per_model:
+        raise LimitExceededError(
+            f"{where}: {len(files_raw)} files, over the cap of {limits.max_files_per_model}"
+        )
+    files = tuple(_parse_file(f, f"{where} files[{i}]", limits) for i, f in enumerate(files_raw))
+    paths = [f.path for f in files]
+    check_unique_paths(paths, where)
+    provenance = _parse_provenance(mapping["provenance"], f"{where} provenance", paths, limits)
+    gguf = None if mapping["gguf"] is None else _parse_gguf(mapping["gguf"], f"{where} gguf",
+                                                            limits)
+    return ModelEntry(name=name, version=version, license=license_, provenance=provenance,
+                      gguf=gguf, files=files)
+
+
+def _parse_file(raw: object, where: str, limits: Limits) -> FileEntry:
+    mapping = _mapping(raw, where)
+    _keys(mapping, {"path", "size", "merkle_root", "chunks"}, set(), where)
+    path = check_path(mapping["path"], where, limits)
+    where = f"file {path}"
+    size = _int(mapping["size"], f"{where} size", minimum=0, maximum=limits.max_file_bytes)
+    root_hex = _hex64(mapping["merkle_root"], f"{where} merkle_root")
+    chunks_raw = _list(mapping["chunks"], f"{where} chunks")
+    if len(chunks_raw) > limits.max_chunks_per_file:
+        raise LimitExceededError(
+            f"{where}: {len(chunks_raw)} chunks, over the cap of {limits.max_chunks_per_file}"
+        )
+    chunks: list[ChunkRef] = []
+    offset = 0
+    for i, text in enumerate(chunks_raw):
+        digest, length = _parse_chunk_text(text, f"{where} chunks[{i}]", limits)
+        chunks.append(ChunkRef(digest=digest, length=length, offset=offset))
+        offset += length
+        if offset > size:
+            raise FormatError(f"{where}: chunk lengths exceed the declared size {size}")
+    if offset != size:
+        raise FormatError(f"{where}: chunk lengths sum to {offset}, declared size is {size}")
+    computed = merkle_root([bytes.fromhex(c.digest) for c in chunks]).hex()
+    if computed != root_hex:
+        raise FormatError(f"{where}: merkle_root does not match the chunk list")
+    return FileEntry(path=path, size=size, merkle_root=root_hex, chunks=tuple(chunks))
+
+
+def _parse_chunk_text(text: object, where: str, limits: Limits) -> tuple[str, int]:
+    if not isinstance(text, str):
+        raise FormatError(f"{where}: expected '<blake3 hex> <length>'")
+    parts = text.split(" ")
+    if len(parts) != 2 or not parts[1].isascii() or not parts[1].isdigit():
+        raise FormatError(f"{where}: expected '<blake3 hex> <length>'")
+    digest = _hex64(parts[0], where)
+    if len(parts[1]) > 1 and parts[1][0] == "0":
+        raise FormatError(f"{where}: length has a leading zero")
+    length = int(parts[1])
+    if length == 0:
+        raise FormatError(f"{where}: zero-length chunk")
+    if length > limits.max_chunk_bytes:
+        raise LimitExceededError(
+            f"{where}: chunk of {length} bytes, over the cap of {limits.max_chunk_bytes}"
+        )
+    return digest, length
+
+
+def _parse_provenance(raw: object, where: str, paths: Sequence[str], limits: Limits
+                      ) -> Provenance:
+    mapping = _mapping(raw, where)
+    _keys(mapping, {"builder", "sources"}, set(), where)
+    builder = _text(mapping["builder"], f"{where} builder", limits.max_name_bytes)
+    sources_raw = _list(mapping["sources"], f"{where} sources")
+    if len(sources_raw) > limits.max_files_per_model:
+        raise LimitExceededError(f"{where}: too many sources")
+    sources: list[SourceRecord] = []
+    for i, item in enumerate(sources_raw):
+        w = f"{where} sources[{i}]"
+        m = _mapping(item, w)
+        _keys(m, {"path", "source", "sha256"}, set(), w)
+        sources.append(SourceRecord(
+            path=check_path(m["path"], w, limits),
+            source=_text(m["source"], f"{w} source", limits.max_path_bytes),
+            sha256=_hex64(m["sha256"], f"{w} sha256"),
+        ))
+    if sorted(s.path for s in sources) != sorted(paths):
+        raise FormatError(f"{where}: sources must name each file exactly once")
+    return Provenance(builder=builder, sources=tuple(sources))
+
+
+def _parse_gguf(raw: object, where: str, limits: Limits) -> GgufInfo:
+    m = _mapping(raw, where)
+    _keys(m, {"architecture", "quantization", "parameter_count", "context_length",
+              "tensor_count", "chat_template_hash"}, set(), where)
+    cth = m["chat_template_hash"]
+    return GgufInfo(
+        architecture=_text(m["architecture"], f"{where} architecture", limits.max_name_bytes),
+        quantization=None if m["quantization"] is None
+        else _text(m["quantization"], f"{where} quantization", limits.max_name_bytes),
+        parameter_count=None if m["parameter_count"] is None
+        else _int(m["parameter_count"], f"{where} parameter_count", minimum=0),
+        context_length=None if m["context_length"] is None
+        else _int(m["context_length"], f"{where} context_length", minimum=0),
+        tensor_count=_int(m["tensor_count"], f"{where} tensor_count", minimum=0),
+        chat_template_hash=None if cth is None else _hex64(cth, f"{where} chat_template_hash"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Field checks (shared with the recipe parser and the importer)
+
+
+def check_path(value: object, where: str, limits: Limits = DEFAULT_LIMITS) -> str:
+    """A safe relative POSIX path or ``UnsafePathError``: not absolute, no ``..`` or ``.``
+    segments, no empty segments, no backslash, NUL or control characters, capped length."""
+    if not isinstance(value, str) or not value:
+        raise UnsafePathError(f"{where}: path must be a non-empty string")
+    if len(value.encode("utf-8")) > limits.max_path_bytes:
+        raise LimitExceededError(f"{where}: path longer than {limits.max_path_bytes} bytes")
+    if _CONTROL.search(value) or "\\" in value:
+        raise UnsafePathError(f"{where}: path {value!r} has a control character or backslash")
+    if value.startswith("/") or (len(value) > 1 and value[1] == ":"):
+        raise UnsafePathError(f"{where}: path {value!r} is absolute")
+    for segment in value.split("/"):
+        if segment in ("", ".", ".."):
+            raise UnsafePathError(f"{where}: path {value!r} has an empty, '.' or '..' segment")
+    return value
+
+
+def check_unique_paths(paths: Sequence[str], where: str) -> None:
+    """Refuse duplicate paths, and a path that is also a directory of another (a/b and a/b/c),
+    compared case-insensitively because removable media are often FAT32 or exFAT."""
+    seen: set[str] = set()
+    for path in paths:
+        key = path.casefold()
+        if key in seen:
+            raise UnsafePathError(f"{where}: duplicate path {path!r}")
+        seen.add(key)
+    for path in paths:
+        parts = path.casefold().split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in seen:
+                raise UnsafePathError(f"{where}: {path!r} is inside another file's path")
+
+
+def _model_name(value: object, where: str, limits: Limits) -> str:
+    if not isinstance(value, str) or not value:
+        raise FormatError(f"{where}: expected a non-empty string")
+    if len(value.encode("utf-8")) > limits.max_name_bytes:
+        raise LimitExceededError(f"{where}: longer than {limits.max_name_bytes} bytes")
+    if not _MODEL_NAME.fullmatch(value):
+        # Model names become directory names in the store: anything else is a path attack.
+        raise UnsafePathError(
+            f"{where}: {value!r} must be segments of letters, digits, '.', '_', '+', '-' "
+            "joined by '/', each starting with a letter or digit"
+        )
+    return value
+
+
+def _simple_name(value: object, where: str, limits: Limits) -> str:
+    if not isinstance(value, str) or not value:
+        raise FormatError(f"{where}: expected a non-empty string")
+    if len(value.encode("utf-8")) > limits.max_name_bytes:
+        raise LimitExceededError(f"{where}: longer than {limits.max_name_bytes} bytes")
+    if not _SIMPLE_NAME.fullmatch(value):
+        raise UnsafePathError(
+            f"{where}: {value!r} must be letters, digits, '.', '_', '+', '-', starting with a "
+            "letter or digit"
+        )
+    return value
+
+
+def _text(value: object, where: str, max_bytes: int) -> str:
+    if not isinstance(value, str) or not value:
+        raise FormatError(f"{where}: expected a non-empty string")
+    if len(value.encode("utf-8")) > max_bytes:
+        raise LimitExceededError(f"{where}: longer than {max_bytes} bytes")
+    if _CONTROL.search(value):
+        raise FormatError(f"{where}: control characters are not allowed")
+    return value
+
+
+def _hex64(value: object, where: str) -> str:
+    if not isinstance(value, str) or not _HEX64.fullmatch(value):
+        raise FormatError(f"{where}: expected 64 lower-case hex digits")
+    return value
+
+
+def _int(value: object, where: str, *, minimum: int, maximum: int = MAX_SEQUENCE) -> int:
+    # bool is an int subclass in Python; YAML "true" must not pass as 1.
+    if type(value) is not int:
+        raise FormatError(f"{where}: expected an integer")
+    if value < minimum:
+        raise FormatError(f"{where}: {value} is below {minimum}")
+    if value > maximum:
+        raise LimitExceededError(f"{where}: {value} is over the cap of {maximum}")
+    return value
+
+
+def _mapping(value: object, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise FormatError(f"{where}: expected a mapping")
+    return value
+
+
+def _list(value: object, where: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise FormatError(f"{where}: expected a list")
+    return value
+
+
+def _keys(mapping: Mapping[str, Any], required: set[str], optional: set[str], where: str) -> None:
+    keys = set(mapping)
+    unknown = keys - required - optional
+    if unknown:
+        raise FormatError(f"{where}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
+    missing = required - keys
+    if missing:
+        raise FormatError(f"{where}: missing field(s) {', '.join(sorted(missing))}")
