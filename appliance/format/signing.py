@@ -53,6 +53,7 @@ _WORDS = (
     "train tree tulip tuna twig umbrella unit urn valley van vase vest violin wagon wall wave "
     "whale wheat wind wolf yak yard zebra zero zinc zone"
 ).split()
+_WORDS = _WORDS[:256]  # the list above has more than 256 words; one word per byte value
 assert len(_WORDS) == 256 and len(set(_WORDS)) == 256
 
 
