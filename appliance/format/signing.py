@@ -34,7 +34,7 @@ ED25519_PUBLIC_BYTES = 32
 ED25519_SIGNATURE_BYTES = 64
 
 # Words for reading a fingerprint aloud: 256 short, distinct words, one per byte value.
-_WORDS = (
+_WORDS = (  # noqa: SIM905 - one readable paragraph of words
     "acid also arch area army atom aunt away axis baby back bake ball band bank barn base bath "
     "beam bean bear bell belt bench bike bird blue boat body bold bolt bone book boot bowl box "
     "brick bush cake calm camp cape card cart case cash cave cell chalk chef chin city clay clip "
