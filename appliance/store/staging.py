@@ -246,6 +246,14 @@ class StagedFile:
                 os.close(self._fd)
                 self._fd = None
 
+    def abort(self) -> None:
+        """Close without flushing: chunks written since the last flush will be written again."""
+        self._unflushed.clear()
+        self._unflushed_bytes = 0
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
     def publish(self, now: datetime | None = None) -> bool:
         """Move the complete file into place; return True when this completed its model."""
         if self.is_published:
