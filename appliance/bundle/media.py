@@ -1,0 +1,417 @@
+"""Media layout: volume names, the binary volume index, and pack files of stored chunks.
+
+A volume is a directory holding::
+
+    manifest.yaml              the signed manifest (byte-identical on every volume)
+    signatures/<key_id>.sig    detached signatures over the manifest
+    trust/root-<N>.yaml        the trust-root chain needed to reach the signers
+    index.bin                  this volume's index (format below)
+    packs/pack-0001.zst ...    stored chunks, concatenated
+
+A pack is the plain concatenation of stored chunks: each is either the chunk's bytes (raw) or
+exactly one zstd frame whose content-size field equals the chunk length. The volume index is
+not signed; it only says where to look. Every chunk read through it is checked against the
+signed manifest (BLAKE3 of the plain bytes), and the index itself is checked for structure
+(a BLAKE3 trailer, exact tiling of every pack, counts that agree with the file length), so a
+lying index is a ``FormatError`` and a lying pack an ``IntegrityError``.
+
+This module holds the pure index codec (``encode_index``, ``parse_index``), zstd with caps
+(``compress_chunk``, ``decompress_chunk``), bounded pack reads (``read_stored``) and the pack
+writer used by the builder. The exact byte layout is in docs/FORMAT.md, section
+"Media layout, volume index and packs".
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import os
+import struct
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import blake3
+import zstandard
+
+from appliance.errors import (
+    DecompressionError,
+    FormatError,
+    IntegrityError,
+    LimitExceededError,
+    MediaError,
+    TruncatedError,
+)
+from appliance.limits import DEFAULT_LIMITS, MIN_COMPRESSION_SAVING, Limits
+
+MANIFEST_NAME = "manifest.yaml"
+SIGNATURES_DIR = "signatures"
+SIGNATURE_SUFFIX = ".sig"
+TRUST_DIR = "trust"
+INDEX_NAME = "index.bin"
+PACKS_DIR = "packs"
+
+INDEX_MAGIC = b"APPLVIX\x00"
+INDEX_VERSION = 1
+MAX_VOLUMES = 9999
+MAX_PACKS_PER_VOLUME = 9999
+COMPRESSION_LEVEL = 3
+
+# magic, version, volume number, volume count, pack count, entry count, total unique chunks,
+# manifest hash
+_HEADER = struct.Struct("<8sIIIIQQ32s")
+# digest, pack number (1-based), offset in pack, stored length, flags
+_ENTRY = struct.Struct("<32sIQIB")
+_U64 = struct.Struct("<Q")
+_TRAILER_BYTES = 32
+FLAG_COMPRESSED = 0x01
+
+
+def volume_name(number: int) -> str:
+    """``vol-001`` for volume 1: the directory name the builder uses with --volume-size."""
+    return f"vol-{number:03d}"
+
+
+def pack_name(number: int) -> str:
+    return f"pack-{number:04d}.zst"
+
+
+def root_file_name(version: int) -> str:
+    return f"root-{version}.yaml"
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    """Where one chunk is stored in this volume."""
+
+    digest: bytes  # 32-byte BLAKE3 of the plain chunk
+    pack: int  # 1-based pack number in this volume
+    offset: int  # byte offset in the pack
+    stored_length: int  # bytes in the pack (compressed or raw)
+    compressed: bool
+
+
+@dataclass(frozen=True)
+class VolumeIndex:
+    """One volume's index.
+
+    ``volume_starts[k]`` is the ordinal (in ``Manifest.unique_chunks()`` order) of the first
+    chunk stored on volume k+1, so any reader can tell which volume holds any chunk, and the
+    last volume ends at ``total_chunks``.
+    """
+
+    volume: int
+    volume_count: int
+    total_chunks: int
+    manifest_hash: bytes
+    volume_starts: tuple[int, ...]
+    pack_sizes: tuple[int, ...]
+    entries: tuple[IndexEntry, ...]
+
+    @property
+    def name(self) -> str:
+        return volume_name(self.volume)
+
+    def chunk_range(self) -> range:
+        """Ordinals of the unique chunks this volume stores."""
+        start = self.volume_starts[self.volume - 1]
+        end = (self.volume_starts[self.volume] if self.volume < self.volume_count
+               else self.total_chunks)
+        return range(start, end)
+
+    def volume_of(self, ordinal: int) -> int:
+        """The volume number holding the unique chunk with this ordinal."""
+        return max(1, bisect.bisect_right(self.volume_starts, ordinal))
+
+
+def encode_index(index: VolumeIndex) -> bytes:
+    parts = [
+        _HEADER.pack(
+            INDEX_MAGIC, INDEX_VERSION, index.volume, index.volume_count, len(index.pack_sizes),
+            len(index.entries), index.total_chunks, index.manifest_hash,
+        )
+    ]
+    parts.extend(_U64.pack(s) for s in index.volume_starts)
+    parts.extend(_U64.pack(s) for s in index.pack_sizes)
+    parts.extend(
+        _ENTRY.pack(e.digest, e.pack, e.offset, e.stored_length,
+                    FLAG_COMPRESSED if e.compressed else 0)
+        for e in index.entries
+    )
+    body = b"".join(parts)
+    return body + blake3.blake3(body).digest()
+
+
+def parse_index(data: bytes, limits: Limits = DEFAULT_LIMITS, *, where: str = "volume index"
+                ) -> VolumeIndex:
+    """Parse untrusted index bytes: size cap, checksum, magic and version, then every field.
+
+    Raises ``LimitExceededError`` for caps and ``FormatError`` for everything else: a bad
+    checksum (a flipped byte), counts that disagree with the length, entries that overlap,
+    leave gaps or overrun their pack, duplicate chunks, unknown flags.
+    """
+    if len(data) > limits.max_volume_index_bytes:
+        raise LimitExceededError(
+            f"{where} is {len(data)} bytes, over the cap of {limits.max_volume_index_bytes}"
+        )
+    if len(data) < _HEADER.size + _TRAILER_BYTES:
+        raise FormatError(f"{where} is too short ({len(data)} bytes)")
+    body, trailer = data[:-_TRAILER_BYTES], data[-_TRAILER_BYTES:]
+    if data[:8] != INDEX_MAGIC:
+        raise FormatError(f"{where} does not start with the index magic")
+    if blake3.blake3(body).digest() != trailer:
+        raise FormatError(f"{where} checksum mismatch: the index is damaged")
+    (_, version, volume, volume_count, pack_count, entry_count, total_chunks,
+     manifest_hash) = _HEADER.unpack_from(body, 0)
+    if version != INDEX_VERSION:
+        raise FormatError(f"{where}: unsupported index version {version}")
+    if not 1 <= volume_count <= MAX_VOLUMES or not 1 <= volume <= volume_count:
+        raise FormatError(f"{where}: volume {volume} of {volume_count} is impossible")
+    if not 1 <= pack_count <= MAX_PACKS_PER_VOLUME:
+        raise FormatError(f"{where}: {pack_count} packs")
+    expected = (_HEADER.size + _U64.size * (volume_count + pack_count)
+                + _ENTRY.size * entry_count)
+    if expected != len(body):
+        raise FormatError(f"{where}: declared counts need {expected} bytes, found {len(body)}")
+    pos = _HEADER.size
+    starts = tuple(v for (v,) in _U64.iter_unpack(body[pos:pos + _U64.size * volume_count]))
+    pos += _U64.size * volume_count
+    packs = tuple(v for (v,) in _U64.iter_unpack(body[pos:pos + _U64.size * pack_count]))
+    pos += _U64.size * pack_count
+    if starts[0] != 0 or any(b <= a for a, b in itertools.pairwise(starts)):
+        raise FormatError(f"{where}: volume start ordinals do not increase from 0")
+    if starts[-1] >= total_chunks:
+        raise FormatError(f"{where}: the last volume starts past the last chunk")
+    index = VolumeIndex(volume=volume, volume_count=volume_count, total_chunks=total_chunks,
+                        manifest_hash=manifest_hash, volume_starts=starts, pack_sizes=packs,
+                        entries=())
+    if len(index.chunk_range()) != entry_count:
+        raise FormatError(
+            f"{where}: {entry_count} entries, but the volume table gives this volume "
+            f"{len(index.chunk_range())} chunks"
+        )
+    for size in packs:
+        if not 1 <= size <= limits.max_pack_bytes:
+            raise LimitExceededError(f"{where}: a pack of {size} bytes is outside the caps")
+    entries: list[IndexEntry] = []
+    seen: set[bytes] = set()
+    pack, end = 1, 0
+    for digest, pack_no, offset, stored, flags in _ENTRY.iter_unpack(body[pos:]):
+        if flags & ~FLAG_COMPRESSED:
+            raise FormatError(f"{where}: unknown flags {flags:#x} for chunk {digest.hex()}")
+        if not 1 <= stored <= limits.max_chunk_bytes:
+            raise LimitExceededError(f"{where}: stored length {stored} of chunk {digest.hex()}")
+        if digest in seen:
+            raise FormatError(f"{where}: chunk {digest.hex()} listed twice")
+        seen.add(digest)
+        if pack_no == pack + 1 and end == packs[pack - 1]:
+            pack, end = pack_no, 0
+        # Packs are tiled exactly: in order, no gap, no overlap, nothing past the end.
+        if pack_no != pack or offset != end or offset + stored > packs[pack - 1]:
+            raise FormatError(
+                f"{where}: chunk {digest.hex()} at pack {pack_no} offset {offset} breaks the "
+                f"pack tiling (expected pack {pack} offset {end})"
+            )
+        end = offset + stored
+        entries.append(IndexEntry(digest, pack_no, offset, stored, bool(flags)))
+    if pack != pack_count or end != packs[-1]:
+        raise FormatError(f"{where}: the entries do not fill every pack exactly")
+    return VolumeIndex(volume=volume, volume_count=volume_count, total_chunks=total_chunks,
+                       manifest_hash=manifest_hash, volume_starts=starts, pack_sizes=packs,
+                       entries=tuple(entries))
+
+
+# ---------------------------------------------------------------------------------------------
+# zstd with caps. Contexts are not thread-safe, so each thread keeps its own.
+
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    cache: dict[int, zstandard.ZstdCompressor] = _local.__dict__.setdefault("cctx", {})
+    if level not in cache:
+        cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True,
+                                                write_checksum=False)
+    return cache[level]
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    dctx = getattr(_local, "dctx", None)
+    if dctx is None:
+        dctx = _local.dctx = zstandard.ZstdDecompressor()
+    return dctx
+
+
+def compress_chunk(data: bytes, level: int = COMPRESSION_LEVEL) -> tuple[bytes, bool]:
+    """The bytes to store for a chunk and whether they are compressed.
+
+    Raw when zstd saves less than ``MIN_COMPRESSION_SAVING``; so a compressed chunk is always
+    shorter than its plain length, which lets readers cap every read at the chunk length.
+    """
+    packed = _compressor(level).compress(data)
+    if len(packed) <= len(data) * (1 - MIN_COMPRESSION_SAVING):
+        return packed, True
+    return data, False
+
+
+def decompress_chunk(stored: bytes, length: int, *, chunk: str | None = None,
+                     volume: str | None = None, offset: int | None = None,
+                     pack: str | None = None) -> bytes:
+    """One zstd frame -> exactly ``length`` bytes, never more (a bomb is an error, not an OOM).
+
+    The frame must declare its content size, equal to ``length``, and hold nothing after it.
+    Decompression goes into a buffer of exactly ``length`` bytes, so a frame whose blocks
+    produce more than it declares fails in libzstd instead of growing memory.
+    """
+    def bad(message: str) -> DecompressionError:
+        return DecompressionError(message, chunk=chunk, volume=volume, offset=offset)
+
+    in_pack = f" in {pack}" if pack else ""
+    try:
+        declared = zstandard.frame_content_size(stored)
+    except zstandard.ZstdError as e:
+        raise bad(f"not a zstd frame{in_pack}: {e}") from e
+    if declared != length:
+        raise bad(f"zstd frame{in_pack} declares {declared} bytes, the manifest says {length}")
+    try:
+        plain = _decompressor().decompress(stored, allow_extra_data=False)
+    except zstandard.ZstdError as e:
+        raise bad(f"invalid zstd frame{in_pack}: {e}") from e
+    if len(plain) != length:
+        raise bad(f"zstd frame{in_pack} gave {len(plain)} bytes, declared {length}")
+    return plain
+
+
+# ---------------------------------------------------------------------------------------------
+# Packs
+
+
+def read_stored(pack: BinaryIO | Path, offset: int, stored_length: int, *,
+                chunk: str | None = None, volume: str | None = None) -> bytes:
+    """Exactly ``stored_length`` bytes at ``offset`` of a pack, or ``TruncatedError``."""
+    try:
+        if isinstance(pack, Path):
+            with pack.open("rb") as f:
+                f.seek(offset)
+                data = f.read(stored_length)
+        else:
+            pack.seek(offset)
+            data = pack.read(stored_length)
+    except FileNotFoundError as e:
+        raise TruncatedError(f"pack file {pack} is missing", chunk=chunk, volume=volume,
+                             offset=offset) from e
+    except OSError as e:
+        raise MediaError(f"cannot read pack {pack} at offset {offset}: {e}") from e
+    if len(data) != stored_length:
+        raise TruncatedError(
+            f"pack {getattr(pack, 'name', pack)} ends after {len(data)} of {stored_length} "
+            "bytes", chunk=chunk,
+            volume=volume, offset=offset,
+        )
+    return data
+
+
+def check_chunk(plain: bytes, digest_hex: str, *, file: str | None = None,
+                volume: str | None = None, offset: int | None = None,
+                pack: str | None = None) -> None:
+    """BLAKE3 of the plain bytes must equal the manifest's digest, else ``IntegrityError``."""
+    # Large chunks hash faster across cores; blake3 releases the GIL either way.
+    hasher = blake3.blake3(plain, max_threads=blake3.blake3.AUTO)
+    if hasher.hexdigest() != digest_hex:
+        raise IntegrityError(f"chunk hash mismatch{f' in {pack}' if pack else ''}",
+                             chunk=digest_hex, file=file, volume=volume, offset=offset)
+
+
+class PackWriter:
+    """Appends stored chunks to ``packs/pack-NNNN.zst`` in a volume directory, starting a new
+    pack before one would exceed ``pack_size``. Records index entries as it goes."""
+
+    def __init__(self, volume_dir: Path, pack_size: int) -> None:
+        self.packs_dir = volume_dir / PACKS_DIR
+        self.packs_dir.mkdir(parents=True, exist_ok=True)
+        self.pack_size = pack_size
+        self.entries: list[IndexEntry] = []
+        self.pack_sizes: list[int] = []
+        self._file: BinaryIO | None = None
+        self.bytes_written = 0
+
+    def _open_next(self) -> BinaryIO:
+        self._close_current()
+        self.pack_sizes.append(0)
+        self._file = (self.packs_dir / pack_name(len(self.pack_sizes))).open("xb")
+        return self._file
+
+    def _close_current(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+    def append(self, digest: bytes, stored: bytes, compressed: bool) -> IndexEntry:
+        if len(stored) > self.pack_size:
+            raise MediaError(f"a stored chunk of {len(stored)} bytes exceeds the pack size")
+        f = self._file
+        if f is None or self.pack_sizes[-1] + len(stored) > self.pack_size:
+            f = self._open_next()
+        entry = IndexEntry(digest, len(self.pack_sizes), self.pack_sizes[-1], len(stored),
+                           compressed)
+        f.write(stored)
+        self.pack_sizes[-1] += len(stored)
+        self.bytes_written += len(stored)
+        self.entries.append(entry)
+        return entry
+
+    def close(self) -> None:
+        self._close_current()
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Write via a temporary name, fsync, rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (FAT on some kernels) refuse directory fsync
+    finally:
+        os.close(fd)
+
+
+def read_capped(path: Path, cap: int, what: str) -> bytes:
+    """Read a whole small file, refusing it before reading when it is over ``cap``."""
+    try:
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > cap:
+                raise LimitExceededError(f"{what} is {size} bytes, over the cap of {cap}")
+            data = f.read(cap + 1)
+    except FileNotFoundError as e:
+        raise MediaError(f"{what} is missing ({path})") from e
+    except OSError as e:
+        raise MediaError(f"cannot read {what} ({path}): {e}") from e
+    if len(data) > cap:  # grew while we read it
+        raise LimitExceededError(f"{what} is over the cap of {cap}")
+    return data
+
+
+def pack_paths(volume_dir: Path, count: int) -> Sequence[Path]:
+    return [volume_dir / PACKS_DIR / pack_name(n) for n in range(1, count + 1)]
