@@ -20,6 +20,8 @@ from appliance.paths import STORE_ENV, default_store
 
 # Command groups, in the order --help lists them. Each module defines register().
 COMMAND_MODULES = (
+    "appliance.cli.keys",
+    "appliance.cli.trust",
     "appliance.cli.doctor",
 )
 

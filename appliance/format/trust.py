@@ -1,0 +1,560 @@
+"""Trust root: keys, roles, thresholds, rotation, publisher scopes, rollback and expiry rules.
+
+Pure: bytes and datetimes in, objects out or a ``RefusalError``. No file, no clock (``now`` is
+always passed in, timezone-aware). The byte format is specified in docs/FORMAT.md, "Trust
+root": a YAML envelope whose ``signed`` literal block holds the exact body bytes that
+signatures (``signing.DOMAIN_ROOT``) and the fingerprint cover; the body is never
+re-serialised before checking. Version N+1 is valid only with a threshold of version N's root
+keys and a threshold of its own. Publisher keys sign manifests (``signing.DOMAIN_MANIFEST``),
+optionally limited to model-name patterns.
+
+Parsing implies no trust: ``parse_signed_root`` only checks shape. Trust comes from
+``verify_self_signed`` plus the operator's fingerprint (first root) or ``walk_chain`` (later).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import blake3
+
+from appliance.errors import (
+    ExpiredError,
+    FingerprintMismatchError,
+    FormatError,
+    LimitExceededError,
+    RollbackError,
+    RotationError,
+    ScopeError,
+    ThresholdError,
+    UsageError,
+)
+from appliance.format import yamlsafe
+from appliance.format.signing import (
+    DOMAIN_MANIFEST,
+    DOMAIN_ROOT,
+    Signature,
+    is_key_id,
+    key_id,
+    verify,
+)
+from appliance.limits import DEFAULT_LIMITS, Limits
+
+ROOT_FORMAT = "appliance-root/1"
+ENVELOPE_FORMAT = "appliance-signed-root/1"
+ROLE_ROOT = "root"
+ROLE_PUBLISHER = "publisher"
+ROLES = (ROLE_ROOT, ROLE_PUBLISHER)
+ANY_MODEL = "*"
+FINGERPRINT_HEX_CHARS = 32
+MAX_SEQUENCE = (1 << 63) - 1
+MAX_PATTERNS_PER_KEY = 64
+
+_ENVELOPE_COMMENT = (
+    "# appliance trust root. Signatures cover the exact text under 'signed:'; do not edit it.\n"
+)
+_TIME_RE = re.compile(r"\A\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z\Z")
+_KEY_NAME_RE = re.compile(r"\A[A-Za-z0-9._@+-]{1,64}\Z")
+_PATTERN_RE = re.compile(r"\A[A-Za-z0-9._/@+*?-]+\Z")
+_PUBLIC_HEX_RE = re.compile(r"\A[0-9a-f]{64}\Z")
+
+
+@dataclass(frozen=True)
+class TrustKey:
+    key_id: str
+    public: bytes
+    name: str
+
+
+@dataclass(frozen=True)
+class Role:
+    threshold: int
+    key_ids: tuple[str, ...]
+    # Publisher role only: key id -> model-name patterns the key may sign.
+    models: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def allows(self, signer: str, model_name: str) -> bool:
+        patterns = self.models.get(signer, (ANY_MODEL,))
+        return any(pattern_matches(p, model_name) for p in patterns)
+
+
+@dataclass(frozen=True)
+class TrustRoot:
+    version: int
+    created: datetime
+    expires: datetime
+    keys: Mapping[str, TrustKey]
+    roles: Mapping[str, Role]
+    fingerprint: str
+
+    @property
+    def root_role(self) -> Role:
+        return self.roles[ROLE_ROOT]
+
+    @property
+    def publisher_role(self) -> Role:
+        return self.roles[ROLE_PUBLISHER]
+
+    def key_label(self, kid: str) -> str:
+        key = self.keys.get(kid)
+        return f"{key.name} ({kid})" if key else kid
+
+
+@dataclass(frozen=True)
+class SignedRoot:
+    """A parsed trust root file: the root, the exact signed body, and its signatures."""
+
+    root: TrustRoot
+    body: bytes
+    signatures: tuple[Signature, ...]
+
+    def to_bytes(self) -> bytes:
+        return encode_envelope(self.body, self.signatures)
+
+    def with_signatures(self, extra: Iterable[Signature]) -> SignedRoot:
+        merged = list(self.signatures)
+        merged.extend(s for s in extra if s not in merged)
+        return SignedRoot(self.root, self.body, tuple(merged))
+
+
+# --- times, names, patterns -------------------------------------------------------------
+
+
+def format_time(moment: datetime) -> str:
+    _require_aware(moment)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_time(value: Any, what: str) -> datetime:
+    if not isinstance(value, str) or not _TIME_RE.match(value):
+        raise FormatError(f"{what} must be a quoted 'YYYY-MM-DDTHH:MM:SSZ' string, got {value!r}")
+    try:
+        return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    except ValueError as e:
+        raise FormatError(f"{what} is not a real date: {value!r}") from e
+
+
+def _require_aware(moment: datetime) -> None:
+    if moment.tzinfo is None:
+        raise TypeError("datetimes passed to appliance.format.trust must be timezone-aware")
+
+
+def valid_key_name(name: str) -> bool:
+    return bool(_KEY_NAME_RE.match(name))
+
+
+def valid_pattern(pattern: str, limits: Limits = DEFAULT_LIMITS) -> bool:
+    return len(pattern) <= limits.max_name_bytes and bool(_PATTERN_RE.match(pattern))
+
+
+def pattern_matches(pattern: str, name: str) -> bool:
+    """``*`` matches any run of characters (``/`` included), ``?`` one; the rest literally."""
+    regex = "".join(
+        ".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern
+    )
+    return re.fullmatch(regex, name, flags=re.DOTALL) is not None
+
+
+# --- fingerprints ------------------------------------------------------------------------
+
+
+def fingerprint_of_body(body: bytes) -> str:
+    """First 128 bits of BLAKE3(body) in hex, in groups of four for reading off paper."""
+    digest = blake3.blake3(body).hexdigest()[:FINGERPRINT_HEX_CHARS]
+    return "-".join(digest[i : i + 4] for i in range(0, FINGERPRINT_HEX_CHARS, 4))
+
+
+def root_fingerprint(signed: SignedRoot) -> str:
+    return signed.root.fingerprint
+
+
+def normalize_fingerprint(text: str) -> str:
+    """Accept any case and any grouping by spaces, dashes or colons; return the canonical form."""
+    compact = re.sub(r"[\s:-]", "", text).lower()
+    if len(compact) != FINGERPRINT_HEX_CHARS or not all(c in "0123456789abcdef" for c in compact):
+        raise UsageError(
+            f"a trust root fingerprint is {FINGERPRINT_HEX_CHARS} hex digits "
+            f"(e.g. 3f2a-9b1c-...), got {text!r}"
+        )
+    return "-".join(compact[i : i + 4] for i in range(0, FINGERPRINT_HEX_CHARS, 4))
+
+
+def check_fingerprint(signed: SignedRoot, expected: str) -> None:
+    wanted = normalize_fingerprint(expected)
+    if signed.root.fingerprint != wanted:
+        # Not naming the actual fingerprint: an operator must not copy it from an error.
+        raise FingerprintMismatchError(
+            f"trust root v{signed.root.version} does not have the fingerprint {wanted}: do not "
+            "install it; get the root file and the paper from the signing ceremony again"
+        )
+
+
+# --- parsing -----------------------------------------------------------------------------
+
+
+def _exact_keys(value: Any, required: set[str], what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise FormatError(f"{what} must be a mapping")
+    keys = set(value)
+    if keys != required:
+        missing, unknown = sorted(required - keys), sorted(map(str, keys - required))
+        raise FormatError(f"{what}: missing fields {missing}, unknown fields {unknown}")
+    return value
+
+
+def _int_field(value: Any, what: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise FormatError(f"{what} must be an integer from {low} to {high}, got {value!r}")
+    return value
+
+
+def _parse_keys(value: Any, limits: Limits) -> dict[str, TrustKey]:
+    if not isinstance(value, dict) or not value:
+        raise FormatError("trust root: 'keys' must be a non-empty mapping of key id -> key")
+    if len(value) > limits.max_keys:
+        raise LimitExceededError(f"trust root lists {len(value)} keys, over the cap")
+    keys: dict[str, TrustKey] = {}
+    for kid, entry in value.items():
+        if not isinstance(kid, str) or not is_key_id(kid):
+            raise FormatError(f"trust root: {kid!r} is not a key id (32 lower-case hex digits)")
+        entry = _exact_keys(entry, {"name", "public"}, f"trust root key {kid}")
+        public_hex, name = entry["public"], entry["name"]
+        if not isinstance(public_hex, str) or not _PUBLIC_HEX_RE.match(public_hex):
+            raise FormatError(f"trust root key {kid}: 'public' must be 64 lower-case hex digits")
+        public = bytes.fromhex(public_hex)
+        if key_id(public) != kid:
+            raise FormatError(f"trust root key {kid}: the key id does not match the public key")
+        if not isinstance(name, str) or not valid_key_name(name):
+            raise FormatError(f"trust root key {kid}: bad name {name!r}")
+        keys[kid] = TrustKey(kid, public, name)
+    return keys
+
+
+def _parse_role(name: str, value: Any, keys: Mapping[str, TrustKey], limits: Limits) -> Role:
+    fields = {"threshold", "keys", "models"} if name == ROLE_PUBLISHER else {"threshold", "keys"}
+    value = _exact_keys(value, fields, f"trust root role {name!r}")
+    key_list = value["keys"]
+    if not isinstance(key_list, list) or not key_list:
+        raise FormatError(f"trust root role {name!r}: 'keys' must be a non-empty list")
+    for kid in key_list:
+        if kid not in keys:
+            raise FormatError(f"trust root role {name!r}: key {kid!r} is not in 'keys'")
+    if len(set(key_list)) != len(key_list):
+        raise FormatError(f"trust root role {name!r} lists a key twice")
+    threshold = _int_field(
+        value["threshold"], f"trust root role {name!r} threshold", 1, len(key_list)
+    )
+    models: dict[str, tuple[str, ...]] = {}
+    if name == ROLE_PUBLISHER:
+        raw = value["models"]
+        if not isinstance(raw, dict) or set(raw) != set(key_list):
+            raise FormatError(
+                "trust root role 'publisher': 'models' must map every publisher key id "
+                "(and only those) to a list of model-name patterns"
+            )
+        for kid, patterns in raw.items():
+            if (
+                not isinstance(patterns, list)
+                or not 1 <= len(patterns) <= MAX_PATTERNS_PER_KEY
+                or len(set(patterns)) != len(patterns)
+                or not all(isinstance(p, str) and valid_pattern(p, limits) for p in patterns)
+            ):
+                raise FormatError(
+                    f"trust root: model patterns of publisher key {kid} must be a list of 1 to "
+                    f"{MAX_PATTERNS_PER_KEY} distinct patterns of [A-Za-z0-9._/@+*?-]"
+                )
+            models[kid] = tuple(patterns)
+    return Role(threshold=threshold, key_ids=tuple(sorted(key_list)), models=models)
+
+
+def parse_root_body(body: bytes, limits: Limits = DEFAULT_LIMITS) -> TrustRoot:
+    """The signed body -> TrustRoot. Shape only; no signature is looked at."""
+    value = yamlsafe.load(
+        body, max_bytes=limits.max_trust_root_bytes, max_depth=limits.max_yaml_depth,
+        what="trust root body",
+    )
+    value = _exact_keys(
+        value, {"format", "version", "created", "expires", "keys", "roles"}, "trust root body"
+    )
+    if value["format"] != ROOT_FORMAT:
+        raise FormatError(f"unsupported trust root format {value['format']!r} (want {ROOT_FORMAT})")
+    version = _int_field(value["version"], "trust root version", 1, MAX_SEQUENCE)
+    created = _parse_time(value["created"], "trust root 'created'")
+    expires = _parse_time(value["expires"], "trust root 'expires'")
+    if expires <= created:
+        raise FormatError("trust root expires before it was created")
+    keys = _parse_keys(value["keys"], limits)
+    roles_value = _exact_keys(value["roles"], set(ROLES), "trust root 'roles'")
+    roles = {name: _parse_role(name, roles_value[name], keys, limits) for name in ROLES}
+    used = {kid for role in roles.values() for kid in role.key_ids}
+    for kid in keys:
+        if kid not in used:
+            raise FormatError(f"trust root key {kid} has no role")
+    return TrustRoot(version, created, expires, keys, roles, fingerprint_of_body(body))
+
+
+def parse_signed_root(data: bytes, limits: Limits = DEFAULT_LIMITS) -> SignedRoot:
+    """A trust root file -> SignedRoot (FormatError, SignatureError). No trust implied."""
+    value = yamlsafe.load(
+        data, max_bytes=limits.max_trust_root_bytes, max_depth=limits.max_yaml_depth,
+        what="trust root file",
+    )
+    value = _exact_keys(value, {"format", "signed", "signatures"}, "trust root file")
+    if value["format"] != ENVELOPE_FORMAT:
+        raise FormatError(
+            f"unsupported trust root file format {value['format']!r} (want {ENVELOPE_FORMAT})"
+        )
+    if not isinstance(value["signed"], str):
+        raise FormatError("trust root file: 'signed' must be a literal block of text")
+    raw_sigs = value["signatures"]
+    if not isinstance(raw_sigs, list):
+        raise FormatError("trust root file: 'signatures' must be a list")
+    if len(raw_sigs) > limits.max_signatures:
+        raise LimitExceededError(f"trust root file has {len(raw_sigs)} signatures, over the cap")
+    if not all(isinstance(s, str) for s in raw_sigs):
+        raise FormatError("trust root file: each signature must be one line of text")
+    signatures = tuple(Signature.from_bytes(s.encode("utf-8"), limits) for s in raw_sigs)
+    body = value["signed"].encode("utf-8")
+    return SignedRoot(parse_root_body(body, limits), body, signatures)
+
+
+def encode_envelope(body: bytes, signatures: Sequence[Signature]) -> bytes:
+    """The trust root file for ``body``; refuses a body a literal block cannot carry exactly."""
+    text = body.decode("utf-8")
+    if (
+        not text.endswith("\n")
+        or text.endswith("\n\n")
+        or text.startswith((" ", "\n"))
+        or "\r" in text
+        or "\t" in text
+    ):
+        raise FormatError("trust root body cannot be carried exactly in a YAML literal block")
+    lines = [f"format: {ENVELOPE_FORMAT}", "signed: |"]
+    lines += [f"  {line}" if line else "" for line in text[:-1].split("\n")]
+    lines.append("signatures:" if signatures else "signatures: []")
+    lines += [f"- {s.to_bytes().decode('ascii').strip()}" for s in signatures]
+    data = (_ENVELOPE_COMMENT + "\n".join(lines) + "\n").encode("utf-8")
+    again = parse_signed_root(data)
+    if again.body != body or again.signatures != tuple(signatures):
+        raise FormatError("trust root body does not survive a YAML round trip byte for byte")
+    return data
+
+
+# --- verification ------------------------------------------------------------------------
+
+
+def valid_signers(
+    root: TrustRoot, role_name: str, domain: bytes, message: bytes,
+    signatures: Iterable[Signature],
+) -> frozenset[str]:
+    """Distinct key ids of ``role_name`` with a valid signature; others are ignored."""
+    role = root.roles[role_name]
+    valid: set[str] = set()
+    for sig in signatures:
+        if (
+            sig.key_id in role.key_ids
+            and sig.key_id not in valid
+            and verify(root.keys[sig.key_id].public, domain, message, sig)
+        ):
+            valid.add(sig.key_id)
+    return frozenset(valid)
+
+
+def _ignored(
+    root: TrustRoot, role_name: str, counted: frozenset[str], signatures: Iterable[Signature]
+) -> str:
+    notes = []
+    for kid in sorted({s.key_id for s in signatures} - counted):
+        if kid in root.roles[role_name].key_ids:
+            notes.append(f"{root.key_label(kid)}: signature does not verify")
+        else:
+            notes.append(f"{root.key_label(kid)}: not a {role_name} key of root v{root.version}")
+    return f"; ignored {'; '.join(notes)}" if notes else ""
+
+
+def _short(root: TrustRoot, role_name: str, what: str, valid: frozenset[str],
+           signatures: Sequence[Signature]) -> str | None:
+    threshold = root.roles[role_name].threshold
+    if len(valid) >= threshold:
+        return None
+    return (
+        f"{what} has {len(valid)} valid signature(s) from the {role_name} keys of trust root "
+        f"v{root.version}, needs {threshold}{_ignored(root, role_name, valid, signatures)}"
+    )
+
+
+def verify_self_signed(
+    signed: SignedRoot, now: datetime, *, allow_expired: bool = False
+) -> TrustRoot:
+    """A first root: a threshold of its own root keys (ThresholdError), not expired."""
+    root = signed.root
+    valid = valid_signers(root, ROLE_ROOT, DOMAIN_ROOT, signed.body, signed.signatures)
+    problem = _short(root, ROLE_ROOT, f"trust root v{root.version}", valid, signed.signatures)
+    if problem:
+        raise ThresholdError(problem)
+    check_expiry(f"trust root v{root.version}", root.expires, now, allow_expired,
+                 created=root.created)
+    return root
+
+
+def rotate_to(current: TrustRoot, signed: SignedRoot) -> TrustRoot:
+    """One rotation step N -> N+1 (RotationError); expiry is left to the caller."""
+    new = signed.root
+    if new.version != current.version + 1:
+        raise RotationError(
+            f"trust chain jumps from v{current.version} to v{new.version}; "
+            f"v{current.version + 1} is missing"
+            if new.version > current.version
+            else f"trust chain goes down from v{current.version} to v{new.version}"
+        )
+    what = f"trust root v{new.version}"
+    for authority in (current, new):
+        valid = valid_signers(authority, ROLE_ROOT, DOMAIN_ROOT, signed.body, signed.signatures)
+        problem = _short(authority, ROLE_ROOT, what, valid, signed.signatures)
+        if problem:
+            raise RotationError(problem)
+    return new
+
+
+def walk_chain(
+    trusted: TrustRoot,
+    chain: Sequence[SignedRoot],
+    now: datetime,
+    *,
+    allow_expired: bool = False,
+    limits: Limits = DEFAULT_LIMITS,
+) -> TrustRoot:
+    """The newest root reachable from ``trusted`` through ``chain`` (ascending versions).
+
+    Versions below ``trusted`` are skipped; the one equal to it must be byte-identical (same
+    fingerprint), else it is a fork; later ones must follow without gaps, each signed by a
+    threshold of the previous root keys and of its own. Only the result's expiry is checked:
+    intermediate roots may have expired long ago on a site that was offline.
+    """
+    if len(chain) > limits.max_trust_chain_length:
+        raise LimitExceededError(f"trust chain has {len(chain)} roots, over the cap")
+    current = trusted
+    previous_version = 0
+    for signed in chain:
+        version = signed.root.version
+        if version <= previous_version:
+            raise RotationError(
+                f"trust chain is not in ascending order: v{version} after v{previous_version}"
+            )
+        previous_version = version
+        if version < current.version:
+            continue
+        if version == current.version:
+            if signed.root.fingerprint != current.fingerprint:
+                raise RotationError(
+                    f"trust chain's v{version} (fingerprint {signed.root.fingerprint}) differs "
+                    f"from the trusted v{version} ({current.fingerprint})"
+                )
+            continue
+        current = rotate_to(current, signed)
+    check_expiry(f"trust root v{current.version}", current.expires, now, allow_expired,
+                 created=current.created)
+    return current
+
+
+def verify_manifest_signatures(
+    root: TrustRoot,
+    manifest_bytes: bytes,
+    signatures: Sequence[Signature],
+    now: datetime,
+    *,
+    allow_expired: bool = False,
+    limits: Limits = DEFAULT_LIMITS,
+) -> frozenset[str]:
+    """Publisher key ids with a valid signature over the exact manifest bytes.
+
+    Call before parsing the manifest. Raises ExpiredError for an expired root (unless
+    allowed) and ThresholdError when fewer distinct publisher keys signed than required.
+    """
+    if len(manifest_bytes) > limits.max_manifest_bytes:
+        raise LimitExceededError(f"manifest is {len(manifest_bytes)} bytes, over the cap")
+    if len(signatures) > limits.max_signatures:
+        raise LimitExceededError(f"{len(signatures)} manifest signatures, over the cap")
+    check_expiry(f"trust root v{root.version}", root.expires, now, allow_expired,
+                 created=root.created)
+    valid = valid_signers(root, ROLE_PUBLISHER, DOMAIN_MANIFEST, manifest_bytes, signatures)
+    problem = _short(root, ROLE_PUBLISHER, "the manifest", valid, signatures)
+    if problem:
+        raise ThresholdError(problem)
+    return valid
+
+
+def check_publisher_scope(
+    root: TrustRoot, signer_ids: Iterable[str], model_names: Sequence[str]
+) -> None:
+    """Each model needs a threshold of signers whose patterns allow its name (ScopeError)."""
+    role = root.publisher_role
+    signers = sorted(set(signer_ids) & set(role.key_ids))
+    for name in model_names:
+        allowed = [kid for kid in signers if role.allows(kid, name)]
+        if len(allowed) < role.threshold:
+            limited = "; ".join(
+                f"{root.key_label(kid)} may sign only {', '.join(role.models[kid])}"
+                for kid in signers
+                if kid not in allowed
+            )
+            raise ScopeError(
+                f"model {name!r} is signed by {len(allowed)} publisher key(s) allowed to sign "
+                f"it, trust root v{root.version} needs {role.threshold}"
+                + (f" ({limited})" if limited else "")
+            )
+
+
+def check_rollback(
+    previous: tuple[int, str] | None,
+    sequence: int,
+    manifest_hash: str,
+    *,
+    channel: str | None = None,
+) -> None:
+    """Sequences only go up per channel; the same one again only with the same manifest."""
+    where = f"channel {channel!r}" if channel else "this channel"
+    if isinstance(sequence, bool) or not isinstance(sequence, int) or not (
+        0 <= sequence <= MAX_SEQUENCE
+    ):
+        raise RollbackError(f"sequence {sequence!r} on {where} is not a valid sequence number")
+    if previous is None:
+        return
+    seen_sequence, seen_hash = previous
+    if sequence < seen_sequence:
+        raise RollbackError(
+            f"{where}: sequence {sequence} is older than {seen_sequence}, the highest this "
+            f"store has accepted (rollback refused)"
+        )
+    if sequence == seen_sequence and manifest_hash != seen_hash:
+        raise RollbackError(
+            f"{where}: sequence {sequence} was already accepted with another manifest "
+            f"({seen_hash}, now {manifest_hash}); a publisher must raise the sequence"
+        )
+
+
+def check_expiry(
+    what: str,
+    expires: datetime,
+    now: datetime,
+    allow_expired: bool,
+    *,
+    created: datetime | None = None,
+) -> bool:
+    """ExpiredError when ``now >= expires``; with ``allow_expired``, True so the caller audits."""
+    _require_aware(expires)
+    _require_aware(now)
+    if now < expires:
+        return False
+    if allow_expired:
+        return True
+    issued = f" (issued {format_time(created)})" if created is not None else ""
+    raise ExpiredError(
+        f"{what} expired at {format_time(expires)}{issued}; this host's clock says "
+        f"{format_time(now)}. If the clock is wrong, correct it; to accept it anyway pass "
+        f"--allow-expired with a reason (recorded in the audit log)"
+    )

@@ -1,0 +1,358 @@
+"""The store's trust state: the installed chain of trust roots and each channel's high-water mark.
+
+Tables (appliance/store/db.py): ``trust_roots`` holds one row per accepted root version with
+its fingerprint and the exact root file bytes, oldest first, so the newest row is the root in
+force; ``channels`` holds, per channel, the highest sequence accepted and the hash of that
+manifest. The first root enters only with the operator's fingerprint; later ones only through
+``appliance.format.trust.walk_chain``. Installs, updates, refusals and overrides go to the
+audit log with the operating system user.
+"""
+
+from __future__ import annotations
+
+import getpass
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import (
+    ApplianceError,
+    NoTrustRootError,
+    RefusalError,
+    RotationError,
+    StoreError,
+    TrustError,
+    UsageError,
+)
+from appliance.format.trust import (
+    SignedRoot,
+    TrustRoot,
+    check_fingerprint,
+    check_rollback,
+    format_time,
+    parse_signed_root,
+    verify_self_signed,
+    walk_chain,
+)
+from appliance.store import audit
+from appliance.store.db import connect
+
+
+def who() -> str:
+    """The operating system user, for audit records ("who" of an override)."""
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return "unknown"
+
+
+@contextmanager
+def _transaction(store_dir: Path, conn: sqlite3.Connection | None) -> Iterator[sqlite3.Connection]:
+    """Own IMMEDIATE transaction, or the caller's ``conn`` (already in its transaction)."""
+    if conn is not None:
+        yield conn
+        return
+    db = connect(store_dir)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        yield db
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    finally:
+        db.close()
+
+
+def _sql_error(store_dir: Path, e: sqlite3.Error) -> StoreError:
+    return StoreError(f"trust state in {store_dir} is unusable: {e}")
+
+
+def _rows(db: sqlite3.Connection) -> list[sqlite3.Row]:
+    return db.execute(
+        "SELECT version, fingerprint, body FROM trust_roots ORDER BY version"
+    ).fetchall()
+
+
+def _load_row(store_dir: Path, row: sqlite3.Row) -> SignedRoot:
+    try:
+        signed = parse_signed_root(bytes(row["body"]))
+    except ApplianceError as e:
+        raise StoreError(
+            f"installed trust root v{row['version']} in {store_dir} is corrupt: {e}"
+        ) from e
+    if signed.root.version != row["version"] or signed.root.fingerprint != row["fingerprint"]:
+        raise StoreError(
+            f"installed trust root v{row['version']} in {store_dir} does not match its "
+            f"recorded fingerprint {row['fingerprint']}"
+        )
+    return signed
+
+
+def installed_chain(store_dir: Path, conn: sqlite3.Connection | None = None) -> list[SignedRoot]:
+    """Every root this store accepted, oldest first (for carrying on media or showing)."""
+    db = conn or connect(store_dir)
+    try:
+        return [_load_row(store_dir, row) for row in _rows(db)]
+    except sqlite3.Error as e:
+        raise _sql_error(store_dir, e) from e
+    finally:
+        if conn is None:
+            db.close()
+
+
+def installed_root(store_dir: Path, conn: sqlite3.Connection | None = None) -> TrustRoot | None:
+    """The root in force (newest installed version), or None on a fresh store."""
+    db = conn or connect(store_dir)
+    try:
+        row = db.execute(
+            "SELECT version, fingerprint, body FROM trust_roots ORDER BY version DESC LIMIT 1"
+        ).fetchone()
+        return _load_row(store_dir, row).root if row else None
+    except sqlite3.Error as e:
+        raise _sql_error(store_dir, e) from e
+    finally:
+        if conn is None:
+            db.close()
+
+
+def require_root(store_dir: Path, conn: sqlite3.Connection | None = None) -> TrustRoot:
+    root = installed_root(store_dir, conn)
+    if root is None:
+        raise NoTrustRootError(
+            f"no trust root is installed in {store_dir}; run "
+            "'appliance trust install ROOT --fingerprint FP' with the fingerprint from the "
+            "signing ceremony"
+        )
+    return root
+
+
+def audit_override(
+    store_dir: Path,
+    *,
+    subject: str,
+    expires: datetime,
+    now: datetime,
+    reason: str,
+    conn: sqlite3.Connection | None = None,
+) -> None:
+    """Record an --allow-expired override: what, its expiry, the host time, who and why."""
+    if not reason.strip():
+        raise UsageError("--allow-expired needs --reason TEXT: the audit log records why")
+    details = {
+        "action": "allow-expired",
+        "subject": subject,
+        "expires": format_time(expires),
+        "host_time": format_time(now),
+        "user": who(),
+        "reason": reason,
+    }
+    audit.append(store_dir, "override", details, conn=conn, now=now)
+
+
+def audit_refusal(store_dir: Path, action: str, error: ApplianceError, **details: Any) -> None:
+    record = {"action": action, "error": type(error).__name__, "message": str(error)}
+    record.update(details)
+    record["user"] = who()
+    audit.append(store_dir, "refusal", record)
+
+
+def _require_reason(allow_expired: bool, reason: str | None, expired: bool) -> None:
+    if allow_expired and expired and not (reason or "").strip():
+        raise UsageError("--allow-expired needs --reason TEXT: the audit log records why")
+
+
+def install_first_root(
+    store_dir: Path,
+    signed_root_bytes: bytes,
+    fingerprint: str,
+    now: datetime,
+    *,
+    allow_expired: bool = False,
+    reason: str | None = None,
+) -> TrustRoot:
+    """Install a store's first root, only if it matches the fingerprint the operator read.
+
+    Installing the same root again is a no-op; a different root on a store that has one is a
+    TrustError (newer roots arrive through ``update_root``).
+    """
+    try:
+        signed = parse_signed_root(signed_root_bytes)
+        check_fingerprint(signed, fingerprint)
+        root = verify_self_signed(signed, now, allow_expired=allow_expired)
+    except RefusalError as e:
+        audit_refusal(store_dir, "trust-install", e)
+        raise
+    expired = now >= root.expires
+    _require_reason(allow_expired, reason, expired)
+    try:
+        with _transaction(store_dir, None) as db:
+            rows = _rows(db)
+            if rows:
+                newest = rows[-1]
+                if any(r["fingerprint"] == root.fingerprint for r in rows):
+                    return _load_row(store_dir, newest).root  # already trusted: nothing to do
+                raise TrustError(
+                    f"this store already trusts root v{newest['version']} "
+                    f"({newest['fingerprint']}); a different root cannot replace it. Newer "
+                    "versions are accepted only through the rotation chain"
+                )
+            _insert(db, signed, now)
+            audit.append(
+                store_dir,
+                "trust-install",
+                {"version": root.version, "fingerprint": root.fingerprint, "user": who()},
+                conn=db,
+                now=now,
+            )
+            if expired:
+                audit_override(
+                    store_dir, subject=f"trust root v{root.version}", expires=root.expires,
+                    now=now, reason=reason or "", conn=db,
+                )
+    except sqlite3.Error as e:
+        raise _sql_error(store_dir, e) from e
+    return root
+
+
+def _insert(db: sqlite3.Connection, signed: SignedRoot, now: datetime) -> None:
+    db.execute(
+        "INSERT INTO trust_roots (version, fingerprint, body, installed_at) VALUES (?, ?, ?, ?)",
+        (signed.root.version, signed.root.fingerprint, signed.to_bytes(), format_time(now)),
+    )
+
+
+def update_root(
+    store_dir: Path,
+    chain: Sequence[SignedRoot],
+    now: datetime,
+    *,
+    allow_expired: bool = False,
+    reason: str | None = None,
+    conn: sqlite3.Connection | None = None,
+) -> TrustRoot:
+    """Walk ``chain`` from the installed root; persist every newer version it reaches.
+
+    A chain entry at a version this store already holds must be byte-identical to it
+    (RotationError otherwise: a fork or mix-and-match). With ``conn`` the caller owns the
+    transaction and records refusals itself.
+    """
+    try:
+        with _transaction(store_dir, conn) as db:
+            current = require_root(store_dir, db)
+            held = {r["version"]: r["fingerprint"] for r in _rows(db)}
+            for signed in chain:
+                seen = held.get(signed.root.version)
+                if seen is not None and seen != signed.root.fingerprint:
+                    raise RotationError(
+                        f"trust chain's v{signed.root.version} ({signed.root.fingerprint}) "
+                        f"differs from the v{signed.root.version} this store accepted ({seen})"
+                    )
+            new = walk_chain(current, chain, now, allow_expired=allow_expired)
+            expired = now >= new.expires
+            _require_reason(allow_expired, reason, expired)
+            if new.version != current.version:
+                for signed in chain:
+                    if current.version < signed.root.version <= new.version:
+                        _insert(db, signed, now)
+                audit.append(
+                    store_dir,
+                    "trust-update",
+                    {
+                        "from": current.version,
+                        "to": new.version,
+                        "fingerprint": new.fingerprint,
+                        "user": who(),
+                    },
+                    conn=db,
+                    now=now,
+                )
+            if expired:
+                audit_override(
+                    store_dir, subject=f"trust root v{new.version}", expires=new.expires,
+                    now=now, reason=reason or "", conn=db,
+                )
+    except RefusalError as e:
+        if conn is None and not isinstance(e, NoTrustRootError):
+            audit_refusal(store_dir, "trust-update", e)
+        raise
+    except sqlite3.Error as e:
+        raise _sql_error(store_dir, e) from e
+    return new
+
+
+def channel_state(
+    store_dir: Path, channel: str, conn: sqlite3.Connection | None = None
+) -> tuple[int, str] | None:
+    """(highest sequence accepted, its manifest hash) for ``channel``, or None."""
+    db = conn or connect(store_dir)
+    try:
+        row = db.execute(
+            "SELECT sequence, manifest_hash FROM channels WHERE name = ?", (channel,)
+        ).fetchone()
+    except sqlite3.Error as e:
+        raise _sql_error(store_dir, e) from e
+    finally:
+        if conn is None:
+            db.close()
+    return (int(row["sequence"]), str(row["manifest_hash"])) if row else None
+
+
+def record_channel(
+    store_dir: Path,
+    channel: str,
+    sequence: int,
+    manifest_hash: str,
+    conn: sqlite3.Connection | None = None,
+    *,
+    now: datetime | None = None,
+) -> None:
+    """Raise the channel's high-water mark; RollbackError if that would lower it."""
+    if not channel:
+        raise UsageError("a channel name is needed")
+    try:
+        with _transaction(store_dir, conn) as db:
+            previous = channel_state(store_dir, channel, db)
+            check_rollback(previous, sequence, manifest_hash, channel=channel)
+            if previous is None or sequence > previous[0]:
+                db.execute(
+                    "INSERT INTO channels (name, sequence, manifest_hash, updated_at) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+                    "sequence = excluded.sequence, manifest_hash = excluded.manifest_hash, "
+                    "updated_at = excluded.updated_at",
+                    (channel, sequence, manifest_hash, format_time(now or datetime.now(UTC))),
+                )
+    except sqlite3.Error as e:
+        raise _sql_error(store_dir, e) from e
+
+
+def installed_versions(store_dir: Path) -> list[tuple[int, str, str]]:
+    """(version, fingerprint, installed at) for every accepted root, oldest first."""
+    db = connect(store_dir)
+    try:
+        return [
+            (int(r["version"]), r["fingerprint"], r["installed_at"])
+            for r in db.execute("SELECT * FROM trust_roots ORDER BY version")
+        ]
+    except sqlite3.Error as e:
+        raise _sql_error(store_dir, e) from e
+    finally:
+        db.close()
+
+
+def channels(store_dir: Path) -> list[tuple[str, int, str, str]]:
+    """Every channel: (name, sequence, manifest hash, updated at), by name."""
+    db = connect(store_dir)
+    try:
+        return [
+            (r["name"], int(r["sequence"]), r["manifest_hash"], r["updated_at"])
+            for r in db.execute("SELECT * FROM channels ORDER BY name")
+        ]
+    except sqlite3.Error as e:
+        raise _sql_error(store_dir, e) from e
+    finally:
+        db.close()
