@@ -8,6 +8,7 @@ later calls cost a ``stat``. Gemma terms of use apply to the model.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -62,7 +63,8 @@ def default_model_path(cache_dir: Path | None = None, *, verify_hash: bool = Fal
     except OSError as e:
         raise StoreError(f"cannot assemble the default model into {cache}: {e}") from e
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     if not _has_model_size(target):
         raise IntegrityError(
             f"assembled default model is not {MODEL_SIZE} bytes", file=str(target)
