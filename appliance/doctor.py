@@ -387,7 +387,7 @@ def check_trust_root(store: Path) -> Check:
             name,
             "warn",
             False,
-            "none installed: bundles cannot be verified until one is installed",
+            "none installed: bundles cannot be verified; install one with appliance trust install",
         )
     return Check(name, "ok", False, f"version {row['version']}, fingerprint {row['fingerprint']}")
 

@@ -58,7 +58,9 @@ def test_doctor_passes_here(capsys: pytest.CaptureFixture[str], tmp_path: Path) 
         "name": "trust root",
         "status": "warn",
         "essential": False,
-        "detail": "none installed: bundles cannot be verified until one is installed",
+        "detail": (
+            "none installed: bundles cannot be verified; install one with appliance trust install"
+        ),
     }
     assert (tmp_path / "store").is_dir()
     assert not list((tmp_path / "store").glob(".doctor-probe-*"))
