@@ -5,11 +5,19 @@ Each record holds the hash of the record before it; ``hash = BLAKE3(domain || ca
 chain, which ``verify`` reports as ``AuditChainError`` naming the first bad record.
 Kinds used: import, refusal, override, trust-install, trust-update, delete, quarantine,
 serve-start, pull.
+
+A chain alone cannot show that its newest records were cut off, so the store also keeps
+``audit-head`` (``"<seq> <hash>\n"`` of the newest record seen) outside the database. It is
+refreshed after each committed append made here and by ``verify``; it may lag behind the log
+(a crash after a commit, or an append inside a caller's transaction) but never run ahead of
+it, so a head naming a record the log no longer holds means records were removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +32,7 @@ from appliance.store.db import connect
 
 _DOMAIN = b"appliance/audit/v1\x00"
 GENESIS = "0" * 64
+HEAD_NAME = "audit-head"
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,7 @@ def append(
         )
         if own:
             db.execute("COMMIT")
+            write_head(store_dir, seq, digest)
     except BaseException:
         if own and db.in_transaction:
             db.execute("ROLLBACK")
@@ -85,6 +95,47 @@ def append(
         if own:
             db.close()
     return AuditRecord(seq, time, kind, details, prev, digest)
+
+
+def read_head(store_dir: Path) -> tuple[int, str] | None:
+    try:
+        text = (store_dir / HEAD_NAME).read_text("ascii")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise AuditChainError(f"the audit head file is unreadable: {e}") from e
+    parts = text.split()
+    if len(parts) != 2 or not parts[0].isdigit():
+        raise AuditChainError(f"the audit head file {store_dir / HEAD_NAME} is malformed")
+    return int(parts[0]), parts[1]
+
+
+def write_head(store_dir: Path, seq: int, digest: str) -> None:
+    """Record the newest committed record; never moves the head backwards."""
+    current = None
+    with contextlib.suppress(AuditChainError):
+        current = read_head(store_dir)
+    if current is not None and current[0] > seq:
+        return
+    tmp = store_dir / f".{HEAD_NAME}.{os.getpid()}"
+    try:
+        tmp.write_text(f"{seq} {digest}\n", "ascii")
+        os.replace(tmp, store_dir / HEAD_NAME)
+    except OSError:
+        # The head is a tripwire, not the log: failing to move it must not fail the append.
+        tmp.unlink(missing_ok=True)
+
+
+def sync_head(store_dir: Path, conn: sqlite3.Connection | None = None) -> None:
+    """Move the head to the newest committed record (call after committing your transaction)."""
+    db = conn if conn is not None else connect(store_dir)
+    try:
+        row = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+    finally:
+        if conn is None:
+            db.close()
+    if row is not None:
+        write_head(store_dir, row["seq"], row["hash"])
 
 
 def records(store_dir: Path) -> Iterator[AuditRecord]:
@@ -120,6 +171,22 @@ def verify(store_dir: Path) -> int:
             prev = row["hash"]
             expected_seq += 1
             count += 1
+        head = read_head(store_dir)
+        if head is not None:
+            head_seq, head_hash = head
+            if head_seq > count:
+                raise AuditChainError(
+                    f"audit records {count + 1} to {head_seq} were removed "
+                    f"(the log ends at {count}, its head file names record {head_seq})"
+                )
+            row = db.execute("SELECT hash FROM audit WHERE seq = ?", (head_seq,)).fetchone()
+            if row is None or row["hash"] != head_hash:
+                raise AuditChainError(
+                    f"audit record {head_seq} differs from the one the head file recorded "
+                    "(the log was rewritten)"
+                )
+        if count:
+            write_head(store_dir, count, prev)
         return count
     finally:
         db.close()

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from appliance.errors import IntegrityError
-from appliance.store import audit, layout
+from appliance.store import layout
 from appliance.store.staging import verify_chunks
 from appliance.store.store import Store, prune_empty_dirs, remove_tree
 
@@ -117,8 +117,7 @@ def _quarantine(
             "UPDATE models SET state = 'quarantined' WHERE id = ?",
             (row["model_id"],),
         )
-        audit.append(
-            store.store_dir,
+        store.audit(
             "quarantine",
             {
                 "model": name,
@@ -129,8 +128,7 @@ def _quarantine(
                 "offset": offset,
                 "moved_to": str(target) if target else None,
             },
-            conn=store.conn,
-            now=now,
+            now,
         )
     if target is not None:
         store.recover()  # the index says quarantined: move the file (again after a crash)
@@ -157,12 +155,10 @@ def gc(store_dir: Path, *, abandon: bool = False, now: datetime | None = None) -
             if abandon:
                 with store.transaction():
                     store.conn.execute("DELETE FROM models WHERE id = ?", (m["id"],))
-                    audit.append(
-                        store_dir,
+                    store.audit(
                         "delete",
                         {"model": m["name"], "version": m["version"], "abandoned_import": True},
-                        conn=store.conn,
-                        now=now,
+                        now,
                     )
                 report.abandoned.append(ref)
             else:

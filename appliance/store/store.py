@@ -124,6 +124,7 @@ class Store:
         self.flush_bytes = flush_bytes
         layout.ensure_dirs(store_dir)
         self.conn = connect(store_dir)
+        self._head_stale = False
 
     def close(self) -> None:
         self.conn.close()
@@ -144,6 +145,9 @@ class Store:
         try:
             yield self.conn
             self.conn.execute("COMMIT")
+            if self._head_stale:
+                self._head_stale = False
+                audit.sync_head(self.store_dir, self.conn)
         except sqlite3.Error as e:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
@@ -152,6 +156,13 @@ class Store:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
             raise
+
+    def audit(self, kind: str, details: dict[str, Any], now: datetime | None = None) -> None:
+        """Append an audit record inside the current ``transaction()``."""
+        if not self.conn.in_transaction:
+            raise StoreError("audit records are appended inside a store transaction")
+        audit.append(self.store_dir, kind, details, conn=self.conn, now=now)
+        self._head_stale = True
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -435,8 +446,7 @@ class Store:
                 except OSError as move_error:
                     raise layout.os_error(move_error, f"cannot quarantine {sf.final}") from e
                 with self.transaction():
-                    audit.append(
-                        self.store_dir,
+                    self.audit(
                         "quarantine",
                         {
                             "model": sf.model_name,
@@ -445,8 +455,7 @@ class Store:
                             "reason": str(e),
                             "moved_to": str(target),
                         },
-                        conn=self.conn,
-                        now=now,
+                        now,
                     )
             else:
                 sf.mark_published(whole, now)
@@ -497,8 +506,7 @@ class Store:
                 for r in self.conn.execute("SELECT id FROM files WHERE model = ?", (row["id"],))
             ]
             self.conn.execute("DELETE FROM models WHERE id = ?", (row["id"],))
-            audit.append(
-                self.store_dir,
+            self.audit(
                 "delete",
                 {
                     "model": model.name,
@@ -506,8 +514,7 @@ class Store:
                     "size": model.size,
                     "manifest": model.manifest_hash,
                 },
-                conn=self.conn,
-                now=now,
+                now,
             )
         # The index no longer names these files; a crash from here on leaves orphans for gc.
         for file_id in file_ids:

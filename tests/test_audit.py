@@ -1,0 +1,117 @@
+"""The hash-chained audit log: every edit, removal or reordering is caught by ``verify``."""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from appliance.errors import AuditChainError
+from appliance.store import audit
+from appliance.store.db import connect
+
+NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+@pytest.fixture
+def store_dir(tmp_path: Path) -> Path:
+    store = tmp_path / "store"
+    for i in range(5):
+        audit.append(store, "import", {"model": f"m{i}", "bytes": i * 100}, now=NOW)
+    return store
+
+
+def raw(store_dir: Path) -> sqlite3.Connection:
+    return sqlite3.connect(store_dir / "index.sqlite", isolation_level=None)
+
+
+def test_intact_chain_verifies(store_dir: Path) -> None:
+    assert audit.verify(store_dir) == 5
+    records = list(audit.records(store_dir))
+    assert [r.seq for r in records] == [1, 2, 3, 4, 5]
+    assert records[0].prev == audit.GENESIS
+    assert all(b.prev == a.hash for a, b in itertools.pairwise(records))
+    assert audit.read_head(store_dir) == (5, records[-1].hash)
+
+
+def test_edited_details_are_caught(store_dir: Path) -> None:
+    raw(store_dir).execute(
+        "UPDATE audit SET details = ? WHERE seq = 3", ('{"bytes":0,"model":"m2"}',)
+    )
+    with pytest.raises(AuditChainError, match="record 3 was edited"):
+        audit.verify(store_dir)
+
+
+def test_edited_kind_or_time_is_caught(store_dir: Path) -> None:
+    raw(store_dir).execute("UPDATE audit SET kind = 'pull' WHERE seq = 2")
+    with pytest.raises(AuditChainError, match="record 2"):
+        audit.verify(store_dir)
+
+
+def test_removed_middle_record_is_caught(store_dir: Path) -> None:
+    raw(store_dir).execute("DELETE FROM audit WHERE seq = 2")
+    with pytest.raises(AuditChainError, match="record 2 is missing"):
+        audit.verify(store_dir)
+
+
+def test_removed_and_renumbered_record_is_caught(store_dir: Path) -> None:
+    db = raw(store_dir)
+    db.execute("DELETE FROM audit WHERE seq = 2")
+    for seq in (3, 4, 5):
+        db.execute("UPDATE audit SET seq = ? WHERE seq = ?", (seq - 1, seq))
+    with pytest.raises(AuditChainError, match="record 2"):
+        audit.verify(store_dir)
+
+
+def test_reordered_records_are_caught(store_dir: Path) -> None:
+    db = raw(store_dir)
+    db.execute("UPDATE audit SET seq = 100 WHERE seq = 2")
+    db.execute("UPDATE audit SET seq = 2 WHERE seq = 3")
+    db.execute("UPDATE audit SET seq = 3 WHERE seq = 100")
+    with pytest.raises(AuditChainError, match="removed or reordered"):
+        audit.verify(store_dir)
+
+
+def test_removed_newest_records_are_caught_by_the_head(store_dir: Path) -> None:
+    raw(store_dir).execute("DELETE FROM audit WHERE seq >= 4")
+    with pytest.raises(AuditChainError, match="4 to 5 were removed"):
+        audit.verify(store_dir)
+
+
+def test_rewritten_consistent_chain_is_caught_by_the_head(store_dir: Path) -> None:
+    db = raw(store_dir)
+    db.execute("DELETE FROM audit WHERE seq >= 5")
+    # A forger re-hashes a replacement record 5 so the chain itself is consistent.
+    prev = db.execute("SELECT hash FROM audit WHERE seq = 4").fetchone()[0]
+    time = NOW.isoformat(timespec="seconds")
+    details = '{"bytes":0,"model":"forged"}'
+    digest = audit.record_hash(5, time, "import", details, prev)
+    db.execute("INSERT INTO audit VALUES (5, ?, 'import', ?, ?, ?)", (time, details, prev, digest))
+    with pytest.raises(AuditChainError, match="record 5 differs"):
+        audit.verify(store_dir)
+
+
+def test_head_lagging_after_a_caller_transaction_is_accepted(store_dir: Path) -> None:
+    db = connect(store_dir)
+    db.execute("BEGIN IMMEDIATE")
+    audit.append(store_dir, "delete", {"model": "x"}, conn=db, now=NOW)
+    db.execute("COMMIT")
+    db.close()
+    head = audit.read_head(store_dir)
+    assert head is not None and head[0] == 5
+    assert audit.verify(store_dir) == 6
+    head = audit.read_head(store_dir)
+    assert head is not None and head[0] == 6
+
+
+def test_malformed_head_file_is_an_audit_error(store_dir: Path) -> None:
+    (store_dir / audit.HEAD_NAME).write_text("garbage\n")
+    with pytest.raises(AuditChainError, match="malformed"):
+        audit.verify(store_dir)
+
+
+def test_empty_log_verifies(tmp_path: Path) -> None:
+    assert audit.verify(tmp_path / "fresh") == 0
