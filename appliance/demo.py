@@ -110,7 +110,8 @@ def wait_for_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: f
             if httpx.get(url, timeout=2, verify=False).status_code == 200:
                 return
         time.sleep(0.3)
-    raise DemoFailed(f"{url} did not become ready within {timeout:.0f} s:\n{log.read_text()[-2000:]}")
+    tail = log.read_text()[-2000:]
+    raise DemoFailed(f"{url} did not become ready within {timeout:.0f} s:\n{tail}")
 
 
 @contextlib.contextmanager

@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {_cpu_count()} cores, Python {platform.python_version()}",
+        "machine": (
+            f"{platform.machine()}, {_cpu_count()} cores, Python {platform.python_version()}"
+        ),
         "command": "python -m bench.run" + (" --quick" if args.quick else ""),
     }
     args.out.mkdir(parents=True, exist_ok=True)

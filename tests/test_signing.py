@@ -16,7 +16,8 @@ def key() -> Ed25519PrivateKey:
 
 def test_sign_verify_roundtrip(key: Ed25519PrivateKey) -> None:
     sig = signing.sign(key, signing.DOMAIN_MANIFEST, b"manifest bytes")
-    assert signing.verify(signing.public_bytes(key), signing.DOMAIN_MANIFEST, b"manifest bytes", sig)
+    public = signing.public_bytes(key)
+    assert signing.verify(public, signing.DOMAIN_MANIFEST, b"manifest bytes", sig)
 
 
 def test_signature_for_one_domain_does_not_verify_in_another(key: Ed25519PrivateKey) -> None:

@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "appliance.cli.keys",
     "appliance.cli.trust",
     "appliance.cli.doctor",
+    "appliance.cli.serve",
 )
 
 EPILOG = f"""\
@@ -109,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(
-            f"appliance: internal error: {type(e).__name__}: {e} (run with --debug for a traceback)",
+            f"appliance: internal error: {type(e).__name__}: {e} "
+            "(run with --debug for a traceback)",
             file=sys.stderr,
         )
         return EXIT_ERROR

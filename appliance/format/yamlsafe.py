@@ -15,7 +15,7 @@ import yaml
 from appliance.errors import FormatError, LimitExceededError
 
 try:  # the C loader is much faster on multi-MB manifests
-    _BaseLoader: type = yaml.CSafeLoader  # type: ignore[attr-defined]
+    _BaseLoader: type = yaml.CSafeLoader
 except AttributeError:  # pragma: no cover - libyaml missing
     _BaseLoader = yaml.SafeLoader
 
@@ -30,8 +30,9 @@ def _check_events(data: bytes, max_depth: int, what: str) -> None:
             anchor = getattr(event, "anchor", None)
             if anchor is not None:
                 raise FormatError(f"{what}: YAML anchors are not allowed")
+            # Parser events carry a tag only when the document wrote one explicitly.
             tag = getattr(event, "tag", None)
-            if tag is not None and not getattr(event, "implicit", (True,))[0] and tag != "!":
+            if tag is not None:
                 raise FormatError(f"{what}: explicit YAML tags are not allowed ({tag})")
             if isinstance(event, yaml.CollectionStartEvent):
                 depth += 1
@@ -43,7 +44,7 @@ def _check_events(data: bytes, max_depth: int, what: str) -> None:
         raise FormatError(f"{what}: not valid YAML: {e}") from e
 
 
-class _NoDuplicatesLoader(_BaseLoader):  # type: ignore[misc, valid-type]
+class _NoDuplicatesLoader(_BaseLoader):
     pass
 
 
@@ -72,7 +73,7 @@ def load(data: bytes, *, max_bytes: int, max_depth: int = 32, what: str = "docum
         raise FormatError(f"{what} is not UTF-8") from e
     _check_events(data, max_depth, what)
     try:
-        return yaml.load(data, Loader=_NoDuplicatesLoader)  # noqa: S506 - safe loader subclass
+        return yaml.load(data, Loader=_NoDuplicatesLoader)
     except FormatError as e:
         raise FormatError(f"{what}: {e}") from e
     except yaml.YAMLError as e:
