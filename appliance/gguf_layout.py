@@ -149,19 +149,30 @@ def read_gguf_facts(path: Path, *, limits: Limits = DEFAULT_LIMITS) -> GgufFacts
 
 
 def gguf_boundaries(path: Path, *, limits: Limits = DEFAULT_LIMITS) -> GgufBoundaries:
-    """Every KV, tensor-info and tensor extent of the file, for the chunker."""
-    return read_gguf_layout(path, limits=limits).boundaries
+    """Every KV, tensor-info and tensor extent of the file, for the chunker.
+
+    Needs only a well-formed structure: a file without ``general.architecture`` still has
+    boundaries (``read_gguf_facts`` refuses it).
+    """
+    return _walk(path, limits).boundaries
 
 
 def read_gguf_layout(path: Path, *, limits: Limits = DEFAULT_LIMITS) -> GgufLayout:
     """Facts and boundaries from one walk over the header."""
+    walker = _walk(path, limits)
+    return GgufLayout(walker.facts(), walker.boundaries)
+
+
+def _walk(path: Path, limits: Limits) -> _Walker:
     try:
         with path.open("rb") as handle:
             size = handle.seek(0, 2)
             if size < FIXED_HEADER_BYTES:
                 raise FormatError(f"{path.name}: {size} bytes is too short for a GGUF header")
             with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                return _Walker(mapped, size, limits, path.name).walk()
+                walker = _Walker(mapped, size, limits, path.name)
+                walker.walk()
+                return walker
     except OSError as e:
         raise UsageError(f"cannot read {path}: {e.strerror or e}") from e
 
@@ -176,6 +187,11 @@ class _Walker:
         self.label = label
         self.pos = 0
         self.values: dict[str, object] = {}
+        # Set by walk():
+        self.boundaries: GgufBoundaries
+        self.tensor_count = 0
+        self.parameters = 0
+        self.bytes_by_type: dict[str, int] = {}
 
     def fail(self, message: str) -> FormatError:
         return FormatError(f"{self.label}: malformed GGUF at byte {self.pos}: {message}")
@@ -311,7 +327,7 @@ class _Walker:
         extent = Extent(start, self.pos - start, name)
         return extent, qtype.name, offset, n_bytes, elements, shape
 
-    def walk(self) -> GgufLayout:
+    def walk(self) -> None:
         if self.buf[0:4] != GGUF_MAGIC:
             raise self.fail("bad magic (not a GGUF file)")
         self.pos = 4
@@ -374,7 +390,7 @@ class _Walker:
             tensors.append(TensorExtent(name, start, n_bytes, type_name, shape))
             previous_end = start + n_bytes
 
-        boundaries = GgufBoundaries(
+        self.boundaries = GgufBoundaries(
             file_size=self.size,
             alignment=alignment,
             kv_entries=kv_entries,
@@ -384,9 +400,9 @@ class _Walker:
             data_start=data_start,
             tensors=tuple(tensors),
         )
-        return GgufLayout(
-            self._facts(tensor_count, parameters, bytes_by_type, boundaries), boundaries
-        )
+        self.tensor_count = tensor_count
+        self.parameters = parameters
+        self.bytes_by_type = bytes_by_type
 
     def _alignment(self) -> int:
         if _KEY_ALIGNMENT not in self.values:
@@ -396,13 +412,7 @@ class _Walker:
             raise self.fail(f"general.alignment {value!r} is not a power of two up to 1 MiB")
         return value
 
-    def _facts(
-        self,
-        tensor_count: int,
-        parameters: int,
-        bytes_by_type: dict[str, int],
-        boundaries: GgufBoundaries,
-    ) -> GgufFacts:
+    def facts(self) -> GgufFacts:
         raw_arch = self.values.get(_KEY_ARCH)
         if not isinstance(raw_arch, bytes) or not raw_arch:
             raise FormatError(f"{self.label}: GGUF has no string general.architecture")
@@ -411,15 +421,15 @@ class _Walker:
         template = self.values.get(_KEY_CHAT_TEMPLATE)
         return GgufFacts(
             architecture=architecture,
-            quantization=self._quantization(bytes_by_type),
-            parameter_count=parameters,
+            quantization=self._quantization(self.bytes_by_type),
+            parameter_count=self.parameters,
             context_length=context if isinstance(context, int) else None,
-            tensor_count=tensor_count,
+            tensor_count=self.tensor_count,
             chat_template_hash=(
                 blake3.blake3(template).hexdigest() if isinstance(template, bytes) else None
             ),
-            header_bytes=boundaries.data_start,
-            alignment=boundaries.alignment,
+            header_bytes=self.boundaries.data_start,
+            alignment=self.boundaries.alignment,
         )
 
     def _quantization(self, bytes_by_type: dict[str, int]) -> str:
