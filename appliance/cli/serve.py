@@ -1,0 +1,139 @@
+"""``appliance serve``: serve verified store models through an OpenAI-compatible HTTP API."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import UsageError
+from appliance.serve.app import create_app
+from appliance.serve.auth import load_api_keys
+from appliance.serve.model import ServeSettings
+from appliance.serve.server import address, bind, parse_listen, run
+from appliance.serve.store_resolver import VERIFY_MODES, store_resolver
+from appliance.store import audit
+from appliance.store.records import find_model, list_models
+
+DEFAULT_LISTEN = "127.0.0.1:8080"
+
+DESCRIPTION = """\
+Serve models from the store with llama.cpp behind an OpenAI-compatible API:
+GET /v1/models, POST /v1/chat/completions, /v1/completions (both with "stream": true) and
+/v1/embeddings (embedding models), GET /health (503 until every model is loaded) and
+GET /metrics (Prometheus).
+
+Only published, verified store models load. Before each load (at start and after a worker
+restart) the file is checked against the store: --verify-on-load quick re-hashes the GGUF
+header against the signed manifest and checks sizes; full re-hashes every byte. A model that
+fails is refused, reported by /health and the API, and recorded in the audit log.
+
+Each model runs in its own llama.cpp worker process: a native crash (SIGSEGV, SIGILL) fails
+only the request it was answering (the error names the signal), and the worker restarts.
+Requests queue per model (--queue waiting at most; more get HTTP 429).
+"""
+
+EPILOG = """\
+examples:
+  appliance serve --model gemma3-270m
+  appliance serve --listen 0.0.0.0:8080 --api-key-file /etc/appliance/keys --threads 8
+  curl -s localhost:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{"model": "gemma3-270m", "messages": [{"role": "user", "content": "Hi"}]}'
+
+The API key file holds one key per line (at least 16 characters; '#' starts a comment).
+Clients send 'Authorization: Bearer KEY'; /health needs no key.
+"""
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    parser = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="serve store models through an OpenAI-compatible API (llama.cpp)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
+                        help=f"address to listen on; port 0 picks a free one "
+                             f"(default {DEFAULT_LISTEN})")
+    parser.add_argument("--model", action="extend", nargs="+", default=[], metavar="NAME",
+                        help="store model to serve, NAME or NAME:VERSION (repeatable; "
+                             "default: every verified model in the store)")
+    parser.add_argument("--api-key-file", type=Path, metavar="FILE",
+                        help="require 'Authorization: Bearer KEY' with a key from FILE")
+    parser.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1),
+                        metavar="N", help="llama.cpp threads per model (default: CPUs, max 8)")
+    parser.add_argument("--ctx", type=int, default=4096, metavar="N",
+                        help="context length in tokens; 0 uses the model's own (default 4096)")
+    parser.add_argument("--queue", type=int, default=16, metavar="N",
+                        help="requests allowed to wait for a busy model; more get 429 "
+                             "(default 16)")
+    parser.add_argument("--verify-on-load", choices=VERIFY_MODES, default="quick",
+                        help="check before each load: quick (header + sizes) or full "
+                             "(re-hash every byte) (default quick)")
+    parser.set_defaults(func=handle)
+
+
+def _served_names(store: Path, requested: list[str]) -> tuple[str, ...]:
+    if requested:
+        for ref in requested:
+            find_model(store, ref)  # unknown or ambiguous names fail now, not in the log
+        return tuple(dict.fromkeys(requested))
+    models = [m for m in list_models(store) if m.verified]
+    if not models:
+        raise UsageError(f"no verified model in the store {store}; import one first "
+                         "(or name one with --model)")
+    names = [m.name for m in models]
+    return tuple(m.name if names.count(m.name) == 1 else m.ref for m in models)
+
+
+def _audit(store: Path) -> Any:
+    user = os.environ.get("USER") or os.environ.get("LOGNAME") or str(os.getuid())
+
+    def record(kind: str, details: dict[str, Any]) -> None:
+        audit.append(store, kind, {**details, "user": user})
+
+    return record
+
+
+def handle(args: argparse.Namespace) -> int:
+    if args.threads < 1:
+        raise UsageError("--threads must be at least 1")
+    if args.ctx < 0:
+        raise UsageError("--ctx must be 0 (the model's own) or positive")
+    if args.queue < 0:
+        raise UsageError("--queue must be 0 or more")
+    host, _ = parse_listen(args.listen)
+    keys = load_api_keys(args.api_key_file) if args.api_key_file else frozenset()
+    models = _served_names(args.store, args.model)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    log = logging.getLogger("appliance.serve")
+    if not keys and not _is_loopback(host):
+        log.warning("serving on %s without API keys: anyone who can reach it may use it "
+                    "(use --api-key-file)", args.listen)
+    sock = bind(args.listen)
+    where = address(sock)
+    settings = ServeSettings(
+        models=models, n_threads=args.threads, n_ctx=args.ctx, max_queue=args.queue,
+        api_keys=keys, listen=where,
+    )
+    app = create_app(settings, store_resolver(args.store, verify=args.verify_on_load),
+                     audit=_audit(args.store))
+    log.info("serving %s on http://%s (store %s)", ", ".join(models), where, args.store)
+    run(app, sock, log_level="debug" if args.debug else "warning")
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -1,0 +1,70 @@
+"""What the server needs to know about a model, and the settings it serves with.
+
+The server never reads the store itself: it asks a ``ModelResolver`` (built by the CLI from
+the store, or by a test from a file) for a ``ServableModel`` every time it is about to load a
+worker, at start and after each crash. The resolver does the store's checks (published,
+verified, identity, full re-hash when asked) and raises ``ModelNotFoundError`` or a
+``RefusalError`` (usually ``IntegrityError``); ``check_file`` adds the server's own cheap check
+just before the worker opens the file.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from appliance.errors import IntegrityError, TruncatedError
+from appliance.limits import DEFAULT_LIMITS
+
+
+@dataclass(frozen=True)
+class ServableModel:
+    """A model file the store vouches for: its published path, size and identity hash."""
+
+    name: str
+    path: Path
+    size: int
+    identity: str
+
+
+# name -> ServableModel; raises ModelNotFoundError, or RefusalError when the model must not load.
+ModelResolver = Callable[[str], ServableModel]
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """How the server runs; the CLI fills it from its options, tests build it directly."""
+
+    models: tuple[str, ...]
+    n_threads: int = 2
+    n_ctx: int = 4096  # 0: the model's training context
+    max_queue: int = 16  # requests waiting for a busy worker; more get 429
+    api_keys: frozenset[str] = field(default_factory=frozenset)
+    ready_timeout: float = 120.0  # how long a queued request waits for a (re)loading worker
+    max_request_bytes: int = DEFAULT_LIMITS.max_request_bytes
+    listen: str = ""  # informational: recorded in the serve-start audit record
+
+
+def check_file(model: ServableModel) -> None:
+    """Refuse a model whose file is missing, not a regular file, or not the recorded size."""
+    try:
+        st = os.stat(model.path)
+    except OSError as e:
+        raise IntegrityError(
+            f"model '{model.name}' file is unreadable: {e.strerror}", file=str(model.path)
+        ) from e
+    if not stat.S_ISREG(st.st_mode):
+        raise IntegrityError(f"model '{model.name}' is not a regular file", file=str(model.path))
+    if st.st_size < model.size:
+        raise TruncatedError(
+            f"model '{model.name}' is {st.st_size} bytes, the store recorded {model.size}",
+            file=str(model.path),
+        )
+    if st.st_size != model.size:
+        raise IntegrityError(
+            f"model '{model.name}' is {st.st_size} bytes, the store recorded {model.size}",
+            file=str(model.path),
+        )

@@ -1,0 +1,92 @@
+"""The ``ModelResolver`` the CLI serves with: only published, verified store models load.
+
+``store.records.get_model`` already refuses a model that is still importing, quarantined,
+or whose files changed size. On top of that, before every load:
+
+- ``quick`` (default): the GGUF header chunk (metadata, architecture, tensor table: what makes
+  the model *this* model) is re-hashed against its digest in the signed manifest, and the
+  file must carry the whole-file BLAKE3 identity recorded at publish. Milliseconds.
+- ``full``: every chunk of every file of the model is re-hashed against the signed manifest
+  and each file's whole BLAKE3 compared with its recorded identity. About disk speed.
+
+Any failure is a ``RefusalError`` (``IntegrityError``/``TruncatedError`` naming the file, and
+the chunk when one differs); the server refuses the model and audits the refusal.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import blake3
+
+from appliance.errors import IntegrityError, ModelNotFoundError, StoreError
+from appliance.serve.model import ModelResolver, ServableModel
+from appliance.store.records import FileRecord, ModelRecord, get_model
+from appliance.store.staging import PendingChunk, verify_chunks
+from appliance.store.store import Store
+
+VERIFY_MODES = ("quick", "full")
+
+
+def store_resolver(store_dir: Path, *, verify: str = "quick") -> ModelResolver:
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {VERIFY_MODES}")
+
+    def resolve(name: str) -> ServableModel:
+        try:
+            record = get_model(store_dir, name)
+        except ModelNotFoundError:
+            raise
+        except StoreError as e:  # quarantined, or a file missing or resized: never load it
+            raise IntegrityError(f"model {name} must not be loaded: {e}") from e
+        main = _main_file(record)
+        with Store(store_dir) as store:
+            for f in record.files if verify == "full" else (main,):
+                chunks = store.chunks_of(_file_id(store, record, f))
+                _check(record, f, chunks, full=verify == "full")
+        assert main.blake3 is not None
+        return ServableModel(name=name, path=main.location, size=main.size, identity=main.blake3)
+
+    return resolve
+
+
+def _main_file(record: ModelRecord) -> FileRecord:
+    for f in record.files:
+        if f.location == record.path:
+            return f
+    raise StoreError(f"model {record.ref} has no file to load")
+
+
+def _file_id(store: Store, record: ModelRecord, f: FileRecord) -> int:
+    row = store.conn.execute(
+        "SELECT f.id FROM files f JOIN models m ON m.id = f.model "
+        "WHERE m.name = ? AND m.version = ? AND f.path = ?",
+        (record.name, record.version, f.path),
+    ).fetchone()
+    if row is None:
+        raise StoreError(f"model {record.ref}: file {f.path} vanished from the index")
+    return int(row["id"])
+
+
+def _check(record: ModelRecord, f: FileRecord, chunks: list[PendingChunk], *, full: bool) -> None:
+    label = f"{record.ref}/{f.path}"
+    if not f.blake3:
+        raise IntegrityError("no identity hash was recorded at publish", file=label)
+    if not chunks:
+        raise IntegrityError("no signed chunk list is recorded", file=label)
+    if full:
+        whole = verify_chunks(f.location, chunks, f.size, label)
+        if whole != f.blake3:
+            raise IntegrityError("the file's BLAKE3 differs from its recorded identity",
+                                 file=label)
+        return
+    header = min(chunks, key=lambda c: c.offset)
+    try:
+        with open(f.location, "rb", buffering=0) as handle:
+            data = os.pread(handle.fileno(), header.length, header.offset)
+    except OSError as e:
+        raise IntegrityError(f"cannot read the model file: {e.strerror}", file=label) from e
+    if len(data) != header.length or blake3.blake3(data).hexdigest() != header.digest:
+        raise IntegrityError("the GGUF header differs from the signed manifest",
+                             chunk=header.digest, file=label, offset=header.offset)

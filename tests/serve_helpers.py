@@ -1,0 +1,114 @@
+"""Helpers for the serve tests: a real uvicorn on 127.0.0.1:0 in a thread, resolvers, GGUF edits.
+
+``running_server`` starts the real app (real worker processes, real llama.cpp) and waits for
+/health; ``file_resolver`` serves files by name without a store; ``copy_gguf_with`` rewrites a
+GGUF adding metadata keys (the tiny llama plus ``llama.pooling_type`` is an embedding model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gguf
+import httpx
+
+from appliance.errors import ModelNotFoundError
+from appliance.serve.app import create_app
+from appliance.serve.model import ServableModel, ServeSettings
+from appliance.serve.server import ServerThread
+from appliance.serve.worker import TEST_HOOK_ENV
+
+Audit = Callable[[str, dict[str, Any]], None]
+
+
+def file_resolver(files: dict[str, Path]) -> Callable[[str], ServableModel]:
+    def resolve(name: str) -> ServableModel:
+        path = files.get(name)
+        if path is None:
+            raise ModelNotFoundError(f"no model {name!r}")
+        return ServableModel(name, path, path.stat().st_size, f"test-{name}")
+
+    return resolve
+
+
+def wait_health(url: str, timeout: float = 120.0, want: int = 200) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        response = httpx.get(f"{url}/health", timeout=10)
+        last = response.json()
+        if response.status_code == want:
+            return dict(last)
+        time.sleep(0.05)
+    raise AssertionError(f"/health never answered {want}: {last}")
+
+
+@contextlib.contextmanager
+def running_server(
+    files: dict[str, Path],
+    *,
+    hook: str | None = None,
+    audit: Audit | None = None,
+    wait: bool = True,
+    resolver: Callable[[str], ServableModel] | None = None,
+    **settings: Any,
+) -> Iterator[ServerThread]:
+    """The app on an ephemeral loopback port; ``hook`` sets the worker's test hook."""
+    settings.setdefault("n_threads", 2)
+    settings.setdefault("n_ctx", 256)
+    app = create_app(
+        ServeSettings(models=tuple(files), **settings),
+        resolver or file_resolver(files),
+        audit=audit,
+    )
+    old = os.environ.get(TEST_HOOK_ENV)
+    if hook is not None:
+        os.environ[TEST_HOOK_ENV] = hook
+    try:
+        with ServerThread(app) as server:
+            # Spawned workers read the environment when they start: keep it set meanwhile.
+            if wait:
+                wait_health(server.url)
+            yield server
+    finally:
+        if old is None:
+            os.environ.pop(TEST_HOOK_ENV, None)
+        else:
+            os.environ[TEST_HOOK_ENV] = old
+
+
+def metric(url: str, line_prefix: str, headers: dict[str, str] | None = None) -> float:
+    """Value of the first /metrics sample starting with ``line_prefix`` (0 when absent)."""
+    text = httpx.get(f"{url}/metrics", headers=headers, timeout=10).text
+    for line in text.splitlines():
+        if line.startswith(line_prefix):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def copy_gguf_with(src: Path, dst: Path, extra_u32: dict[str, int]) -> Path:
+    """Rewrite ``src`` to ``dst`` with the same keys and tensors plus ``extra_u32`` keys."""
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(dst, arch)
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        kind = field.types[0]
+        sub_type = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub_type)
+    for key, value in extra_u32.items():
+        writer.add_uint32(key, value)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, tensor.data, raw_shape=tensor.data.shape,
+                          raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
