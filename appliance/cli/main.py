@@ -22,6 +22,9 @@ from appliance.paths import STORE_ENV, default_store
 COMMAND_MODULES = (
     "appliance.cli.keys",
     "appliance.cli.trust",
+    "appliance.cli.models",
+    "appliance.cli.store",
+    "appliance.cli.audit",
     "appliance.cli.doctor",
     "appliance.cli.serve",
 )

@@ -1,0 +1,149 @@
+"""``appliance models list|show|rm``: what the store holds, in detail, and removing it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from appliance.store.layout import human_bytes, writer_lock
+from appliance.store.records import ModelRecord, find_model, list_models
+from appliance.store.store import Store
+
+LIST_DESCRIPTION = """\
+List the models in the store: name, version, size, whether every file is verified, the
+channel and sequence of the signed bundle it came from, and when it was imported. Models
+still being imported are not listed (nothing half-written is ever shown or served).
+--json prints an array of objects with at least name, version, size and verified.
+"""
+LIST_EPILOG = """\
+examples:
+  appliance models list
+  appliance models list --json | jq -r '.[] | select(.verified) | .name'
+"""
+SHOW_DESCRIPTION = """\
+Everything known about one model: license, provenance (builder, upstream sources and their
+sha256), the signers of its bundle, channel and sequence, GGUF facts, each file with its size,
+Merkle root, whole-file BLAKE3 and location, the verified state and the import time.
+NAME is the model name, or NAME:VERSION when several versions are stored.
+"""
+SHOW_EPILOG = """\
+examples:
+  appliance models show gemma3-270m
+  appliance models show gemma3-270m:q4_k_m --json
+"""
+RM_DESCRIPTION = """\
+Remove a model from the store: the index forgets it first, then its files are deleted (a crash
+in between leaves files that 'appliance store gc' removes). The removal is recorded in the audit
+log. Quarantined copies under quarantine/ are kept.
+"""
+RM_EPILOG = """\
+example:
+  appliance models rm gemma3-270m:q4_k_m
+"""
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    parser = sub.add_parser(
+        "models",
+        parents=[common],
+        help="list, show and remove the models in the store",
+        description="The models in this host's store.",
+        epilog="examples:\n  appliance models list\n  appliance models show gemma3-270m\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="models_command", metavar="SUBCOMMAND", required=True)
+
+    def add(name: str, help_: str, description: str, epilog: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name,
+            parents=[common],
+            help=help_,
+            description=description,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    listing = add("list", "list the stored models", LIST_DESCRIPTION, LIST_EPILOG)
+    listing.add_argument("--json", action="store_true", help="print a JSON array")
+    listing.set_defaults(func=run_list)
+    show = add("show", "show one model in detail", SHOW_DESCRIPTION, SHOW_EPILOG)
+    show.add_argument("name", metavar="NAME", help="NAME or NAME:VERSION")
+    show.add_argument("--json", action="store_true", help="print a JSON object")
+    show.set_defaults(func=run_show)
+    rm = add("rm", "remove a model and its files", RM_DESCRIPTION, RM_EPILOG)
+    rm.add_argument("name", metavar="NAME", help="NAME or NAME:VERSION")
+    rm.set_defaults(func=run_rm)
+
+
+def _verified(model: ModelRecord) -> str:
+    return "[green]yes[/]" if model.verified else "[bold red]NO (quarantined)[/]"
+
+
+def run_list(args: argparse.Namespace) -> int:
+    models = list_models(args.store)
+    if args.json:
+        json.dump([m.to_json() for m in models], sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    console = Console()
+    if not models:
+        console.print(f"no models in {args.store}")
+        return 0
+    table = Table(title=f"models in {args.store}")
+    for column in ("name", "version", "size", "verified", "channel #seq", "imported (UTC)"):
+        table.add_column(column, no_wrap=True)
+    for m in models:
+        table.add_row(
+            m.name,
+            m.version,
+            human_bytes(m.size),
+            _verified(m),
+            f"{m.channel} #{m.sequence}",
+            (m.imported_at or "-")[:16].replace("T", " "),
+        )
+    console.print(table)
+    return 0
+
+
+def run_show(args: argparse.Namespace) -> int:
+    model = find_model(args.store, args.name)
+    if args.json:
+        json.dump(model.to_json(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    console = Console(highlight=False)
+    console.print(f"[bold]{model.name}[/] {model.version}  ({human_bytes(model.size)})")
+    console.print(f"  verified     {_verified(model)} (last verified {model.verified_at or '-'})")
+    console.print(f"  license      {model.license}")
+    console.print(
+        f"  bundle       channel {model.channel} #{model.sequence}, manifest {model.manifest_hash}"
+    )
+    console.print(f"  signers      {', '.join(model.signers) or '-'}")
+    console.print(f"  imported     {model.imported_at or '-'} (started {model.started_at})")
+    prov = model.provenance
+    console.print(f"  builder      {prov.get('builder', '-')}")
+    for source in prov.get("sources", []):
+        console.print(
+            f"  source       {source.get('path')}: {source.get('source')} "
+            f"sha256 {source.get('sha256')}"
+        )
+    for key, value in (model.gguf or {}).items():
+        console.print(f"  gguf {key:<18} {value}")
+    for f in model.files:
+        console.print(f"  file         {f.path}  {human_bytes(f.size)}  [{f.state}]")
+        console.print(f"               merkle {f.merkle_root}")
+        console.print(f"               blake3 {f.blake3 or '-'}")
+        where = f.quarantine_path if f.state == "quarantined" else f.location
+        console.print(f"               at {where or '-'}")
+    return 0
+
+
+def run_rm(args: argparse.Namespace) -> int:
+    with writer_lock(args.store, "models rm"), Store(args.store) as store:
+        model = store.remove_model(args.name)
+    Console(highlight=False).print(f"removed {model.ref} ({human_bytes(model.size)})")
+    return 0
