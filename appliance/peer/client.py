@@ -1,0 +1,232 @@
+"""Talking to one peer: bounded HTTP(S) requests whose answers are parsed as hostile.
+
+``PeerClient`` wraps an ``httpx.Client`` for one peer URL. Every request has a connect and a
+per-read timeout, and every body is read with a cap enforced while reading: a chunk is cut off
+at its declared length (a peer that streams forever gets no further), a JSON answer at
+``Limits.max_peer_json_bytes``, a manifest at ``Limits.max_manifest_bytes``. A chunk also has
+a deadline (``Timeouts.chunk_deadline``), so a peer that trickles a byte per read timeout is
+still given up on. Bodies are read raw (``identity``), never decompressed.
+
+Errors a caller acts on (the swarm scheduler in ``appliance.peer.pull``):
+
+- ``IntegrityError``: the peer sent bytes that do not hash to the digest asked for (it lies);
+- ``PeerProtocolError``: the answer breaks the protocol (too long, bad shape, bad status);
+- ``PeerError``: unreachable, refused the TLS handshake, timed out, or died mid-answer.
+
+``connect_policy`` decides plaintext vs mutual TLS once for a set of URLs: https needs a site
+TLS directory, http needs an explicit ``insecure``.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from appliance.errors import PeerError, PeerProtocolError, UsageError
+from appliance.format.signing import Signature
+from appliance.limits import DEFAULT_LIMITS, Limits
+from appliance.peer import protocol, tls
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float = 5.0
+    # Longest wait for the next bytes of an answer: a stalled peer is given up after this.
+    read: float = 15.0
+    # A chunk must arrive within max(chunk_deadline, length / min_rate) seconds.
+    chunk_deadline: float = 30.0
+    min_rate: float = 256 * 1024
+
+
+@dataclass(frozen=True)
+class ConnectPolicy:
+    """How this host talks to peers: mutual TLS with a site context, or explicit plaintext."""
+
+    ssl_context: ssl.SSLContext | None
+    insecure: bool
+
+    def check(self, url: str) -> str:
+        url = protocol.normalize_peer_url(url)
+        if url.startswith("http://") and not self.insecure:
+            raise UsageError(
+                f"{url} is plaintext; peers talk mutual TLS (https) unless --insecure is given"
+            )
+        if url.startswith("https://") and self.ssl_context is None:
+            raise UsageError(
+                f"{url} needs a site certificate: pass --tls-dir DIR "
+                "('appliance site enroll' makes one)"
+            )
+        return url
+
+
+def connect_policy(tls_dir: Path | None, insecure: bool) -> ConnectPolicy:
+    if tls_dir is None and not insecure:
+        raise UsageError(
+            "peers talk mutual TLS: pass --tls-dir DIR (made by 'appliance site enroll') "
+            "or --insecure for plaintext"
+        )
+    context = tls.client_context(tls_dir) if tls_dir is not None else None
+    return ConnectPolicy(context, insecure)
+
+
+class PeerClient:
+    """One peer. Thread-safe (httpx.Client is); close it when done."""
+
+    def __init__(
+        self,
+        url: str,
+        policy: ConnectPolicy,
+        *,
+        timeouts: Timeouts | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        max_connections: int = 4,
+    ) -> None:
+        self.url = policy.check(url)
+        self.timeouts = timeouts or Timeouts()
+        self.limits = limits
+        t = self.timeouts
+        self.http = httpx.Client(
+            base_url=self.url,
+            verify=policy.ssl_context if policy.ssl_context is not None else False,
+            timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.read, pool=t.read),
+            limits=httpx.Limits(max_connections=max_connections,
+                                max_keepalive_connections=max_connections),
+            headers={"accept-encoding": "identity"},
+            follow_redirects=False,
+            trust_env=False,
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> PeerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"PeerClient({self.url})"
+
+    def _get(self, path: str, cap: int, what: str, *, deadline: float | None = None
+             ) -> bytes | None:
+        """The body of a 200 answer (None for 404), read with ``cap`` enforced as it arrives."""
+        try:
+            with self.http.stream("GET", path) as response:
+                status = response.status_code
+                if status == 404:
+                    return None
+                if status == 503:
+                    raise PeerError(f"{self.url} is busy ({what}); try again later")
+                if status != 200:
+                    raise PeerProtocolError(f"{self.url} answered {status} for {what}")
+                declared = response.headers.get("content-length")
+                if declared is not None:
+                    if not declared.isdigit():
+                        raise PeerProtocolError(f"{self.url}: bad Content-Length for {what}")
+                    if int(declared) > cap:
+                        raise PeerProtocolError(
+                            f"{self.url} announces {declared} bytes for {what}, at most {cap} "
+                            "are allowed"
+                        )
+                buf = bytearray()
+                for piece in response.iter_raw():
+                    buf += piece
+                    if len(buf) > cap:
+                        raise PeerProtocolError(
+                            f"{self.url} sent more than the {cap} bytes allowed for {what}; "
+                            "cut off"
+                        )
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise PeerError(f"{self.url} is too slow sending {what}; gave up")
+                return bytes(buf)
+        except httpx.TimeoutException as e:
+            raise PeerError(f"{self.url} timed out ({what}): {type(e).__name__}") from e
+        except httpx.ConnectError as e:
+            if _is_tls_failure(e):
+                raise tls.describe_tls_failure(self.url, e) from e
+            raise PeerError(f"cannot connect to {self.url}: {e}") from e
+        except (httpx.HTTPError, ssl.SSLError, OSError) as e:
+            if _is_tls_failure(e):
+                raise tls.describe_tls_failure(self.url, e) from e
+            raise PeerError(f"{self.url} failed during {what}: {type(e).__name__}: {e}") from e
+
+    def _get_json(self, path: str, what: str) -> bytes:
+        body = self._get(path, self.limits.max_peer_json_bytes, what)
+        if body is None:
+            raise PeerProtocolError(f"{self.url} has no {what} (404)")
+        return body
+
+    # -- the protocol ---------------------------------------------------------------------
+
+    def info(self) -> protocol.PeerInfo:
+        return protocol.parse_info(self._get_json(protocol.info_path(), "info"), self.limits)
+
+    def manifests(self) -> list[protocol.ManifestSummary]:
+        body = self._get_json(protocol.manifests_path(), "manifest list")
+        return protocol.parse_manifests(body, self.limits)
+
+    def manifest_bytes(self, manifest_hash: str) -> bytes | None:
+        body = self._get(protocol.manifest_path(manifest_hash), self.limits.max_manifest_bytes,
+                         f"manifest {manifest_hash}")
+        if body is None:
+            return None
+        return protocol.check_manifest_body(body, manifest_hash, self.limits)
+
+    def signatures(self, manifest_hash: str) -> tuple[Signature, ...]:
+        body = self._get(protocol.signatures_path(manifest_hash),
+                         protocol.signatures_cap(self.limits), "signatures")
+        if body is None:
+            raise PeerProtocolError(f"{self.url} has no signatures for {manifest_hash}")
+        return protocol.parse_signatures(body, self.limits)
+
+    def trust_versions(self) -> list[int]:
+        return protocol.parse_trust(self._get_json(protocol.trust_path(), "trust list"),
+                                    self.limits)
+
+    def trust_root(self, version: int) -> bytes | None:
+        return self._get(protocol.trust_root_path(version), self.limits.max_trust_root_bytes,
+                         f"trust root v{version}")
+
+    def have(self, manifest_hash: str, count: int) -> list[bool] | None:
+        """The peer's have-map for the manifest, or None when it does not know the manifest."""
+        body = self._get(protocol.have_path(manifest_hash), self.limits.max_peer_json_bytes,
+                         "have-map")
+        if body is None:
+            return None
+        return protocol.parse_have(body, manifest_hash, count, self.limits)
+
+    def chunk(self, digest: str, length: int) -> bytes | None:
+        """The chunk's bytes, checked on arrival (IntegrityError); None if the peer lacks it."""
+        t = self.timeouts
+        deadline = time.monotonic() + max(t.chunk_deadline, length / t.min_rate)
+        body = self._get(protocol.chunk_path(digest), length, f"chunk {digest[:16]}",
+                         deadline=deadline)
+        if body is None:
+            return None
+        return protocol.check_chunk(body, digest, length, peer=self.url)
+
+
+def _is_tls_failure(e: BaseException) -> bool:
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return "SSL" in str(e) or "TLS" in str(e)
+
+
+def open_clients(urls: Sequence[str], policy: ConnectPolicy, **kwargs: object
+                 ) -> list[PeerClient]:
+    """One client per distinct URL (normalised), in the order given."""
+    seen: dict[str, PeerClient] = {}
+    for url in urls:
+        normal = policy.check(url)
+        if normal not in seen:
+            seen[normal] = PeerClient(normal, policy, **kwargs)  # type: ignore[arg-type]
+    return list(seen.values())

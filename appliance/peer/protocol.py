@@ -1,0 +1,403 @@
+"""The peer protocol: request paths, response shapes, and hostile-response parsing.
+
+Pure: bytes in, objects out; no sockets, no files, no clock. Every function that reads a peer's
+answer treats it as hostile: size cap first, then the protocol version, then each field, with
+unknown keys, duplicate keys, wrong types and lying counts refused as ``PeerProtocolError``.
+A chunk whose bytes do not hash to the digest asked for is an ``IntegrityError`` naming it.
+
+Endpoints (HTTP GET; docs/FORMAT.md, section "Peer protocol"):
+
+    /v1/info                         {"protocol": 1, "host": NAME}
+    /v1/manifests                    {"protocol": 1, "manifests": [SUMMARY...]}
+    /v1/manifests/<hash>             the signed manifest's exact bytes
+    /v1/manifests/<hash>/signatures  detached signatures, one ``appliance-sig-v1`` line each
+    /v1/trust                        {"protocol": 1, "versions": [1, 2, ...]}
+    /v1/trust/<version>              one trust-root file of the host's installed chain
+    /v1/have/<hash>                  {"protocol": 1, "manifest": HASH, "chunks": N,
+                                      "bitmap": BASE64}: bit i (most significant bit first)
+                                      set when the host holds unique chunk i of the manifest
+    /v1/chunks/<digest>              the chunk's plain bytes
+
+SUMMARY is {"hash", "channel", "sequence", "complete", "models": [{"name", "version"}...]}.
+Nothing a peer says is trusted: the manifest is authenticated against the puller's own trust
+root, and each chunk against the manifest's digest.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import blake3
+
+from appliance.errors import IntegrityError, PeerProtocolError, SignatureError, UsageError
+from appliance.format.signing import Signature
+from appliance.limits import DEFAULT_LIMITS, Limits
+
+PROTOCOL_VERSION = 1
+SERVICE_TYPE = "_appliance._tcp.local."
+DEFAULT_PORT = 8765
+_HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
+_HOST_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,252}\Z")
+_CHANNEL = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._+-]{0,255}\Z")
+_MAX_TEXT = 1024
+_MAX_TRUST_VERSIONS = 4096
+
+
+def is_digest(text: str) -> bool:
+    return bool(_HEX64.match(text))
+
+
+def info_path() -> str:
+    return "/v1/info"
+
+
+def manifests_path() -> str:
+    return "/v1/manifests"
+
+
+def manifest_path(manifest_hash: str) -> str:
+    return f"/v1/manifests/{_digest_arg(manifest_hash)}"
+
+
+def signatures_path(manifest_hash: str) -> str:
+    return f"/v1/manifests/{_digest_arg(manifest_hash)}/signatures"
+
+
+def trust_path() -> str:
+    return "/v1/trust"
+
+
+def trust_root_path(version: int) -> str:
+    return f"/v1/trust/{int(version)}"
+
+
+def have_path(manifest_hash: str) -> str:
+    return f"/v1/have/{_digest_arg(manifest_hash)}"
+
+
+def chunk_path(digest: str) -> str:
+    return f"/v1/chunks/{_digest_arg(digest)}"
+
+
+def _digest_arg(value: str) -> str:
+    if not is_digest(value):
+        raise UsageError(f"{value!r} is not a 64-character lowercase hex digest")
+    return value
+
+
+# --- peer addresses ---------------------------------------------------------------------------
+
+
+def normalize_peer_url(text: str) -> str:
+    """``http(s)://host:port`` with nothing else (no path, query, user); UsageError otherwise.
+
+    A bare ``host:port`` means https: plaintext is only ever chosen explicitly.
+    """
+    raw = text.strip()
+    if "://" not in raw:
+        raw = f"https://{raw}"
+    try:
+        parts = urlsplit(raw)
+        port = parts.port
+    except ValueError as e:
+        raise UsageError(f"peer address {text!r} is not a URL: {e}") from e
+    if parts.scheme not in ("http", "https"):
+        raise UsageError(f"peer address {text!r} must be http:// or https://")
+    if not parts.hostname or parts.username or parts.password:
+        raise UsageError(f"peer address {text!r} needs a host and no user name")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise UsageError(f"peer address {text!r} must not have a path or query")
+    host = parts.hostname
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}:{port or DEFAULT_PORT}"
+
+
+# --- JSON responses ---------------------------------------------------------------------------
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise PeerProtocolError(f"duplicate key {key!r} in a peer response")
+        out[key] = value
+    return out
+
+
+def parse_json(body: bytes, what: str, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
+    """A JSON object from a peer: size cap, UTF-8, no duplicate keys, protocol version 1."""
+    if len(body) > limits.max_peer_json_bytes:
+        raise PeerProtocolError(f"{what}: response is {len(body)} bytes, over the cap")
+    try:
+        value = json.loads(body.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise PeerProtocolError(f"{what}: response is not JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise PeerProtocolError(f"{what}: response is not a JSON object")
+    version = value.get("protocol")
+    if version != PROTOCOL_VERSION or isinstance(version, bool):
+        raise PeerProtocolError(f"{what}: peer speaks protocol {version!r}, not {PROTOCOL_VERSION}")
+    return value
+
+
+def encode_json(value: dict[str, Any]) -> bytes:
+    return json.dumps(
+        {"protocol": PROTOCOL_VERSION, **value}, sort_keys=True, separators=(",", ":")
+    ).encode("utf-8")
+
+
+def _exact_keys(value: Any, keys: set[str], what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise PeerProtocolError(f"{what}: expected an object")
+    if set(value) != keys:
+        extra = sorted(set(value) - keys)
+        missing = sorted(keys - set(value))
+        raise PeerProtocolError(f"{what}: unexpected keys {extra}, missing keys {missing}")
+    return value
+
+
+def _text(value: Any, what: str, pattern: re.Pattern[str] | None = None) -> str:
+    if not isinstance(value, str) or not value or len(value) > _MAX_TEXT:
+        raise PeerProtocolError(f"{what}: expected a short non-empty string")
+    if pattern is not None and not pattern.match(value):
+        raise PeerProtocolError(f"{what}: {value[:80]!r} has characters that are not allowed")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise PeerProtocolError(f"{what}: control characters are not allowed")
+    return value
+
+
+def _int(value: Any, what: str, low: int = 0, high: int = (1 << 63) - 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise PeerProtocolError(f"{what}: expected an integer in [{low}, {high}]")
+    return value
+
+
+def _hex64(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not is_digest(value):
+        raise PeerProtocolError(f"{what}: expected a 64-character lowercase hex digest")
+    return value
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    host: str
+
+
+def info_response(host: str) -> bytes:
+    return encode_json({"host": host})
+
+
+def parse_info(body: bytes, limits: Limits = DEFAULT_LIMITS) -> PeerInfo:
+    value = _exact_keys(parse_json(body, "info", limits), {"protocol", "host"}, "info")
+    return PeerInfo(_text(value["host"], "info host", _HOST_NAME))
+
+
+@dataclass(frozen=True)
+class ModelName:
+    name: str
+    version: str
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+@dataclass(frozen=True)
+class ManifestSummary:
+    """What a peer says it holds; a hint for choosing, never trusted for content."""
+
+    hash: str
+    channel: str
+    sequence: int
+    complete: bool
+    models: tuple[ModelName, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "hash": self.hash,
+            "channel": self.channel,
+            "sequence": self.sequence,
+            "complete": self.complete,
+            "models": [{"name": m.name, "version": m.version} for m in self.models],
+        }
+
+
+def manifests_response(summaries: Iterable[ManifestSummary]) -> bytes:
+    return encode_json({"manifests": [s.to_json() for s in summaries]})
+
+
+def parse_manifests(body: bytes, limits: Limits = DEFAULT_LIMITS) -> list[ManifestSummary]:
+    value = _exact_keys(
+        parse_json(body, "manifest list", limits), {"protocol", "manifests"}, "manifest list"
+    )
+    raw = value["manifests"]
+    if not isinstance(raw, list):
+        raise PeerProtocolError("manifest list: 'manifests' is not a list")
+    out: list[ManifestSummary] = []
+    seen: set[str] = set()
+    for i, item in enumerate(raw):
+        where = f"manifest list item {i}"
+        entry = _exact_keys(item, {"hash", "channel", "sequence", "complete", "models"}, where)
+        digest = _hex64(entry["hash"], f"{where} hash")
+        if digest in seen:
+            raise PeerProtocolError(f"{where}: manifest {digest} listed twice")
+        seen.add(digest)
+        if not isinstance(entry["complete"], bool):
+            raise PeerProtocolError(f"{where}: 'complete' is not a boolean")
+        models_raw = entry["models"]
+        if not isinstance(models_raw, list) or len(models_raw) > limits.max_models:
+            raise PeerProtocolError(f"{where}: 'models' is not a list of at most "
+                                    f"{limits.max_models} models")
+        models = []
+        for j, m in enumerate(models_raw):
+            mv = _exact_keys(m, {"name", "version"}, f"{where} model {j}")
+            models.append(ModelName(_text(mv["name"], f"{where} model {j} name"),
+                                    _text(mv["version"], f"{where} model {j} version")))
+        out.append(
+            ManifestSummary(
+                digest,
+                _text(entry["channel"], f"{where} channel", _CHANNEL),
+                _int(entry["sequence"], f"{where} sequence"),
+                entry["complete"],
+                tuple(models),
+            )
+        )
+    return out
+
+
+def trust_response(versions: Sequence[int]) -> bytes:
+    return encode_json({"versions": list(versions)})
+
+
+def parse_trust(body: bytes, limits: Limits = DEFAULT_LIMITS) -> list[int]:
+    value = _exact_keys(parse_json(body, "trust list", limits), {"protocol", "versions"},
+                        "trust list")
+    raw = value["versions"]
+    if not isinstance(raw, list) or len(raw) > min(limits.max_trust_chain_length,
+                                                   _MAX_TRUST_VERSIONS):
+        raise PeerProtocolError("trust list: 'versions' is not a list within the chain cap")
+    versions = [_int(v, "trust list version", 1) for v in raw]
+    if versions != sorted(set(versions)):
+        raise PeerProtocolError("trust list: versions are not strictly ascending")
+    return versions
+
+
+# --- have-maps --------------------------------------------------------------------------------
+
+
+def encode_bitmap(flags: Sequence[bool]) -> bytes:
+    out = bytearray((len(flags) + 7) // 8)
+    for i, held in enumerate(flags):
+        if held:
+            out[i >> 3] |= 0x80 >> (i & 7)
+    return bytes(out)
+
+
+def decode_bitmap(data: bytes, count: int) -> list[bool]:
+    """Bits MSB first; the length must be exact and the padding bits zero."""
+    if len(data) != (count + 7) // 8:
+        raise PeerProtocolError(
+            f"have-map is {len(data)} bytes, {(count + 7) // 8} expected for {count} chunks"
+        )
+    if count % 8 and data[-1] & (0xFF >> (count % 8)):
+        raise PeerProtocolError("have-map has bits set past its last chunk")
+    return [bool(data[i >> 3] & (0x80 >> (i & 7))) for i in range(count)]
+
+
+def have_response(manifest_hash: str, flags: Sequence[bool]) -> bytes:
+    return encode_json({
+        "manifest": manifest_hash,
+        "chunks": len(flags),
+        "bitmap": base64.b64encode(encode_bitmap(flags)).decode("ascii"),
+    })
+
+
+def parse_have(
+    body: bytes, manifest_hash: str, count: int, limits: Limits = DEFAULT_LIMITS
+) -> list[bool]:
+    """Which of the manifest's ``count`` unique chunks the peer says it holds."""
+    value = _exact_keys(
+        parse_json(body, "have-map", limits), {"protocol", "manifest", "chunks", "bitmap"},
+        "have-map",
+    )
+    if _hex64(value["manifest"], "have-map manifest") != manifest_hash:
+        raise PeerProtocolError(
+            f"have-map is for manifest {value['manifest']}, not {manifest_hash}"
+        )
+    if _int(value["chunks"], "have-map chunks") != count:
+        raise PeerProtocolError(
+            f"have-map counts {value['chunks']} chunks, the manifest has {count}"
+        )
+    encoded = value["bitmap"]
+    if not isinstance(encoded, str):
+        raise PeerProtocolError("have-map bitmap is not a string")
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise PeerProtocolError("have-map bitmap is not valid base64") from e
+    return decode_bitmap(data, count)
+
+
+# --- signed documents and chunks --------------------------------------------------------------
+
+
+def check_manifest_body(body: bytes, manifest_hash: str, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """The manifest bytes a peer sent: within the cap and hashing to the hash asked for."""
+    if len(body) > limits.max_manifest_bytes:
+        raise PeerProtocolError(f"manifest {manifest_hash} is over the cap")
+    actual = blake3.blake3(body).hexdigest()
+    if actual != manifest_hash:
+        raise PeerProtocolError(
+            f"peer sent manifest bytes hashing to {actual} when asked for {manifest_hash}"
+        )
+    return body
+
+
+def encode_signatures(signatures: Iterable[Signature | str]) -> bytes:
+    lines = []
+    for sig in signatures:
+        text = sig.to_bytes().decode("ascii") if isinstance(sig, Signature) else sig
+        lines.append(text.strip() + "\n")
+    return "".join(lines).encode("ascii")
+
+
+def signatures_cap(limits: Limits = DEFAULT_LIMITS) -> int:
+    return limits.max_signatures * (limits.max_signature_bytes + 1)
+
+
+def parse_signatures(body: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[Signature, ...]:
+    """Detached signature lines; malformed lines are a protocol error, duplicates dropped."""
+    if len(body) > signatures_cap(limits):
+        raise PeerProtocolError("signature list is over the cap")
+    lines = [line for line in body.split(b"\n") if line.strip()]
+    if len(lines) > limits.max_signatures:
+        raise PeerProtocolError(f"{len(lines)} signatures, over the cap of {limits.max_signatures}")
+    out: list[Signature] = []
+    for line in lines:
+        try:
+            sig = Signature.from_bytes(line, limits)
+        except SignatureError as e:
+            raise PeerProtocolError(f"signature list: {e}") from e
+        if sig not in out:
+            out.append(sig)
+    return tuple(out)
+
+
+def check_chunk(data: bytes, digest: str, length: int, *, peer: str | None = None) -> bytes:
+    """A chunk as received: exactly ``length`` bytes whose BLAKE3 is ``digest``."""
+    where = f" from {peer}" if peer else ""
+    if len(data) != length:
+        raise IntegrityError(
+            f"chunk{where} is {len(data)} bytes, the manifest says {length}", chunk=digest
+        )
+    if blake3.blake3(data).hexdigest() != digest:
+        raise IntegrityError(f"chunk bytes{where} differ from the signed manifest", chunk=digest)
+    return data

@@ -1,0 +1,436 @@
+"""Swarm pull: fetch models from LAN peers into the store, each chunk checked on arrival.
+
+``pull`` asks every peer what it holds, picks the newest manifest offering the models asked
+for, and authenticates it against THIS host's trust root before fetching a single chunk: the
+peer's trust chain is walked from the installed root, the publisher signatures over the exact
+manifest bytes must meet the threshold, then scope, expiry and the channel's rollback
+high-water mark are checked. A peer whose offer fails any of these is refused (and audited);
+the next offer is tried.
+
+The models are then written into the store exactly like an import (``appliance.store.store``:
+manifest and channel recorded, files staged and preallocated, chunks pwritten at their offsets
+and marked done after fsync, files published by rename only when complete). Chunks the store
+already holds are copied locally. The rest come from every peer whose have-map lists them, in
+parallel (``PullOptions.per_peer`` requests per peer on a thread pool), rarest first. A chunk
+whose bytes do not hash to the manifest's digest, or an answer that breaks the protocol, drops
+that peer for the rest of the pull and the chunk is fetched elsewhere; a peer that times out
+or dies is dropped after ``max_failures``. Have-maps are refreshed while chunks are missing,
+so a puller picks up what other pullers verified meanwhile (swarm). When no live peer holds
+what is left for ``wait_for_chunks`` seconds the pull stops with a ``PeerError``; everything
+written is durable and the next pull resumes from there.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from appliance.errors import (
+    ExpiredError,
+    IntegrityError,
+    PeerError,
+    PeerProtocolError,
+    RefusalError,
+    RollbackError,
+    UsageError,
+)
+from appliance.format.manifest import ChunkRef, Manifest
+from appliance.limits import MiB
+from appliance.peer.client import PeerClient
+from appliance.peer.offers import (
+    Authenticated,
+    Choice,
+    authenticate_offer,
+    choose_offers,
+    describe,
+    gather_offers,
+)
+from appliance.store import audit, layout, trust_state
+from appliance.store.staging import StagedFile
+from appliance.store.store import BundleOrigin, Store
+
+Progress = Callable[[int, int], None]
+Notify = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class PullOptions:
+    per_peer: int = 4  # chunk requests in flight per peer
+    workers: int = 16  # threads fetching chunks, across all peers
+    max_failures: int = 3  # timeouts or broken connections before a peer is dropped
+    refresh: float = 1.0  # seconds between have-map refreshes while chunks are missing
+    wait_for_chunks: float = 30.0  # give up when no live peer holds what is left this long
+    flush_bytes: int = 16 * MiB  # fsync + mark done at least this often (peers see it then)
+    allow_expired: bool = False
+    reason: str | None = None
+
+
+@dataclass
+class PullResult:
+    manifest_hash: str
+    channel: str
+    sequence: int
+    models: list[str]  # name:version of the models now in the store
+    present: list[str]  # of those, the ones that were already there
+    bytes_total: int = 0
+    bytes_fetched: int = 0
+    bytes_local: int = 0
+    by_peer: dict[str, int] = field(default_factory=dict)  # url -> verified bytes received
+    dropped: dict[str, str] = field(default_factory=dict)  # url -> why it was dropped
+
+
+@dataclass
+class _Peer:
+    client: PeerClient
+    have: set[str] = field(default_factory=set)
+    inflight: int = 0
+    failures: int = 0
+    dropped: str | None = None
+    bytes: int = 0
+
+    @property
+    def url(self) -> str:
+        return self.client.url
+
+
+def pull(
+    store_dir: Path,
+    clients: Sequence[PeerClient],
+    refs: Sequence[str] = (),
+    *,
+    all_models: bool = False,
+    options: PullOptions | None = None,
+    progress: Progress | None = None,
+    notify: Notify | None = None,
+    now: datetime | None = None,
+) -> list[PullResult]:
+    """Pull the models named by ``refs`` (NAME or NAME:VERSION), or every offered one."""
+    opts = options or PullOptions()
+    if not clients:
+        raise UsageError("no peers to pull from: give --from URL, list peers in the site "
+                         "config, or run peers that advertise themselves")
+    if not refs and not all_models:
+        raise UsageError("name the models to pull, or pass --all")
+    moment = now or datetime.now(UTC)
+    say = notify or (lambda _message: None)
+    offers, unreachable = gather_offers(clients)
+    for url, why in unreachable.items():
+        say(f"peer {url} did not answer: {why}")
+    if not offers:
+        raise PeerError(
+            "no peer answered: " + "; ".join(f"{u}: {w}" for u, w in unreachable.items())
+        )
+    results = []
+    refused: dict[str, str] = {}
+    for choice in choose_offers(offers, refs, all_models):
+        auth = _first_authentic(store_dir, choice, moment, opts, refused, say)
+        usable = [c for c in clients if c.url not in refused]
+        results.append(_pull_manifest(store_dir, auth, usable, opts, progress, say, moment))
+    for result in results:
+        for url, why in refused.items():
+            result.dropped.setdefault(url, why)
+    return results
+
+
+def _first_authentic(
+    store_dir: Path,
+    choice: Choice,
+    now: datetime,
+    opts: PullOptions,
+    refused: dict[str, str],
+    say: Notify,
+) -> Authenticated:
+    """The best offer that passes this host's checks; else the refusal of the best one.
+
+    A peer whose manifest fails a signature, trust or format check is lying or foreign and is
+    not used at all; one whose manifest is merely stale (rollback, expired) still serves chunks.
+    """
+    first_error: RefusalError | PeerError | None = None
+    for offer in choice.candidates:
+        url = offer.client.url
+        if url in refused:
+            continue
+        try:
+            return authenticate_offer(store_dir, offer, choice.refs, now,
+                                      allow_expired=opts.allow_expired)
+        except RefusalError as e:
+            say(f"refused manifest {offer.summary.hash[:16]} (#{offer.summary.sequence}) "
+                f"from {url}: {describe(e)}")
+            trust_state.audit_refusal(store_dir, "pull", e, peer=url,
+                                      manifest=offer.summary.hash)
+            if not isinstance(e, RollbackError | ExpiredError):
+                refused[url] = f"offered a manifest that was refused: {describe(e)}"
+            first_error = first_error or e
+        except PeerError as e:
+            say(f"peer {url} failed while sending manifest {offer.summary.hash[:16]}: {e}")
+            first_error = first_error or e
+    if first_error is None:
+        raise PeerError("every peer offering these models was refused earlier in this pull")
+    raise first_error
+
+
+def _pull_manifest(
+    store_dir: Path,
+    auth: Authenticated,
+    clients: Sequence[PeerClient],
+    opts: PullOptions,
+    progress: Progress | None,
+    say: Notify,
+    now: datetime,
+) -> PullResult:
+    manifest = auth.manifest
+    models = list(auth.models)
+    result = PullResult(auth.manifest_hash, manifest.channel, manifest.sequence,
+                        [f"{m.name}:{m.version}" for m in models], [])
+    with layout.writer_lock(store_dir, "peer pull"), Store(
+        store_dir, flush_bytes=opts.flush_bytes
+    ) as store:
+        plans = store.plan(models)
+        result.present = [f"{p.name}:{p.version}" for p in plans if p.action == "present"]
+        result.bytes_total = sum(p.size for p in plans)
+        layout.check_free_space(store_dir, sum(p.bytes_to_allocate for p in plans),
+                                f"pulling {', '.join(result.models)}")
+        origin = BundleOrigin(
+            manifest_hash=auth.manifest_hash,
+            channel=manifest.channel,
+            sequence=manifest.sequence,
+            manifest_bytes=auth.manifest_bytes,
+            signatures=tuple(s.to_bytes().decode("ascii").strip() for s in auth.signatures),
+            signers=tuple(sorted(auth.signers)),
+        )
+        if auth.newer_chain:
+            trust_state.update_root(store_dir, auth.newer_chain, now,
+                                    allow_expired=opts.allow_expired, reason=opts.reason)
+        with store.transaction() as conn:
+            store.add_manifest(origin, manifest.total_bytes, now)
+            trust_state.record_channel(store_dir, manifest.channel, manifest.sequence,
+                                       auth.manifest_hash, conn, now=now)
+            if auth.expired_override:
+                trust_state.audit_override(
+                    store_dir, subject=f"bundle {manifest.channel} #{manifest.sequence}",
+                    expires=manifest.expires, now=now, reason=opts.reason or "", conn=conn,
+                )
+        staged: list[StagedFile] = []
+        try:
+            for model in models:
+                model_id = store.begin_model(model, auth.manifest_hash, now)
+                if model_id is not None:
+                    staged += store.stage_files(model_id, now)
+            _fill(store, staged, manifest, clients, opts, result, progress, say)
+            for sf in staged:
+                sf.publish(now)
+        finally:
+            for sf in staged:
+                sf.close()
+        if _manifest_published(store, manifest):
+            store.finish_import(auth.manifest_hash, now)
+        with store.transaction() as conn:
+            audit.append(store_dir, "pull", {
+                "manifest": auth.manifest_hash,
+                "channel": manifest.channel,
+                "sequence": manifest.sequence,
+                "models": result.models,
+                "bytes_fetched": result.bytes_fetched,
+                "bytes_local": result.bytes_local,
+                "peers": result.by_peer,
+                "dropped": result.dropped,
+                "user": trust_state.who(),
+            }, conn=conn, now=now)
+    return result
+
+
+def _manifest_published(store: Store, manifest: Manifest) -> bool:
+    for model in manifest.models:
+        row = store.conn.execute(
+            "SELECT state FROM models WHERE name = ? AND version = ?", (model.name, model.version)
+        ).fetchone()
+        if row is None or row["state"] != "published":
+            return False
+    return True
+
+
+def _targets(staged: Sequence[StagedFile]) -> dict[str, list[tuple[StagedFile, int]]]:
+    need: dict[str, list[tuple[StagedFile, int]]] = {}
+    for sf in staged:
+        for chunk in sf.pending():
+            need.setdefault(chunk.digest, []).append((sf, chunk.idx))
+    return need
+
+
+def _fill(
+    store: Store,
+    staged: Sequence[StagedFile],
+    manifest: Manifest,
+    clients: Sequence[PeerClient],
+    opts: PullOptions,
+    result: PullResult,
+    progress: Progress | None,
+    say: Notify,
+) -> None:
+    """Write every pending chunk: local copies first, then the swarm."""
+    need = _targets(staged)
+    lengths = {c.digest: c.length for c in manifest.unique_chunks()}
+    total = result.bytes_total
+    done = total - sum(sf.chunk(i).length for t in need.values() for sf, i in t)
+
+    def report() -> None:
+        if progress is not None:
+            progress(done, total)
+
+    report()
+    for digest in list(need):
+        data = store.read_local_chunk(digest)
+        if data is None:
+            continue
+        for sf, idx in need.pop(digest):
+            sf.write_chunk(idx, data)
+            done += len(data)
+            result.bytes_local += len(data)
+        report()
+    if not need:
+        return
+
+    def land(digest: str, data: bytes) -> None:
+        nonlocal done
+        for sf, idx in need.pop(digest):
+            sf.write_chunk(idx, data)
+            done += len(data)
+        report()
+
+    _swarm(manifest, need, lengths, clients, opts, result, land, say)
+
+
+def _swarm(
+    manifest: Manifest,
+    need: dict[str, list[tuple[StagedFile, int]]],
+    lengths: dict[str, int],
+    clients: Sequence[PeerClient],
+    opts: PullOptions,
+    result: PullResult,
+    land: Callable[[str, bytes], None],
+    say: Notify,
+) -> None:
+    unique: list[ChunkRef] = manifest.unique_chunks()
+    manifest_hash = result.manifest_hash
+    peers = [_Peer(c) for c in clients]
+    pending = list(need)
+    random.shuffle(pending)
+    inflight: dict[Future[bytes | None], tuple[str, _Peer]] = {}
+    executor = ThreadPoolExecutor(max_workers=max(1, opts.workers),
+                                  thread_name_prefix="peer-pull")
+
+    def drop(peer: _Peer, why: str) -> None:
+        if peer.dropped is None:
+            peer.dropped = why
+            result.dropped[peer.url] = why
+            say(f"dropped peer {peer.url} for this pull: {why}")
+
+    def refresh() -> None:
+        live = [p for p in peers if p.dropped is None]
+        futures = {executor.submit(p.client.have, manifest_hash, len(unique)): p for p in live}
+        for fut, peer in futures.items():
+            try:
+                flags = fut.result()
+            except (PeerProtocolError, IntegrityError) as e:
+                drop(peer, f"bad have-map: {e}")
+                continue
+            except PeerError as e:
+                peer.failures += 1
+                if peer.failures >= opts.max_failures:
+                    drop(peer, str(e))
+                continue
+            peer.have = set() if flags is None else {
+                c.digest for c, held in zip(unique, flags, strict=True) if held
+            }
+        # Rarest first: chunks few peers hold go out before they become a bottleneck.
+        holders = {d: sum(d in p.have for p in peers if p.dropped is None) for d in pending}
+        pending.sort(key=lambda d: holders[d])
+
+    def dispatch() -> None:
+        busy = {d for d, _ in inflight.values()}
+        for peer in sorted((p for p in peers if p.dropped is None), key=lambda p: p.inflight):
+            i = 0
+            while peer.inflight < opts.per_peer and i < len(pending):
+                digest = pending[i]
+                if digest in peer.have and digest not in busy:
+                    pending.pop(i)
+                    busy.add(digest)
+                    peer.inflight += 1
+                    fut = executor.submit(peer.client.chunk, digest, lengths[digest])
+                    inflight[fut] = (digest, peer)
+                else:
+                    i += 1
+
+    try:
+        refresh()
+        last_refresh = time.monotonic()
+        starved_since: float | None = None
+        while pending or inflight:
+            dispatch()
+            if not inflight:
+                live = [p for p in peers if p.dropped is None]
+                if not live:
+                    raise PeerError(_stopped("every peer was dropped", result, need))
+                moment = time.monotonic()
+                starved_since = starved_since or moment
+                if moment - starved_since > opts.wait_for_chunks:
+                    raise PeerError(_stopped(
+                        f"no live peer has held the {len(pending)} remaining chunk(s) for "
+                        f"{opts.wait_for_chunks:.0f} s", result, need))
+                time.sleep(opts.refresh)
+                refresh()
+                last_refresh = time.monotonic()
+                continue
+            starved_since = None
+            finished, _ = wait(list(inflight), timeout=opts.refresh, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                digest, peer = inflight.pop(fut)
+                peer.inflight -= 1
+                try:
+                    data = fut.result()
+                except (IntegrityError, PeerProtocolError) as e:
+                    drop(peer, f"{type(e).__name__}: {e}")
+                    pending.insert(0, digest)
+                    continue
+                except PeerError as e:
+                    peer.failures += 1
+                    if peer.failures >= opts.max_failures:
+                        drop(peer, f"{opts.max_failures} failures, the last: {e}")
+                    else:
+                        peer.have.discard(digest)  # try it elsewhere first
+                    pending.insert(0, digest)
+                    continue
+                if data is None:
+                    peer.have.discard(digest)
+                    pending.insert(0, digest)
+                    continue
+                peer.failures = 0
+                peer.bytes += len(data)
+                result.by_peer[peer.url] = peer.bytes
+                result.bytes_fetched += len(data)
+                land(digest, data)
+            stale = time.monotonic() - last_refresh > opts.refresh
+            if stale and any(
+                not any(d in p.have for p in peers if p.dropped is None) for d in pending
+            ):
+                refresh()
+                last_refresh = time.monotonic()
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _stopped(why: str, result: PullResult, need: dict[str, list[tuple[StagedFile, int]]]
+             ) -> str:
+    missing = sum(sf.chunk(idx).length for targets in need.values() for sf, idx in targets)
+    dropped = "; ".join(f"{u}: {w}" for u, w in result.dropped.items())
+    return (
+        f"pull of {', '.join(result.models)} stopped: {why}. {missing} of {result.bytes_total} "
+        f"bytes are still missing; what arrived is verified and kept, so running the same "
+        f"pull again resumes"
+        + (f" (dropped peers: {dropped})" if dropped else "")
+    )

@@ -1,0 +1,423 @@
+"""The peer server: serves this host's signed manifests, its have-maps and chunks by digest.
+
+``StoreSource`` reads the store (it never writes): the signed manifests the store recorded at
+import or pull time, the installed trust chain, and every chunk the store holds verified and
+durable, in published files and in the staged files of imports and pulls still running, so a
+host re-serves chunks while its own pull goes on (swarm). Each chunk is re-hashed before it is
+sent; a store that rotted since never passes bad bytes on.
+
+``create_app`` builds the Starlette app (protocol in ``appliance.peer.protocol``);
+``PeerServer`` runs it with uvicorn on a socket it binds itself (port 0 works), in a thread or
+in the foreground, with mutual TLS from ``appliance.peer.tls`` unless told it is insecure.
+
+Limits: uvicorn refuses connections past ``max_connections`` with 503; at most
+``max_chunk_streams`` chunk bodies are in flight (each holds one chunk in memory); a reader
+that does not take a piece of a body within ``send_timeout`` seconds is disconnected, so a slow
+or stalled reader cannot pin a slot; an optional ``rate_limit`` (bytes/s) caps the total
+upload rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sqlite3
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from appliance.errors import ApplianceError, PeerError, UsageError
+from appliance.format.manifest import Manifest, parse_manifest
+from appliance.limits import DEFAULT_LIMITS, Limits
+from appliance.peer import protocol, tls
+from appliance.store import trust_state
+from appliance.store.store import Store
+
+PIECE_BYTES = 256 * 1024
+DEFAULT_SEND_TIMEOUT = 30.0
+DEFAULT_MAX_CONNECTIONS = 128
+DEFAULT_MAX_CHUNK_STREAMS = 32
+_MANIFEST_CACHE = 16
+
+
+class StoreSource:
+    """What a host offers its peers, read from its store (thread-safe: one Store per thread)."""
+
+    def __init__(self, store_dir: Path, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.store_dir = store_dir
+        self.limits = limits
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._parsed: OrderedDict[str, Manifest] = OrderedDict()
+
+    def _store(self) -> Store:
+        store: Store | None = getattr(self._local, "store", None)
+        if store is None:
+            store = Store(self.store_dir)
+            self._local.store = store
+        return store
+
+    def _parsed_manifest(self, manifest_hash: str, body: bytes) -> Manifest:
+        with self._lock:
+            cached = self._parsed.get(manifest_hash)
+            if cached is not None:
+                self._parsed.move_to_end(manifest_hash)
+                return cached
+        manifest = parse_manifest(body, self.limits)
+        with self._lock:
+            self._parsed[manifest_hash] = manifest
+            while len(self._parsed) > _MANIFEST_CACHE:
+                self._parsed.popitem(last=False)
+        return manifest
+
+    def summaries(self) -> list[protocol.ManifestSummary]:
+        """Manifests of models this host holds or is importing, newest sequence first."""
+        rows = offered_manifests(self._store().conn)
+        out = []
+        for manifest_hash, channel, sequence, complete in rows:
+            signed = self._store().manifest(manifest_hash)
+            if signed is None:
+                continue
+            try:
+                manifest = self._parsed_manifest(manifest_hash, signed[0])
+            except ApplianceError:
+                continue  # the store authenticated it once; if it no longer parses, skip it
+            models = tuple(protocol.ModelName(m.name, m.version) for m in manifest.models)
+            out.append(protocol.ManifestSummary(manifest_hash, channel, sequence, complete,
+                                                models))
+        return out
+
+    def manifest(self, manifest_hash: str) -> tuple[bytes, tuple[str, ...]] | None:
+        return self._store().manifest(manifest_hash)
+
+    def trust_versions(self) -> list[int]:
+        return [s.root.version for s in trust_state.installed_chain(self.store_dir,
+                                                                    self._store().conn)]
+
+    def trust_root(self, version: int) -> bytes | None:
+        for signed in trust_state.installed_chain(self.store_dir, self._store().conn):
+            if signed.root.version == version:
+                return signed.to_bytes()
+        return None
+
+    def have(self, manifest_hash: str) -> list[bool] | None:
+        signed = self._store().manifest(manifest_hash)
+        if signed is None:
+            return None
+        manifest = self._parsed_manifest(manifest_hash, signed[0])
+        held = self._store().held_digests()
+        return [c.digest in held for c in manifest.unique_chunks()]
+
+    def chunk(self, digest: str) -> bytes | None:
+        return self._store().read_local_chunk(digest)
+
+
+def offered_manifests(conn: sqlite3.Connection) -> list[tuple[str, str, int, bool]]:
+    """(hash, channel, sequence, complete) of manifests a model in the store still refers to,
+    or whose import is under way. Read-only; the store owns these tables."""
+    rows = conn.execute(
+        """SELECT mf.hash, mf.channel, mf.sequence,
+                  COALESCE((SELECT i.state FROM imports i WHERE i.manifest = mf.hash), '')
+                    AS import_state,
+                  (SELECT COUNT(*) FROM models m WHERE m.manifest = mf.hash
+                     AND m.state != 'published') AS unpublished
+           FROM manifests mf
+           WHERE mf.hash IN (SELECT manifest FROM models)
+              OR mf.hash IN (SELECT manifest FROM imports WHERE state = 'partial')
+           ORDER BY mf.sequence DESC, mf.hash"""
+    ).fetchall()
+    return [
+        (r["hash"], r["channel"], int(r["sequence"]),
+         r["import_state"] != "partial" and int(r["unpublished"]) == 0)
+        for r in rows
+    ]
+
+
+class RateLimiter:
+    """A token bucket shared by every response (bytes per second, one second of burst)."""
+
+    def __init__(self, bytes_per_second: float) -> None:
+        if bytes_per_second <= 0:
+            raise UsageError("the rate limit must be positive")
+        self.rate = float(bytes_per_second)
+        self.tokens = self.rate
+        self.stamp = time.monotonic()
+        self.lock = asyncio.Lock()
+
+    async def take(self, n: int) -> None:
+        async with self.lock:
+            now = time.monotonic()
+            self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+            self.tokens -= n
+            deficit = -self.tokens
+        if deficit > 0:
+            await asyncio.sleep(deficit / self.rate)
+
+
+class ChunkResponse:
+    """Sends a body in pieces; each send must finish within ``send_timeout`` or the
+    connection is dropped, so a stalled reader frees its slot."""
+
+    def __init__(
+        self,
+        data: bytes,
+        *,
+        send_timeout: float,
+        limiter: RateLimiter | None,
+        release: Callable[[], None],
+    ) -> None:
+        self.data = data
+        self.send_timeout = send_timeout
+        self.limiter = limiter
+        self.release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        view = memoryview(self.data)
+        try:
+            await asyncio.wait_for(send({
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"application/octet-stream"),
+                    (b"content-length", str(len(self.data)).encode("ascii")),
+                ],
+            }), self.send_timeout)
+            for start in range(0, max(len(view), 1), PIECE_BYTES):
+                piece = view[start:start + PIECE_BYTES]
+                if self.limiter is not None:
+                    await self.limiter.take(len(piece))
+                more = start + PIECE_BYTES < len(view)
+                await asyncio.wait_for(
+                    send({"type": "http.response.body", "body": bytes(piece), "more_body": more}),
+                    self.send_timeout,
+                )
+        finally:
+            self.release()
+
+
+def _error(status: int, message: str) -> Response:
+    return Response(
+        protocol.encode_json({"error": message}), status_code=status,
+        media_type="application/json",
+    )
+
+
+def _json(body: bytes) -> Response:
+    return Response(body, media_type="application/json")
+
+
+def create_app(
+    source: StoreSource,
+    *,
+    host_name: str,
+    send_timeout: float = DEFAULT_SEND_TIMEOUT,
+    max_chunk_streams: int = DEFAULT_MAX_CHUNK_STREAMS,
+    rate_limit: float | None = None,
+    stream_wait: float = 10.0,
+) -> Starlette:
+    """The peer protocol as a Starlette app over ``source``."""
+    limiter = RateLimiter(rate_limit) if rate_limit else None
+    streams = threading.BoundedSemaphore(max_chunk_streams)
+
+    async def info(request: Request) -> Response:
+        return _json(protocol.info_response(host_name))
+
+    async def manifests(request: Request) -> Response:
+        summaries = await run_in_threadpool(source.summaries)
+        return _json(protocol.manifests_response(summaries))
+
+    def _digest(request: Request, key: str) -> str | None:
+        value = str(request.path_params[key])
+        return value if protocol.is_digest(value) else None
+
+    async def manifest(request: Request) -> Response:
+        digest = _digest(request, "hash")
+        found = await run_in_threadpool(source.manifest, digest) if digest else None
+        if found is None:
+            return _error(404, "no such manifest")
+        return Response(found[0], media_type="application/yaml")
+
+    async def signatures(request: Request) -> Response:
+        digest = _digest(request, "hash")
+        found = await run_in_threadpool(source.manifest, digest) if digest else None
+        if found is None:
+            return _error(404, "no such manifest")
+        return Response(protocol.encode_signatures(found[1]), media_type="text/plain")
+
+    async def trust(request: Request) -> Response:
+        return _json(protocol.trust_response(await run_in_threadpool(source.trust_versions)))
+
+    async def trust_root(request: Request) -> Response:
+        body = await run_in_threadpool(source.trust_root, int(request.path_params["version"]))
+        if body is None:
+            return _error(404, "no such trust root version")
+        return Response(body, media_type="application/yaml")
+
+    async def have(request: Request) -> Response:
+        digest = _digest(request, "hash")
+        flags = await run_in_threadpool(source.have, digest) if digest else None
+        if flags is None or digest is None:
+            return _error(404, "no such manifest")
+        return _json(protocol.have_response(digest, flags))
+
+    async def chunk(request: Request) -> Any:
+        digest = _digest(request, "digest")
+        if digest is None:
+            return _error(400, "not a chunk digest")
+        acquired = await run_in_threadpool(streams.acquire, True, stream_wait)
+        if not acquired:
+            return _error(503, "too many chunk transfers in flight; retry")
+        try:
+            data = await run_in_threadpool(source.chunk, digest)
+        except BaseException:
+            streams.release()
+            raise
+        if data is None:
+            streams.release()
+            return _error(404, "no verified copy of this chunk here")
+        return ChunkResponse(data, send_timeout=send_timeout, limiter=limiter,
+                             release=streams.release)
+
+    return Starlette(routes=[
+        Route(protocol.info_path(), info),
+        Route(protocol.manifests_path(), manifests),
+        Route("/v1/manifests/{hash}", manifest),
+        Route("/v1/manifests/{hash}/signatures", signatures),
+        Route(protocol.trust_path(), trust),
+        Route("/v1/trust/{version:int}", trust_root),
+        Route("/v1/have/{hash}", have),
+        Route("/v1/chunks/{digest}", chunk),
+    ])
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT``."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise UsageError(f"--listen {text!r} must be HOST:PORT")
+    return host.strip("[]"), int(port_text)
+
+
+@dataclass
+class ServerOptions:
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    keep_alive: int = 5
+    graceful_shutdown: float = 2.0
+
+
+class PeerServer:
+    """Runs an ASGI app with uvicorn on a socket bound here; ``url`` is known after bind."""
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls_dir: Path | None = None,
+        insecure: bool = False,
+        options: ServerOptions | None = None,
+    ) -> None:
+        if tls_dir is None and not insecure:
+            raise UsageError("a peer server needs --tls-dir DIR (site certificate) or --insecure")
+        self.options = options or ServerOptions()
+        self.ssl_context = tls.server_context(tls_dir) if tls_dir is not None else None
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.sock.bind((host, port))
+            self.sock.listen(512)
+        except OSError as e:
+            self.sock.close()
+            raise PeerError(f"cannot listen on {host}:{port}: {e}") from e
+        self.host = host
+        self.port = int(self.sock.getsockname()[1])
+        ssl_context = self.ssl_context
+        config = uvicorn.Config(
+            app,
+            log_config=None,
+            access_log=False,
+            log_level="warning",
+            lifespan="off",
+            limit_concurrency=self.options.max_connections,
+            timeout_keep_alive=self.options.keep_alive,
+            timeout_graceful_shutdown=int(self.options.graceful_shutdown) or 1,
+            ssl_context_factory=(lambda _config, _default: ssl_context) if ssl_context else None,
+        )
+        self.server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.ssl_context is not None else "http"
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+    def serve_forever(self) -> None:
+        """Serve in this thread until SIGINT/SIGTERM (uvicorn's handlers) or ``stop()``."""
+        try:
+            self.server.run(sockets=[self.sock])
+        finally:
+            self.sock.close()
+
+    def start(self, timeout: float = 10.0) -> PeerServer:
+        """Serve in a background thread; returns once it accepts connections."""
+        self._thread = threading.Thread(target=self.serve_forever, name=f"peer-{self.port}",
+                                        daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise PeerError(f"the peer server on {self.url} did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                self.server.force_exit = True
+                self._thread.join(timeout)
+
+    def __enter__(self) -> PeerServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve_store(
+    store_dir: Path,
+    *,
+    host: str,
+    port: int,
+    tls_dir: Path | None,
+    insecure: bool,
+    host_name: str | None = None,
+    rate_limit: float | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    options: ServerOptions | None = None,
+) -> PeerServer:
+    """A PeerServer over this host's store (not started)."""
+    name = host_name or socket.gethostname()
+    app = create_app(StoreSource(store_dir, limits), host_name=name, rate_limit=rate_limit)
+    return PeerServer(app, host=host, port=port, tls_dir=tls_dir, insecure=insecure,
+                      options=options)
