@@ -1,0 +1,513 @@
+"""Build a signed bundle from a recipe onto media, and co-sign an existing bundle.
+
+``build_bundle`` reads every source file once, front to back: each planned chunk
+(``appliance.chunker.plan_spans``) is hashed (BLAKE3) and compressed (zstd) in a thread pool
+while the main thread reads ahead and keeps the upstream sha256; results are consumed in
+order, so packs are written sequentially and each distinct chunk is stored once per bundle.
+At most a few chunks are in flight, so memory stays flat whatever the model size.
+
+Crash safety: everything is written into a hidden staging directory inside ``--out`` and
+moved into place only at the end; each volume's signatures and then ``manifest.yaml`` are
+written last, so a failed or interrupted build never leaves a volume that looks complete
+(readers require ``manifest.yaml``). Nothing is written outside ``--out``.
+
+Public API: ``build_bundle(recipe_path, keys, out_dir, *, trust_chain, volume_size,
+pack_size, progress) -> BuildResult`` and ``add_signature(media_dir, key) -> Signature``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import blake3
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from appliance import __version__
+from appliance.bundle.media import (
+    COMPRESSION_LEVEL,
+    INDEX_NAME,
+    MANIFEST_NAME,
+    SIGNATURE_SUFFIX,
+    SIGNATURES_DIR,
+    TRUST_DIR,
+    PackWriter,
+    VolumeIndex,
+    compress_chunk,
+    encode_index,
+    fsync_dir,
+    read_capped,
+    root_file_name,
+    volume_name,
+    write_file_atomic,
+)
+from appliance.bundle.reader import find_volume_dirs
+from appliance.bundle.recipe import Recipe, load_recipe
+from appliance.bundle.sources import ResolvedSource, resolve_source
+from appliance.chunker import Span, plan_spans
+from appliance.errors import (
+    FormatError,
+    MediaError,
+    RecipeError,
+    TruncatedError,
+    UsageError,
+)
+from appliance.format.manifest import (
+    FORMAT_VERSION,
+    ChunkRef,
+    FileEntry,
+    GgufInfo,
+    Manifest,
+    ModelEntry,
+    Provenance,
+    SourceRecord,
+    manifest_bytes,
+    manifest_hash,
+    parse_manifest,
+)
+from appliance.format.merkle import merkle_root
+from appliance.format.signing import DOMAIN_MANIFEST, Signature, key_id, public_bytes, sign
+from appliance.format.trust import SignedRoot, parse_signed_root
+from appliance.gguf_layout import is_gguf, read_gguf_facts
+from appliance.limits import (
+    DEFAULT_LIMITS,
+    DEFAULT_PACK_BYTES,
+    MAX_CHUNK_BYTES,
+    TARGET_CHUNK_BYTES,
+    Limits,
+    MiB,
+)
+
+Progress = Callable[[int, int], None]
+STAGING_PREFIX = ".appliance-build-"
+# Room kept free on each volume for files other than packs. Removable media round every file
+# up to a cluster (FAT32/exFAT: up to 128 KiB), and co-signers add signature files later.
+_CLUSTER = 128 * 1024
+_SIGNATURE_SLOTS = 32
+_MANIFEST_BYTES_PER_CHUNK = 90
+_INDEX_BYTES_PER_CHUNK = 49
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    out_dir: Path
+    volumes: tuple[Path, ...]
+    manifest: Manifest
+    manifest_hash: str
+    signers: tuple[str, ...]
+    total_bytes: int  # plain bytes of every file
+    unique_bytes: int  # plain bytes of the distinct chunks
+    stored_bytes: int  # bytes written into packs
+    chunk_count: int
+    unique_chunk_count: int
+    seconds: float
+
+
+@dataclass
+class _PlannedFile:
+    source: ResolvedSource
+    spans: list[Span]
+    size: int
+    gguf: GgufInfo | None
+
+
+@dataclass
+class _Volume:
+    number: int
+    path: Path
+    writer: PackWriter
+    first_ordinal: int
+    entries: int = 0
+
+
+@dataclass
+class _State:
+    out_dir: Path
+    staging: Path
+    created_out: bool
+    moved: list[Path] = field(default_factory=list)
+    volumes: list[_Volume] = field(default_factory=list)
+
+
+def _load_chain(paths: Sequence[Path], limits: Limits) -> list[tuple[SignedRoot, bytes]]:
+    chain: dict[int, tuple[SignedRoot, bytes]] = {}
+    for path in paths:
+        if not path.is_file():
+            raise UsageError(f"trust root {path} does not exist")
+        data = read_capped(path, limits.max_trust_root_bytes, f"trust root {path}")
+        try:
+            signed = parse_signed_root(data, limits)
+        except FormatError as e:
+            raise UsageError(f"{path} is not a trust root file: {e}") from e
+        version = signed.root.version
+        if version in chain and chain[version][1] != data:
+            raise UsageError(f"two different trust roots v{version} given")
+        chain[version] = (signed, data)
+    versions = sorted(chain)
+    if versions and versions != list(range(versions[0], versions[-1] + 1)):
+        raise UsageError(f"the trust roots to carry have a gap: versions {versions}")
+    return [chain[v] for v in versions]
+
+
+def _check_keys_against_root(keys: Sequence[Ed25519PrivateKey],
+                             chain: Sequence[tuple[SignedRoot, bytes]]) -> None:
+    if not chain:
+        return
+    newest = chain[-1][0].root
+    for key in keys:
+        kid = key_id(public_bytes(key))
+        if kid not in newest.publisher_role.key_ids:
+            raise UsageError(
+                f"key {kid} is not a publisher key of trust root v{newest.version} (the "
+                "newest root carried), so sites could not count its signature"
+            )
+
+
+def _gguf_info(path: Path, limits: Limits) -> GgufInfo | None:
+    if not is_gguf(path):
+        return None
+    facts = read_gguf_facts(path, limits=limits)
+    return GgufInfo(
+        architecture=facts.architecture, quantization=facts.quantization,
+        parameter_count=facts.parameter_count, context_length=facts.context_length,
+        tensor_count=facts.tensor_count, chat_template_hash=facts.chat_template_hash,
+    )
+
+
+def _plan(recipe: Recipe, limits: Limits) -> list[list[_PlannedFile]]:
+    planned = []
+    for model in recipe.models:
+        files = []
+        for spec in model.files:
+            source = resolve_source(spec)
+            try:
+                size = source.local_path.stat().st_size
+            except OSError as e:
+                raise RecipeError(f"cannot read {source.local_path}: {e}") from e
+            if size > limits.max_file_bytes:
+                raise RecipeError(f"{source.local_path} is over the file size cap")
+            spans = plan_spans(source.local_path, target=TARGET_CHUNK_BYTES,
+                               maximum=MAX_CHUNK_BYTES, limits=limits)
+            if len(spans) > limits.max_chunks_per_file:
+                raise RecipeError(f"{source.local_path} needs {len(spans)} chunks, over the cap")
+            files.append(_PlannedFile(source, spans, size, _gguf_info(source.local_path,
+                                                                       limits)))
+        planned.append(files)
+    return planned
+
+
+def _volume_reserve(planned: list[list[_PlannedFile]], chain_bytes: int, keys: int,
+                    pack_size: int, volume_size: int) -> int:
+    chunks = sum(len(f.spans) for files in planned for f in files)
+    files = sum(len(files) for files in planned)
+    manifest = 64 * 1024 + files * 4096 + chunks * _MANIFEST_BYTES_PER_CHUNK
+    index = 4096 + chunks * _INDEX_BYTES_PER_CHUNK
+    small_files = 4 + max(keys, _SIGNATURE_SLOTS) + len(planned) + volume_size // pack_size
+    return manifest + index + chain_bytes + small_files * _CLUSTER + 1 * MiB
+
+
+def _prepare_out(out_dir: Path) -> tuple[bool, Path]:
+    created = False
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise UsageError(f"--out {out_dir} exists and is not a directory")
+        for entry in out_dir.iterdir():
+            if entry.name.startswith(STAGING_PREFIX):  # left by an interrupted build of ours
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                raise UsageError(f"--out {out_dir} is not empty; give a new or empty directory")
+    else:
+        try:
+            out_dir.mkdir(parents=False)
+        except FileNotFoundError as e:
+            raise UsageError(f"the parent of --out {out_dir} does not exist") from e
+        except OSError as e:
+            raise MediaError(f"cannot create {out_dir}: {e}") from e
+        created = True
+    staging = out_dir / f"{STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()
+    return created, staging
+
+
+def _digest_and_compress(data: bytes, level: int, known: set[bytes]
+                         ) -> tuple[bytes, bytes, bool]:
+    digest = blake3.blake3(data).digest()
+    if digest in known:  # a chunk already stored: skip compressing it again
+        return digest, b"", False
+    stored, compressed = compress_chunk(data, level)
+    return digest, stored, compressed
+
+
+def build_bundle(
+    recipe_path: Path,
+    keys: Sequence[Ed25519PrivateKey],
+    out_dir: Path,
+    *,
+    trust_chain: Sequence[Path] = (),
+    volume_size: int | None = None,
+    pack_size: int = DEFAULT_PACK_BYTES,
+    progress: Progress | None = None,
+    now: datetime | None = None,
+    workers: int | None = None,
+    compression_level: int = COMPRESSION_LEVEL,
+    limits: Limits = DEFAULT_LIMITS,
+) -> BuildResult:
+    """Build the bundle described by ``recipe_path`` into ``out_dir``, signed by ``keys``.
+
+    ``trust_chain``: trust root files to carry (plus the recipe's ``trust:``), so sites can
+    walk from their installed root to the signers. ``volume_size``: split into
+    ``out_dir/vol-NNN`` volumes of at most this many bytes each (else one volume in
+    ``out_dir``). ``pack_size``: the largest pack file. ``progress(done, total)`` gets plain
+    bytes read. Raises UsageError, RecipeError, MediaError; never leaves a complete-looking
+    half bundle.
+    """
+    started = time.perf_counter()
+    if not keys:
+        raise UsageError("a bundle needs at least one signing key (--key)")
+    if not MAX_CHUNK_BYTES <= pack_size <= limits.max_pack_bytes:
+        raise UsageError(
+            f"pack size must be between {MAX_CHUNK_BYTES} and {limits.max_pack_bytes} bytes "
+            "(FAT32 cannot hold 4 GiB files)"
+        )
+    recipe = load_recipe(recipe_path, limits)
+    chain = _load_chain([*recipe.trust, *trust_chain], limits)
+    _check_keys_against_root(keys, chain)
+    planned = _plan(recipe, limits)
+    total = sum(f.size for files in planned for f in files)
+    if total == 0:
+        raise RecipeError("every file in the recipe is empty")
+    budget = None
+    if volume_size is not None:
+        reserve = _volume_reserve(planned, sum(len(b) for _, b in chain), len(keys),
+                                  pack_size, volume_size)
+        budget = volume_size - reserve
+        largest = max(s.length for files in planned for f in files for s in f.spans)
+        if budget < largest:
+            raise UsageError(
+                f"--volume-size {volume_size} is too small for this bundle: it needs at "
+                f"least {reserve + largest} bytes per volume"
+            )
+    moment = (now or datetime.now(UTC)).replace(microsecond=0)
+    created_out, staging = _prepare_out(out_dir)
+    state = _State(out_dir=out_dir, staging=staging, created_out=created_out)
+    try:
+        models, counts = _write_packs(recipe, planned, state, pack_size, budget, total,
+                                      progress, workers, compression_level)
+        manifest = Manifest(
+            format_version=FORMAT_VERSION, channel=recipe.channel, sequence=recipe.sequence,
+            created=moment, expires=moment + timedelta(days=recipe.expires_days),
+            models=tuple(models),
+        )
+        data = manifest_bytes(manifest)
+        try:
+            parse_manifest(data, limits)
+        except FormatError as e:
+            raise RecipeError(f"the bundle would not be readable: {e}") from e
+        signatures = [sign(k, DOMAIN_MANIFEST, data) for k in keys]
+        final = _finish(state, data, signatures, chain, counts["unique"],
+                        split=volume_size is not None)
+    except BaseException:
+        _cleanup(state)
+        raise
+    return BuildResult(
+        out_dir=out_dir, volumes=tuple(final), manifest=manifest,
+        manifest_hash=manifest_hash(data),
+        signers=tuple(dict.fromkeys(s.key_id for s in signatures)), total_bytes=total,
+        unique_bytes=counts["unique_bytes"], stored_bytes=counts["stored"],
+        chunk_count=counts["chunks"], unique_chunk_count=counts["unique"],
+        seconds=time.perf_counter() - started,
+    )
+
+
+class _Packer:
+    """Consumes (span, digest, stored) results in file order: dedup, volumes, packs."""
+
+    def __init__(self, state: _State, pack_size: int, budget: int | None, total: int,
+                 progress: Progress | None) -> None:
+        self.state, self.pack_size, self.budget = state, pack_size, budget
+        self.total, self.progress = total, progress
+        self.known: set[bytes] = set()
+        self.counts = {"chunks": 0, "unique": 0, "unique_bytes": 0, "stored": 0}
+        self.done = 0
+        self.volume = self._new_volume()
+
+    def _new_volume(self) -> _Volume:
+        number = len(self.state.volumes) + 1
+        path = self.state.staging / volume_name(number)
+        path.mkdir()
+        volume = _Volume(number, path, PackWriter(path, self.pack_size),
+                         first_ordinal=len(self.known))
+        self.state.volumes.append(volume)
+        return volume
+
+    def consume(self, span: Span, result: tuple[bytes, bytes, bool], chunks: list[ChunkRef]
+                ) -> None:
+        digest, stored, compressed = result
+        chunks.append(ChunkRef(digest.hex(), span.length, span.offset))
+        self.counts["chunks"] += 1
+        # A worker returns no bytes only for a digest already in ``known``: a duplicate.
+        if digest not in self.known:
+            volume = self.volume
+            if (self.budget is not None and volume.entries
+                    and volume.writer.bytes_written + len(stored) > self.budget):
+                volume.writer.close()
+                volume = self.volume = self._new_volume()
+            volume.writer.append(digest, stored, compressed)
+            volume.entries += 1
+            self.known.add(digest)
+            self.counts["unique"] += 1
+            self.counts["unique_bytes"] += span.length
+            self.counts["stored"] += len(stored)
+        self.done += span.length
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
+def _write_packs(recipe: Recipe, planned: list[list[_PlannedFile]], state: _State,
+                 pack_size: int, budget: int | None, total: int, progress: Progress | None,
+                 workers: int | None, level: int) -> tuple[list[ModelEntry], dict[str, int]]:
+    workers = workers or max(2, os.cpu_count() or 2)
+    in_flight = 2 * workers
+    packer = _Packer(state, pack_size, budget, total, progress)
+    models: list[ModelEntry] = []
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bundle-build") as pool:
+        for spec, files in zip(recipe.models, planned, strict=True):
+            entries: list[FileEntry] = []
+            sources: list[SourceRecord] = []
+            for planned_file in files:
+                chunks: list[ChunkRef] = []
+                pending: deque[tuple[Span, Future[tuple[bytes, bytes, bool]]]] = deque()
+                sha = hashlib.sha256()
+                path = planned_file.source.local_path
+                try:
+                    handle = path.open("rb")
+                except OSError as e:
+                    raise RecipeError(f"cannot read {path}: {e}") from e
+                with handle:
+                    for span in planned_file.spans:
+                        data = handle.read(span.length)
+                        if len(data) != span.length:
+                            raise TruncatedError(f"{path} shrank while it was being read",
+                                                 file=str(path), offset=span.offset)
+                        sha.update(data)
+                        pending.append((span, pool.submit(_digest_and_compress, data, level,
+                                                          packer.known)))
+                        while len(pending) > in_flight:
+                            span_done, future = pending.popleft()
+                            packer.consume(span_done, future.result(), chunks)
+                    if handle.read(1):
+                        raise RecipeError(f"{path} grew while it was being read")
+                while pending:
+                    span_done, future = pending.popleft()
+                    packer.consume(span_done, future.result(), chunks)
+                root = merkle_root([bytes.fromhex(c.digest) for c in chunks]).hex()
+                dest = planned_file.source.dest
+                entries.append(FileEntry(dest, planned_file.size, root, tuple(chunks)))
+                sources.append(SourceRecord(dest, planned_file.source.label, sha.hexdigest()))
+            gguf = next((f.gguf for f in files if f.gguf is not None), None)
+            models.append(ModelEntry(
+                name=spec.name, version=spec.version, license=spec.license,
+                provenance=Provenance(builder=f"appliance {__version__}",
+                                      sources=tuple(sources)),
+                gguf=gguf, files=tuple(entries),
+            ))
+    packer.volume.writer.close()
+    return models, packer.counts
+
+
+def _finish(state: _State, data: bytes, signatures: Sequence[Signature],
+            chain: Sequence[tuple[SignedRoot, bytes]], total_unique: int, *,
+            split: bool) -> list[Path]:
+    """Indexes and trust chain into staging, move into place, then signatures, manifest."""
+    digest = blake3.blake3(data).digest()
+    starts = tuple(v.first_ordinal for v in state.volumes)
+    for volume in state.volumes:
+        index = VolumeIndex(
+            volume=volume.number, volume_count=len(state.volumes), total_chunks=total_unique,
+            manifest_hash=digest, volume_starts=starts,
+            pack_sizes=tuple(volume.writer.pack_sizes), entries=tuple(volume.writer.entries),
+        )
+        write_file_atomic(volume.path / INDEX_NAME, encode_index(index))
+        trust_dir = volume.path / TRUST_DIR
+        trust_dir.mkdir()
+        for signed, raw in chain:
+            write_file_atomic(trust_dir / root_file_name(signed.root.version), raw)
+        (volume.path / SIGNATURES_DIR).mkdir()
+        fsync_dir(volume.path)
+    finals: list[Path] = []
+    for volume in state.volumes:
+        if split:
+            target = state.out_dir / volume_name(volume.number)
+            os.rename(volume.path, target)
+            state.moved.append(target)
+        else:
+            target = state.out_dir
+            for child in sorted(volume.path.iterdir()):
+                os.rename(child, target / child.name)
+                state.moved.append(target / child.name)
+        finals.append(target)
+    fsync_dir(state.out_dir)
+    for target in finals:
+        for sig in signatures:
+            write_file_atomic(target / SIGNATURES_DIR / f"{sig.key_id}{SIGNATURE_SUFFIX}",
+                              sig.to_bytes())
+        fsync_dir(target / SIGNATURES_DIR)
+    # The manifest goes last: until it exists, no reader treats a volume as a bundle.
+    for target in finals:
+        write_file_atomic(target / MANIFEST_NAME, data)
+        state.moved.append(target / MANIFEST_NAME)
+        fsync_dir(target)
+    shutil.rmtree(state.staging, ignore_errors=True)
+    return finals
+
+
+def _cleanup(state: _State) -> None:
+    for volume in state.volumes:
+        volume.writer.abort()
+    for path in reversed(state.moved):
+        with contextlib.suppress(OSError):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    shutil.rmtree(state.staging, ignore_errors=True)
+    if state.created_out:
+        with contextlib.suppress(OSError):
+            state.out_dir.rmdir()
+
+
+def add_signature(media_dir: Path, key: Ed25519PrivateKey,
+                  limits: Limits = DEFAULT_LIMITS) -> Signature:
+    """Co-sign a bundle: every volume under ``media_dir`` gets ``signatures/<key_id>.sig``.
+
+    The manifest is parsed first (a signer should never sign what it cannot read) and must
+    be byte-identical on every volume.
+    """
+    dirs = find_volume_dirs([media_dir])
+    manifests = {read_capped(d / MANIFEST_NAME, limits.max_manifest_bytes, f"manifest of {d}")
+                 for d in dirs}
+    if len(manifests) != 1:
+        raise FormatError(f"the volumes under {media_dir} carry different manifests")
+    data = manifests.pop()
+    parse_manifest(data, limits)
+    signature = sign(key, DOMAIN_MANIFEST, data)
+    for d in dirs:
+        sig_dir = d / SIGNATURES_DIR
+        try:
+            sig_dir.mkdir(exist_ok=True)
+            write_file_atomic(sig_dir / f"{signature.key_id}{SIGNATURE_SUFFIX}",
+                              signature.to_bytes())
+            fsync_dir(sig_dir)
+        except OSError as e:
+            raise MediaError(f"cannot write a signature into {sig_dir}: {e}") from e
+    return signature

@@ -1,0 +1,267 @@
+"""Bundle recipes: the YAML a builder writes to say what goes into a bundle.
+
+A recipe (see bundles/README.md for the full schema)::
+
+    channel: site-models
+    sequence: 1
+    expires_days: 365
+    trust: [../keys/root-1.yaml]        # optional: trust roots to carry, oldest first
+    models:
+      - name: gemma3-270m
+        version: q4_k_m
+        license: gemma
+        files:
+          - path: models/gemma-3-270m-q4_k_m.gguf     # or  hf: {repo: ..., file: ...}
+            dest: gemma-3-270m-q4_k_m.gguf            # optional name in the bundle
+          - default: gemma3-270m                      # the embedded default model
+
+Relative paths are relative to the recipe's directory. Recipes are read with the hostile-YAML
+loader (size cap, no aliases); every problem is a ``RecipeError`` naming the field.
+
+Public API: ``load_recipe(path) -> Recipe``, ``parse_recipe(data, base_dir) -> Recipe``,
+``parse_size(text) -> int``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from appliance.errors import FormatError, RecipeError, UsageError
+from appliance.format import yamlsafe
+from appliance.format.manifest import (
+    MAX_SEQUENCE,
+    check_path,
+    check_unique_paths,
+)
+from appliance.limits import DEFAULT_LIMITS, Limits
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*", re.IGNORECASE)
+_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+MAX_EXPIRES_DAYS = 36500
+SOURCE_KINDS = ("path", "hf", "default")
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``123``, ``700M``, ``4G``, ``4GB`` (powers of 1000, as media are sold) or
+    ``4GiB``, ``512KiB`` (powers of 1024). ``UsageError`` when it is not a positive size."""
+    if isinstance(text, bool):
+        raise UsageError(f"not a size: {text!r}")
+    if isinstance(text, int):
+        if text <= 0:
+            raise UsageError(f"size must be positive, got {text}")
+        return text
+    match = _SIZE.fullmatch(text)
+    if not match or (match.group(3) and not match.group(2)):
+        raise UsageError(f"not a size: {text!r} (try 700M, 4G, 4GiB or a byte count)")
+    number, unit, binary, _ = match.groups()
+    base = 1024 if binary else 1000
+    value = float(number) * base ** _POWERS[unit.lower()]
+    if value < 1 or value != value or value > 1 << 62:
+        raise UsageError(f"size out of range: {text!r}")
+    if "." in number and unit == "":
+        raise UsageError(f"a byte count must be whole: {text!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """One file of a model. ``kind`` is ``path``, ``hf`` or ``default``.
+
+    ``path``: ``location`` is the local path (absolute after loading). ``hf``: ``repo``,
+    ``location`` (file in the repo), ``revision``. ``default``: ``location`` names the
+    embedded model. ``dest`` is the file's path inside the bundle.
+    """
+
+    kind: str
+    location: str
+    dest: str
+    repo: str | None = None
+    revision: str | None = None
+    written: str = ""  # the value as the recipe wrote it, for provenance
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    version: str
+    license: str
+    files: tuple[FileSpec, ...]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    path: Path | None
+    channel: str
+    sequence: int
+    expires_days: int
+    models: tuple[ModelSpec, ...]
+    trust: tuple[Path, ...]  # root files to carry, as written (resolved against the recipe)
+    description: str | None = None
+
+
+def load_recipe(path: Path, limits: Limits = DEFAULT_LIMITS) -> Recipe:
+    """Read and check a recipe file. Missing file: ``UsageError``; bad content: ``RecipeError``."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(limits.max_recipe_bytes + 1)
+    except FileNotFoundError as e:
+        raise UsageError(f"recipe {path} does not exist") from e
+    except OSError as e:
+        raise UsageError(f"cannot read recipe {path}: {e}") from e
+    recipe = parse_recipe(data, path.resolve().parent, limits, what=f"recipe {path}")
+    return Recipe(path=path, channel=recipe.channel, sequence=recipe.sequence,
+                  expires_days=recipe.expires_days, models=recipe.models, trust=recipe.trust,
+                  description=recipe.description)
+
+
+def parse_recipe(data: bytes, base_dir: Path, limits: Limits = DEFAULT_LIMITS, *,
+                 what: str = "recipe") -> Recipe:
+    try:
+        root = yamlsafe.load(data, max_bytes=limits.max_recipe_bytes,
+                             max_depth=limits.max_yaml_depth, what=what)
+    except FormatError as e:
+        raise RecipeError(str(e)) from e
+    top = _mapping(root, what)
+    _keys(top, {"channel", "sequence", "models"}, {"expires_days", "trust", "description"}, what)
+    channel = _name(top["channel"], f"{what}: channel", allow_slash=False)
+    sequence = _int(top["sequence"], f"{what}: sequence", 1, MAX_SEQUENCE)
+    expires_days = _int(top.get("expires_days", 365), f"{what}: expires_days", 1,
+                        MAX_EXPIRES_DAYS)
+    description = top.get("description")
+    if description is not None and not isinstance(description, str):
+        raise RecipeError(f"{what}: description must be a string")
+    trust_raw = top.get("trust", [])
+    if isinstance(trust_raw, str):
+        trust_raw = [trust_raw]
+    if not isinstance(trust_raw, list) or not all(isinstance(t, str) and t for t in trust_raw):
+        raise RecipeError(f"{what}: trust must be a list of root file paths")
+    trust = tuple(_local_path(t, base_dir) for t in trust_raw)
+    models_raw = top["models"]
+    if not isinstance(models_raw, list) or not models_raw:
+        raise RecipeError(f"{what}: models must be a non-empty list")
+    if len(models_raw) > limits.max_models:
+        raise RecipeError(f"{what}: more than {limits.max_models} models")
+    models = tuple(_model(m, f"{what}: models[{i}]", base_dir, limits)
+                   for i, m in enumerate(models_raw))
+    seen: set[tuple[str, str]] = set()
+    for model in models:
+        if (model.name, model.version) in seen:
+            raise RecipeError(f"{what}: model {model.name} {model.version} appears twice")
+        seen.add((model.name, model.version))
+    return Recipe(path=None, channel=channel, sequence=sequence, expires_days=expires_days,
+                  models=models, trust=trust, description=description)
+
+
+def _model(raw: object, where: str, base_dir: Path, limits: Limits) -> ModelSpec:
+    m = _mapping(raw, where)
+    _keys(m, {"name", "version", "files"}, {"license"}, where)
+    name = _name(m["name"], f"{where}.name", allow_slash=True)
+    where = f"model {name}"
+    version = _name(m["version"], f"{where}: version", allow_slash=False)
+    license_ = m.get("license", "unspecified")
+    if not isinstance(license_, str) or not license_.strip():
+        raise RecipeError(f"{where}: license must be a non-empty string")
+    files_raw = m["files"]
+    if not isinstance(files_raw, list) or not files_raw:
+        raise RecipeError(f"{where}: files must be a non-empty list")
+    if len(files_raw) > limits.max_files_per_model:
+        raise RecipeError(f"{where}: more than {limits.max_files_per_model} files")
+    files = tuple(_file(f, f"{where}: files[{i}]", base_dir, limits)
+                  for i, f in enumerate(files_raw))
+    try:
+        check_unique_paths([f.dest for f in files], where)
+    except FormatError as e:
+        raise RecipeError(f"{e} (set dest: to tell them apart)") from e
+    return ModelSpec(name=name, version=version, license=license_, files=files)
+
+
+def _file(raw: object, where: str, base_dir: Path, limits: Limits) -> FileSpec:
+    m = _mapping(raw, where)
+    kinds = [k for k in SOURCE_KINDS if k in m]
+    if len(kinds) != 1:
+        raise RecipeError(f"{where}: give exactly one of path:, hf:, default:")
+    kind = kinds[0]
+    _keys(m, {kind}, {"dest"}, where)
+    value = m[kind]
+    repo = revision = None
+    if kind == "path":
+        if not isinstance(value, str) or not value:
+            raise RecipeError(f"{where}: path must be a non-empty string")
+        location = str(_local_path(value, base_dir))
+        default_dest = PurePosixPath(value.replace("\\", "/")).name
+    elif kind == "hf":
+        repo, location, revision = _hf(value, where)
+        default_dest = PurePosixPath(location).name
+    else:
+        if not isinstance(value, str) or not value:
+            raise RecipeError(f"{where}: default must name the embedded model")
+        location = value
+        default_dest = ""  # known only once the embedded model is located
+    dest = m.get("dest", default_dest)
+    if dest:
+        try:
+            check_path(dest, where, limits)
+        except FormatError as e:
+            raise RecipeError(f"{where}: bad dest: {e}") from e
+    return FileSpec(kind=kind, location=location, dest=dest, repo=repo, revision=revision,
+                    written=value if isinstance(value, str) else "")
+
+
+def _hf(value: object, where: str) -> tuple[str, str, str | None]:
+    """``{repo: org/name, file: x.gguf, revision: main}`` or the shorthand ``org/name/x.gguf``."""
+    if isinstance(value, str):
+        parts = value.split("/")
+        if len(parts) < 3 or not all(parts):
+            raise RecipeError(f"{where}: hf: shorthand is ORG/REPO/FILE")
+        return "/".join(parts[:2]), "/".join(parts[2:]), None
+    m = _mapping(value, f"{where} hf")
+    _keys(m, {"repo", "file"}, {"revision"}, f"{where} hf")
+    repo, file, revision = m["repo"], m["file"], m.get("revision")
+    if not isinstance(repo, str) or repo.count("/") != 1 or not all(repo.split("/")):
+        raise RecipeError(f"{where}: hf repo must look like ORG/NAME")
+    if not isinstance(file, str) or not file or file.startswith("/") or ".." in file.split("/"):
+        raise RecipeError(f"{where}: hf file must be a path inside the repo")
+    if revision is not None and (not isinstance(revision, str) or not revision):
+        raise RecipeError(f"{where}: hf revision must be a string")
+    return repo, file, revision
+
+
+def _local_path(text: str, base_dir: Path) -> Path:
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else base_dir / path
+
+
+def _name(value: object, where: str, *, allow_slash: bool) -> str:
+    segment = r"[A-Za-z0-9][A-Za-z0-9._+-]*"
+    pattern = rf"{segment}(?:/{segment})*" if allow_slash else segment
+    if not isinstance(value, str) or not re.fullmatch(pattern, value) or len(value) > 200:
+        raise RecipeError(
+            f"{where}: {value!r} must be letters, digits, '.', '_', '+', '-'"
+            + (" (segments joined by '/')" if allow_slash else "")
+            + ", starting with a letter or digit"
+        )
+    return value
+
+
+def _int(value: object, where: str, minimum: int, maximum: int) -> int:
+    if type(value) is not int or not minimum <= value <= maximum:
+        raise RecipeError(f"{where}: expected a whole number from {minimum} to {maximum}")
+    return value
+
+
+def _mapping(value: object, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise RecipeError(f"{where}: expected a mapping")
+    return value
+
+
+def _keys(m: dict[str, Any], required: set[str], optional: set[str], where: str) -> None:
+    unknown = set(m) - required - optional
+    if unknown:
+        raise RecipeError(f"{where}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
+    missing = required - set(m)
+    if missing:
+        raise RecipeError(f"{where}: missing field(s) {', '.join(sorted(missing))}")
