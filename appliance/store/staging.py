@@ -185,10 +185,17 @@ class StagedFile:
             ) from e
         self._fd = fd
 
-    def write_chunk(self, idx: int, data: bytes) -> None:
-        """Check the chunk against the manifest's hash and pwrite it at its offset."""
+    def write_chunk(self, idx: int, data: bytes, *, checked: bool = False) -> None:
+        """Check the chunk against the manifest's hash and pwrite it at its offset.
+
+        ``checked=True`` skips the hash when the caller has just verified ``data`` against
+        this chunk's digest (the bundle reader and ``Store.read_local_chunk`` do); the length
+        is always checked.
+        """
         chunk = self._chunks[idx]
-        if len(data) != chunk.length or blake3.blake3(data).hexdigest() != chunk.digest:
+        if len(data) != chunk.length or (
+            not checked and blake3.blake3(data).hexdigest() != chunk.digest
+        ):
             raise IntegrityError(
                 "chunk bytes differ from the signed manifest", chunk=chunk.digest, file=self.label
             )

@@ -1,0 +1,238 @@
+"""Importing bundles: authentication first, any volume order, resume, local dedup, audit."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from bundle_helpers import (
+    NOW,
+    build,
+    flip_byte,
+    make_sources,
+    rewrite_manifest,
+    write_recipe,
+)
+from importer_helpers import check_consistent, tree_digest, trusting_store
+
+from appliance.errors import (
+    ExpiredError,
+    IntegrityError,
+    MissingVolumeError,
+    NoTrustRootError,
+    RollbackError,
+    SignatureError,
+    StoreError,
+    ThresholdError,
+    UsageError,
+)
+from appliance.importer import import_media
+from appliance.store import audit
+from appliance.store.records import get_model, list_models
+from appliance.store.scrub import verify_store
+
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One bundle split over two volumes: weights (16 MiB), notes, in acme/tiny:q4_k_m."""
+    base = tmp_path_factory.mktemp("bundle")
+    make_sources(base, random_mib=16)
+    build(base, volume_size=14 * MIB)
+    return base
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    return trusting_store(tmp_path / "store")
+
+
+def kinds(store: Path) -> list[str]:
+    return [r.kind for r in audit.records(store)]
+
+
+def test_import_publishes_verified_files_and_never_touches_media(bundle: Path, store: Path) -> None:
+    before = tree_digest(bundle / "media")
+    result = import_media(store, [bundle / "media"], now=NOW)
+    assert tree_digest(bundle / "media") == before
+    assert result.complete and result.published == ("acme/tiny:q4_k_m",)
+    assert result.volumes_used == ("vol-001", "vol-002")
+    assert result.media_bytes == result.total_bytes and result.local_bytes == 0
+    model = get_model(store, "acme/tiny")
+    for f in model.files:
+        assert f.location.read_bytes() == (bundle / "models" / f.path).read_bytes()
+    assert model.channel == "site-models" and model.sequence == 1 and model.signers
+    assert kinds(store) == ["trust-install", "import"]
+    assert audit.verify(store) == 2
+    assert verify_store(store).ok
+    check_consistent(store)
+
+
+def test_volumes_one_at_a_time_last_first(bundle: Path, store: Path) -> None:
+    volumes = sorted((bundle / "media").glob("vol-*"))
+    assert len(volumes) == 2
+    first = import_media(store, [volumes[1]], now=NOW)
+    assert not first.complete and first.pending == ("acme/tiny:q4_k_m",)
+    assert first.volumes_needed == ("vol-001",) and first.media_bytes > 0
+    assert list_models(store) == []  # nothing half-written is listed
+    check_consistent(store)
+    second = import_media(store, [volumes[1], volumes[0]], now=NOW)
+    assert second.complete and second.already_done_bytes == first.media_bytes
+    assert first.media_bytes + second.media_bytes == second.total_bytes
+    assert [m.ref for m in list_models(store)] == ["acme/tiny:q4_k_m"]
+    assert get_model(store, "acme/tiny").verified
+    check_consistent(store)
+
+
+def test_importing_again_reads_nothing(bundle: Path, store: Path) -> None:
+    import_media(store, [bundle / "media"], now=NOW)
+    again = import_media(store, [bundle / "media"], now=NOW)
+    assert again.complete and again.present == ("acme/tiny:q4_k_m",)
+    assert again.media_bytes == 0 and again.published == ()
+
+
+def test_chunks_held_by_another_model_are_copied_locally(
+    bundle: Path, store: Path, tmp_path: Path
+) -> None:
+    import_media(store, [bundle / "media"], now=NOW)
+    base = tmp_path / "second"
+    shutil.copytree(bundle / "models", base / "models")
+    recipe = write_recipe(base, name="acme/tiny-copy", sequence=2)
+    build(base, recipe=recipe)
+    result = import_media(store, [base / "media"], now=NOW)
+    assert result.complete and result.media_bytes == 0
+    assert result.local_bytes == result.total_bytes
+    copy = get_model(store, "acme/tiny-copy")
+    assert copy.path.read_bytes() == get_model(store, "acme/tiny").path.read_bytes()
+
+
+def test_older_sequence_is_refused_and_audited(bundle: Path, store: Path, tmp_path: Path) -> None:
+    base = tmp_path / "newer"
+    make_sources(base, random_mib=1)
+    build(base, recipe=write_recipe(base, sequence=5))
+    import_media(store, [base / "media"], now=NOW)
+    with pytest.raises(RollbackError, match="older"):
+        import_media(store, [bundle / "media"], now=NOW)
+    assert kinds(store)[-1] == "refusal"
+    assert [m.sequence for m in list_models(store)] == [5]
+
+
+def test_same_sequence_with_other_bytes_is_refused(
+    bundle: Path, store: Path, tmp_path: Path
+) -> None:
+    import_media(store, [bundle / "media"], now=NOW)
+    base = tmp_path / "other"
+    make_sources(base, random_mib=1)
+    build(base, recipe=write_recipe(base, name="acme/other", sequence=1))
+    with pytest.raises(RollbackError, match="another manifest"):
+        import_media(store, [base / "media"], now=NOW)
+    assert [m.name for m in list_models(store)] == ["acme/tiny"]
+
+
+def test_expired_bundle_needs_an_audited_override(bundle: Path, store: Path) -> None:
+    later = NOW + timedelta(days=31)
+    with pytest.raises(ExpiredError):
+        import_media(store, [bundle / "media"], now=later)
+    assert kinds(store)[-1] == "refusal"
+    with pytest.raises(UsageError, match="--reason"):
+        import_media(store, [bundle / "media"], now=later, allow_expired=True)
+    result = import_media(
+        store, [bundle / "media"], now=later, allow_expired=True, reason="clock is right, ok"
+    )
+    assert result.complete and result.expired_override
+    override = [r for r in audit.records(store) if r.kind == "override"]
+    assert len(override) == 1 and override[0].details["reason"] == "clock is right, ok"
+    assert audit.verify(store) == len(kinds(store))
+
+
+def test_store_without_a_trust_root_refuses(bundle: Path, tmp_path: Path) -> None:
+    with pytest.raises(NoTrustRootError):
+        import_media(tmp_path / "bare", [bundle / "media"], now=NOW)
+
+
+def copy_media(bundle: Path, tmp_path: Path) -> Path:
+    media = tmp_path / "media"
+    shutil.copytree(bundle / "media", media)
+    return media
+
+
+def assert_nothing_stored(store: Path) -> None:
+    assert list_models(store, include_importing=True) == []
+    assert list((store / "staging").iterdir()) == []
+    assert list((store / "models").iterdir()) == []
+
+
+def test_tampered_manifest_is_refused_before_any_byte(
+    bundle: Path, store: Path, tmp_path: Path
+) -> None:
+    media = copy_media(bundle, tmp_path)
+    for volume in media.glob("vol-*"):
+        flip_byte(volume / "manifest.yaml", 40)
+    with pytest.raises(SignatureError):
+        import_media(store, [media], now=NOW)
+    assert_nothing_stored(store)
+    assert kinds(store)[-1] == "refusal"
+
+
+def test_bundle_signed_by_an_unknown_key_is_refused(
+    bundle: Path, store: Path, tmp_path: Path
+) -> None:
+    media = copy_media(bundle, tmp_path)
+    data = (media / "vol-001" / "manifest.yaml").read_bytes()
+    rewrite_manifest(media, data, signers=("stranger",))
+    with pytest.raises(ThresholdError):
+        import_media(store, [media], now=NOW)
+    assert_nothing_stored(store)
+
+
+def test_flipped_chunk_is_refused_and_the_import_resumes_from_good_media(
+    bundle: Path, store: Path, tmp_path: Path
+) -> None:
+    media = copy_media(bundle, tmp_path)
+    pack = sorted((media / "vol-002" / "packs").iterdir())[0]
+    flip_byte(pack, 1000)
+    with pytest.raises(IntegrityError) as info:
+        import_media(store, [media], now=NOW)
+    assert info.value.volume == "vol-002"
+    assert list_models(store) == []
+    assert kinds(store)[-1] == "refusal"
+    check_consistent(store)
+    result = import_media(store, [bundle / "media"], now=NOW)
+    assert result.complete and result.already_done_bytes > 0
+    assert verify_store(store).ok
+
+
+def test_volume_pulled_mid_import_is_resumable(bundle: Path, store: Path, tmp_path: Path) -> None:
+    media = copy_media(bundle, tmp_path)
+    volume = media / "vol-002"
+    pulled = tmp_path / "pulled"
+
+    def pull(done: int, total: int) -> None:
+        if done > 0 and volume.exists():
+            volume.rename(pulled)
+
+    with pytest.raises(MissingVolumeError, match="vol-002"):
+        import_media(store, [media], now=NOW, progress=pull)
+    check_consistent(store)
+    assert list_models(store) == []
+    pulled.rename(volume)
+    seen: list[tuple[int, int]] = []
+    result = import_media(store, [media], now=NOW, progress=lambda d, t: seen.append((d, t)))
+    assert result.complete and result.already_done_bytes > 0
+    assert seen[0][0] == result.already_done_bytes and seen[-1] == (result.total_bytes,) * 2
+    assert verify_store(store).ok
+
+
+def test_conflicting_model_is_refused_before_anything_changes(
+    bundle: Path, store: Path, tmp_path: Path
+) -> None:
+    import_media(store, [bundle / "media"], now=NOW)
+    base = tmp_path / "changed"
+    make_sources(base, random_mib=2)
+    build(base, recipe=write_recipe(base, sequence=2))
+    with pytest.raises(StoreError, match="models rm"):
+        import_media(store, [base / "media"], now=NOW)
+    assert list((store / "staging").iterdir()) == []
