@@ -116,7 +116,7 @@ def test_custom_alignment(tmp_path: Path) -> None:
 
 def test_quantization_guessed_from_tensor_types_without_file_type(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
-    tensors = [
+    tensors: list[tuple[str, np.ndarray]] = [
         ("big", rng.standard_normal((64, 64)).astype(np.float16)),
         ("small", rng.standard_normal((4, 8), dtype=np.float32)),
         ("norm", rng.standard_normal(64, dtype=np.float32)),
