@@ -22,11 +22,14 @@ from appliance.paths import STORE_ENV, default_store
 COMMAND_MODULES = (
     "appliance.cli.keys",
     "appliance.cli.trust",
+    "appliance.cli.importing",
     "appliance.cli.models",
     "appliance.cli.store",
     "appliance.cli.audit",
     "appliance.cli.doctor",
     "appliance.cli.serve",
+    "appliance.cli.peer",
+    "appliance.cli.site",
 )
 
 EPILOG = f"""\
