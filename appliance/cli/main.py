@@ -30,6 +30,7 @@ COMMAND_MODULES = (
     "appliance.cli.serve",
     "appliance.cli.peer",
     "appliance.cli.site",
+    "appliance.cli.tui",
 )
 
 EPILOG = f"""\

@@ -1,0 +1,180 @@
+"""Import screen: media -> store with progress, throughput and time left, cancel and resume.
+
+``appliance.importer.import_media`` does the work (authenticate, rollback check, plan,
+per-chunk verified writes, publish); cancelling stops it at its next progress report and
+everything already written stays durable, so importing again resumes. Chunks on volumes not
+inserted are left for a later run: the screen names the volumes still needed. An expired
+bundle is imported only with a typed reason, which the importer records in the audit log.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import ClassVar
+
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.widgets import ProgressBar, Static
+
+from appliance.errors import ExpiredError
+from appliance.importer import ImportResult, import_media
+from appliance.tui import service
+from appliance.tui.base import Field, Pane, PromptScreen, StoreChanged, TuiContext
+from appliance.tui.explain import explain
+
+
+def rate_text(bytes_per_second: float, left: int) -> str:
+    if bytes_per_second <= 0:
+        return ""
+    eta = left / bytes_per_second
+    minutes, seconds = divmod(int(eta), 60)
+    return f"{service.size(int(bytes_per_second))}/s, {minutes}:{seconds:02d} left"
+
+
+class ImportPane(Pane):
+    PANE_ID = "import"
+    TITLE = "Import"
+    HELP = ("Copies the chosen bundle into the store, checking every chunk against the signed "
+            "manifest. Cancel any time; importing again resumes. A model appears on the "
+            "Models screen only when all its bytes are verified.")
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("i", "start", "Import"),
+        Binding("c", "cancel", "Cancel"),
+        Binding("a", "add_volume", "Add volume"),
+        Binding("e", "allow_expired", "Allow expired"),
+    ]
+
+    def __init__(self, ctx: TuiContext) -> None:
+        super().__init__(ctx)
+        self.result: ImportResult | None = None
+        self._started = 0.0
+        self._first_done: int | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Static("", id="import-bundle", classes="status")
+        yield ProgressBar(id="import-progress", show_eta=False)
+        yield Static("", id="import-rate", classes="status")
+        yield Static("", id="import-result")
+
+    def on_mount(self) -> None:
+        self.reload()
+
+    def reload(self) -> None:
+        bundle = self.query_one("#import-bundle", Static)
+        if not self.ctx.selected:
+            bundle.update("No bundle chosen: pick one on the Media screen (1), check it on "
+                          "Inspect (2), then come back and press i.")
+            return
+        override = (f"\n[b yellow]expiry override[/]: {self.ctx.override_reason}"
+                    if self.ctx.override_reason else "")
+        bundle.update(f"bundle: {', '.join(map(str, self.ctx.selected))}{override}\n"
+                      "Press i to import, c to cancel.")
+
+    def focus_first(self) -> None:
+        self.query_one("#import-progress", ProgressBar).focus()
+
+    def action_start(self) -> None:
+        if not self.ctx.selected:
+            self.notify("choose a bundle on the Media screen first", severity="warning")
+            return
+        store, now, paths = self.ctx.store_dir, self.now(), self.ctx.selected
+        reason = self.ctx.override_reason
+        self.result = None
+        self._started = time.monotonic()
+        self._first_done = None
+        self.query_one("#import-result", Static).update("authenticating the bundle...")
+        self.query_one("#import-rate", Static).update("")
+        self.start_job(
+            "import",
+            lambda job: import_media(store, list(paths), now=now,
+                                     allow_expired=reason is not None, reason=reason,
+                                     progress=job.progress),
+            self._done, failed=self._failed,
+        )
+
+    def on_progress(self, done: int, total: int) -> None:
+        bar = self.query_one("#import-progress", ProgressBar)
+        bar.update(total=max(1, total), progress=done)
+        now = time.monotonic()
+        if self._first_done is None:
+            self._first_done = done  # bytes already in the store: not this run's speed
+            self._started = now
+            self.query_one("#import-result", Static).update("importing...")
+        elapsed = now - self._started
+        rate = (done - self._first_done) / elapsed if elapsed > 0.2 else 0.0
+        self.query_one("#import-rate", Static).update(
+            f"{service.size(done)} of {service.size(total)}  {rate_text(rate, total - done)}")
+
+    def _done(self, result: ImportResult) -> None:
+        self.result = result
+        bar = self.query_one("#import-progress", ProgressBar)
+        bar.update(total=max(1, result.total_bytes),
+                   progress=result.total_bytes if result.complete else bar.progress)
+        lines = [f"[b]{result.channel} #{result.sequence}[/b] "
+                 + ("[green]imported completely[/]" if result.complete else
+                    "[yellow]imported in part[/]")]
+        if result.published:
+            lines.append(f"published: {', '.join(result.published)}")
+        if result.present:
+            lines.append(f"already in the store: {', '.join(result.present)}")
+        if result.pending:
+            lines.append(f"still incomplete: {', '.join(result.pending)}")
+        if result.volumes_needed:
+            lines.append(f"[b yellow]insert[/] {', '.join(result.volumes_needed)}, press a to "
+                         "add its path, then i to resume")
+        lines.append(f"read {service.size(result.media_bytes)} from media, copied "
+                     f"{service.size(result.local_bytes)} already held, "
+                     f"in {result.seconds:.1f} s")
+        if result.expired_override:
+            lines.append("expired bundle accepted: your reason is in the audit log")
+        self.query_one("#import-result", Static).update("\n".join(lines))
+        self.notify("import finished" if result.complete else "import partial")
+        self.post_message(StoreChanged())
+
+    def _failed(self, error: BaseException) -> None:
+        e = explain(error)
+        hint = ("\nPress e to accept it anyway with a reason."
+                if isinstance(error, ExpiredError) else "")
+        self.query_one("#import-result", Static).update(
+            f"[b red]{e.title}[/]\n{e.next_step}{hint}")
+        self.post_message(StoreChanged())  # refusals are audited
+        self.show_error(error)
+
+    def job_cancelled(self) -> None:
+        self.query_one("#import-result", Static).update(
+            "[yellow]import cancelled[/]: what was written is kept; press i to resume")
+
+    def action_cancel(self) -> None:
+        self.cancel_job()
+
+    def action_add_volume(self) -> None:
+        self.app.push_screen(
+            PromptScreen("Add a volume", [Field("path", "Path of the next volume",
+                                                "/media/usb2/bundle/vol-002")]),
+            self._added,
+        )
+
+    def _added(self, values: dict[str, str] | None) -> None:
+        if not values:
+            return
+        path = Path(values["path"]).expanduser()
+        if path not in self.ctx.selected:
+            self.ctx.selected = (*self.ctx.selected, path)
+        self.reload()
+
+    def action_allow_expired(self) -> None:
+        self.app.push_screen(
+            PromptScreen(
+                "Import an expired bundle",
+                [Field("reason", "Reason (recorded in the audit log with your user name)",
+                       "e.g. site offline since May, publisher confirmed by phone")],
+                "Only do this when you know why the bundle is past its expiry.",
+            ),
+            self._override,
+        )
+
+    def _override(self, values: dict[str, str] | None) -> None:
+        if values and values.get("reason", "").strip():
+            self.ctx.override_reason = values["reason"].strip()
+            self.reload()

@@ -1,0 +1,205 @@
+"""Inspect & verify screen: what a bundle holds and who signed it, then every byte checked.
+
+Opening authenticates the bundle against this host's trust root (signatures over the exact
+manifest bytes, the carried rotation chain, publisher scopes, expiry) before showing anything
+from the manifest; the rollback rule is checked against the store's channel high-water mark.
+Verify reads every chunk of every volume present, with progress per volume, and asks for the
+volumes that are missing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.widgets import DataTable, ProgressBar, Static
+
+from appliance.bundle.reader import VerifyReport
+from appliance.errors import ExpiredError
+from appliance.format.trust import format_time
+from appliance.tui import service
+from appliance.tui.base import Field, ImportWanted, Pane, PromptScreen, TuiContext
+
+
+def _bar(done: int, total: int, width: int = 20) -> str:
+    filled = width if total == 0 else round(width * done / total)
+    return "#" * filled + "." * (width - filled)
+
+
+class InspectPane(Pane):
+    PANE_ID = "inspect"
+    TITLE = "Inspect"
+    HELP = ("The chosen bundle after its signatures were checked against this host's trust "
+            "root: models with their GGUF facts, signers with fingerprint words, channel, "
+            "sequence, expiry and trust-root updates it carries. v verifies every byte.")
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("v", "verify", "Verify"),
+        Binding("i", "import", "Import"),
+        Binding("a", "add_volume", "Add volume"),
+        Binding("e", "allow_expired", "Allow expired"),
+        Binding("c", "cancel", "Cancel"),
+    ]
+
+    def __init__(self, ctx: TuiContext) -> None:
+        super().__init__(ctx)
+        self.view: service.InspectView | None = None
+        self.verified: VerifyReport | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Static("No bundle chosen: pick one on the Media screen (1).", id="inspect-summary",
+                     classes="status")
+        yield DataTable(id="inspect-models", cursor_type="row", zebra_stripes=True)
+        yield ProgressBar(id="inspect-progress", show_eta=True)
+        yield Static("", id="inspect-volumes", classes="status")
+
+    def on_mount(self) -> None:
+        self.query_one("#inspect-models", DataTable).add_columns(
+            "model", "version", "size", "arch", "quant", "params", "ctx", "license")
+        self.query_one("#inspect-progress", ProgressBar).display = False
+
+    def reload(self) -> None:
+        if not self.ctx.selected:
+            return
+        store, now, paths = self.ctx.store_dir, self.now(), self.ctx.selected
+        allow = self.ctx.override_reason is not None
+        self.view = None
+        self.verified = None
+        self.query_one("#inspect-summary", Static).update(
+            f"checking signatures of {', '.join(map(str, paths))}...")
+        self.query_one("#inspect-models", DataTable).clear()
+        self.query_one("#inspect-volumes", Static).update("")
+        self.load(lambda: service.inspect_media(store, paths, now, allow_expired=allow),
+                  self.show)
+
+    def show_error(self, error: BaseException) -> None:
+        summary = self.query_one("#inspect-summary", Static)
+        hint = (" Press e to accept it anyway with a reason." if isinstance(error, ExpiredError)
+                else "")
+        summary.update(f"[b red]Refused[/]: {type(error).__name__}.{hint}")
+        super().show_error(error)
+
+    def show(self, view: service.InspectView) -> None:
+        self.view = view
+        m = view.manifest
+        lines = [f"[b]{m.channel} #{m.sequence}[/b]  created {format_time(m.created)}  "
+                 f"expires {format_time(m.expires)}"
+                 + (" [b red]EXPIRED (override: reason recorded)[/]" if view.expired else "")]
+        for s in view.signers:
+            lines.append(f"signed by {s.label}  [i]{s.words}[/i]")
+        if view.trust_to > view.trust_from:
+            lines.append(f"[b]trust root update[/b]: v{view.trust_from} -> v{view.trust_to} "
+                         "will be installed with this bundle")
+        if view.rollback:
+            lines.append(f"[b red]rollback[/]: {view.rollback}; import will be refused")
+        self.query_one("#inspect-summary", Static).update("\n".join(lines))
+        table = self.query_one("#inspect-models", DataTable)
+        table.clear()
+        for model in m.models:
+            g = model.gguf
+            table.add_row(
+                model.name, model.version, service.size(model.size),
+                g.architecture if g else "-", (g.quantization or "-") if g else "-",
+                f"{g.parameter_count:,}" if g and g.parameter_count else "-",
+                str(g.context_length) if g and g.context_length else "-", model.license,
+            )
+        self._show_volumes(0)
+
+    def _show_volumes(self, done: int) -> None:
+        view = self.view
+        if view is None:
+            return
+        lines = [f"{name} {_bar(d, t)} {service.size(d)} of {service.size(t)}"
+                 for name, d, t in service.per_volume(done, view.volume_sizes)]
+        if view.volumes_missing:
+            lines.append(f"[b yellow]missing[/]: {', '.join(view.volumes_missing)}: insert "
+                         "the next volume and press a to add its path")
+        if self.verified is not None:
+            r = self.verified
+            lines.append(f"[green]verified[/]: {r.chunks_verified} chunks, "
+                         f"{service.size(r.plain_bytes)} in {r.seconds:.1f} s"
+                         + ("" if r.complete else " (volumes present only)"))
+        self.query_one("#inspect-volumes", Static).update("\n".join(lines))
+
+    # -- verify --------------------------------------------------------------------------
+
+    def action_verify(self) -> None:
+        if self.view is None:
+            self.notify("open a bundle first (Media screen, Enter)", severity="warning")
+            return
+        store, now, paths = self.ctx.store_dir, self.now(), self.ctx.selected
+        allow = self.ctx.override_reason is not None
+        bar = self.query_one("#inspect-progress", ProgressBar)
+        bar.display = True
+        bar.update(total=max(1, sum(t for _, t in self.view.volume_sizes)), progress=0)
+        self.start_job(
+            "verify",
+            lambda job: service.verify(store, paths, now, progress=job.progress,
+                                       allow_expired=allow),
+            self._verified, failed=self._verify_failed,
+        )
+
+    def on_progress(self, done: int, total: int) -> None:
+        self.query_one("#inspect-progress", ProgressBar).update(total=max(1, total),
+                                                                 progress=done)
+        self._show_volumes(done)
+
+    def _verified(self, report: VerifyReport) -> None:
+        self.verified = report
+        self._show_volumes(report.stored_bytes)
+        if report.complete:
+            self.notify("every byte verified: press i to import")
+        else:
+            self.notify(f"volumes present verified; still needed: "
+                        f"{', '.join(report.volumes_missing)}", severity="warning")
+
+    def _verify_failed(self, error: BaseException) -> None:
+        self.query_one("#inspect-volumes", Static).update(
+            f"[b red]verification failed[/]: {type(error).__name__}")
+        super().show_error(error)
+
+    def action_cancel(self) -> None:
+        self.cancel_job()
+
+    # -- the rest ------------------------------------------------------------------------
+
+    def action_import(self) -> None:
+        if self.view is None:
+            self.notify("open a bundle first (Media screen, Enter)", severity="warning")
+            return
+        self.post_message(ImportWanted())
+
+    def action_add_volume(self) -> None:
+        self.app.push_screen(
+            PromptScreen("Add a volume", [Field("path", "Path of the next volume",
+                                                "/media/usb2/bundle/vol-002")]),
+            self._added,
+        )
+
+    def _added(self, values: dict[str, str] | None) -> None:
+        if not values:
+            return
+        path = Path(values["path"]).expanduser()
+        if path not in self.ctx.selected:
+            self.ctx.selected = (*self.ctx.selected, path)
+        self.reload()
+
+    def action_allow_expired(self) -> None:
+        self.app.push_screen(
+            PromptScreen(
+                "Accept an expired bundle",
+                [Field("reason", "Reason (recorded in the audit log with your user name)",
+                       "e.g. site offline since May, publisher confirmed by phone")],
+                "Only do this when you know why the bundle is past its expiry. The override, "
+                "your reason and the host's clock are written to the audit log.",
+            ),
+            self._override,
+        )
+
+    def _override(self, values: dict[str, str] | None) -> None:
+        if not values or not values.get("reason", "").strip():
+            return
+        self.ctx.override_reason = values["reason"].strip()
+        self.notify("expiry override armed for this bundle; the reason goes to the audit log")
+        self.reload()

@@ -1,0 +1,135 @@
+"""Models screen: what the store holds, with provenance and verified state; delete with
+confirmation; re-verify every byte (a file that no longer matches is quarantined)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.widgets import DataTable, ProgressBar, Static
+
+from appliance.store.records import ModelRecord
+from appliance.store.scrub import VerifyReport
+from appliance.tui import service
+from appliance.tui.base import ConfirmScreen, Pane, StoreChanged, TuiContext
+
+
+def describe_model(m: ModelRecord) -> str:
+    prov = m.provenance or {}
+    sources = "; ".join(f"{s.get('path')}: {s.get('source')}" for s in prov.get("sources", []))
+    g = m.gguf or {}
+    facts = ", ".join(f"{k} {v}" for k, v in g.items() if v is not None and k != "tensor_count")
+    state = ("[green]verified[/]" if m.verified else "[b red]NOT verified (quarantined)[/]")
+    return (f"[b]{m.ref}[/b] {state} (last {m.verified_at or '-'})  license {m.license}\n"
+            f"bundle {m.channel} #{m.sequence}  signers {', '.join(m.signers) or '-'}\n"
+            f"built by {prov.get('builder', '-')}  {sources}\n{facts}")
+
+
+class ModelsPane(Pane):
+    PANE_ID = "models"
+    TITLE = "Models"
+    HELP = ("The models in this host's store. Only models whose every byte was verified are "
+            "listed as verified and can be served. Re-verify re-hashes every file; one that "
+            "changed is quarantined, never deleted.")
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("r", "reload", "Refresh"),
+        Binding("d", "delete", "Delete"),
+        Binding("v", "verify", "Re-verify"),
+        Binding("c", "cancel", "Cancel"),
+    ]
+
+    def __init__(self, ctx: TuiContext) -> None:
+        super().__init__(ctx)
+        self.models: list[ModelRecord] = []
+
+    def compose(self) -> ComposeResult:
+        yield DataTable(id="models-table", cursor_type="row", zebra_stripes=True)
+        yield ProgressBar(id="models-progress", show_eta=True)
+        yield Static("", id="models-detail", classes="status")
+
+    def on_mount(self) -> None:
+        self.query_one("#models-table", DataTable).add_columns(
+            "name", "version", "size", "verified", "channel #seq", "imported")
+        self.query_one("#models-progress", ProgressBar).display = False
+        self.reload()
+
+    def action_reload(self) -> None:
+        self.reload()
+
+    def reload(self) -> None:
+        store = self.ctx.store_dir
+        self.load(lambda: service.models(store), self.show)
+
+    def show(self, models: list[ModelRecord]) -> None:
+        self.models = models
+        table = self.query_one("#models-table", DataTable)
+        table.clear()
+        for m in models:
+            table.add_row(m.name, m.version, service.size(m.size),
+                          "yes" if m.verified else "NO (quarantined)",
+                          f"{m.channel} #{m.sequence}", m.imported_at or "-", key=m.ref)
+        detail = self.query_one("#models-detail", Static)
+        if not models:
+            detail.update("The store holds no model yet: import a bundle (screens 1-3).")
+        else:
+            self._detail(min(max(table.cursor_row, 0), len(models) - 1))
+
+    def _detail(self, row: int) -> None:
+        if 0 <= row < len(self.models):
+            self.query_one("#models-detail", Static).update(describe_model(self.models[row]))
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self._detail(event.cursor_row)
+
+    def selected(self) -> ModelRecord | None:
+        row = self.query_one("#models-table", DataTable).cursor_row
+        return self.models[row] if 0 <= row < len(self.models) else None
+
+    def action_delete(self) -> None:
+        model = self.selected()
+        if model is None:
+            self.notify("no model selected", severity="warning")
+            return
+        self.app.push_screen(
+            ConfirmScreen(f"Delete {model.ref} ({service.size(model.size)}) from the store?\n"
+                          "Its files are removed; the deletion is recorded in the audit log."),
+            lambda yes: self._delete(model.ref) if yes else None,
+        )
+
+    def _delete(self, ref: str) -> None:
+        store = self.ctx.store_dir
+        self.start_job("delete", lambda job: service.remove_model(store, ref), self._deleted)
+
+    def _deleted(self, model: ModelRecord) -> None:
+        self.notify(f"deleted {model.ref}")
+        self.post_message(StoreChanged())
+
+    def action_verify(self) -> None:
+        store = self.ctx.store_dir
+        bar = self.query_one("#models-progress", ProgressBar)
+        bar.display = True
+        bar.update(total=None, progress=0)
+        self.start_job("re-verify",
+                       lambda job: service.verify_store(store, progress=job.progress),
+                       self._verified)
+
+    def on_progress(self, done: int, total: int) -> None:
+        self.query_one("#models-progress", ProgressBar).update(total=max(1, total),
+                                                               progress=done)
+
+    def _verified(self, report: VerifyReport) -> None:
+        self.query_one("#models-progress", ProgressBar).display = False
+        if report.ok:
+            self.notify(f"all {report.files_checked} file(s) verified "
+                        f"({service.size(report.bytes_checked)})")
+        else:
+            names = ", ".join(f"{c.model}:{c.version}/{c.path}" for c in report.corrupt)
+            self.notify(f"quarantined: {names}", severity="error", timeout=15)
+        self.post_message(StoreChanged())
+
+    def job_cancelled(self) -> None:
+        self.query_one("#models-progress", ProgressBar).display = False
+
+    def action_cancel(self) -> None:
+        self.cancel_job()

@@ -1,0 +1,361 @@
+"""What the TUI screens show, computed from the library API; no widgets and no Textual here.
+
+Each screen's worker thread calls one function of this module and hands the result (a frozen
+view dataclass) to the screen, which only lays it out. Everything below goes through the same
+library calls as the CLI: ``appliance.bundle.reader`` (open, authenticate, verify media),
+``appliance.store`` (trust state, audit log, models, scrub) and their error classes.
+
+Long jobs take a ``progress`` callback and a ``cancelled`` predicate; ``cancellable`` joins
+them so the library's own progress callback stops the job (``Cancelled``) at its next report.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from appliance.bundle.media import MANIFEST_NAME
+from appliance.bundle.reader import (
+    AuthenticatedBundle,
+    Media,
+    VerifyReport,
+    open_media,
+    verify_media,
+)
+from appliance.errors import ApplianceError, AuditChainError, NoTrustRootError
+from appliance.format.manifest import Manifest
+from appliance.format.signing import fingerprint_words
+from appliance.format.trust import ROLES, TrustRoot, format_time
+from appliance.store import audit, scrub, trust_state
+from appliance.store.layout import human_bytes, writer_lock
+from appliance.store.records import ModelRecord, list_models
+from appliance.store.store import Store
+
+Progress = Callable[[int, int], None]
+
+# Where removable media are mounted on common Linux desktops and servers.
+DEFAULT_SCAN_ROOTS = (Path("/media"), Path("/run/media"), Path("/mnt"))
+_SCAN_DEPTH = 3
+
+
+class Cancelled(Exception):
+    """The operator cancelled the running job (raised from its progress callback)."""
+
+
+def cancellable(progress: Progress | None, cancelled: Callable[[], bool]) -> Progress:
+    """A progress callback that reports, then raises ``Cancelled`` once ``cancelled()``."""
+
+    def report(done: int, total: int) -> None:
+        if cancelled():
+            raise Cancelled("cancelled by the operator")
+        if progress is not None:
+            progress(done, total)
+
+    return report
+
+
+def size(n: int | None) -> str:
+    return "-" if n is None else human_bytes(n)
+
+
+# --- trust -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyView:
+    name: str
+    key_id: str
+    roles: tuple[str, ...]
+    words: str
+    models: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TrustView:
+    version: int
+    fingerprint: str
+    words: str
+    created: str
+    expires: str
+    expired: bool
+    thresholds: tuple[tuple[str, int, int], ...]  # role, threshold, key count
+    keys: tuple[KeyView, ...]
+    installed: tuple[tuple[int, str, str], ...]  # version, fingerprint, installed at
+    channels: tuple[tuple[str, int, str, str], ...]  # name, sequence, manifest, updated at
+
+
+def trust_view(store_dir: Path, now: datetime) -> TrustView | None:
+    """The root in force with its keys, every installed version and the channels; None if
+    the store trusts nothing yet."""
+    chain = trust_state.installed_chain(store_dir)
+    if not chain:
+        return None
+    signed = chain[-1]
+    root = signed.root
+    keys = []
+    for kid, key in sorted(root.keys.items(), key=lambda item: item[1].name):
+        keys.append(KeyView(
+            name=key.name, key_id=kid,
+            roles=tuple(r for r in ROLES if kid in root.roles[r].key_ids),
+            words=fingerprint_words(key.public),
+            models=tuple(root.publisher_role.models.get(kid, ())),
+        ))
+    return TrustView(
+        version=root.version, fingerprint=root.fingerprint,
+        words=fingerprint_words(signed.body), created=format_time(root.created),
+        expires=format_time(root.expires), expired=now >= root.expires,
+        thresholds=tuple((r, root.roles[r].threshold, len(root.roles[r].key_ids))
+                         for r in ROLES),
+        keys=tuple(keys),
+        installed=tuple(trust_state.installed_versions(store_dir)),
+        channels=tuple(trust_state.channels(store_dir)),
+    )
+
+
+def install_root(store_dir: Path, root_file: Path, fingerprint: str, now: datetime) -> TrustRoot:
+    """Install a first root matching ``fingerprint`` (as read from paper), or walk a newer
+    one from the installed root (fingerprint may then be empty)."""
+    from appliance.format.trust import parse_signed_root
+
+    try:
+        data = root_file.read_bytes()
+    except OSError as e:
+        from appliance.errors import UsageError
+
+        raise UsageError(f"cannot read {root_file}: {e.strerror or e}") from e
+    if trust_state.installed_root(store_dir) is None:
+        return trust_state.install_first_root(store_dir, data, fingerprint, now)
+    return trust_state.update_root(store_dir, [parse_signed_root(data)], now)
+
+
+# --- audit -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuditView:
+    records: tuple[audit.AuditRecord, ...]  # newest first
+    chain_ok: bool
+    chain_problem: str | None
+
+
+def audit_view(store_dir: Path, limit: int = 1000) -> AuditView:
+    """The log newest first (at most ``limit``) and the result of the chain check."""
+    problem = None
+    try:
+        audit.verify(store_dir)
+    except AuditChainError as e:
+        problem = str(e)
+    rows = list(audit.records(store_dir))
+    return AuditView(records=tuple(reversed(rows[-limit:])), chain_ok=problem is None,
+                     chain_problem=problem)
+
+
+def describe_record(record: audit.AuditRecord) -> str:
+    """One line of an audit record's details, most telling fields first."""
+    details = dict(record.details)
+    first = [k for k in ("action", "model", "models", "channel", "sequence", "error",
+                         "reason", "message") if k in details]
+    rest = sorted(k for k in details if k not in first)
+    return ", ".join(f"{k}={_short(details[k])}" for k in (*first, *rest))
+
+
+def _short(value: Any) -> str:
+    text = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# --- media -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MediaCandidate:
+    """A directory that holds a bundle (one volume, or a media dir with ``vol-NNN``)."""
+
+    path: Path
+    volumes: tuple[str, ...]
+    volume_count: int
+    channel: str
+    sequence: int
+    models: tuple[str, ...]
+    total_bytes: int
+    problem: str | None = None  # unreadable: why
+
+
+def _looks_like_bundle(path: Path) -> bool:
+    if (path / MANIFEST_NAME).is_file():
+        return True
+    try:
+        return any((p / MANIFEST_NAME).is_file() for p in path.glob("vol-*"))
+    except OSError:
+        return False
+
+
+def _walk(root: Path, depth: int) -> Iterable[Path]:
+    try:
+        if _looks_like_bundle(root):
+            yield root
+            return
+        if depth == 0:
+            return
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
+            continue
+        yield from _walk(Path(entry.path), depth - 1)
+
+
+def describe_media(path: Path) -> MediaCandidate:
+    """What a bundle directory claims (unverified: shown before any trust decision)."""
+    try:
+        media = open_media([path])
+        manifest = media.parse_unverified()
+    except ApplianceError as e:
+        return MediaCandidate(path, (), 0, "?", 0, (), 0, problem=f"{type(e).__name__}: {e}")
+    return MediaCandidate(
+        path=path, volumes=tuple(media.volumes_present), volume_count=media.volume_count,
+        channel=manifest.channel, sequence=manifest.sequence,
+        models=tuple(f"{m.name}:{m.version}" for m in manifest.models),
+        total_bytes=manifest.total_bytes,
+    )
+
+
+def scan_media(roots: Sequence[Path], extra: Sequence[Path] = ()) -> list[MediaCandidate]:
+    """Bundles under the mount roots (a few levels deep) plus the paths the operator gave."""
+    seen: dict[Path, None] = {}
+    for path in extra:
+        if path.is_dir():
+            seen.setdefault(path, None)
+    for root in roots:
+        for found in _walk(root, _SCAN_DEPTH):
+            seen.setdefault(found, None)
+    return [describe_media(p) for p in seen]
+
+
+# --- inspect and verify ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SignerView:
+    key_id: str
+    label: str
+    words: str
+
+
+@dataclass(frozen=True)
+class InspectView:
+    """A bundle after authentication against the store's trust root."""
+
+    bundle: AuthenticatedBundle
+    signers: tuple[SignerView, ...]
+    volumes_present: tuple[str, ...]
+    volumes_missing: tuple[str, ...]
+    volume_sizes: tuple[tuple[str, int], ...]  # bytes of packs per present volume
+    trust_from: int  # installed root version
+    trust_to: int  # root version the bundle's chain reaches (an update when higher)
+    channel_seen: tuple[int, str] | None  # the store's high-water mark for this channel
+    expired: bool
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.bundle.manifest
+
+    @property
+    def rollback(self) -> str | None:
+        """Why the store would refuse this sequence, or None."""
+        seen = self.channel_seen
+        m = self.manifest
+        if seen is None or m.sequence > seen[0]:
+            return None
+        if m.sequence == seen[0] and seen[1] == self.bundle.manifest_hash:
+            return None
+        return (f"channel {m.channel} is at sequence {seen[0]} on this host; this bundle is "
+                f"#{m.sequence}")
+
+
+def _volume_sizes(media: Media) -> tuple[tuple[str, int], ...]:
+    return tuple((v.name, sum(v.index.pack_sizes)) for v in media.volumes)
+
+
+def inspect_media(store_dir: Path, paths: Sequence[Path], now: datetime, *,
+                  allow_expired: bool = False) -> InspectView:
+    """Open and authenticate (signatures, chain, scope, expiry); no chunk is read."""
+    root = trust_state.require_root(store_dir)
+    media = open_media(list(paths))
+    bundle = media.authenticate(root, now, allow_expired=allow_expired)
+    signers = tuple(
+        SignerView(kid, bundle.root.key_label(kid),
+                   fingerprint_words(bundle.root.keys[kid].public))
+        for kid in sorted(bundle.signers) if kid in bundle.root.keys
+    )
+    return InspectView(
+        bundle=bundle, signers=signers, volumes_present=tuple(media.volumes_present),
+        volumes_missing=tuple(media.volumes_missing), volume_sizes=_volume_sizes(media),
+        trust_from=root.version, trust_to=bundle.root.version,
+        channel_seen=trust_state.channel_state(store_dir, bundle.manifest.channel),
+        expired=bundle.expired_override,
+    )
+
+
+def verify(store_dir: Path, paths: Sequence[Path], now: datetime, *,
+           progress: Progress | None = None, allow_expired: bool = False) -> VerifyReport:
+    """Every byte of the volumes given, against the store's trust root."""
+    root = trust_state.require_root(store_dir)
+    return verify_media(list(paths), root, now, progress=progress, allow_expired=allow_expired)
+
+
+def per_volume(done: int, sizes: Sequence[tuple[str, int]]) -> list[tuple[str, int, int]]:
+    """Split overall bytes done (volumes are read in order) into (volume, done, total)."""
+    out = []
+    left = done
+    for name, total in sizes:
+        part = max(0, min(left, total))
+        out.append((name, part, total))
+        left -= total
+    return out
+
+
+# --- models ------------------------------------------------------------------------------
+
+
+def models(store_dir: Path) -> list[ModelRecord]:
+    return list_models(store_dir)
+
+
+def remove_model(store_dir: Path, ref: str) -> ModelRecord:
+    with writer_lock(store_dir, "models rm (tui)"), Store(store_dir) as store:
+        return store.remove_model(ref)
+
+
+def verify_store(store_dir: Path, *, progress: Progress | None = None) -> scrub.VerifyReport:
+    return scrub.verify_store(store_dir, progress=progress)
+
+
+@dataclass(frozen=True)
+class StoreStatus:
+    """Whether the store can be used at all (shown in the header line)."""
+
+    store_dir: Path
+    root_version: int | None
+    model_count: int
+    problems: tuple[str, ...] = field(default=())
+
+
+def store_status(store_dir: Path) -> StoreStatus:
+    problems = []
+    root = None
+    count = 0
+    try:
+        installed = trust_state.installed_root(store_dir)
+        root = installed.version if installed else None
+        count = len(list_models(store_dir))
+    except ApplianceError as e:
+        problems.append(str(e))
+    if root is None and not problems:
+        problems.append(str(NoTrustRootError("no trust root installed")))
+    return StoreStatus(store_dir, root, count, tuple(problems))

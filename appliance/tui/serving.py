@@ -1,0 +1,149 @@
+"""The Serve screen's controller: the inference server in this process, and its client side.
+
+Starts the same server as ``appliance serve`` (``appliance.serve.app.create_app`` with the
+store resolver, so only published, verified models load, and the serve-start audit record)
+under uvicorn in a background thread (``ServerThread``), then talks to it over HTTP on
+loopback like any client: /health, /metrics, /v1/chat/completions. Every call blocks; the
+screen calls them from worker threads.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from appliance.errors import ServeError, UsageError
+from appliance.serve.app import create_app
+from appliance.serve.model import ServeSettings
+from appliance.serve.server import ServerThread
+from appliance.serve.store_resolver import store_resolver
+from appliance.store import audit, trust_state
+from appliance.store.records import list_models
+
+METRICS = {
+    "appliance_serve_tokens_generated_total": "tokens generated",
+    "appliance_serve_tokens_per_second": "tokens/s (last)",
+    "appliance_serve_time_to_first_token_seconds": "first token s (last)",
+    "appliance_serve_queue_depth": "queued",
+    "appliance_serve_requests_in_flight": "in flight",
+    "appliance_serve_worker_restarts_total": "worker restarts",
+}
+
+
+@dataclass(frozen=True)
+class ServeStatus:
+    url: str | None  # None when stopped
+    state: str  # stopped | loading | ok | unavailable
+    models: dict[str, dict[str, Any]]
+    metrics: dict[str, float]
+
+
+def servable(store_dir: Path) -> tuple[str, ...]:
+    """Every verified model in the store, by name (name:version when a name repeats)."""
+    models = [m for m in list_models(store_dir) if m.verified]
+    names = [m.name for m in models]
+    return tuple(m.name if names.count(m.name) == 1 else m.ref for m in models)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Sum of each known metric family's samples (all models together)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in METRICS:
+            try:
+                out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+            except ValueError:
+                continue
+    return out
+
+
+class ServeController:
+    """One server at a time; ``start`` and ``stop`` from a worker thread."""
+
+    def __init__(self, store_dir: Path, *, listen: str = "127.0.0.1:0", n_ctx: int = 2048,
+                 n_threads: int | None = None) -> None:
+        self.store_dir = store_dir
+        self.listen = listen
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads or max(1, min(4, os.cpu_count() or 1))
+        self.server: ServerThread | None = None
+        self.models: tuple[str, ...] = ()
+
+    @property
+    def running(self) -> bool:
+        return self.server is not None
+
+    @property
+    def url(self) -> str | None:
+        return self.server.url if self.server else None
+
+    def start(self, models: Sequence[str] = (), *, wait: float = 120.0,
+              cancelled: Callable[[], bool] = lambda: False) -> ServeStatus:
+        if self.server is not None:
+            raise UsageError(f"the server is already running at {self.server.url}")
+        names = tuple(models) or servable(self.store_dir)
+        if not names:
+            raise UsageError("no verified model in the store: import one first")
+        settings = ServeSettings(models=names, n_threads=self.n_threads, n_ctx=self.n_ctx,
+                                 listen=self.listen)
+        user = trust_state.who()
+        store = self.store_dir
+
+        def record(kind: str, details: dict[str, Any]) -> None:
+            audit.append(store, kind, {**details, "user": user, "via": "tui"})
+
+        app = create_app(settings, store_resolver(store), audit=record)
+        server = ServerThread(app, self.listen)
+        server.__enter__()
+        self.server, self.models = server, names
+        deadline = time.monotonic() + wait
+        status = self.status()
+        while status.state == "loading" or status.state == "starting":
+            if cancelled() or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+            status = self.status()
+        return status
+
+    def stop(self) -> None:
+        server, self.server = self.server, None
+        if server is not None:
+            server.stop()
+
+    def status(self) -> ServeStatus:
+        if self.server is None:
+            return ServeStatus(None, "stopped", {}, {})
+        url = self.server.url
+        try:
+            health = httpx.get(f"{url}/health", timeout=5)
+            metrics = httpx.get(f"{url}/metrics", timeout=5)
+        except httpx.HTTPError:
+            return ServeStatus(url, "starting", {}, {})
+        body = health.json()
+        return ServeStatus(url, str(body.get("status", "unavailable")),
+                           dict(body.get("models", {})), parse_metrics(metrics.text))
+
+    def chat(self, model: str, message: str, *, max_tokens: int = 48) -> str:
+        if self.server is None:
+            raise UsageError("start the server first (s)")
+        body = {"model": model, "messages": [{"role": "user", "content": message}],
+                "max_tokens": max_tokens}
+        try:
+            response = httpx.post(f"{self.server.url}/v1/chat/completions", json=body,
+                                  timeout=120)
+        except httpx.HTTPError as e:
+            raise ServeError(f"the server did not answer: {e}") from e
+        data = response.json()
+        if response.status_code != 200:
+            message_text = data.get("error", {}).get("message", response.text)
+            raise ServeError(f"HTTP {response.status_code}: {message_text}")
+        return str(data["choices"][0]["message"]["content"])
