@@ -276,6 +276,8 @@ class _Run:
         ) + sum(p.size for p in self.plans if p.action == "present")
         self._report()
         try:
+            for f in staged:
+                f.open()  # preallocate every file now: a full disk shows up before copying
             work = self._collect(staged)
             for item in work:
                 self._copy(item)
