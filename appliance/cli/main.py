@@ -22,6 +22,7 @@ from appliance.paths import STORE_ENV, default_store
 COMMAND_MODULES = (
     "appliance.cli.keys",
     "appliance.cli.trust",
+    "appliance.cli.bundle",
     "appliance.cli.importing",
     "appliance.cli.models",
     "appliance.cli.store",

@@ -1,0 +1,333 @@
+"""``appliance bundle build|sign|verify|inspect``: make signed bundles and check them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from appliance.bundle.builder import add_signature, build_bundle
+from appliance.bundle.reader import Media, VerifyReport, open_media, verify_media
+from appliance.bundle.recipe import parse_size
+from appliance.cli.store import byte_progress
+from appliance.errors import MissingVolumeError, UsageError
+from appliance.format.manifest import Manifest, format_timestamp, manifest_to_value
+from appliance.format.signing import fingerprint_words
+from appliance.format.trust import TrustRoot, parse_signed_root, verify_self_signed
+from appliance.keyfiles import load_signing_keys
+from appliance.limits import DEFAULT_LIMITS, DEFAULT_PACK_BYTES
+from appliance.store import trust_state
+from appliance.store.layout import human_bytes
+
+BUILD_DESCRIPTION = """\
+Build a signed bundle from a recipe (see bundles/README.md) onto removable media.
+
+Every file is read once: cut into chunks (GGUF files at tensor boundaries), hashed with
+BLAKE3, compressed with zstd when that saves space, and stored once per bundle however many
+models share it. The manifest lists every chunk and is signed by each --key. With
+--volume-size the bundle is split into MEDIA_DIR/vol-001, vol-002, ... each of which verifies
+and imports on its own, in any order. The --trust roots are carried on every volume so sites
+can walk from their installed root to the keys that signed. The bundle appears only when it
+is complete: an interrupted build leaves no manifest, so nothing half-written can be imported.
+SIZE is a byte count or 700M, 4G (powers of 1000, as media are sold), 4GiB (powers of 1024).
+"""
+BUILD_EPILOG = """\
+examples:
+  appliance bundle build bundles/default.yaml --key keys/publisher.key \\
+      --trust keys/root-1.yaml --out /media/usb0/appliance
+  appliance bundle build bundles/site.yaml --key a.key --key b.key --trust root-1.yaml \\
+      root-2.yaml --out /srv/out --volume-size 4G --pack-size 1GiB
+"""
+SIGN_DESCRIPTION = """\
+Add a co-signature to a bundle: every volume under MEDIA_DIR gets signatures/<key id>.sig over
+the exact manifest bytes. Signing ceremonies with m-of-n publishers run this on each signer's
+machine; sites count distinct valid publisher keys against the trust root's threshold.
+"""
+SIGN_EPILOG = """\
+example:
+  appliance bundle inspect /media/usb0/appliance        # read what you sign first
+  appliance bundle sign /media/usb0/appliance --key /media/token/bob.key
+"""
+VERIFY_DESCRIPTION = """\
+Check a bundle without importing it: walk the carried trust chain from the trusted root,
+count valid publisher signatures (before the manifest is even parsed), check scopes and
+expiry, the structure of every volume index, and then read, decompress and hash every chunk
+of every volume given. Says which volumes are present and which are missing and, on failure,
+exactly which chunk, file, volume and pack offset is bad.
+
+The trusted root is --trust ROOT (a root file, e.g. from 'appliance trust init'), else the
+root installed in the store. Exit 0 only when every check passed and no volume is missing
+(--allow-partial: missing volumes are reported but not an error).
+"""
+VERIFY_EPILOG = """\
+examples:
+  appliance bundle verify /media/usb0/appliance --trust keys/root-1.yaml
+  appliance bundle verify /media/usb1/vol-002 /media/usb0/vol-001      # the store's root
+  appliance bundle verify /media/usb0/vol-001 --allow-partial
+"""
+INSPECT_DESCRIPTION = """\
+Show what a bundle holds before anything is imported: channel, sequence, dates, models with
+sizes and GGUF facts, files, signers with their fingerprints (looked up in the trust roots
+carried on the media) and the volumes present and missing. Nothing is verified unless --trust
+is given: the output says UNVERIFIED until then.
+"""
+INSPECT_EPILOG = """\
+examples:
+  appliance bundle inspect /media/usb0/appliance
+  appliance bundle inspect /media/usb0/appliance --json --trust keys/root-1.yaml
+"""
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    bundle = sub.add_parser(
+        "bundle", parents=[common], help="build, sign, verify and inspect signed bundles",
+        description="Signed model bundles on removable media: build on a connected machine, "
+        "co-sign, then verify and inspect at the site.",
+        epilog="example:\n  appliance bundle build bundles/default.yaml --key pub.key "
+        "--trust root-1.yaml --out /media/usb0/appliance\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = bundle.add_subparsers(dest="bundle_command", metavar="SUBCOMMAND", required=True)
+
+    def add(name: str, help_: str, description: str, epilog: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[common], help=help_, description=description,
+                                   epilog=epilog,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    build = add("build", "build a signed bundle from a recipe", BUILD_DESCRIPTION,
+                BUILD_EPILOG)
+    build.add_argument("recipe", type=Path, metavar="RECIPE.yaml")
+    build.add_argument("--key", action="append", required=True, type=Path, metavar="KEY",
+                       help="publisher private key (repeatable); passphrase from "
+                       "$APPLIANCE_PASSPHRASE or a prompt")
+    build.add_argument("--out", required=True, type=Path, metavar="MEDIA_DIR",
+                       help="new or empty directory to write the bundle into")
+    build.add_argument("--trust", nargs="+", action="extend", default=[], type=Path,
+                       metavar="ROOT", help="trust root files to carry, oldest first")
+    build.add_argument("--volume-size", metavar="SIZE",
+                       help="split into vol-NNN volumes of at most SIZE bytes each")
+    build.add_argument("--pack-size", metavar="SIZE", default=str(DEFAULT_PACK_BYTES),
+                       help="largest pack file (default 2GiB; at most 4GiB-1 for FAT32)")
+    build.add_argument("--workers", type=int, metavar="N",
+                       help="compression threads (default: one per CPU)")
+    build.add_argument("--json", action="store_true", help="print the result as JSON")
+    build.set_defaults(func=run_build)
+
+    sign = add("sign", "add a co-signature to a bundle", SIGN_DESCRIPTION, SIGN_EPILOG)
+    sign.add_argument("media", type=Path, metavar="MEDIA_DIR")
+    sign.add_argument("--key", required=True, type=Path, metavar="KEY",
+                      help="publisher private key that signs now")
+    sign.set_defaults(func=run_sign)
+
+    verify = add("verify", "verify signatures and every byte of a bundle", VERIFY_DESCRIPTION,
+                 VERIFY_EPILOG)
+    verify.add_argument("media", nargs="+", type=Path, metavar="MEDIA_DIR",
+                        help="a volume, or a media directory holding vol-NNN volumes")
+    verify.add_argument("--trust", type=Path, metavar="ROOT",
+                        help="trusted root file (default: the root installed in the store)")
+    verify.add_argument("--allow-expired", action="store_true",
+                        help="report an expired bundle or root instead of refusing it")
+    verify.add_argument("--allow-partial", action="store_true",
+                        help="exit 0 when the volumes given are good but others are missing")
+    verify.add_argument("--workers", type=int, default=2, metavar="N",
+                        help="hashing threads (default 2)")
+    verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    verify.set_defaults(func=run_verify)
+
+    inspect = add("inspect", "show what a bundle holds", INSPECT_DESCRIPTION, INSPECT_EPILOG)
+    inspect.add_argument("media", nargs="+", type=Path, metavar="MEDIA_DIR")
+    inspect.add_argument("--trust", type=Path, metavar="ROOT",
+                         help="verify signatures against this root file first")
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.set_defaults(func=run_inspect)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _trusted_root(path: Path | None, store: Path, now: datetime, allow_expired: bool
+                  ) -> TrustRoot:
+    if path is None:
+        return trust_state.require_root(store)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as e:
+        raise UsageError(f"{path}: no such trust root file") from e
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e}") from e
+    if len(data) > DEFAULT_LIMITS.max_trust_root_bytes:
+        raise UsageError(f"{path} is too big to be a trust root file")
+    return verify_self_signed(parse_signed_root(data), now, allow_expired=allow_expired)
+
+
+def _console() -> Console:
+    return Console(highlight=False, soft_wrap=True)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    volume_size = parse_size(args.volume_size) if args.volume_size else None
+    pack_size = parse_size(args.pack_size)
+    if args.workers is not None and args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    keys = load_signing_keys(list(args.key))
+    with byte_progress("building", enabled=sys.stderr.isatty()) as progress:
+        result = build_bundle(args.recipe, keys, args.out, trust_chain=args.trust,
+                              volume_size=volume_size, pack_size=pack_size, progress=progress,
+                              workers=args.workers)
+    if args.json:
+        print(json.dumps({
+            "out": str(result.out_dir), "volumes": [str(v) for v in result.volumes],
+            "manifest_hash": result.manifest_hash, "signers": list(result.signers),
+            "total_bytes": result.total_bytes, "stored_bytes": result.stored_bytes,
+            "chunks": result.chunk_count, "unique_chunks": result.unique_chunk_count,
+            "seconds": round(result.seconds, 3),
+        }, indent=2))
+        return 0
+    console = _console()
+    m = result.manifest
+    console.print(f"built bundle {m.channel} #{m.sequence} in {result.out_dir}")
+    console.print(f"  manifest {result.manifest_hash}")
+    for model in m.models:
+        console.print(f"  {model.name} {model.version}: {len(model.files)} file(s), "
+                      f"{human_bytes(model.size)}")
+    rate = result.total_bytes / result.seconds / 1e6 if result.seconds else 0.0
+    console.print(
+        f"  {human_bytes(result.total_bytes)} in {result.unique_chunk_count} distinct chunks "
+        f"({result.chunk_count} in all), {human_bytes(result.stored_bytes)} on media, "
+        f"{len(result.volumes)} volume(s), {result.seconds:.1f} s ({rate:.0f} MB/s)"
+    )
+    console.print(f"  signed by {', '.join(result.signers)}; expires "
+                  f"{format_timestamp(m.expires)}")
+    return 0
+
+
+def run_sign(args: argparse.Namespace) -> int:
+    (key,) = load_signing_keys([args.key])
+    signature = add_signature(args.media, key)
+    _console().print(f"signed {args.media} with key {signature.key_id}")
+    return 0
+
+
+def _report_json(report: VerifyReport) -> dict[str, Any]:
+    b = report.bundle
+    return {
+        "ok": report.complete, "manifest_hash": b.manifest_hash,
+        "channel": b.manifest.channel, "sequence": b.manifest.sequence,
+        "root_version": b.root.version, "signers": sorted(b.signers),
+        "expired_override": b.expired_override,
+        "volumes_present": list(report.volumes_present),
+        "volumes_missing": list(report.volumes_missing),
+        "chunks_verified": report.chunks_verified, "bytes_verified": report.plain_bytes,
+        "seconds": round(report.seconds, 3),
+    }
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    now = _now()
+    root = _trusted_root(args.trust, args.store, now, args.allow_expired)
+    if args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    with byte_progress("verifying", enabled=sys.stderr.isatty()) as progress:
+        report = verify_media(args.media, root, now, progress=progress, workers=args.workers,
+                              allow_expired=args.allow_expired)
+    if args.json:
+        print(json.dumps(_report_json(report), indent=2))
+    else:
+        console = _console()
+        b = report.bundle
+        console.print(f"bundle {b.manifest.channel} #{b.manifest.sequence} "
+                      f"({b.manifest_hash[:16]}...): signatures OK, trust root v{b.root.version}")
+        console.print(f"  signed by {', '.join(b.root.key_label(k) for k in sorted(b.signers))}")
+        if b.expired_override:
+            console.print(f"  EXPIRED at {format_timestamp(b.manifest.expires)} "
+                          "(accepted: --allow-expired)")
+        rate = report.stored_bytes / report.seconds / 1e6 if report.seconds else 0.0
+        console.print(f"  {report.chunks_verified} chunks, {human_bytes(report.plain_bytes)} "
+                      f"verified in {report.seconds:.1f} s ({rate:.0f} MB/s read)")
+        console.print(f"  volumes present: {', '.join(report.volumes_present)}")
+        if report.volumes_missing:
+            console.print(f"  volumes missing: {', '.join(report.volumes_missing)}")
+    if report.volumes_missing and not args.allow_partial:
+        raise MissingVolumeError(
+            f"volumes {', '.join(report.volumes_missing)} were not given; the volumes given "
+            "verified (pass --allow-partial to accept that)"
+        )
+    return 0
+
+
+def _signer_rows(media: Media) -> list[dict[str, Any]]:
+    keys: dict[str, tuple[str, bytes, int]] = {}
+    for signed in media.chain:
+        for kid, key in signed.root.keys.items():
+            keys[kid] = (key.name, key.public, signed.root.version)
+    rows = []
+    for sig in media.signatures:
+        known = keys.get(sig.key_id)
+        rows.append({
+            "key_id": sig.key_id,
+            "name": known[0] if known else None,
+            "fingerprint": fingerprint_words(known[1]) if known else None,
+            "listed_in_root": known[2] if known else None,
+        })
+    return rows
+
+
+def _inspect_json(media: Media, manifest: Manifest, verified: bool) -> dict[str, Any]:
+    value = manifest_to_value(manifest)
+    for model, entry in zip(value["models"], manifest.models, strict=True):
+        model["size"] = entry.size
+        for file in model["files"]:
+            file["chunks"] = len(file["chunks"])
+    return {
+        "verified": verified, "manifest_hash": media.manifest_hash, **value,
+        "signers": _signer_rows(media), "carried_roots": [s.root.version for s in media.chain],
+        "volumes_present": media.volumes_present, "volumes_missing": media.volumes_missing,
+    }
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    media = open_media(args.media)
+    verified = args.trust is not None
+    if verified:
+        now = _now()
+        manifest = media.authenticate(_trusted_root(args.trust, args.store, now, False),
+                                      now).manifest
+    else:
+        manifest = media.parse_unverified()
+    if args.json:
+        print(json.dumps(_inspect_json(media, manifest, verified), indent=2))
+        return 0
+    console = _console()
+    state = "verified" if verified else "UNVERIFIED (run 'appliance bundle verify')"
+    console.print(f"bundle {manifest.channel} #{manifest.sequence}: {state}")
+    console.print(f"  manifest {media.manifest_hash}")
+    console.print(f"  created {format_timestamp(manifest.created)}, expires "
+                  f"{format_timestamp(manifest.expires)}")
+    for model in manifest.models:
+        console.print(f"  model {model.name} {model.version} ({model.license}), "
+                      f"{human_bytes(model.size)}")
+        if model.gguf:
+            g = model.gguf
+            params = f"{g.parameter_count:,}" if g.parameter_count is not None else "?"
+            console.print(f"    gguf: {g.architecture}, {g.quantization or '?'}, {params} "
+                          f"parameters, context {g.context_length or '?'}, {g.tensor_count} "
+                          "tensors" + (", chat template" if g.chat_template_hash else ""))
+        for file, source in zip(model.files, model.provenance.sources, strict=True):
+            console.print(f"    {file.path}: {human_bytes(file.size)}, {len(file.chunks)} "
+                          f"chunks, from {source.source} (sha256 {source.sha256[:16]}...)")
+    for row in _signer_rows(media):
+        who = (f"{row['name']} [{row['fingerprint']}]" if row["name"]
+               else "a key in no carried trust root")
+        console.print(f"  signature by {row['key_id']}: {who}")
+    carried = ", ".join(f"v{s.root.version}" for s in media.chain) or "none"
+    console.print(f"  trust roots carried: {carried}")
+    console.print(f"  volumes present: {', '.join(media.volumes_present)}"
+                  + (f"; missing: {', '.join(media.volumes_missing)}"
+                     if media.volumes_missing else ""))
+    return 0
