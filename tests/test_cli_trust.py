@@ -224,6 +224,7 @@ def test_show_a_file(keys: Path, tmp_path: Path, capsys: Capsys) -> None:
     "argv",
     [
         ["keys", "generate"],
+        ["keys", "show"],
         ["trust", "init"],
         ["trust", "rotate"],
         ["trust", "sign"],
@@ -240,3 +241,11 @@ def test_help_teaches(argv: list[str], capsys: Capsys) -> None:
     assert "example" in out and "usage:" in out
     if argv[-1] in ("init", "rotate"):
         assert "PATTERN" in out and "acme/*" in out
+
+
+def test_keys_show(keys: Path, capsys: Capsys) -> None:
+    code, out, _ = _run(capsys, "keys", "show", keys / "alice.pub", keys / "bob.pub")
+    assert code == 0 and len(out.splitlines()) == 2
+    assert key_id(load_public_key(keys / "bob.pub")) in out.splitlines()[1]
+    code, _, err = _run(capsys, "keys", "show", keys / "alice.key")
+    assert code == 3 and "KeyFileError" in err

@@ -59,6 +59,19 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         help="write the private key without a passphrase (test keys only)",
     )
     gen.set_defaults(func=run_generate)
+    show = keys_sub.add_parser(
+        "show",
+        parents=[common],
+        help="print the key id and fingerprint words of public key files",
+        description=(
+            "Print the key id and fingerprint words of each NAME.pub, to compare with the "
+            "ceremony sheet before a key goes into a trust root."
+        ),
+        epilog="example:\n  appliance keys show keys/root/*.pub\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    show.add_argument("pubs", nargs="+", type=Path, metavar="PUB", help="public key file")
+    show.set_defaults(func=run_show)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -69,4 +82,11 @@ def run_generate(args: argparse.Namespace) -> int:
     print(f"public key:  {pub_path}")
     print(f"key id:      {key_id(public)}")
     print(f"fingerprint: {fingerprint_words(public)}")
+    return 0
+
+
+def run_show(args: argparse.Namespace) -> int:
+    for path in args.pubs:
+        public = load_public_key(path)
+        print(f"{path}  {key_id(public)}  {fingerprint_words(public)}")
     return 0
