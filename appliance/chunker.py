@@ -37,8 +37,10 @@ from appliance.gguf_layout import (
     FIXED_HEADER_BYTES,
     Extent,
     GgufBoundaries,
+    GgufFacts,
     gguf_boundaries,
     is_gguf,
+    read_gguf_layout,
 )
 from appliance.limits import (
     DEFAULT_LIMITS,
@@ -104,6 +106,15 @@ def header_cdc(target: int, maximum: int) -> CdcParams:
     )
 
 
+@dataclass(frozen=True)
+class FilePlan:
+    """Where a file is cut, and its GGUF facts (None for other files), from one header walk."""
+
+    spans: tuple[Span, ...]
+    facts: GgufFacts | None
+    size: int
+
+
 def plan_spans(
     path: Path,
     *,
@@ -116,6 +127,24 @@ def plan_spans(
     FormatError / LimitExceededError when the file claims to be GGUF but is malformed;
     UsageError when it cannot be read or the sizes make no sense.
     """
+    return list(_plan(path, target, maximum, limits, want_facts=False).spans)
+
+
+def plan_file(
+    path: Path,
+    *,
+    target: int = TARGET_CHUNK_BYTES,
+    maximum: int = MAX_CHUNK_BYTES,
+    limits: Limits = DEFAULT_LIMITS,
+) -> FilePlan:
+    """``plan_spans`` plus ``read_gguf_facts`` for a builder, reading the header once.
+
+    Unlike ``plan_spans`` it also refuses a GGUF without ``general.architecture``.
+    """
+    return _plan(path, target, maximum, limits, want_facts=True)
+
+
+def _plan(path: Path, target: int, maximum: int, limits: Limits, *, want_facts: bool) -> FilePlan:
     if not 0 < target <= maximum:
         raise UsageError(f"chunk target {target} must be positive and at most maximum {maximum}")
     if maximum < SMALLEST_MAXIMUM:
@@ -126,13 +155,20 @@ def plan_spans(
         size = path.stat().st_size
     except OSError as e:
         raise UsageError(f"cannot read {path}: {e.strerror or e}") from e
-    if size == 0:
-        return []
-    if size >= FIXED_HEADER_BYTES and is_gguf(path):
+    if size < FIXED_HEADER_BYTES or not is_gguf(path):
+        return FilePlan(tuple(_split(0, size, target)), None, size)
+    facts: GgufFacts | None = None
+    if want_facts:
+        layout = read_gguf_layout(path, limits=limits)
+        facts, boundaries = layout.facts, layout.boundaries
+    else:
         boundaries = gguf_boundaries(path, limits=limits)
+    try:
         with path.open("rb") as handle:
-            return plan_gguf(boundaries, handle, target=target, maximum=maximum)
-    return _split(0, size, target)
+            spans = plan_gguf(boundaries, handle, target=target, maximum=maximum)
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from e
+    return FilePlan(tuple(spans), facts, size)
 
 
 def plan_gguf(b: GgufBoundaries, handle: BinaryIO, *, target: int, maximum: int) -> list[Span]:
@@ -213,16 +249,29 @@ def gear_hashes(data: np.ndarray) -> np.ndarray:
     return hashes
 
 
-def cdc_spans(handle: BinaryIO, offset: int, length: int, params: CdcParams) -> list[Span]:
-    """Content-defined pieces of ``[offset, offset + length)``; cuts depend only on content."""
+def cdc_spans(
+    handle: BinaryIO,
+    offset: int,
+    length: int,
+    params: CdcParams,
+    *,
+    block_bytes: int = _CDC_BLOCK,
+) -> list[Span]:
+    """Content-defined pieces of ``[offset, offset + length)``; cuts depend only on content.
+
+    The range is hashed ``block_bytes`` at a time (plus 31 bytes of history), so memory
+    stays flat for any KV size; the cuts do not depend on the block size.
+    """
     if not (GEAR_WINDOW <= params.min_len <= params.max_len and 1 <= params.bits <= 31):
         raise UsageError(f"invalid CDC parameters {params}")
+    if block_bytes < GEAR_WINDOW:
+        raise UsageError(f"CDC block of {block_bytes} bytes is under {GEAR_WINDOW}")
     shift = np.uint32(32 - params.bits)
     cuts: list[int] = []
     start = 0  # current piece start, relative to offset
     block_start = 0
     while block_start < length and start + params.min_len < length:
-        block_end = min(length, block_start + _CDC_BLOCK)
+        block_end = min(length, block_start + block_bytes)
         history = min(GEAR_WINDOW - 1, block_start)
         handle.seek(offset + block_start - history)
         raw = handle.read(block_end - block_start + history)

@@ -18,16 +18,23 @@ from appliance.chunker import (
     GEAR,
     MIN_CHUNK_BYTES,
     CdcParams,
+    FilePlan,
     Span,
     cdc_spans,
     gear_hashes,
     hash_spans,
     header_target,
     iter_span_bytes,
+    plan_file,
     plan_spans,
 )
 from appliance.errors import FormatError, LimitExceededError, TruncatedError, UsageError
-from appliance.gguf_layout import FIXED_HEADER_BYTES, GgufBoundaries, gguf_boundaries
+from appliance.gguf_layout import (
+    FIXED_HEADER_BYTES,
+    GgufBoundaries,
+    gguf_boundaries,
+    read_gguf_facts,
+)
 from appliance.limits import MAX_CHUNK_BYTES, TARGET_CHUNK_BYTES, Limits
 
 TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -167,6 +174,16 @@ def test_non_gguf_files_are_cut_fixed_size(tmp_path: Path) -> None:
     assert plan_spans(short) == [Span(0, 14)]
 
 
+def test_plan_file_gives_spans_and_facts_in_one_walk(tiny_gguf: Path, tmp_path: Path) -> None:
+    plan = plan_file(tiny_gguf, target=8 << 10, maximum=16 << 10)
+    assert list(plan.spans) == plan_spans(tiny_gguf, target=8 << 10, maximum=16 << 10)
+    assert plan.facts == read_gguf_facts(tiny_gguf)
+    assert plan.size == tiny_gguf.stat().st_size
+    other = tmp_path / "README.md"
+    other.write_text("hello")
+    assert plan_file(other) == FilePlan((Span(0, 5),), None, 5)
+
+
 def test_bad_sizes_are_usage_errors(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(b"x" * 10)
@@ -302,6 +319,39 @@ def test_gear_hash_matches_the_byte_loop() -> None:
         h = ((h << 1) + int(GEAR[byte])) & 0xFFFFFFFF
         expected.append(h)
     assert gear_hashes(data).tolist() == expected
+
+
+def reference_cdc(data: bytes, params: CdcParams) -> list[int]:
+    """docs/FORMAT.md's CDC, byte by byte: the piece lengths."""
+    hashes, h = [], 0
+    for byte in data:
+        h = (h * 2 + int(GEAR[byte])) % 2**32
+        hashes.append(h)
+    candidate = [False] + [value >> (32 - params.bits) == 0 for value in hashes]
+    lengths, s, total = [], 0, len(data)
+    while s < total:
+        if s + params.min_len >= total:
+            end = total
+        else:
+            top = min(s + params.max_len, total)
+            end = next((e for e in range(s + params.min_len, top + 1) if candidate[e]), top)
+        lengths.append(end - s)
+        s = end
+    return lengths
+
+
+@pytest.mark.parametrize("block_bytes", [32, 1000, 4096, 1 << 20])
+def test_cdc_matches_the_spec_for_any_block_size(tmp_path: Path, block_bytes: int) -> None:
+    rng = np.random.default_rng(5)
+    # Random bytes, then a constant stretch (forced cuts only), then random again.
+    data = rng.bytes(40_000) + b"\x07" * 20_000 + rng.bytes(30_001)
+    params = CdcParams(min_len=600, bits=10, max_len=5000)
+    path = tmp_path / "data"
+    path.write_bytes(b"prefix" + data)
+    with path.open("rb") as handle:
+        spans = cdc_spans(handle, 6, len(data), params, block_bytes=block_bytes)
+    assert [s.length for s in spans] == reference_cdc(data, params)
+    assert spans[0].offset == 6 and spans[-1].end == 6 + len(data)
 
 
 def test_cdc_cuts_depend_only_on_content(tmp_path: Path) -> None:
