@@ -167,7 +167,7 @@ def _trusted_root(path: Path | None, store: Path, now: datetime, allow_expired: 
 
 
 def _console() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+    return Console(highlight=False, soft_wrap=True, markup=False)
 
 
 def run_build(args: argparse.Namespace) -> int:
