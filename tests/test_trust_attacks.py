@@ -66,11 +66,12 @@ class Site:
         limits: Limits | None = None,
     ) -> None:
         """What an import does with the trust parts of a bundle, in order."""
-        extra = {"limits": limits} if limits else {}
         root = trust_state.require_root(self.store)
         if chain:
             root = trust_state.update_root(self.store, chain, now)
-        signers = verify_manifest_signatures(root, manifest, signatures, now, **extra)
+        signers = verify_manifest_signatures(
+            root, manifest, signatures, now, limits=limits or Limits()
+        )
         check_publisher_scope(root, signers, [model])
         check_expiry("bundle 'site'", expires, now, False)
         trust_state.record_channel(
