@@ -6,7 +6,8 @@ and a lock that lets one request run at a time. Before every (re)load the model 
 again (the store's checks) and its file checked (``check_file``); a refused model is never
 spawned. When the child dies, the request it was running fails with ``WorkerCrashedError``
 naming the signal, the death is logged and counted, and a new child is started after a
-back-off that grows while it keeps dying young.
+back-off that grows only while it keeps dying before it is ready (a crash loop at load); a
+worker that dies answering a request is replaced at once.
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ LOADING, READY, RESTARTING, REFUSED, FAILED, STOPPED = (
 _TERMINAL = frozenset({REFUSED, FAILED, STOPPED})
 MIN_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
-HEALTHY_UPTIME = 30.0  # a worker that lived this long resets the back-off
 
 
 def describe_exit(code: int | None) -> str:
@@ -158,7 +158,7 @@ class Worker:
         ).start()
         log.info("worker for model %s started (pid %s), loading %s", self.name, proc.pid,
                  model.path)
-        self._spawn_task(self._pump(inbox, proc, time.monotonic()))
+        self._spawn_task(self._pump(inbox))
 
     def _resolve(self) -> ServableModel:
         model = self._resolver(self.name)
@@ -178,7 +178,7 @@ class Worker:
 
     # -- messages from the child -----------------------------------------------------------
 
-    async def _pump(self, inbox: asyncio.Queue[Message], proc: BaseProcess, born: float) -> None:
+    async def _pump(self, inbox: asyncio.Queue[Message]) -> None:
         while True:
             message = await inbox.get()
             kind = message[0]
@@ -191,7 +191,7 @@ class Worker:
                 log.error("model %s failed to load: %s", self.name, message[1])
                 self._set_state(FAILED, f"load failed: {message[1]}")
             elif kind == "exit":
-                self._on_exit(message[1], time.monotonic() - born)
+                self._on_exit(message[1])
                 return
             else:
                 self._route(message)
@@ -207,7 +207,7 @@ class Worker:
             self._current = None
             self._lock.release()
 
-    def _on_exit(self, code: int | None, uptime: float) -> None:
+    def _on_exit(self, code: int | None) -> None:
         self._proc = self._conn = None
         if self.state in _TERMINAL:
             return  # stopping, or a load failure already reported
@@ -222,9 +222,12 @@ class Worker:
             self._draining = None
             self._current = None
             self._lock.release()
-        self._backoff = MIN_BACKOFF if uptime > HEALTHY_UPTIME else self._backoff
-        delay = self._backoff
-        self._backoff = min(self._backoff * 2, MAX_BACKOFF)
+        if self.state == READY:  # it had loaded: a request killed it, not a crash loop
+            self._backoff = MIN_BACKOFF
+            delay = 0.0
+        else:
+            delay = self._backoff
+            self._backoff = min(self._backoff * 2, MAX_BACKOFF)
         self._set_state(RESTARTING, f"worker died with {what}; restarting")
         self._metrics.worker_restarts[self.name] += 1
         self._spawn_task(self._launch(delay))

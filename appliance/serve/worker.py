@@ -141,6 +141,10 @@ class _TokenCounter:
         finally:
             inner.close()
 
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
     def stats(self) -> dict[str, float]:
         first = self.first_token_at or time.perf_counter()
         last = self.last_token_at or first
@@ -236,7 +240,11 @@ def _run(
             _stream(conn, llm, rid, op, params, rules)
         else:
             create = llm.create_chat_completion if op == "chat" else llm.create_completion
-            conn.send(("result", rid, create(**params)))
+            result = create(**params)
+            # llama-cpp-python re-tokenizes the generated text to count it, which miscounts
+            # byte tokens; the counter saw the tokens actually sampled.
+            result["usage"] = counter.usage()
+            conn.send(("result", rid, result))
         conn.send(("done", rid, counter.stats()))
     except ValueError as e:  # llama-cpp-python's "Requested tokens (N) exceed context window"
         conn.send(("error", rid, "bad_request", str(e)))
