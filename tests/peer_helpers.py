@@ -119,8 +119,8 @@ def seed(store_dir: Path, bundle: Bundle, *, partial_chunks: int | None = None) 
     with Store(store_dir) as store:
         with store.transaction() as conn:
             store.add_manifest(origin, bundle.size, NOW)
-            trust_state.record_channel(store_dir, origin.channel, origin.sequence, origin.manifest_hash,
-                                       conn, now=NOW)
+            trust_state.record_channel(store_dir, origin.channel, origin.sequence,
+                                       origin.manifest_hash, conn, now=NOW)
         written = 0
         for model in bundle.manifest.models:
             model_id = store.begin_model(model, bundle.hash, NOW)

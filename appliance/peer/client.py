@@ -154,7 +154,14 @@ class PeerClient:
         except (httpx.HTTPError, ssl.SSLError, OSError) as e:
             if _is_tls_failure(e):
                 raise tls.describe_tls_failure(self.url, e) from e
-            raise PeerError(f"{self.url} failed during {what}: {type(e).__name__}: {e}") from e
+            hint = ""
+            if self.url.startswith("https://") and isinstance(e, httpx.RemoteProtocolError):
+                # TLS 1.3 servers verify the client certificate after the handshake and just
+                # hang up on a host that is not a member of their site.
+                hint = " (a peer hangs up on hosts without a certificate of its site CA)"
+            raise PeerError(
+                f"{self.url} failed during {what}: {type(e).__name__}: {e}{hint}"
+            ) from e
 
     def _get_json(self, path: str, what: str) -> bytes:
         body = self._get(path, self.limits.max_peer_json_bytes, what)

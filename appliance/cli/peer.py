@@ -1,0 +1,325 @@
+"""``appliance peer serve|list|pull``: share the store with LAN peers and pull from them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from appliance.errors import ApplianceError, PeerError, UsageError
+from appliance.peer import discovery, tls
+from appliance.peer.client import ConnectPolicy, PeerClient, Timeouts, connect_policy
+from appliance.peer.protocol import DEFAULT_PORT
+from appliance.peer.pull import PullOptions, pull
+from appliance.peer.server import ServerOptions, parse_listen, serve_store
+
+SERVE_DESCRIPTION = f"""\
+Serve this host's store to the site: its signed manifests, a have-map of the chunks it holds
+(imports and pulls still running included) and chunks by digest, each re-checked before it
+is sent. Peers talk mutual TLS with certificates from the site CA (--tls-dir, else tls_dir in
+the site config, else $STORE/tls); plaintext only with --insecure. The server advertises
+itself by mDNS ({discovery.SERVICE_TYPE}) unless --no-advertise. Stop it with Ctrl-C.
+"""
+SERVE_EPILOG = f"""\
+examples:
+  appliance peer serve --tls-dir /etc/appliance/tls
+  appliance peer serve --listen 10.0.0.12:{DEFAULT_PORT} --rate-limit 50 --no-advertise
+  appliance peer serve --insecure --listen 127.0.0.1:9000    # a lab test, no TLS
+"""
+LIST_DESCRIPTION = """\
+Peers found by mDNS and in the static list of the site config, each asked what it holds
+(manifest channel and sequence, models, complete or partial). What peers say here is a hint;
+a pull authenticates every manifest and chunk against this host's trust root.
+"""
+LIST_EPILOG = """\
+examples:
+  appliance peer list
+  appliance peer list --no-mdns --json
+"""
+PULL_DESCRIPTION = """\
+Fetch models from peers: the newest manifest offering them is verified against THIS host's
+trust root, rollback and expiry rules before any chunk is fetched; then chunks come from
+every peer holding them, in parallel, each checked on arrival and written into the store like
+an import (published only when complete). A peer sending bad bytes is dropped and the chunk
+fetched elsewhere. An interrupted pull resumes where it stopped when run again. Peers: --from,
+else the site config's static list and mDNS.
+"""
+PULL_EPILOG = """\
+examples:
+  appliance peer pull gemma-3-270m
+  appliance peer pull tiny:1 --from https://10.0.0.5:8765 --from https://10.0.0.6:8765
+  appliance peer pull --all
+"""
+
+
+def _formatter() -> type[argparse.HelpFormatter]:
+    return argparse.RawDescriptionHelpFormatter
+
+
+def _connection_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--tls-dir", type=Path, metavar="DIR",
+                       help="this host's TLS directory from 'appliance site enroll'")
+    group.add_argument("--insecure", action="store_true",
+                       help="plaintext HTTP without site certificates (lab use only)")
+    parser.add_argument("--site-config", type=Path, metavar="FILE",
+                        help="site config with static peers and tls_dir "
+                             "(default: $STORE/site.yaml)")
+
+
+def _discovery_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-mdns", dest="mdns", action="store_false",
+                        help="do not look for peers by mDNS, only the static list")
+    parser.add_argument("--browse-seconds", type=float, default=2.0, metavar="S",
+                        help="how long to listen for mDNS answers (default: %(default)s)")
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    peer = sub.add_parser(
+        "peer", parents=[common], help="serve the store to LAN peers, list them, pull from them",
+        description="LAN sharing: one USB import seeds the whole site.",
+        epilog="example:\n  appliance peer serve & appliance peer pull --all\n",
+        formatter_class=_formatter(),
+    )
+    ps = peer.add_subparsers(dest="peer_command", metavar="SUBCOMMAND", required=True)
+
+    serve = ps.add_parser("serve", parents=[common], help="serve this store to peers",
+                          description=SERVE_DESCRIPTION, epilog=SERVE_EPILOG,
+                          formatter_class=_formatter())
+    serve.add_argument("--listen", default=f"0.0.0.0:{DEFAULT_PORT}", metavar="HOST:PORT",
+                       help="address to listen on (default: %(default)s)")
+    serve.add_argument("--advertise", action=argparse.BooleanOptionalAction, default=True,
+                       help="announce this server by mDNS (default: on)")
+    serve.add_argument("--rate-limit", type=float, metavar="MB/S",
+                       help="cap the total upload rate in megabytes per second")
+    serve.add_argument("--max-connections", type=int, default=ServerOptions.max_connections,
+                       metavar="N", help="connections served at once; more get 503 "
+                       "(default: %(default)s)")
+    _connection_options(serve)
+    serve.set_defaults(func=run_serve)
+
+    lst = ps.add_parser("list", parents=[common], help="peers on the LAN and what they hold",
+                        description=LIST_DESCRIPTION, epilog=LIST_EPILOG,
+                        formatter_class=_formatter())
+    lst.add_argument("--json", action="store_true", help="print JSON")
+    _connection_options(lst)
+    _discovery_options(lst)
+    lst.set_defaults(func=run_list)
+
+    pl = ps.add_parser("pull", parents=[common], help="fetch models from peers, verified",
+                       description=PULL_DESCRIPTION, epilog=PULL_EPILOG,
+                       formatter_class=_formatter())
+    pl.add_argument("models", nargs="*", metavar="MODEL", help="NAME or NAME:VERSION")
+    pl.add_argument("--from", dest="sources", action="append", default=[], metavar="URL",
+                    help="a peer to pull from (repeatable); default: site config and mDNS")
+    pl.add_argument("--all", action="store_true", help="every model the peers offer")
+    pl.add_argument("--per-peer", type=int, default=PullOptions.per_peer, metavar="N",
+                    help="chunk requests in flight per peer (default: %(default)s)")
+    pl.add_argument("--timeout", type=float, default=Timeouts.read, metavar="S",
+                    help="give up on a peer that sends nothing for S seconds "
+                         "(default: %(default)s)")
+    pl.add_argument("--allow-expired", action="store_true",
+                    help="accept an expired bundle (needs --reason; audited)")
+    pl.add_argument("--reason", metavar="TEXT", help="why an expired bundle is accepted")
+    _connection_options(pl)
+    _discovery_options(pl)
+    pl.set_defaults(func=run_pull)
+
+
+# --- shared ---------------------------------------------------------------------------------
+
+
+def _site_config(args: argparse.Namespace) -> discovery.SiteConfig:
+    path = args.site_config or discovery.default_site_config(args.store)
+    if args.site_config is not None and not path.exists():
+        raise UsageError(f"site config {path} does not exist")
+    return discovery.load_site_config(path)
+
+
+def _tls_dir(args: argparse.Namespace, config: discovery.SiteConfig) -> Path | None:
+    """--tls-dir, else the site config's, else $STORE/tls if present; None with --insecure."""
+    if args.insecure:
+        return None
+    for candidate in (args.tls_dir, config.tls_dir):
+        if candidate is not None:
+            if not candidate.is_dir():
+                raise UsageError(f"TLS directory {candidate} does not exist")
+            return Path(candidate)
+    default = args.store / "tls"
+    if (default / tls.HOST_CERT).exists():
+        return default
+    raise UsageError(
+        "peers talk mutual TLS: pass --tls-dir DIR (made by 'appliance site enroll'), set "
+        f"tls_dir in the site config, put the directory at {default}, or pass --insecure"
+    )
+
+
+def _policy(args: argparse.Namespace, config: discovery.SiteConfig) -> ConnectPolicy:
+    return connect_policy(_tls_dir(args, config), args.insecure)
+
+
+def _peers(args: argparse.Namespace, config: discovery.SiteConfig, err: Console
+           ) -> list[discovery.Peer]:
+    peers = {p.url: p for p in discovery.static_peers(config)}
+    if args.mdns:
+        try:
+            for p in discovery.browse(args.browse_seconds):
+                peers.setdefault(p.url, p)
+        except PeerError as e:
+            err.print(f"[yellow]mDNS: {e}; using the static list only[/]")
+    return list(peers.values())
+
+
+def _usable(peers: list[discovery.Peer], policy: ConnectPolicy, err: Console
+            ) -> list[discovery.Peer]:
+    out = []
+    for p in peers:
+        try:
+            policy.check(p.url)
+        except UsageError as e:
+            err.print(f"[yellow]skipping {p.url} ({p.source}): {e}[/]")
+            continue
+        out.append(p)
+    return out
+
+
+# --- serve ----------------------------------------------------------------------------------
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    config = _site_config(args)
+    tls_dir = _tls_dir(args, config)
+    host, port = parse_listen(args.listen)
+    name = discovery.host_name()
+    server = serve_store(
+        args.store, host=host, port=port, tls_dir=tls_dir, insecure=args.insecure,
+        host_name=name, rate_limit=args.rate_limit * 1e6 if args.rate_limit else None,
+        options=ServerOptions(max_connections=args.max_connections),
+    )
+    err = Console(stderr=True)
+    mode = f"mutual TLS (site CA in {tls_dir})" if tls_dir else "PLAINTEXT (--insecure)"
+    print(f"serving {args.store} on {server.url} as {name}, {mode}", flush=True)
+    advertiser = None
+    if args.advertise:
+        addresses = discovery.local_addresses() if host in ("0.0.0.0", "") else [host]
+        try:
+            advertiser = discovery.Advertiser(name, server.port, scheme=server.scheme,
+                                              addresses=addresses).start()
+            print(f"advertising {advertiser.info.name} on {', '.join(addresses)}", flush=True)
+        except (PeerError, UsageError) as e:
+            err.print(f"[yellow]not advertised by mDNS: {e}[/]")
+    try:
+        server.serve_forever()
+    finally:
+        if advertiser is not None:
+            advertiser.close()
+    return 0
+
+
+# --- list -----------------------------------------------------------------------------------
+
+
+def _describe(peer: discovery.Peer, policy: ConnectPolicy) -> dict[str, Any]:
+    entry: dict[str, Any] = {"url": peer.url, "source": peer.source, "name": peer.name}
+    try:
+        with PeerClient(peer.url, policy, timeouts=Timeouts(connect=3, read=5)) as c:
+            entry["host"] = c.info().host
+            entry["manifests"] = [s.to_json() for s in c.manifests()]
+    except ApplianceError as e:
+        entry["error"] = f"{type(e).__name__}: {e}"
+    return entry
+
+
+def run_list(args: argparse.Namespace) -> int:
+    config = _site_config(args)
+    policy = _policy(args, config)
+    err = Console(stderr=True)
+    peers = _usable(_peers(args, config, err), policy, err)
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(peers)))) as pool:
+        entries = list(pool.map(lambda p: _describe(p, policy), peers))
+    if args.json:
+        json.dump(entries, sys.stdout, indent=2)
+        print()
+        return 0
+    if not entries:
+        print("no peers found (static list empty, no mDNS answers)")
+        return 0
+    table = Table("peer", "from", "host", "holds")
+    for e in entries:
+        if "error" in e:
+            holds = f"[red]{e['error']}[/]"
+        else:
+            holds = "\n".join(
+                f"{m['channel']} #{m['sequence']}{'' if m['complete'] else ' (partial)'}: "
+                + ", ".join(f"{x['name']}:{x['version']}" for x in m["models"])
+                for m in e["manifests"]
+            ) or "nothing"
+        table.add_row(e["url"], e["source"], e.get("host", "?"), holds)
+    Console().print(table)
+    return 0
+
+
+# --- pull -----------------------------------------------------------------------------------
+
+
+def run_pull(args: argparse.Namespace) -> int:
+    if args.all and args.models:
+        raise UsageError("give MODEL names or --all, not both")
+    if not args.all and not args.models:
+        raise UsageError("name the models to pull, or pass --all")
+    if args.allow_expired and not (args.reason or "").strip():
+        raise UsageError("--allow-expired needs --reason TEXT: the audit log records why")
+    config = _site_config(args)
+    policy = _policy(args, config)
+    err = Console(stderr=True)
+    if args.sources:
+        urls = [policy.check(u) for u in args.sources]
+    else:
+        urls = [p.url for p in _usable(_peers(args, config, err), policy, err)]
+    if not urls:
+        raise PeerError("no peers: give --from URL, list peers in the site config, or start "
+                        "'appliance peer serve' on a host that has the models")
+    timeouts = Timeouts(read=args.timeout)
+    clients = [PeerClient(u, policy, timeouts=timeouts, max_connections=args.per_peer)
+               for u in dict.fromkeys(urls)]
+    options = PullOptions(per_peer=args.per_peer, allow_expired=args.allow_expired,
+                          reason=args.reason)
+    try:
+        with Progress(TextColumn("pull"), BarColumn(), DownloadColumn(),
+                      TransferSpeedColumn(), TimeRemainingColumn(), console=err,
+                      transient=True) as bar:
+            task = bar.add_task("pull", total=None)
+
+            def progress(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            results = pull(args.store, clients, args.models, all_models=args.all,
+                           options=options, progress=progress,
+                           notify=lambda m: err.print(f"[yellow]{m}[/]"))
+    finally:
+        for c in clients:
+            c.close()
+    for r in results:
+        fresh = [m for m in r.models if m not in r.present]
+        print(f"{r.channel} #{r.sequence} ({r.manifest_hash[:16]}): "
+              f"pulled {', '.join(fresh) or 'nothing new'}"
+              + (f"; already present: {', '.join(r.present)}" if r.present else ""))
+        print(f"  {r.bytes_fetched} bytes from peers, {r.bytes_local} copied locally"
+              + "".join(f"\n  {u}: {n} bytes" for u, n in sorted(r.by_peer.items())))
+        for u, why in r.dropped.items():
+            print(f"  dropped {u}: {why}")
+    return 0

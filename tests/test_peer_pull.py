@@ -1,0 +1,399 @@
+"""Swarm pull between real peer servers on 127.0.0.1: verification, hostile peers, resume."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import blake3
+import pytest
+from peer_helpers import (
+    CHUNK,
+    FAST,
+    QUICK,
+    Bundle,
+    ChunkTamper,
+    EndlessPeer,
+    client,
+    make_bundle,
+    model_bytes,
+    new_host,
+    published_bytes,
+    seed,
+    start_server,
+)
+from trust_helpers import DAY, NOW
+
+from appliance.errors import (
+    ExpiredError,
+    IntegrityError,
+    PeerError,
+    PeerProtocolError,
+    RollbackError,
+    ThresholdError,
+    UsageError,
+)
+from appliance.peer.client import PeerClient
+from appliance.peer.pull import PullOptions, pull
+from appliance.peer.server import PeerServer
+from appliance.store import audit, trust_state
+from appliance.store.db import connect
+from appliance.store.records import list_models
+
+
+@pytest.fixture(scope="module")
+def bundle() -> Bundle:
+    return make_bundle({
+        "tiny": {"model.gguf": model_bytes(1, 20 * CHUNK + 123)},
+        "other": {"weights.bin": model_bytes(2, 4 * CHUNK)},
+    })
+
+
+@pytest.fixture
+def servers() -> Iterator[Callable[..., PeerServer]]:
+    with ExitStack() as stack:
+        def start(store: Path, **kwargs: Any) -> PeerServer:
+            server = start_server(store, **kwargs)
+            stack.callback(server.stop)
+            return server
+        yield start
+
+
+@pytest.fixture
+def clients() -> Iterator[Callable[..., PeerClient]]:
+    with ExitStack() as stack:
+        def make(url: str, **kwargs: Any) -> PeerClient:
+            return stack.enter_context(client(url, **kwargs))
+        yield make
+
+
+def seeded(tmp_path: Path, name: str, bundle: Bundle) -> Path:
+    store = new_host(tmp_path / name)
+    seed(store, bundle)
+    return store
+
+
+def expect_model(store: Path, bundle: Bundle, name: str = "tiny") -> None:
+    for path, data in bundle.contents[name].items():
+        assert published_bytes(store, name, path) == data
+    assert [m.name for m in list_models(store) if m.verified and m.name == name] == [name]
+
+
+def no_bad_chunk_in(store: Path, bundle: Bundle) -> None:
+    """Every chunk the store marked done holds exactly the manifest's bytes at its offset."""
+    wanted = {c.digest for _, _, c in bundle.manifest.iter_chunks()}
+    db = connect(store)
+    try:
+        rows = db.execute(
+            "SELECT c.digest, c.byte_offset, c.length, f.id, f.state, f.path, m.name, m.version "
+            "FROM chunks c JOIN files f ON f.id = c.file JOIN models m ON m.id = f.model "
+            "WHERE c.done = 1").fetchall()
+    finally:
+        db.close()
+    from appliance.store import layout
+    for r in rows:
+        assert r["digest"] in wanted
+        path = (layout.published_path(store, r["name"], r["version"], r["path"])
+                if r["state"] == "published" else layout.staged_path(store, r["id"]))
+        with open(path, "rb") as f:
+            f.seek(r["byte_offset"])
+            assert blake3.blake3(f.read(r["length"])).hexdigest() == r["digest"]
+
+
+def test_pull_from_one_peer_publishes_the_model(tmp_path: Path, bundle: Bundle, servers,
+                                                clients) -> None:
+    a = servers(seeded(tmp_path, "a", bundle))
+    b = new_host(tmp_path / "b")
+    seen: list[tuple[int, int]] = []
+    [result] = pull(b, [clients(a.url)], ["tiny"], options=FAST, now=NOW,
+                    progress=lambda d, t: seen.append((d, t)))
+    expect_model(b, bundle)
+    assert result.models == ["tiny:1"]
+    assert result.bytes_fetched == bundle.manifest.models[0].size
+    assert seen[-1] == (result.bytes_total, result.bytes_total)
+    assert not [m for m in list_models(b) if m.name == "other"]
+    assert trust_state.channel_state(b, "main") == (1, bundle.hash)
+    assert [r.kind for r in audit.records(b)][-1] == "pull"
+    # A second pull finds it present and fetches nothing.
+    [again] = pull(b, [clients(a.url)], ["tiny"], options=FAST, now=NOW)
+    assert again.present == ["tiny:1"] and again.bytes_fetched == 0
+
+
+def test_chunks_come_from_several_peers_in_parallel(tmp_path: Path, bundle: Bundle, servers,
+                                                    clients) -> None:
+    peers = [servers(seeded(tmp_path, f"s{i}", bundle)) for i in range(3)]
+    b = new_host(tmp_path / "b")
+    [result] = pull(b, [clients(p.url) for p in peers], all_models=True, options=FAST, now=NOW)
+    expect_model(b, bundle, "tiny")
+    expect_model(b, bundle, "other")
+    assert len([n for n in result.by_peer.values() if n > 0]) >= 2
+    assert sum(result.by_peer.values()) == bundle.size
+
+
+def test_a_lying_peer_is_dropped_and_the_chunk_comes_from_another(
+        tmp_path: Path, bundle: Bundle, servers, clients) -> None:
+    liar_app: list[ChunkTamper] = []
+
+    def lie(app: Any) -> ChunkTamper:
+        liar_app.append(ChunkTamper(app, "flip"))
+        return liar_app[0]
+
+    liar = servers(seeded(tmp_path, "liar", bundle), wrap=lie)
+    honest = servers(seeded(tmp_path, "honest", bundle))
+    b = new_host(tmp_path / "b")
+    notes: list[str] = []
+    [result] = pull(b, [clients(liar.url), clients(honest.url)], ["tiny"], options=FAST, now=NOW,
+                    notify=notes.append)
+    expect_model(b, bundle)
+    assert liar_app[0].tampered >= 1
+    assert "IntegrityError" in result.dropped[liar.url]
+    assert result.by_peer.get(liar.url, 0) == 0
+    assert result.by_peer[honest.url] == result.bytes_total
+    assert any("dropped peer" in n for n in notes)
+    no_bad_chunk_in(b, bundle)
+
+
+def test_only_liars_nothing_bad_reaches_the_store(tmp_path: Path, bundle: Bundle, servers,
+                                                  clients) -> None:
+    liar = servers(seeded(tmp_path, "liar", bundle), wrap=lambda app: ChunkTamper(app, "flip",
+                                                                                   honest=3))
+    b = new_host(tmp_path / "b")
+    with pytest.raises(PeerError, match="every peer was dropped"):
+        pull(b, [clients(liar.url)], ["tiny"], options=FAST, now=NOW)
+    assert list_models(b) == []
+    no_bad_chunk_in(b, bundle)
+
+
+def test_older_manifest_is_refused_as_rollback(tmp_path: Path, bundle: Bundle, servers,
+                                               clients) -> None:
+    a = servers(seeded(tmp_path, "a", bundle))
+    b = new_host(tmp_path / "b")
+    trust_state.record_channel(b, "main", 5, "f" * 64, now=NOW)
+    with pytest.raises(RollbackError):
+        pull(b, [clients(a.url)], ["tiny"], options=FAST, now=NOW)
+    assert list_models(b, include_importing=True) == []
+    assert [r.kind for r in audit.records(b)][-1] == "refusal"
+
+
+def test_the_newest_manifest_wins_over_an_older_offer(tmp_path: Path, bundle: Bundle, servers,
+                                                     clients) -> None:
+    newer = make_bundle({"tiny": {"model.gguf": model_bytes(9, 6 * CHUNK)}}, sequence=3,
+                        version="2")
+    old = servers(seeded(tmp_path, "old", bundle))
+    new = servers(seeded(tmp_path, "new", newer))
+    b = new_host(tmp_path / "b")
+    trust_state.record_channel(b, "main", 2, "f" * 64, now=NOW)
+    [result] = pull(b, [clients(old.url), clients(new.url)], ["tiny"], options=FAST, now=NOW)
+    assert (result.sequence, result.models) == (3, ["tiny:2"])
+    assert published_bytes(b, "tiny", "model.gguf", version="2") == \
+        newer.contents["tiny"]["model.gguf"]
+
+
+def test_manifest_signed_by_an_unknown_key_is_refused(tmp_path: Path, servers, clients) -> None:
+    forged = make_bundle({"tiny": {"model.gguf": model_bytes(3, 5 * CHUNK)}},
+                         signers=("stranger",))
+    a = servers(seeded(tmp_path, "a", forged))
+    b = new_host(tmp_path / "b")
+    with pytest.raises(ThresholdError, match="not a publisher key"):
+        pull(b, [clients(a.url)], ["tiny"], options=FAST, now=NOW)
+    assert list_models(b, include_importing=True) == []
+    refusal = [r for r in audit.records(b) if r.kind == "refusal"][-1]
+    assert refusal.details["peer"] == a.url
+
+
+def test_a_forged_newer_offer_does_not_block_the_honest_one(
+        tmp_path: Path, bundle: Bundle, servers, clients) -> None:
+    forged = make_bundle({"tiny": {"model.gguf": model_bytes(4, 5 * CHUNK)}}, sequence=99,
+                         signers=("stranger",))
+    evil = servers(seeded(tmp_path, "evil", forged))
+    honest = servers(seeded(tmp_path, "honest", bundle))
+    b = new_host(tmp_path / "b")
+    [result] = pull(b, [clients(evil.url), clients(honest.url)], ["tiny"], options=FAST, now=NOW)
+    assert result.sequence == 1
+    expect_model(b, bundle)
+    assert "ThresholdError" in result.dropped[evil.url]
+    assert trust_state.channel_state(b, "main") == (1, bundle.hash)
+
+
+def test_an_expired_bundle_is_refused_unless_overridden(tmp_path: Path, servers, clients
+                                                        ) -> None:
+    stale = make_bundle({"tiny": {"model.gguf": model_bytes(6, 3 * CHUNK)}},
+                        created=NOW - 30 * DAY, expires=NOW - DAY)
+    a = servers(seeded(tmp_path, "a", stale))
+    b = new_host(tmp_path / "b")
+    with pytest.raises(ExpiredError):
+        pull(b, [clients(a.url)], ["tiny"], options=FAST, now=NOW)
+    opts = replace(FAST, allow_expired=True, reason="air-gapped clock test")
+    pull(b, [clients(a.url)], ["tiny"], options=opts, now=NOW)
+    expect_model(b, stale)
+    assert "override" in [r.kind for r in audit.records(b)]
+
+
+def test_a_peer_that_dies_mid_transfer(tmp_path: Path, bundle: Bundle, servers, clients) -> None:
+    dying = servers(seeded(tmp_path, "dying", bundle),
+                    wrap=lambda app: ChunkTamper(app, "die", honest=2))
+    honest = servers(seeded(tmp_path, "honest", bundle))
+    b = new_host(tmp_path / "b")
+    [result] = pull(b, [clients(dying.url), clients(honest.url)], ["tiny"], options=FAST, now=NOW)
+    expect_model(b, bundle)
+    assert dying.url in result.dropped
+
+
+@pytest.mark.slow
+def test_a_peer_that_stalls_mid_transfer(tmp_path: Path, bundle: Bundle, servers, clients
+                                         ) -> None:
+    stalling = servers(seeded(tmp_path, "stall", bundle),
+                       wrap=lambda app: ChunkTamper(app, "stall", honest=1))
+    honest = servers(seeded(tmp_path, "honest", bundle))
+    b = new_host(tmp_path / "b")
+    start = time.monotonic()
+    [result] = pull(b, [clients(stalling.url), clients(honest.url)], ["tiny"], options=FAST,
+                    now=NOW)
+    expect_model(b, bundle)
+    assert stalling.url in result.dropped and "timed out" in result.dropped[stalling.url]
+    assert time.monotonic() - start < 20
+
+
+def test_the_only_peer_dies_then_the_pull_resumes(tmp_path: Path, bundle: Bundle, servers,
+                                                  clients) -> None:
+    source = seeded(tmp_path, "a", bundle)
+    dying = servers(source, wrap=lambda app: ChunkTamper(app, "die", honest=8))
+    b = new_host(tmp_path / "b")
+    with pytest.raises(PeerError, match="resumes") as info:
+        pull(b, [clients(dying.url)], ["tiny"], options=FAST, now=NOW)
+    assert "still missing" in str(info.value)
+    assert list_models(b) == []  # nothing half-written is listed
+    no_bad_chunk_in(b, bundle)
+    db = connect(b)
+    kept = db.execute("SELECT COUNT(*) AS n, SUM(length) AS bytes FROM chunks WHERE done = 1"
+                      ).fetchone()
+    db.close()
+    assert kept["n"] == 8  # every chunk the dying peer sent before dying was kept
+    healthy = servers(source)
+    [result] = pull(b, [clients(healthy.url)], ["tiny"], options=FAST, now=NOW)
+    expect_model(b, bundle)
+    assert result.bytes_fetched == result.bytes_total - kept["bytes"]
+
+
+def test_a_peer_streaming_forever_is_cut_off_at_the_declared_length(
+        tmp_path: Path, bundle: Bundle, servers, clients) -> None:
+    endless = EndlessPeer()
+    try:
+        ref = bundle.manifest.models[0].files[0].chunks[0]
+        start = time.monotonic()
+        with pytest.raises(PeerProtocolError, match="cut off"):
+            clients(endless.url).chunk(ref.digest, ref.length)
+        assert time.monotonic() - start < 5
+        honest = servers(seeded(tmp_path, "honest", bundle))
+        b = new_host(tmp_path / "b")
+        [result] = pull(b, [clients(endless.url), clients(honest.url)], ["tiny"], options=FAST,
+                        now=NOW)
+        expect_model(b, bundle)
+        assert result.by_peer == {honest.url: result.bytes_total}
+    finally:
+        endless.close()
+
+
+def test_local_chunks_are_copied_not_fetched(tmp_path: Path, servers, clients) -> None:
+    shared = model_bytes(7, 6 * CHUNK)
+    first = make_bundle({"base": {"m.gguf": shared}})
+    second = make_bundle({"tuned": {"m.gguf": shared[: 5 * CHUNK] + model_bytes(8, CHUNK)}},
+                         sequence=2)
+    a = servers(seeded(tmp_path, "a", second))
+    b = new_host(tmp_path / "b")
+    seed(b, first)
+    [result] = pull(b, [clients(a.url)], ["tuned"], options=FAST, now=NOW)
+    assert result.bytes_local == 5 * CHUNK and result.bytes_fetched == CHUNK
+    expect_model(b, second, "tuned")
+
+
+def test_swarm_a_host_serves_verified_chunks_while_its_pull_runs(
+        tmp_path: Path, bundle: Bundle, servers, clients) -> None:
+    held_back = bundle.manifest.models[0].files[0].chunks[-1].digest
+    gates: list[ChunkTamper] = []
+
+    def gate(app: Any) -> ChunkTamper:
+        gates.append(ChunkTamper(app, "gate", digest=held_back))
+        return gates[0]
+
+    seed_host = servers(seeded(tmp_path, "seed", bundle), wrap=gate)
+    b_store = new_host(tmp_path / "b")
+    b_server = servers(b_store)
+    c_store = new_host(tmp_path / "c")
+    b_errors: list[BaseException] = []
+    slow = replace(FAST, wait_for_chunks=60)
+
+    def b_pull() -> None:
+        try:
+            pull(b_store, [client(seed_host.url, timeouts=replace(QUICK, read=60,
+                                                                   chunk_deadline=60))],
+                 ["tiny"], options=slow, now=NOW)
+        except BaseException as e:  # reported below
+            b_errors.append(e)
+
+    b_thread = threading.Thread(target=b_pull)
+    b_thread.start()
+    try:
+        # C knows only B. B holds everything but the gated chunk, still mid-pull.
+        deadline = time.monotonic() + 20
+        total = len(bundle.manifest.models[0].files[0].chunks)
+        while time.monotonic() < deadline:
+            flags = clients(b_server.url).have(bundle.hash, len(bundle.manifest.unique_chunks()))
+            if flags is not None and sum(flags) >= total - 1:
+                break
+            time.sleep(0.05)
+        with pytest.raises(PeerError, match="still missing"):
+            pull(c_store, [clients(b_server.url)], ["tiny"], options=FAST, now=NOW)
+        assert b_thread.is_alive()  # B's own pull is still running
+        no_bad_chunk_in(c_store, bundle)
+        done = connect(c_store).execute("SELECT COUNT(*) AS n FROM chunks WHERE done = 1"
+                                        ).fetchone()["n"]
+        assert done == total - 1
+    finally:
+        gates[0].release.set()
+        b_thread.join(30)
+    assert not b_errors
+    [result] = pull(c_store, [clients(b_server.url)], ["tiny"], options=FAST, now=NOW)
+    assert result.bytes_fetched == bundle.manifest.models[0].files[0].chunks[-1].length
+    expect_model(c_store, bundle)
+
+
+def test_partial_hosts_advertise_what_they_hold(tmp_path: Path, bundle: Bundle, servers,
+                                                clients) -> None:
+    store = new_host(tmp_path / "p")
+    seed(store, bundle, partial_chunks=5)
+    p = servers(store)
+    [summary] = clients(p.url).manifests()
+    assert summary.hash == bundle.hash and not summary.complete
+    flags = clients(p.url).have(bundle.hash, len(bundle.manifest.unique_chunks()))
+    assert flags is not None and sum(flags) == 5
+    assert clients(p.url).have("0" * 64, 3) is None
+
+
+def test_pull_arguments(tmp_path: Path, bundle: Bundle, servers, clients) -> None:
+    a = servers(seeded(tmp_path, "a", bundle))
+    b = new_host(tmp_path / "b")
+    with pytest.raises(UsageError):
+        pull(b, [clients(a.url)], [], options=FAST, now=NOW)
+    with pytest.raises(UsageError):
+        pull(b, [], ["tiny"], options=FAST, now=NOW)
+    with pytest.raises(PeerError, match="no peer offers model 'nope'"):
+        pull(b, [clients(a.url)], ["nope"], options=FAST, now=NOW)
+    with pytest.raises(PeerError, match="no peer answered"):
+        pull(b, [clients("http://127.0.0.1:9")], ["tiny"], options=FAST, now=NOW)
+
+
+def test_chunk_from_a_peer_is_checked_on_arrival(tmp_path: Path, bundle: Bundle, servers,
+                                                 clients) -> None:
+    liar = servers(seeded(tmp_path, "liar", bundle), wrap=lambda app: ChunkTamper(app, "flip"))
+    ref = bundle.manifest.models[0].files[0].chunks[2]
+    with pytest.raises(IntegrityError) as info:
+        clients(liar.url).chunk(ref.digest, ref.length)
+    assert info.value.chunk == ref.digest
+    opts = PullOptions()
+    assert opts.per_peer >= 2 and opts.workers >= opts.per_peer
