@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any
 
 import blake3
@@ -78,8 +79,7 @@ class Role:
     models: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def allows(self, signer: str, model_name: str) -> bool:
-        patterns = self.models.get(signer, (ANY_MODEL,))
-        return any(pattern_matches(p, model_name) for p in patterns)
+        return any(pattern_matches(p, model_name) for p in self.models.get(signer, ()))
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,9 @@ class SignedRoot:
 
     def with_signatures(self, extra: Iterable[Signature]) -> SignedRoot:
         merged = list(self.signatures)
-        merged.extend(s for s in extra if s not in merged)
+        for signature in extra:
+            if signature not in merged:
+                merged.append(signature)
         return SignedRoot(self.root, self.body, tuple(merged))
 
 
@@ -268,7 +270,7 @@ def _parse_role(name: str, value: Any, keys: Mapping[str, TrustKey], limits: Lim
                     f"{MAX_PATTERNS_PER_KEY} distinct patterns of [A-Za-z0-9._/@+*?-]"
                 )
             models[kid] = tuple(patterns)
-    return Role(threshold=threshold, key_ids=tuple(sorted(key_list)), models=models)
+    return Role(threshold, tuple(sorted(key_list)), MappingProxyType(models))
 
 
 def parse_root_body(body: bytes, limits: Limits = DEFAULT_LIMITS) -> TrustRoot:
@@ -294,7 +296,10 @@ def parse_root_body(body: bytes, limits: Limits = DEFAULT_LIMITS) -> TrustRoot:
     for kid in keys:
         if kid not in used:
             raise FormatError(f"trust root key {kid} has no role")
-    return TrustRoot(version, created, expires, keys, roles, fingerprint_of_body(body))
+    return TrustRoot(
+        version, created, expires, MappingProxyType(keys), MappingProxyType(roles),
+        fingerprint_of_body(body),
+    )
 
 
 def parse_signed_root(data: bytes, limits: Limits = DEFAULT_LIMITS) -> SignedRoot:
