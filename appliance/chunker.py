@@ -53,7 +53,7 @@ from appliance.limits import (
 CHUNKER_ID = "appliance-chunker-1"
 GEAR_WINDOW = 32  # bytes that influence the 32-bit gear hash at a position
 SMALLEST_MAXIMUM = 4096
-_CDC_BLOCK = 1 << 20
+_CDC_BLOCK = 32 << 10  # small enough that the gear arrays stay in cache
 
 
 def _gear_table() -> np.ndarray:
@@ -305,13 +305,13 @@ def iter_span_bytes(
     The view is only valid until the next item: copy it (``bytes(view)``) to keep it.
     TruncatedError when the file is shorter than a span says.
     """
-    buffer = bytearray(buffer_bytes)
+    buffer = bytearray(0)
     try:
         with path.open("rb", buffering=0) as handle:
             position = 0
             for span in spans:
                 if span.length > len(buffer):
-                    buffer = bytearray(span.length)
+                    buffer = bytearray(max(span.length, min(buffer_bytes, 2 * len(buffer))))
                 if span.offset != position:
                     handle.seek(span.offset)
                 view = memoryview(buffer)[: span.length]

@@ -401,6 +401,21 @@ def test_hash_spans_are_blake3_of_the_bytes(many_tensor_gguf: Path) -> None:
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
 
 
+@pytest.mark.slow
+def test_planning_and_hashing_a_real_model_keeps_memory_flat(gemma_gguf: Path) -> None:
+    code = (
+        "import resource, sys; from pathlib import Path; "
+        "from appliance.chunker import plan_spans, hash_spans; "
+        "p = Path(sys.argv[1]); hash_spans(p, plan_spans(p)); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(gemma_gguf)], capture_output=True, text=True, check=True
+    )
+    peak_mib = int(done.stdout.strip()) / 1024
+    assert peak_mib < 150, f"peak RSS {peak_mib:.0f} MiB for a 253 MB model"
+
+
 def test_iter_span_bytes_seeks_for_non_contiguous_spans(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(bytes(range(256)) * 10)
