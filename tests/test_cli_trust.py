@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -249,3 +250,67 @@ def test_keys_show(keys: Path, capsys: Capsys) -> None:
     assert key_id(load_public_key(keys / "bob.pub")) in out.splitlines()[1]
     code, _, err = _run(capsys, "keys", "show", keys / "alice.key")
     assert code == 3 and "KeyFileError" in err
+
+
+def _recipe(base: Path, sequence: int) -> Path:
+    models = base / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    (models / "weights.bin").write_bytes(os.urandom(300_000))
+    lines = ["channel: site-models", f"sequence: {sequence}", "expires_days: 30", "models:",
+             "  - name: acme/tiny", "    version: q4_k_m", "    license: apache-2.0",
+             "    files:", "      - path: models/weights.bin"]
+    recipe = base / f"recipe-{sequence}.yaml"
+    recipe.write_text("\n".join(lines) + "\n")
+    return recipe
+
+
+def test_end_to_end_init_sign_bundle_install_rotate_verify(
+    keys: Path, tmp_path: Path, capsys: Capsys
+) -> None:
+    """keys -> trust init -> bundle build (signed) -> install -> verify -> rotate -> import."""
+    store = tmp_path / "site-store"
+    root1, root2 = tmp_path / "root-1.yaml", tmp_path / "root-2.yaml"
+    assert _run(capsys, *_init(keys, root1, "alice", "bob"))[0] == 0
+    fingerprint = _run(capsys, "trust", "fingerprint", root1)[1].strip()
+
+    media1 = tmp_path / "media-1"
+    code, _, err = _run(capsys, "bundle", "build", _recipe(tmp_path, 1),
+                        "--key", keys / "acme.key", "--trust", root1, "--out", media1)
+    assert code == 0, err
+    assert _run(capsys, "--store", store, "trust", "install", root1,
+                "--fingerprint", fingerprint)[0] == 0
+    code, _, err = _run(capsys, "--store", store, "bundle", "verify", media1)
+    assert code == 0, err
+
+    # Rotate: dave joins the root keys, ops is revoked as a publisher.
+    code, _, err = _run(
+        capsys, "trust", "rotate", root1, "--out", root2,
+        "--add-key", f"root={keys / 'dave.pub'}", "--remove-key", f"publisher={keys / 'ops.pub'}",
+        "--sign-with", keys / "alice.key", keys / "bob.key", keys / "dave.key",
+    )
+    assert code == 0, err
+    media2 = tmp_path / "media-2"
+    code, _, err = _run(capsys, "bundle", "build", _recipe(tmp_path, 2),
+                        "--key", keys / "acme.key", "--trust", root1, root2, "--out", media2)
+    assert code == 0, err
+    code, _, err = _run(capsys, "--store", store, "import", media2)
+    assert code == 0, err
+    assert trust_state.require_root(store).version == 2  # the media's chain was walked
+    code, _, err = _run(capsys, "--store", store, "bundle", "verify", media2)
+    assert code == 0, err
+    code, _, err = _run(capsys, "bundle", "verify", media2, "--trust", root2)
+    assert code == 0, err
+
+    # The revoked publisher's bundle verifies under v1 but not once v2 is known.
+    media3 = tmp_path / "media-3"
+    code, _, err = _run(capsys, "bundle", "build", _recipe(tmp_path, 3),
+                        "--key", keys / "ops.key", "--trust", root1, "--out", media3)
+    assert code == 0, err
+    assert _run(capsys, "bundle", "verify", media3, "--trust", root1)[0] == 0
+    code, _, err = _run(capsys, "--store", store, "bundle", "verify", media3)
+    assert code == 2 and "ThresholdError" in err
+    code, _, err = _run(capsys, "--store", store, "import", media3)
+    assert code == 2 and "ThresholdError" in err
+    # An older bundle after a newer one: rollback.
+    code, _, err = _run(capsys, "--store", store, "import", media1)
+    assert code == 2 and "RollbackError" in err
