@@ -90,6 +90,7 @@ class ServerState:
             yield
         finally:
             await asyncio.gather(*(w.stop() for w in self.workers.values()))
+            log.info("server stopped; workers of %s shut down", ", ".join(self.workers))
 
     def worker_for(self, model: str | None) -> Worker:
         if model is None:
