@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "appliance.cli.peer",
     "appliance.cli.site",
     "appliance.cli.tui",
+    "appliance.cli.iso",
 )
 
 EPILOG = f"""\
