@@ -41,6 +41,7 @@ from appliance.bundle.media import (
     SIGNATURE_SUFFIX,
     SIGNATURES_DIR,
     TRUST_DIR,
+    MappedRange,
     PackWriter,
     VolumeIndex,
     compress_chunk,
@@ -239,8 +240,10 @@ def _prepare_out(out_dir: Path) -> tuple[bool, Path]:
     return created, staging
 
 
-def _digest_and_compress(data: bytes, level: int, known: set[bytes]
-                         ) -> tuple[bytes, bytes, bool]:
+Work = tuple[bytes, bytes | memoryview, bool]  # digest, stored bytes, compressed
+
+
+def _digest_and_compress(data: memoryview, level: int, known: set[bytes]) -> Work:
     digest = blake3.blake3(data).digest()
     if digest in known:  # a chunk already stored: skip compressing it again
         return digest, b"", False
@@ -350,8 +353,7 @@ class _Packer:
         self.state.volumes.append(volume)
         return volume
 
-    def consume(self, span: Span, result: tuple[bytes, bytes, bool], chunks: list[ChunkRef]
-                ) -> None:
+    def consume(self, span: Span, result: Work, chunks: list[ChunkRef]) -> None:
         digest, stored, compressed = result
         chunks.append(ChunkRef(digest.hex(), span.length, span.offset))
         self.counts["chunks"] += 1
@@ -380,36 +382,60 @@ def _write_packs(recipe: Recipe, planned: list[list[_PlannedFile]], state: _Stat
     in_flight = 2 * workers
     packer = _Packer(state, pack_size, budget, total, progress)
     models: list[ModelEntry] = []
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bundle-build") as pool:
+    # The upstream sha256 runs on its own thread (hashlib releases the GIL), in file order.
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bundle-build") as pool, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="bundle-sha256") as sha_pool:
         for spec, files in zip(recipe.models, planned, strict=True):
             entries: list[FileEntry] = []
             sources: list[SourceRecord] = []
             for planned_file in files:
                 chunks: list[ChunkRef] = []
-                pending: deque[tuple[Span, Future[tuple[bytes, bytes, bool]]]] = deque()
+                pending: deque[tuple[Span, MappedRange, Future[Work], Future[None]]] = deque()
                 sha = hashlib.sha256()
                 path = planned_file.source.local_path
+
+                def settle(item: tuple[Span, MappedRange, Future[Work], Future[None]],
+                           chunks: list[ChunkRef] = chunks) -> None:
+                    span_done, mapped, work, hashed = item
+                    try:
+                        hashed.result()
+                        packer.consume(span_done, work.result(), chunks)
+                    finally:
+                        mapped.close()
+
                 try:
                     handle = path.open("rb")
                 except OSError as e:
                     raise RecipeError(f"cannot read {path}: {e}") from e
-                with handle:
+                try:
+                    # Chunks are mapped, not read: no copy, and the same pages feed BLAKE3,
+                    # zstd, sha256 and (for raw chunks) the pack write.
                     for span in planned_file.spans:
-                        data = handle.read(span.length)
-                        if len(data) != span.length:
+                        try:
+                            mapped = MappedRange(handle.fileno(), span.offset, span.length)
+                        except TruncatedError as e:
                             raise TruncatedError(f"{path} shrank while it was being read",
-                                                 file=str(path), offset=span.offset)
-                        sha.update(data)
-                        pending.append((span, pool.submit(_digest_and_compress, data, level,
-                                                          packer.known)))
+                                                 file=str(path), offset=span.offset) from e
+                        pending.append((
+                            span, mapped,
+                            pool.submit(_digest_and_compress, mapped.view, level,
+                                        packer.known),
+                            sha_pool.submit(sha.update, mapped.view),
+                        ))
                         while len(pending) > in_flight:
-                            span_done, future = pending.popleft()
-                            packer.consume(span_done, future.result(), chunks)
-                    if handle.read(1):
-                        raise RecipeError(f"{path} grew while it was being read")
-                while pending:
-                    span_done, future = pending.popleft()
-                    packer.consume(span_done, future.result(), chunks)
+                            settle(pending.popleft())
+                    while pending:
+                        settle(pending.popleft())
+                    if os.fstat(handle.fileno()).st_size != planned_file.size:
+                        raise RecipeError(f"{path} changed size while it was being read")
+                finally:
+                    for _, mapped, work, hashed in pending:  # only after a failure
+                        for future in (work, hashed):
+                            future.cancel()
+                            with contextlib.suppress(Exception):
+                                future.exception()  # waits for a running one to let go
+                        mapped.close()
+                    handle.close()
                 root = merkle_root([bytes.fromhex(c.digest) for c in chunks]).hex()
                 dest = planned_file.source.dest
                 entries.append(FileEntry(dest, planned_file.size, root, tuple(chunks)))

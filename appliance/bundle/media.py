@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import mmap
 import os
 import struct
 import threading
@@ -57,7 +58,9 @@ INDEX_MAGIC = b"APPLVIX\x00"
 INDEX_VERSION = 1
 MAX_VOLUMES = 9999
 MAX_PACKS_PER_VOLUME = 9999
-COMPRESSION_LEVEL = 3
+# Level 1: on quantized GGUF weights level 3 saves 0.25% more bytes (gemma3-270m Q4_K_M:
+# 238.4 MB vs 239.0 MB stored of 253.1 MB) at about half the speed.
+COMPRESSION_LEVEL = 1
 
 # magic, version, volume number, volume count, pack count, entry count, total unique chunks,
 # manifest hash
@@ -244,7 +247,8 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return dctx
 
 
-def compress_chunk(data: bytes, level: int = COMPRESSION_LEVEL) -> tuple[bytes, bool]:
+def compress_chunk(data: bytes | memoryview, level: int = COMPRESSION_LEVEL
+                   ) -> tuple[bytes | memoryview, bool]:
     """The bytes to store for a chunk and whether they are compressed.
 
     Raw when zstd saves less than ``MIN_COMPRESSION_SAVING``; so a compressed chunk is always
@@ -256,7 +260,7 @@ def compress_chunk(data: bytes, level: int = COMPRESSION_LEVEL) -> tuple[bytes, 
     return data, False
 
 
-def decompress_chunk(stored: bytes, length: int, *, chunk: str | None = None,
+def decompress_chunk(stored: bytes | memoryview, length: int, *, chunk: str | None = None,
                      volume: str | None = None, offset: int | None = None,
                      pack: str | None = None) -> bytes:
     """One zstd frame -> exactly ``length`` bytes, never more (a bomb is an error, not an OOM).
@@ -313,7 +317,38 @@ def read_stored(pack: BinaryIO | Path, offset: int, stored_length: int, *,
     return data
 
 
-def check_chunk(plain: bytes, digest_hex: str, *, file: str | None = None,
+class MappedRange:
+    """A read-only memory map of ``length`` bytes at ``offset`` of an open file.
+
+    Hashing and decompressing straight from the page cache avoids a copy per chunk (on the
+    machines measured, 2-3x faster than ``read`` into a buffer). The map covers one chunk and
+    is closed right after, so mapped pages never accumulate in the process's memory. The
+    caller checks the file is long enough first (a map past the end is a ``TruncatedError``);
+    a file cut short *while* mapped would raise SIGBUS, so the builder uses maps for local
+    source files and the verifier for packs, while ``read_chunk`` (imports) uses ``read``.
+    """
+
+    def __init__(self, fileno: int, offset: int, length: int) -> None:
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        self._delta = offset - start
+        try:
+            self._map = mmap.mmap(fileno, self._delta + length, access=mmap.ACCESS_READ,
+                                  offset=start)
+        except ValueError as e:  # the file is shorter than offset + length
+            raise TruncatedError(f"file ends before byte {offset + length}",
+                                 offset=offset) from e
+        self._view = memoryview(self._map)[self._delta:self._delta + length]
+
+    @property
+    def view(self) -> memoryview:
+        return self._view
+
+    def close(self) -> None:
+        self._view.release()
+        self._map.close()
+
+
+def check_chunk(plain: bytes | memoryview, digest_hex: str, *, file: str | None = None,
                 volume: str | None = None, offset: int | None = None,
                 pack: str | None = None) -> None:
     """BLAKE3 of the plain bytes must equal the manifest's digest, else ``IntegrityError``."""
@@ -350,7 +385,7 @@ class PackWriter:
             self._file.close()
             self._file = None
 
-    def append(self, digest: bytes, stored: bytes, compressed: bool) -> IndexEntry:
+    def append(self, digest: bytes, stored: bytes | memoryview, compressed: bool) -> IndexEntry:
         if len(stored) > self.pack_size:
             raise MediaError(f"a stored chunk of {len(stored)} bytes exceeds the pack size")
         f = self._file

@@ -30,6 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import BinaryIO
 
 from appliance.bundle.media import (
     INDEX_NAME,
@@ -38,6 +39,7 @@ from appliance.bundle.media import (
     SIGNATURE_SUFFIX,
     SIGNATURES_DIR,
     TRUST_DIR,
+    MappedRange,
     VolumeIndex,
     check_chunk,
     decompress_chunk,
@@ -358,17 +360,18 @@ def read_chunk(location: ChunkLocation, ref: ChunkRef, limits: Limits = DEFAULT_
         )
     stored = read_stored(location.pack, location.offset, location.stored_length,
                          chunk=ref.digest, volume=location.volume)
-    return check_stored(stored, location, ref, file=file)
+    plain = check_stored(stored, location, ref, file=file)
+    assert isinstance(plain, bytes)  # bytes in, bytes out
+    return plain
 
 
-def check_stored(stored: bytes, location: ChunkLocation, ref: ChunkRef, *,
-                 file: str | None = None) -> bytes:
+def check_stored(stored: bytes | memoryview, location: ChunkLocation, ref: ChunkRef, *,
+                 file: str | None = None) -> bytes | memoryview:
     """Decompress (if needed) and hash stored bytes already read from a pack."""
+    plain: bytes | memoryview = stored
     if location.compressed:
         plain = decompress_chunk(stored, ref.length, chunk=ref.digest, volume=location.volume,
                                  offset=location.offset, pack=location.pack.name)
-    else:
-        plain = stored
     check_chunk(plain, ref.digest, file=file, volume=location.volume, offset=location.offset,
                 pack=location.pack.name)
     return plain
@@ -415,6 +418,25 @@ def _check_pack_sizes(volume: Volume) -> None:
             )
 
 
+def _open_pack(volume: Volume, number: int) -> BinaryIO:
+    path = volume.pack_path(number)
+    try:
+        return path.open("rb")
+    except FileNotFoundError as e:
+        raise TruncatedError(f"{pack_name(number)} is missing", volume=volume.name) from e
+    except OSError as e:
+        raise MediaError(f"cannot open {path}: {e}") from e
+
+
+def _check_mapped(mapped: MappedRange, location: ChunkLocation, ref: ChunkRef, file: str
+                  ) -> int:
+    try:
+        check_stored(mapped.view, location, ref, file=file)
+    finally:
+        mapped.close()
+    return ref.length
+
+
 def verify_media(
     volume_dirs: Sequence[Path],
     trusted_root: TrustRoot,
@@ -427,8 +449,9 @@ def verify_media(
 ) -> VerifyReport:
     """Authenticate the bundle, then read and check every chunk of every volume given.
 
-    Packs are read sequentially by this thread while ``workers`` threads decompress and
-    hash (both release the GIL); at most ``2 * workers`` chunks are in memory. The first
+    This thread maps each chunk of each pack in order (``MappedRange``: no copy) while
+    ``workers`` threads decompress and hash (both release the GIL); at most
+    ``2 * workers`` chunks are mapped at a time, so memory stays flat. The first
     bad chunk stops the run with an ``IntegrityError`` naming chunk, file, volume and pack
     offset. Missing volumes are not an error here: the report lists them.
     ``progress(done, total)`` counts bytes read from packs.
@@ -444,11 +467,11 @@ def verify_media(
         _check_pack_sizes(volume)
     total = sum(sum(v.index.pack_sizes) for v in media.volumes)
     done = chunks = plain = 0
-    pending: deque[Future[bytes]] = deque()
+    pending: deque[Future[int]] = deque()
 
-    def settle(future: Future[bytes]) -> None:
+    def settle(future: Future[int]) -> None:
         nonlocal chunks, plain
-        plain += len(future.result())
+        plain += future.result()
         chunks += 1
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bundle-verify") as pool:
@@ -463,15 +486,21 @@ def verify_media(
                             if handle is not None:
                                 handle.close()
                             current = entry.pack
-                            handle = volume.pack_path(current).open("rb")
+                            handle = _open_pack(volume, current)
                         assert handle is not None
                         location = ChunkLocation(volume.name, volume.pack_path(entry.pack),
                                                  entry.offset, entry.stored_length,
                                                  entry.compressed)
-                        stored = read_stored(handle, entry.offset, entry.stored_length,
-                                             chunk=ref.digest, volume=volume.name)
-                        pending.append(pool.submit(check_stored, stored, location, ref,
-                                                   file=files[ref.digest]))
+                        try:
+                            mapped = MappedRange(handle.fileno(), entry.offset,
+                                                 entry.stored_length)
+                        except TruncatedError as e:
+                            raise TruncatedError(
+                                f"{pack_name(entry.pack)} ends before this chunk",
+                                chunk=ref.digest, volume=volume.name, offset=entry.offset,
+                            ) from e
+                        pending.append(pool.submit(_check_mapped, mapped, location, ref,
+                                                   files[ref.digest]))
                         done += entry.stored_length
                         while len(pending) > 2 * workers:
                             settle(pending.popleft())
