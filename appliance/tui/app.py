@@ -38,6 +38,7 @@ from appliance.tui.models import ModelsPane
 from appliance.tui.peers import PeersPane
 from appliance.tui.serve import ServePane
 from appliance.tui.service import DEFAULT_SCAN_ROOTS
+from appliance.tui.serving import prepare_spawning
 from appliance.tui.trust import TrustPane
 
 PANES: tuple[type[Pane], ...] = (
@@ -207,6 +208,7 @@ def create_app(
         serve_listen=serve_listen,
         serve_ctx=serve_ctx,
     )
+    prepare_spawning()
     app = ApplianceApp(ctx)
     app.title = f"appliance {__version__}"
     return app

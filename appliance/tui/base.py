@@ -105,6 +105,8 @@ class Job:
 class Pane(Vertical):
     """One screen of the switcher. Subclasses set ``PANE_ID``, ``TITLE``, ``BINDINGS``."""
 
+    # Focusable so a screen without focusable widgets still receives its key bindings.
+    can_focus = True
     PANE_ID: ClassVar[str] = ""
     TITLE: ClassVar[str] = ""
     HELP: ClassVar[str] = ""
@@ -120,6 +122,7 @@ class Pane(Vertical):
         super().__init__(id=f"pane-{self.PANE_ID}")
         self.ctx = ctx
         self.job: Worker[Any] | None = None
+        self.last_error: BaseException | None = None  # the newest failure shown (tests read it)
 
     # -- for subclasses ------------------------------------------------------------------
 
@@ -139,6 +142,7 @@ class Pane(Vertical):
             if widget.focusable:
                 widget.focus()
                 return
+        self.focus()
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -209,6 +213,7 @@ class Pane(Vertical):
             self.notify("nothing to cancel")
 
     def show_error(self, error: BaseException) -> None:
+        self.last_error = error
         self.app.push_screen(ExplainScreen(explain(error)))
 
 

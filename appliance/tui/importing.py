@@ -71,9 +71,6 @@ class ImportPane(Pane):
         bundle.update(f"bundle: {', '.join(map(str, self.ctx.selected))}{override}\n"
                       "Press i to import, c to cancel.")
 
-    def focus_first(self) -> None:
-        self.query_one("#import-progress", ProgressBar).focus()
-
     def action_start(self) -> None:
         if not self.ctx.selected:
             self.notify("choose a bundle on the Media screen first", severity="warning")

@@ -27,6 +27,7 @@ class ServePane(Pane):
         Binding("x", "stop", "Stop"),
         Binding("r", "reload", "Refresh"),
         Binding("m", "focus_chat", "Chat"),
+        Binding("escape", "leave_chat", "Leave chat", show=False),
     ]
     DEFAULT_CSS = """
     ServePane #serve-chat-log { height: 1fr; border: round $primary-darken-2; }
@@ -58,6 +59,9 @@ class ServePane(Pane):
 
     def action_focus_chat(self) -> None:
         self.query_one("#serve-input", Input).focus()
+
+    def action_leave_chat(self) -> None:
+        self.focus_first()
 
     def _poll(self) -> None:
         if self.controller.running and not self.busy:

@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,16 @@ def parse_metrics(text: str) -> dict[str, float]:
             except ValueError:
                 continue
     return out
+
+
+def prepare_spawning() -> None:
+    """Start multiprocessing's resource tracker now, before Textual runs.
+
+    While a Textual app runs, ``sys.stderr`` is a capture object whose ``fileno()`` is -1;
+    a tracker started then passes -1 to ``fork_exec`` and every spawned llama.cpp worker
+    fails with "bad value(s) in fds_to_keep". Started beforehand, it is reused.
+    """
+    resource_tracker.ensure_running()
 
 
 class ServeController:
@@ -136,7 +147,7 @@ class ServeController:
         if self.server is None:
             raise UsageError("start the server first (s)")
         body = {"model": model, "messages": [{"role": "user", "content": message}],
-                "max_tokens": max_tokens}
+                "max_tokens": max_tokens, "temperature": 0}
         try:
             response = httpx.post(f"{self.server.url}/v1/chat/completions", json=body,
                                   timeout=120)

@@ -1,0 +1,249 @@
+"""Pilot tests of the operator's flows against real bundles, stores and servers in tmp_path.
+
+Each test drives ``appliance.tui.app.create_app`` with key presses only (as an operator
+would) at 80x24, waits for the worker threads, and checks both the screen's state and the
+store (models listed, audit records) through the library.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from textual.pilot import Pilot
+from textual.widgets import Input, Static
+from tui_helpers import MODEL, NOW, tamper_raw_chunk, tiny_bundle, trusted_store, wait_for
+
+from appliance.errors import ExpiredError, IntegrityError, NoTrustRootError, RollbackError
+from appliance.store import audit
+from appliance.store.records import list_models
+from appliance.tui.app import ApplianceApp, create_app
+from appliance.tui.base import ExplainScreen
+from appliance.tui.importing import ImportPane
+from appliance.tui.inspect import InspectPane
+from appliance.tui.media import MediaPane
+from appliance.tui.models import ModelsPane
+from appliance.tui.serve import ServePane
+
+Scenario = Callable[[ApplianceApp, Pilot[None]], Awaitable[None]]
+
+
+def drive(app: ApplianceApp, scenario: Scenario, size: tuple[int, int] = (80, 24)) -> None:
+    async def main() -> None:
+        async with app.run_test(size=size) as pilot:
+            await pilot.pause()
+            await scenario(app, pilot)
+
+    asyncio.run(main())
+
+
+def text(app: ApplianceApp, selector: str) -> str:
+    return str(app.screen.query_one(selector, Static).render())
+
+
+async def type_text(pilot: Pilot[None], value: str) -> None:
+    """Type into the focused input: short texts key by key, long ones (paths) pasted."""
+    if len(value) <= 24:
+        await pilot.press(*[{" ": "space"}.get(c, c) for c in value])
+        return
+    focused = pilot.app.focused
+    assert isinstance(focused, Input), f"typing into {focused!r}"
+    focused.insert_text_at_cursor(value)
+    await pilot.pause()
+
+
+async def choose_bundle(app: ApplianceApp, pilot: Pilot[None]) -> InspectPane:
+    media = app.query_one(MediaPane)
+    await wait_for(pilot, lambda: media.found, what="the bundle on the Media screen")
+    await pilot.press("enter")
+    inspect = app.query_one(InspectPane)
+    await wait_for(pilot, lambda: inspect.view is not None or inspect.last_error is not None,
+                   what="inspection")
+    return inspect
+
+
+async def close_explanation(app: ApplianceApp, pilot: Pilot[None]) -> str:
+    await wait_for(pilot, lambda: isinstance(app.screen, ExplainScreen), what="explanation")
+    assert isinstance(app.screen, ExplainScreen)
+    title = app.screen.explanation.title
+    await pilot.press("escape")
+    return title
+
+
+@pytest.mark.slow
+def test_media_to_verified_import_to_served_chat(tmp_path: Path, tiny_gguf: Path) -> None:
+    store = trusted_store(tmp_path / "store")
+    media = tiny_bundle(tmp_path / "bundle", tiny_gguf)
+    app = create_app(store, media=[media], scan_roots=(), clock=lambda: NOW, serve_ctx=256)
+
+    async def scenario(app: ApplianceApp, pilot: Pilot[None]) -> None:
+        inspect = await choose_bundle(app, pilot)
+        assert app.query_one("TabbedContent").active == "inspect"  # type: ignore[attr-defined]
+        assert inspect.view is not None
+        assert [m.name for m in inspect.view.manifest.models] == [MODEL]
+        summary = text(app, "#inspect-summary")
+        assert "site-models #1" in summary and "signed by p1" in summary
+
+        await pilot.press("v")
+        await wait_for(pilot, lambda: inspect.verified is not None, what="verification")
+        assert inspect.verified is not None and inspect.verified.complete
+        assert "verified" in text(app, "#inspect-volumes")
+
+        await pilot.press("i")  # Inspect -> Import screen
+        importing = app.query_one(ImportPane)
+        assert app.query_one("TabbedContent").active == "import"  # type: ignore[attr-defined]
+        await pilot.press("i")
+        await wait_for(pilot, lambda: importing.result is not None, what="the import")
+        assert importing.result is not None and importing.result.complete
+        assert "imported completely" in text(app, "#import-result")
+
+        await pilot.press("4")
+        models = app.query_one(ModelsPane)
+        await wait_for(pilot, lambda: [m.ref for m in models.models] == [f"{MODEL}:q4_k_m"],
+                       what="the model on the Models screen")
+        assert models.models[0].verified
+        assert [m.ref for m in list_models(store)] == [f"{MODEL}:q4_k_m"]
+
+        await pilot.press("6", "s")
+        serve = app.query_one(ServePane)
+        await wait_for(pilot, lambda: serve.last is not None and serve.last.state == "ok",
+                       timeout=120, what="the server to load the model")
+        assert isinstance(app.focused, Input)
+        await type_text(pilot, "hello there")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: serve.answers, timeout=60, what="the model's answer")
+        url = serve.controller.url
+        assert url is not None
+        direct = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+            "model": MODEL, "messages": [{"role": "user", "content": "hello there"}],
+            "max_tokens": 48, "temperature": 0}).json()
+        assert serve.answers == [direct["choices"][0]["message"]["content"]]
+        await pilot.press("escape", "x")  # leave the chat box, then stop the server
+        await wait_for(pilot, lambda: not serve.controller.running, timeout=60,
+                       what="the server to stop")
+
+    drive(app, scenario)
+    kinds = [r.kind for r in audit.records(store)]
+    assert kinds.count("import") == 1 and "serve-start" in kinds
+    assert audit.verify(store) == len(kinds)
+
+
+def test_tampered_bundle_is_refused_in_plain_words(tmp_path: Path, tiny_gguf: Path) -> None:
+    store = trusted_store(tmp_path / "store")
+    media = tiny_bundle(tmp_path / "bundle", tiny_gguf)
+    tamper_raw_chunk(media)
+    app = create_app(store, media=[media], scan_roots=(), clock=lambda: NOW)
+
+    async def scenario(app: ApplianceApp, pilot: Pilot[None]) -> None:
+        inspect = await choose_bundle(app, pilot)
+        assert inspect.view is not None  # signatures are fine: only the bytes differ
+        await pilot.press("v")
+        assert await close_explanation(app, pilot) == "Refused: tampered or damaged chunk"
+        assert type(inspect.last_error) is IntegrityError
+        assert "verification failed" in text(app, "#inspect-volumes")
+
+        await pilot.press("i", "i")  # importing the same media is refused too
+        importing = app.query_one(ImportPane)
+        assert await close_explanation(app, pilot) == "Refused: tampered or damaged chunk"
+        assert type(importing.last_error) is IntegrityError
+        assert "Do not use this media" in text(app, "#import-result")
+
+    drive(app, scenario)
+    assert list_models(store) == []
+    refusals = [r for r in audit.records(store) if r.kind == "refusal"]
+    assert refusals and refusals[-1].details["error"] == "IntegrityError"
+
+
+def test_expired_bundle_needs_a_typed_reason(tmp_path: Path, tiny_gguf: Path) -> None:
+    store = trusted_store(tmp_path / "store")
+    media = tiny_bundle(tmp_path / "bundle", tiny_gguf)  # expires 30 days after NOW
+    late = NOW + timedelta(days=60)
+    app = create_app(store, media=[media], scan_roots=(), clock=lambda: late)
+
+    async def scenario(app: ApplianceApp, pilot: Pilot[None]) -> None:
+        inspect = await choose_bundle(app, pilot)
+        assert await close_explanation(app, pilot) == "Refused: expired"
+        assert type(inspect.last_error) is ExpiredError
+        assert "Press e" in text(app, "#inspect-summary")
+
+        await pilot.press("e")
+        await pilot.press("enter")  # an empty reason is not accepted
+        assert "needed" in text(app, "#prompt-problem")
+        await type_text(pilot, "site offline since May")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: inspect.view is not None, what="inspection with override")
+        assert inspect.view is not None and inspect.view.expired
+        assert app.ctx.override_reason == "site offline since May"
+
+        await pilot.press("i", "i")
+        importing = app.query_one(ImportPane)
+        await wait_for(pilot, lambda: importing.result is not None, what="the import")
+        assert importing.result is not None and importing.result.expired_override
+
+    drive(app, scenario)
+    overrides = [r for r in audit.records(store) if r.kind == "override"]
+    assert [r.details["reason"] for r in overrides] == ["site offline since May"]
+
+
+def test_older_bundle_is_refused_as_rollback(tmp_path: Path, tiny_gguf: Path) -> None:
+    store = trusted_store(tmp_path / "store")
+    newer = tiny_bundle(tmp_path / "b2", tiny_gguf, sequence=2)
+    older = tiny_bundle(tmp_path / "b1", tiny_gguf, sequence=1)
+    from appliance.importer import import_media
+
+    import_media(store, [newer], now=NOW)
+    app = create_app(store, media=[older], scan_roots=(), clock=lambda: NOW)
+
+    async def scenario(app: ApplianceApp, pilot: Pilot[None]) -> None:
+        inspect = await choose_bundle(app, pilot)
+        assert inspect.view is not None and inspect.view.rollback is not None
+        assert "rollback" in text(app, "#inspect-summary")
+        await pilot.press("i", "i")
+        importing = app.query_one(ImportPane)
+        assert await close_explanation(app, pilot) == "Refused: older bundle (rollback)"
+        assert type(importing.last_error) is RollbackError
+
+    drive(app, scenario)
+
+
+def test_no_trust_root_says_how_to_install_one_and_install_works(tmp_path: Path,
+                                                                  tiny_gguf: Path) -> None:
+    from trust_helpers import make_root
+
+    store = tmp_path / "store"
+    media = tiny_bundle(tmp_path / "bundle", tiny_gguf)
+    signed = make_root()
+    root_file = tmp_path / "root-1.yaml"
+    root_file.write_bytes(signed.to_bytes())
+    app = create_app(store, media=[media], scan_roots=(), clock=lambda: NOW)
+
+    async def scenario(app: ApplianceApp, pilot: Pilot[None]) -> None:
+        inspect = await choose_bundle(app, pilot)
+        assert await close_explanation(app, pilot) == "No trust root installed"
+        assert type(inspect.last_error) is NoTrustRootError
+
+        await pilot.press("7")
+        await wait_for(pilot, lambda: "No trust root" in text(app, "#trust-summary"),
+                       what="the empty trust screen")
+        await pilot.press("t")
+        await type_text(pilot, str(root_file))
+        await pilot.press("enter")
+        await type_text(pilot, "0000-0000-0000-0000-0000-0000-0000-0000")
+        await pilot.press("enter")
+        assert await close_explanation(app, pilot) == "Refused: fingerprint does not match"
+
+        await pilot.press("t")
+        await type_text(pilot, str(root_file))
+        await pilot.press("enter")
+        await type_text(pilot, signed.root.fingerprint)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: signed.root.fingerprint in text(app, "#trust-summary"),
+                       what="the installed root")
+        assert "trust root v1" in text(app, "#trust-summary")
+
+    drive(app, scenario)
+    assert [r.kind for r in audit.records(store)] == ["refusal", "trust-install"]

@@ -1,0 +1,61 @@
+"""Helpers for the TUI tests: a store trusting the test root, real bundles, Pilot waiting.
+
+Bundles are built by the real builder (``bundle_helpers.build``) from the session's tiny
+runnable GGUF, signed by the deterministic publisher key ``p1`` and carrying the root made by
+``trust_helpers.make_root``; the store installs that root with its fingerprint, at ``NOW``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bundle_helpers import NOW, build, write_recipe
+from textual.pilot import Pilot
+from trust_helpers import make_root
+
+from appliance.bundle.media import parse_index
+from appliance.store import trust_state
+
+MODEL = "acme/tiny"
+
+
+def trusted_store(path: Path) -> Path:
+    signed = make_root()
+    trust_state.install_first_root(path, signed.to_bytes(), signed.root.fingerprint, NOW)
+    return path
+
+
+def tiny_bundle(base: Path, gguf: Path, *, sequence: int = 1, out: str = "media",
+                name: str = MODEL) -> Path:
+    """A one-model bundle holding the tiny GGUF; returns the media directory."""
+    src = base / "models"
+    src.mkdir(parents=True, exist_ok=True)
+    (src / "tiny.gguf").write_bytes(gguf.read_bytes())
+    recipe = write_recipe(base, files=("tiny.gguf",), name=name, sequence=sequence)
+    build(base, recipe=recipe, out=out)
+    return base / out
+
+
+def tamper_raw_chunk(media: Path) -> None:
+    """Flip one byte inside a chunk stored uncompressed (so the hash check must catch it)."""
+    index = parse_index((media / "index.bin").read_bytes())
+    entry = next(e for e in index.entries if not e.compressed and e.stored_length > 16)
+    pack = media / "packs" / f"pack-{entry.pack:04d}.zst"
+    with pack.open("r+b") as f:
+        f.seek(entry.offset + entry.stored_length // 2)
+        byte = f.read(1)
+        f.seek(entry.offset + entry.stored_length // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+async def wait_for(pilot: Pilot[None], predicate: Callable[[], object], timeout: float = 20.0,
+                   what: str = "condition") -> None:
+    """Let the app run until ``predicate()`` is true (workers finish, screens update)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await pilot.pause(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
