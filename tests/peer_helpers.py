@@ -79,15 +79,16 @@ def make_bundle(
     version: str = "1",
     created: datetime = NOW - DAY,
     expires: datetime = NOW + 30 * DAY,
+    chunk: int = CHUNK,
 ) -> Bundle:
-    entries = tuple(_entry(name, version, files) for name, files in models.items())
+    entries = tuple(_entry(name, version, files, chunk) for name, files in models.items())
     manifest = Manifest(FORMAT_VERSION, channel, sequence, created, expires, entries)
     body = manifest_bytes(manifest)
     return Bundle(manifest, body, tuple(sign_manifest(body, *signers)), models)
 
 
-def _entry(name: str, version: str, files: dict[str, bytes]) -> ModelEntry:
-    entry = model_entry(name, version, files, CHUNK)
+def _entry(name: str, version: str, files: dict[str, bytes], chunk: int) -> ModelEntry:
+    entry = model_entry(name, version, files, chunk)
     sources = tuple(
         SourceRecord(path, f"test:{name}/{path}", hashlib.sha256(data).hexdigest())
         for path, data in files.items()
@@ -146,12 +147,14 @@ def published_bytes(store_dir: Path, name: str, path: str, version: str = "1") -
 
 
 def start_server(store_dir: Path, *, wrap: Callable[[Any], Any] | None = None,
-                 tls_dir: Path | None = None, **app_kwargs: Any) -> peer_server.PeerServer:
+                 tls_dir: Path | None = None, options: peer_server.ServerOptions | None = None,
+                 **app_kwargs: Any) -> peer_server.PeerServer:
     source = peer_server.StoreSource(store_dir)
     app = peer_server.create_app(source, host_name=f"host-{store_dir.name}", **app_kwargs)
     if wrap is not None:
         app = wrap(app)
-    return peer_server.PeerServer(app, tls_dir=tls_dir, insecure=tls_dir is None).start()
+    return peer_server.PeerServer(app, tls_dir=tls_dir, insecure=tls_dir is None,
+                                  options=options, on_stop=source.close).start()
 
 
 def client(url: str, policy: ConnectPolicy = INSECURE, timeouts: Timeouts = QUICK,

@@ -203,18 +203,25 @@ def _pull_manifest(
             signatures=tuple(s.to_bytes().decode("ascii").strip() for s in auth.signatures),
             signers=tuple(sorted(auth.signers)),
         )
-        if auth.newer_chain:
-            trust_state.update_root(store_dir, auth.newer_chain, now,
-                                    allow_expired=opts.allow_expired, reason=opts.reason)
-        with store.transaction() as conn:
-            store.add_manifest(origin, manifest.total_bytes, now)
-            trust_state.record_channel(store_dir, manifest.channel, manifest.sequence,
-                                       auth.manifest_hash, conn, now=now)
-            if auth.expired_override:
-                trust_state.audit_override(
-                    store_dir, subject=f"bundle {manifest.channel} #{manifest.sequence}",
-                    expires=manifest.expires, now=now, reason=opts.reason or "", conn=conn,
-                )
+        try:
+            # As an import does: roots reached, high-water mark, manifest, override, at once.
+            with store.transaction() as conn:
+                trust_state.update_root(store_dir, auth.newer_chain, now,
+                                        allow_expired=opts.allow_expired, reason=opts.reason,
+                                        conn=conn)
+                trust_state.record_channel(store_dir, manifest.channel, manifest.sequence,
+                                           auth.manifest_hash, conn, now=now)
+                store.add_manifest(origin, manifest.total_bytes, now)
+                if auth.expired_override:
+                    trust_state.audit_override(
+                        store_dir, subject=f"bundle {manifest.channel} #{manifest.sequence}",
+                        expires=manifest.expires, now=now, reason=opts.reason or "", conn=conn,
+                    )
+        except RefusalError as e:
+            trust_state.audit_refusal(store_dir, "pull", e, peer=auth.offer.client.url,
+                                      manifest=auth.manifest_hash)
+            raise
+        audit.sync_head(store_dir, store.conn)
         staged: list[StagedFile] = []
         try:
             for model in models:
@@ -229,8 +236,8 @@ def _pull_manifest(
                 sf.close()
         if _manifest_published(store, manifest):
             store.finish_import(auth.manifest_hash, now)
-        with store.transaction() as conn:
-            audit.append(store_dir, "pull", {
+        with store.transaction():
+            store.audit("pull", {
                 "manifest": auth.manifest_hash,
                 "channel": manifest.channel,
                 "sequence": manifest.sequence,
@@ -240,7 +247,7 @@ def _pull_manifest(
                 "peers": result.by_peer,
                 "dropped": result.dropped,
                 "user": trust_state.who(),
-            }, conn=conn, now=now)
+            }, now)
     return result
 
 

@@ -20,19 +20,20 @@ upload rate.
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import sqlite3
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import uvicorn
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -50,17 +51,30 @@ DEFAULT_SEND_TIMEOUT = 30.0
 DEFAULT_MAX_CONNECTIONS = 128
 DEFAULT_MAX_CHUNK_STREAMS = 32
 _MANIFEST_CACHE = 16
+DEFAULT_READERS = 4
+T = TypeVar("T")
 
 
 class StoreSource:
     """What a host offers its peers, read from its store (thread-safe: one Store per thread)."""
 
-    def __init__(self, store_dir: Path, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(self, store_dir: Path, limits: Limits = DEFAULT_LIMITS, *,
+                 readers: int = DEFAULT_READERS) -> None:
         self.store_dir = store_dir
         self.limits = limits
         self._local = threading.local()
         self._lock = threading.Lock()
         self._parsed: OrderedDict[str, Manifest] = OrderedDict()
+        # Store reads run on a few long-lived threads: a bounded number of index
+        # connections (descriptors) and of disk reads at once, whatever the load.
+        self._pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="peer-store")
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(fn, *args))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _store(self) -> Store:
         store: Store | None = getattr(self._local, "store", None)
@@ -204,6 +218,11 @@ class ChunkResponse:
                     send({"type": "http.response.body", "body": bytes(piece), "more_body": more}),
                     self.send_timeout,
                 )
+        except TimeoutError as e:
+            # Raising makes uvicorn drop the connection, which is the point.
+            raise PeerError(
+                f"a reader took no data for {self.send_timeout:.0f} s; connection dropped"
+            ) from e
         finally:
             self.release()
 
@@ -230,13 +249,15 @@ def create_app(
 ) -> Starlette:
     """The peer protocol as a Starlette app over ``source``."""
     limiter = RateLimiter(rate_limit) if rate_limit else None
-    streams = threading.BoundedSemaphore(max_chunk_streams)
+    # An asyncio semaphore: a request waiting for a slot must not hold a worker thread, or
+    # the waiters starve the holders of the threads they read the store with.
+    streams = asyncio.Semaphore(max_chunk_streams)
 
     async def info(request: Request) -> Response:
         return _json(protocol.info_response(host_name))
 
     async def manifests(request: Request) -> Response:
-        summaries = await run_in_threadpool(source.summaries)
+        summaries = await source.call(source.summaries)
         return _json(protocol.manifests_response(summaries))
 
     def _digest(request: Request, key: str) -> str | None:
@@ -245,30 +266,30 @@ def create_app(
 
     async def manifest(request: Request) -> Response:
         digest = _digest(request, "hash")
-        found = await run_in_threadpool(source.manifest, digest) if digest else None
+        found = await source.call(source.manifest, digest) if digest else None
         if found is None:
             return _error(404, "no such manifest")
         return Response(found[0], media_type="application/yaml")
 
     async def signatures(request: Request) -> Response:
         digest = _digest(request, "hash")
-        found = await run_in_threadpool(source.manifest, digest) if digest else None
+        found = await source.call(source.manifest, digest) if digest else None
         if found is None:
             return _error(404, "no such manifest")
         return Response(protocol.encode_signatures(found[1]), media_type="text/plain")
 
     async def trust(request: Request) -> Response:
-        return _json(protocol.trust_response(await run_in_threadpool(source.trust_versions)))
+        return _json(protocol.trust_response(await source.call(source.trust_versions)))
 
     async def trust_root(request: Request) -> Response:
-        body = await run_in_threadpool(source.trust_root, int(request.path_params["version"]))
+        body = await source.call(source.trust_root, int(request.path_params["version"]))
         if body is None:
             return _error(404, "no such trust root version")
         return Response(body, media_type="application/yaml")
 
     async def have(request: Request) -> Response:
         digest = _digest(request, "hash")
-        flags = await run_in_threadpool(source.have, digest) if digest else None
+        flags = await source.call(source.have, digest) if digest else None
         if flags is None or digest is None:
             return _error(404, "no such manifest")
         return _json(protocol.have_response(digest, flags))
@@ -277,11 +298,12 @@ def create_app(
         digest = _digest(request, "digest")
         if digest is None:
             return _error(400, "not a chunk digest")
-        acquired = await run_in_threadpool(streams.acquire, True, stream_wait)
-        if not acquired:
+        try:
+            await asyncio.wait_for(streams.acquire(), stream_wait)
+        except TimeoutError:
             return _error(503, "too many chunk transfers in flight; retry")
         try:
-            data = await run_in_threadpool(source.chunk, digest)
+            data = await source.call(source.chunk, digest)
         except BaseException:
             streams.release()
             raise
@@ -330,7 +352,9 @@ class PeerServer:
         tls_dir: Path | None = None,
         insecure: bool = False,
         options: ServerOptions | None = None,
+        on_stop: Callable[[], None] | None = None,
     ) -> None:
+        self.on_stop = on_stop
         if tls_dir is None and not insecure:
             raise UsageError("a peer server needs --tls-dir DIR (site certificate) or --insecure")
         self.options = options or ServerOptions()
@@ -338,6 +362,9 @@ class PeerServer:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted sockets inherit it on Linux. Without it Nagle holds a response body back
+        # until the client ACKs its headers: ~40 ms per request on a kept-alive connection.
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             self.sock.bind((host, port))
             self.sock.listen(512)
@@ -376,6 +403,8 @@ class PeerServer:
             self.server.run(sockets=[self.sock])
         finally:
             self.sock.close()
+            if self.on_stop is not None:
+                self.on_stop()
 
     def start(self, timeout: float = 10.0) -> PeerServer:
         """Serve in a background thread; returns once it accepts connections."""
@@ -418,6 +447,7 @@ def serve_store(
 ) -> PeerServer:
     """A PeerServer over this host's store (not started)."""
     name = host_name or socket.gethostname()
-    app = create_app(StoreSource(store_dir, limits), host_name=name, rate_limit=rate_limit)
+    source = StoreSource(store_dir, limits)
+    app = create_app(source, host_name=name, rate_limit=rate_limit)
     return PeerServer(app, host=host, port=port, tls_dir=tls_dir, insecure=insecure,
-                      options=options)
+                      options=options, on_stop=source.close)
