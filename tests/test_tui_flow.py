@@ -7,16 +7,24 @@ store (models listed, audit records) through the library.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 from textual.pilot import Pilot
-from textual.widgets import Input, Static
-from tui_helpers import MODEL, NOW, tamper_raw_chunk, tiny_bundle, trusted_store, wait_for
+from textual.widgets import Input
+from tui_helpers import (
+    MODEL,
+    NOW,
+    drive,
+    tamper_raw_chunk,
+    text,
+    tiny_bundle,
+    trusted_store,
+    type_text,
+    wait_for,
+)
 
 from appliance.errors import ExpiredError, IntegrityError, NoTrustRootError, RollbackError
 from appliance.store import audit
@@ -28,32 +36,6 @@ from appliance.tui.inspect import InspectPane
 from appliance.tui.media import MediaPane
 from appliance.tui.models import ModelsPane
 from appliance.tui.serve import ServePane
-
-Scenario = Callable[[ApplianceApp, Pilot[None]], Awaitable[None]]
-
-
-def drive(app: ApplianceApp, scenario: Scenario, size: tuple[int, int] = (80, 24)) -> None:
-    async def main() -> None:
-        async with app.run_test(size=size) as pilot:
-            await pilot.pause()
-            await scenario(app, pilot)
-
-    asyncio.run(main())
-
-
-def text(app: ApplianceApp, selector: str) -> str:
-    return str(app.screen.query_one(selector, Static).render())
-
-
-async def type_text(pilot: Pilot[None], value: str) -> None:
-    """Type into the focused input: short texts key by key, long ones (paths) pasted."""
-    if len(value) <= 24:
-        await pilot.press(*[{" ": "space"}.get(c, c) for c in value])
-        return
-    focused = pilot.app.focused
-    assert isinstance(focused, Input), f"typing into {focused!r}"
-    focused.insert_text_at_cursor(value)
-    await pilot.pause()
 
 
 async def choose_bundle(app: ApplianceApp, pilot: Pilot[None]) -> InspectPane:
@@ -247,3 +229,42 @@ def test_no_trust_root_says_how_to_install_one_and_install_works(tmp_path: Path,
 
     drive(app, scenario)
     assert [r.kind for r in audit.records(store)] == ["refusal", "trust-install"]
+
+
+def test_missing_volume_is_asked_for_and_import_resumes(tmp_path: Path) -> None:
+    from bundle_helpers import build, make_sources
+
+    from appliance.bundle.recipe import parse_size
+    from appliance.limits import MAX_CHUNK_BYTES
+
+    store = trusted_store(tmp_path / "store")
+    make_sources(tmp_path / "b", random_mib=14)
+    result = build(tmp_path / "b", volume_size=parse_size("12M"), pack_size=MAX_CHUNK_BYTES)
+    volumes = list(result.volumes)
+    assert len(volumes) >= 2
+    later = tuple(v.name for v in volumes[1:])
+    app = create_app(store, media=[volumes[0]], scan_roots=(), clock=lambda: NOW)
+
+    async def scenario(app: ApplianceApp, pilot: Pilot[None]) -> None:
+        inspect = await choose_bundle(app, pilot)
+        assert inspect.view is not None and inspect.view.volumes_missing == later
+        assert "insert the next volume" in text(app, "#inspect-volumes")
+
+        await pilot.press("i", "i")
+        importing = app.query_one(ImportPane)
+        await wait_for(pilot, lambda: importing.result is not None, what="the partial import")
+        assert importing.result is not None and not importing.result.complete
+        assert importing.result.volumes_needed == later
+        assert f"insert {', '.join(later)}" in text(app, "#import-result")
+
+        for volume in volumes[1:]:  # any order would do; one path per prompt
+            await pilot.press("a")
+            await type_text(pilot, str(volume))
+            await pilot.press("enter")
+        importing.result = None
+        await pilot.press("i")
+        await wait_for(pilot, lambda: importing.result is not None, what="the resumed import")
+        assert importing.result is not None and importing.result.complete
+
+    drive(app, scenario)
+    assert [m.ref for m in list_models(store)] == ["acme/tiny:q4_k_m"]

@@ -7,16 +7,19 @@ runnable GGUF, signed by the deterministic publisher key ``p1`` and carrying the
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from bundle_helpers import NOW, build, write_recipe
 from textual.pilot import Pilot
+from textual.widgets import Input, Static
 from trust_helpers import make_root
 
 from appliance.bundle.media import parse_index
 from appliance.store import trust_state
+from appliance.tui.app import ApplianceApp
 
 MODEL = "acme/tiny"
 
@@ -59,3 +62,30 @@ async def wait_for(pilot: Pilot[None], predicate: Callable[[], object], timeout:
             return
         await pilot.pause(0.05)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+Scenario = Callable[[ApplianceApp, Pilot[None]], Awaitable[None]]
+
+
+def drive(app: ApplianceApp, scenario: Scenario, size: tuple[int, int] = (80, 24)) -> None:
+    async def main() -> None:
+        async with app.run_test(size=size) as pilot:
+            await pilot.pause()
+            await scenario(app, pilot)
+
+    asyncio.run(main())
+
+
+def text(app: ApplianceApp, selector: str) -> str:
+    return str(app.screen.query_one(selector, Static).render())
+
+
+async def type_text(pilot: Pilot[None], value: str) -> None:
+    """Type into the focused input: short texts key by key, long ones (paths) pasted."""
+    if len(value) <= 24:
+        await pilot.press(*[{" ": "space"}.get(c, c) for c in value])
+        return
+    focused = pilot.app.focused
+    assert isinstance(focused, Input), f"typing into {focused!r}"
+    focused.insert_text_at_cursor(value)
+    await pilot.pause()

@@ -17,6 +17,7 @@ EPILOG = """\
 examples:
   appliance tui
   appliance tui --store /srv/appliance --media /media/usb/bundle
+  appliance tui --peer https://host-b:8443 --tls-dir /etc/appliance/tls
 """
 
 
@@ -31,12 +32,23 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                         "what is found under /media, /run/media and /mnt")
     parser.add_argument("--no-scan", action="store_true",
                         help="do not scan the usual mount points; show only --media paths")
+    parser.add_argument("--peer", nargs="+", action="extend", default=[], metavar="URL",
+                        help="peer URLs to offer on the Peers screen besides the site config's "
+                        "and those found by mDNS")
+    parser.add_argument("--tls-dir", type=Path, metavar="DIR",
+                        help="this host's site TLS directory for peers (default: the site "
+                        "config's, else STORE/tls)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="talk plaintext HTTP to peers (trusted test LANs only)")
+    parser.add_argument("--no-mdns", action="store_true", help="do not browse for peers")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from appliance.tui.app import create_app  # Textual loads only for this command
 
-    app = create_app(args.store, media=args.media, scan_roots=() if args.no_scan else None)
+    app = create_app(args.store, media=args.media, scan_roots=() if args.no_scan else None,
+                     peers=args.peer, tls_dir=args.tls_dir, insecure=args.insecure,
+                     mdns=not args.no_mdns)
     app.run()
     return 0

@@ -196,10 +196,15 @@ def create_app(
     scan_roots: Sequence[Path] | None = None,
     serve_listen: str = "127.0.0.1:0",
     serve_ctx: int = 2048,
+    peers: Sequence[str] = (),
+    tls_dir: Path | None = None,
+    insecure: bool = False,
+    mdns: bool = True,
 ) -> ApplianceApp:
     """The TUI over ``store_dir``. ``media``: bundle paths given on the command line;
     ``scan_roots``: where removable media are mounted (default /media, /run/media, /mnt);
-    ``clock``: the time used for expiry checks (tests pin it)."""
+    ``clock``: the time used for expiry checks (tests pin it); ``peers``, ``tls_dir``,
+    ``insecure``, ``mdns``: how the Peers screen finds and talks to peers."""
     ctx = TuiContext(
         store_dir=Path(store_dir),
         clock=clock or utc_now,
@@ -207,6 +212,10 @@ def create_app(
         media_paths=[Path(p) for p in media],
         serve_listen=serve_listen,
         serve_ctx=serve_ctx,
+        peer_urls=list(peers),
+        peer_tls_dir=tls_dir,
+        peer_insecure=insecure,
+        peer_mdns=mdns,
     )
     prepare_spawning()
     app = ApplianceApp(ctx)

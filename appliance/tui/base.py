@@ -49,6 +49,10 @@ class TuiContext:
     selected: tuple[Path, ...] = ()  # the bundle being inspected / imported
     override_reason: str | None = None  # typed reason to accept the selected expired bundle
     serve_listen: str = "127.0.0.1:0"
+    peer_urls: list[str] = field(default_factory=list)  # typed by the operator / --peer
+    peer_tls_dir: Path | None = None
+    peer_insecure: bool = False
+    peer_mdns: bool = True
     serve_ctx: int = 2048
 
 

@@ -1,0 +1,65 @@
+"""Pilot tests of the Peers screen against a real peer server on loopback.
+
+Host A imports a real bundle and serves its store (``appliance.peer.server``, plaintext on
+127.0.0.1 because the test says ``insecure``); the TUI runs on host B's store, lists A with
+what it holds, and pulls the model, which B then lists as verified.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual.widgets import Static
+from tui_helpers import MODEL, NOW, drive, tiny_bundle, trusted_store, wait_for
+
+from appliance.errors import UsageError
+from appliance.importer import import_media
+from appliance.peer.server import serve_store
+from appliance.store.records import list_models
+from appliance.tui.app import create_app
+from appliance.tui.base import ExplainScreen
+from appliance.tui.peers import PeersPane
+
+
+def test_peer_listed_and_pulled(tmp_path: Path, tiny_gguf: Path) -> None:
+    host_a = trusted_store(tmp_path / "a")
+    import_media(host_a, [tiny_bundle(tmp_path / "bundle", tiny_gguf)], now=NOW)
+    host_b = trusted_store(tmp_path / "b")
+    server = serve_store(host_a, host="127.0.0.1", port=0, tls_dir=None, insecure=True,
+                         host_name="host-a").start()
+    try:
+        app = create_app(host_b, scan_roots=(), clock=lambda: NOW, peers=[server.url],
+                         insecure=True, mdns=False)
+
+        async def scenario(app, pilot) -> None:  # type: ignore[no-untyped-def]
+            await pilot.press("5")
+            peers = app.query_one(PeersPane)
+            await wait_for(pilot, lambda: peers.peers, what="the peer list")
+            assert [(p.url, p.host, p.models) for p in peers.peers] == [
+                (server.url, "host-a", (f"{MODEL}:q4_k_m",))]
+            assert "PLAINTEXT" in str(app.query_one("#peers-status", Static).render())
+            await pilot.press("p", "enter")  # the prompt offers every model the peers hold
+            await wait_for(pilot, lambda: peers.results is not None, what="the pull")
+            assert peers.results is not None
+            assert [r.models for r in peers.results] == [[f"{MODEL}:q4_k_m"]]
+            assert "pulled acme/tiny:q4_k_m" in str(app.query_one("#peers-result",
+                                                                  Static).render())
+
+        drive(app, scenario)
+    finally:
+        server.stop()
+    assert [(m.ref, m.verified) for m in list_models(host_b)] == [(f"{MODEL}:q4_k_m", True)]
+
+
+def test_peers_without_site_certificate_say_how_to_get_one(tmp_path: Path) -> None:
+    store = trusted_store(tmp_path / "store")
+    app = create_app(store, scan_roots=(), clock=lambda: NOW, mdns=False)
+
+    async def scenario(app, pilot) -> None:  # type: ignore[no-untyped-def]
+        await pilot.press("5")
+        await wait_for(pilot, lambda: isinstance(app.screen, ExplainScreen),
+                       what="the explanation")
+        assert type(app.query_one(PeersPane).last_error) is UsageError
+        assert "site enroll" in app.screen.explanation.detail
+
+    drive(app, scenario)
