@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,35 @@ def test_identical_chunks_are_stored_once(tmp_path: Path) -> None:
     assert packs == result.stored_bytes < weights.size * 1.1
     report = verify_media([tmp_path / "media"], trusted(), NOW)
     assert report.chunks_verified == result.unique_chunk_count
+
+
+def _with_chat_template(source: Path, target: Path) -> Path:
+    script = shutil.which("gguf-new-metadata", path=str(Path(sys.executable).parent))
+    argv = [script] if script else [sys.executable, "-m", "gguf.scripts.gguf_new_metadata"]
+    argv += [str(source), str(target), "--chat-template", "{{ messages }}", "--force"]
+    subprocess.run(argv, check=True, capture_output=True, timeout=300)
+    return target
+
+
+def test_chat_template_edit_adds_only_the_header(tmp_path: Path,
+                                                 many_tensor_gguf: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(many_tensor_gguf, models / "base.gguf")
+    edited = _with_chat_template(models / "base.gguf", models / "edited.gguf")
+    second = """  - name: acme/tiny
+    version: templated
+    files:
+      - path: models/edited.gguf
+"""
+    result = build(tmp_path, recipe=write_recipe(tmp_path, files=("base.gguf",),
+                                                 extra_models=second))
+    base_size = (models / "base.gguf").stat().st_size
+    added = result.unique_bytes - base_size
+    assert 0 < added < edited.stat().st_size // 100
+    assert result.manifest.models[1].gguf is not None
+    assert result.manifest.models[1].gguf.chat_template_hash is not None
+    verify_media([tmp_path / "media"], trusted(), NOW)
 
 
 def test_volumes_split_and_each_verifies_alone(tmp_path: Path) -> None:

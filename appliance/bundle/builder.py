@@ -55,7 +55,7 @@ from appliance.bundle.media import (
 from appliance.bundle.reader import find_volume_dirs
 from appliance.bundle.recipe import Recipe, load_recipe
 from appliance.bundle.sources import ResolvedSource, resolve_source
-from appliance.chunker import Span, plan_spans
+from appliance.chunker import Span, plan_file
 from appliance.errors import (
     FormatError,
     MediaError,
@@ -79,7 +79,7 @@ from appliance.format.manifest import (
 from appliance.format.merkle import merkle_root
 from appliance.format.signing import DOMAIN_MANIFEST, Signature, key_id, public_bytes, sign
 from appliance.format.trust import SignedRoot, parse_signed_root
-from appliance.gguf_layout import is_gguf, read_gguf_facts
+from appliance.gguf_layout import GgufFacts
 from appliance.limits import (
     DEFAULT_LIMITS,
     DEFAULT_PACK_BYTES,
@@ -174,10 +174,9 @@ def _check_keys_against_root(keys: Sequence[Ed25519PrivateKey],
             )
 
 
-def _gguf_info(path: Path, limits: Limits) -> GgufInfo | None:
-    if not is_gguf(path):
+def _gguf_info(facts: GgufFacts | None) -> GgufInfo | None:
+    if facts is None:
         return None
-    facts = read_gguf_facts(path, limits=limits)
     return GgufInfo(
         architecture=facts.architecture, quantization=facts.quantization,
         parameter_count=facts.parameter_count, context_length=facts.context_length,
@@ -197,12 +196,12 @@ def _plan(recipe: Recipe, limits: Limits) -> list[list[_PlannedFile]]:
                 raise RecipeError(f"cannot read {source.local_path}: {e}") from e
             if size > limits.max_file_bytes:
                 raise RecipeError(f"{source.local_path} is over the file size cap")
-            spans = plan_spans(source.local_path, target=TARGET_CHUNK_BYTES,
-                               maximum=MAX_CHUNK_BYTES, limits=limits)
-            if len(spans) > limits.max_chunks_per_file:
-                raise RecipeError(f"{source.local_path} needs {len(spans)} chunks, over the cap")
-            files.append(_PlannedFile(source, spans, size, _gguf_info(source.local_path,
-                                                                       limits)))
+            plan = plan_file(source.local_path, target=TARGET_CHUNK_BYTES,
+                             maximum=MAX_CHUNK_BYTES, limits=limits)
+            if len(plan.spans) > limits.max_chunks_per_file:
+                raise RecipeError(
+                    f"{source.local_path} needs {len(plan.spans)} chunks, over the cap")
+            files.append(_PlannedFile(source, list(plan.spans), size, _gguf_info(plan.facts)))
         planned.append(files)
     return planned
 
