@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -222,12 +223,22 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"advertising {advertiser.info.name} on {', '.join(addresses)}", flush=True)
         except (PeerError, UsageError) as e:
             err.print(f"[yellow]not advertised by mDNS: {e}[/]")
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the
+    # handlers it found; no-op ones make a requested stop exit 0 instead of dying by signal.
+    previous = {sig: signal.signal(sig, _stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.serve_forever()
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if advertiser is not None:
             advertiser.close()
+    print("stopped", flush=True)
     return 0
+
+
+def _stopped(signum: int, frame: object) -> None:
+    pass
 
 
 # --- list -----------------------------------------------------------------------------------
