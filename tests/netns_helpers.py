@@ -1,0 +1,105 @@
+"""A LAN made by the test: network namespaces on a bridge, optional ``tc`` link caps.
+
+``Lan(n)`` creates ``n`` host namespaces, each with one veth into a bridge living in a switch
+namespace, addresses 10.<x>.0.1..n/24, loopback up, multicast on (mDNS works across it). Nothing
+touches the machine's own interfaces or any outside address. Needs root and ``ip``; tests call
+``Lan.available()`` and skip otherwise. ``run``/``spawn`` start commands inside a host.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+class Lan:
+    def __init__(self, hosts: int, *, rate: str | None = None) -> None:
+        tag = f"{os.getpid() % 100000:05d}"
+        self.switch = f"apsw{tag}"
+        self.hosts = [f"aph{tag}{i}" for i in range(hosts)]
+        self.subnet = 100 + os.getpid() % 100
+        self.addresses = [f"10.{self.subnet}.0.{i + 1}" for i in range(hosts)]
+        self._made: list[str] = []
+        try:
+            self._build(rate)
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def available() -> str | None:
+        """None when namespaces can be made here, else why not."""
+        if os.geteuid() != 0:
+            return "needs root for network namespaces"
+        if shutil.which("ip") is None:
+            return "iproute2 (ip) is not installed"
+        probe = f"approbe{os.getpid() % 100000}"
+        result = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+        if result.returncode != 0:
+            return f"cannot create a network namespace: {result.stderr.strip()}"
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+        return None
+
+    def _build(self, rate: str | None) -> None:
+        _ip("netns", "add", self.switch)
+        self._made.append(self.switch)
+        _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
+        _ip("-n", self.switch, "link", "set", "br0", "up")
+        _ip("-n", self.switch, "link", "set", "lo", "up")
+        for i, ns in enumerate(self.hosts):
+            _ip("netns", "add", ns)
+            self._made.append(ns)
+            inner, outer = f"eth{i}", f"p{i}"
+            _ip("-n", ns, "link", "add", inner, "type", "veth", "peer", "name", outer,
+                "netns", self.switch)
+            _ip("-n", self.switch, "link", "set", outer, "master", "br0")
+            _ip("-n", self.switch, "link", "set", outer, "up")
+            _ip("-n", ns, "addr", "add", f"{self.addresses[i]}/24", "dev", inner)
+            _ip("-n", ns, "link", "set", inner, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+            if rate is not None:
+                subprocess.run(
+                    ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", inner, "root",
+                     "tbf", "rate", rate, "burst", "256kb", "latency", "200ms"],
+                    check=True, capture_output=True,
+                )
+
+    def command(self, host: int, argv: Sequence[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.hosts[host], *argv]
+
+    def appliance(self, host: int, *args: str) -> list[str]:
+        return self.command(host, [sys.executable, "-m", "appliance.cli.main", *args])
+
+    def run(self, host: int, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.appliance(host, *args), capture_output=True, text=True,
+                              timeout=timeout, cwd=REPO)
+
+    def spawn(self, host: int, argv: Sequence[str]) -> subprocess.Popen[str]:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        return subprocess.Popen(self.command(host, argv), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+
+    def serve(self, host: int, *args: str) -> subprocess.Popen[str]:
+        """``appliance ARGS`` started in ``host`` (e.g. a peer server)."""
+        return self.spawn(host, [sys.executable, "-m", "appliance.cli.main", *args])
+
+    def close(self) -> None:
+        for ns in reversed(self._made):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self._made.clear()
+
+    def __enter__(self) -> Lan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
