@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
+from typing import Any
 
 import blake3
 from bundle_helpers import NOW
 from trust_helpers import make_root
 
 from appliance.format.trust import SignedRoot
+from appliance.importer import import_media
 from appliance.store import trust_state
 from appliance.store.db import connect
 from appliance.store.layout import published_path, staged_path
@@ -69,7 +72,8 @@ def check_consistent(store_dir: Path) -> dict[str, int]:
                         f"chunk at {c['byte_offset']} of {path} is marked done but differs"
                     )
                     counts["done_chunks"] += 1
-        for entry in (store_dir / "staging").iterdir():
+        staging = store_dir / "staging"
+        for entry in staging.iterdir() if staging.exists() else ():
             stem = entry.name.removesuffix(".part")
             assert stem.isdigit() and int(stem) in staging_ids, f"stray staged file {entry}"
         for model in db.execute("SELECT id, state FROM models WHERE state = 'published'"):
@@ -81,3 +85,20 @@ def check_consistent(store_dir: Path) -> dict[str, int]:
     finally:
         db.close()
     return counts
+
+
+def run_import_child(
+    store: str, media: list[str], pause: float, flush_bytes: int, started: Any
+) -> None:
+    """Body of the importer child process the crash test kills (pauses after each chunk).
+
+    ``started`` (a multiprocessing Event) is set once the child is running, so the parent
+    times its kill from there rather than from process start-up."""
+    started.set()
+    import_media(
+        Path(store),
+        [Path(m) for m in media],
+        now=NOW,
+        progress=lambda done, total: time.sleep(pause),
+        flush_bytes=flush_bytes,
+    )
