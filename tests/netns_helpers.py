@@ -103,3 +103,20 @@ class Lan:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Loopback(Lan):
+    """The fallback when namespaces cannot be made: every host is 127.0.0.1 (no mDNS)."""
+
+    def __init__(self, hosts: int) -> None:
+        self.hosts = [f"loopback{i}" for i in range(hosts)]
+        self.addresses = ["127.0.0.1"] * hosts
+        self._made = []
+
+    def command(self, host: int, argv: Sequence[str]) -> list[str]:
+        return list(argv)
+
+
+def make_lan(hosts: int, *, rate: str | None = None) -> Lan:
+    """Namespaces when possible, else the loopback fallback (``isinstance(x, Loopback)``)."""
+    return Lan(hosts, rate=rate) if Lan.available() is None else Loopback(hosts)
