@@ -43,7 +43,7 @@ exit codes:
   3  any other error (I/O, disk full, peer unreachable, ...)
 
 The store is --store DIR, else ${STORE_ENV}, else the platform data dir
-(currently {default_store()}).
+(~/.local/share/appliance on Linux).
 Run 'appliance COMMAND --help' for each command's options and examples.
 """
 
