@@ -46,7 +46,10 @@ from appliance.peer import protocol, tls
 from appliance.store import trust_state
 from appliance.store.store import Store
 
-PIECE_BYTES = 256 * 1024
+# Body pieces: small enough for a smooth rate cap and a prompt stall check, large enough that
+# the per-send overhead stays small at loopback speeds.
+PIECE_BYTES = 1024 * 1024
+LIMITED_PIECE_BYTES = 64 * 1024
 DEFAULT_SEND_TIMEOUT = 30.0
 DEFAULT_MAX_CONNECTIONS = 128
 DEFAULT_MAX_CHUNK_STREAMS = 32
@@ -209,11 +212,12 @@ class ChunkResponse:
                     (b"content-length", str(len(self.data)).encode("ascii")),
                 ],
             }), self.send_timeout)
-            for start in range(0, max(len(view), 1), PIECE_BYTES):
-                piece = view[start:start + PIECE_BYTES]
+            step = PIECE_BYTES if self.limiter is None else LIMITED_PIECE_BYTES
+            for start in range(0, max(len(view), 1), step):
+                piece = view[start:start + step]
                 if self.limiter is not None:
                     await self.limiter.take(len(piece))
-                more = start + PIECE_BYTES < len(view)
+                more = start + step < len(view)
                 await asyncio.wait_for(
                     send({"type": "http.response.body", "body": bytes(piece), "more_body": more}),
                     self.send_timeout,
