@@ -16,13 +16,16 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import multiprocessing
+import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
+from dataclasses import asdict
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from typing import Any
 
 from appliance.errors import (
@@ -35,7 +38,7 @@ from appliance.errors import (
 from appliance.serve.metrics import Metrics
 from appliance.serve.model import ModelResolver, ServableModel, ServeSettings, check_file
 from appliance.serve.queue import RequestQueue
-from appliance.serve.worker import WorkerSpec, worker_main
+from appliance.serve.worker import WorkerSpec
 
 log = logging.getLogger("appliance.serve")
 
@@ -86,7 +89,7 @@ class Worker:
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
         self._ids = itertools.count(1)
-        self._proc: BaseProcess | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self._current: tuple[int, asyncio.Queue[Message]] | None = None
         self._draining: int | None = None  # request abandoned by its client, still running
@@ -121,6 +124,13 @@ class Worker:
             conn.close()
 
     async def _launch(self, delay: float) -> None:
+        try:
+            await self._launch_once(delay)
+        except Exception as e:  # a bug must not leave the model "loading" forever
+            log.exception("starting the worker for model %s failed", self.name)
+            self._set_state(FAILED, f"cannot start a worker: {type(e).__name__}: {e}")
+
+    async def _launch_once(self, delay: float) -> None:
         if delay:
             await asyncio.sleep(delay)
         if self._stopping:
@@ -137,17 +147,17 @@ class Worker:
         self.model = model
         spec = WorkerSpec(self.name, str(model.path), self._settings.n_ctx,
                           self._settings.n_threads)
-        context = multiprocessing.get_context("spawn")
-        parent_end, child_end = context.Pipe(duplex=True)
-        proc = context.Process(
-            target=worker_main, args=(child_end, spec), name=f"appliance-worker-{self.name}",
-            daemon=True,
-        )
-        proc.start()
-        child_end.close()
+        try:
+            proc, parent_end = spawn_worker(spec)
+        except OSError as e:
+            log.error("cannot start a worker for model %s: %s", self.name, e)
+            self._set_state(FAILED, f"cannot start a worker process: {e}")
+            return
         if self._stopping:  # stop() ran while the process was starting
-            parent_end.send(("stop",))
+            with contextlib.suppress(OSError):
+                parent_end.send(("stop",))
             await asyncio.to_thread(_reap, proc)
+            parent_end.close()
             return
         self._proc, self._conn = proc, parent_end
         inbox: asyncio.Queue[Message] = asyncio.Queue()
@@ -186,6 +196,9 @@ class Worker:
                 self.info = message[1]
                 log.info("model %s ready (%s, n_ctx %s)", self.name,
                          self.info.get("architecture"), self.info.get("n_ctx"))
+                if not self.info.get("chat_template"):
+                    log.warning("model %s has no chat template in its GGUF; chat uses the "
+                                "built-in '%s' format", self.name, self.info.get("chat_format"))
                 self._set_state(READY, "")
             elif kind == "load_failed":
                 log.error("model %s failed to load: %s", self.name, message[1])
@@ -317,8 +330,33 @@ class Worker:
         task.add_done_callback(self._tasks.discard)
 
 
+def spawn_worker(spec: WorkerSpec) -> tuple[subprocess.Popen[bytes], Connection]:
+    """Start ``python -m appliance.serve.worker`` with one end of a socket pair.
+
+    A fresh interpreter (not multiprocessing's spawn) so the worker never re-imports the
+    server's ``__main__`` (a script, a notebook, the CLI); it gets the server's sys.path, and
+    its stdout goes to the server's stderr, where the logs are.
+    """
+    parent_sock, child_sock = socket.socketpair()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "appliance.serve.worker", str(child_sock.fileno())],
+            pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL, stdout=2, env=env,
+        )
+    except BaseException:
+        parent_sock.close()
+        raise
+    finally:
+        child_sock.close()
+    conn = Connection(parent_sock.detach())
+    conn.send(asdict(spec))
+    return proc, conn
+
+
 def _read_pipe(
-    conn: Connection, proc: BaseProcess, inbox: asyncio.Queue[Message],
+    conn: Connection, proc: subprocess.Popen[bytes], inbox: asyncio.Queue[Message],
     loop: asyncio.AbstractEventLoop,
 ) -> None:
     """Thread: forward the child's messages to the loop, then its exit code when it dies."""
@@ -331,16 +369,21 @@ def _read_pipe(
             loop.call_soon_threadsafe(inbox.put_nowait, message)
         except RuntimeError:  # the loop is closed: the server is gone
             return
-    proc.join(timeout=10)
-    with contextlib.suppress(RuntimeError):
-        loop.call_soon_threadsafe(inbox.put_nowait, ("exit", proc.exitcode))
-
-
-def _reap(proc: BaseProcess) -> None:
-    proc.join(timeout=5)
-    if proc.is_alive():
-        proc.terminate()
-        proc.join(timeout=5)
-    if proc.is_alive():
+    try:
+        code: int | None = proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:  # it closed the pipe but lingers: end it
         proc.kill()
-        proc.join()
+        code = proc.wait()
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(inbox.put_nowait, ("exit", code))
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    for action in (None, proc.terminate, proc.kill):
+        if action is not None:
+            action()
+        try:
+            proc.wait(timeout=5)
+            return
+        except subprocess.TimeoutExpired:
+            continue

