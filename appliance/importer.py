@@ -25,9 +25,12 @@ authentication leaves an "import" record. The media is only ever opened for read
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -53,9 +56,12 @@ from appliance.format.trust import check_rollback
 from appliance.limits import DEFAULT_LIMITS, Limits
 from appliance.store import audit, layout, trust_state
 from appliance.store.staging import DEFAULT_FLUSH_BYTES, StagedFile
-from appliance.store.store import BundleOrigin, ModelPlan, Store
+from appliance.store.store import BundleOrigin, LocalChunk, ModelPlan, Store, read_local_copy
 
 Progress = Callable[[int, int], None]
+# Reader threads, and chunks read ahead of the writer (memory: at most this many chunks).
+_READERS = 2
+_READ_AHEAD = 4
 
 
 @dataclass(frozen=True)
@@ -86,12 +92,19 @@ class _Target:
 
 @dataclass
 class _Work:
-    """One distinct chunk still needed, and every place it goes."""
+    """One distinct chunk still needed, where to get it, and every place it goes."""
 
     ref: ChunkRef
     targets: list[_Target]
+    local: list[LocalChunk] = field(default_factory=list)
     location: ChunkLocation | None = None
     missing_volume: str | None = None
+
+
+@dataclass(frozen=True)
+class _Fetched:
+    data: bytes | None  # None: on no volume given
+    local: bool
 
 
 def import_media(
@@ -278,9 +291,7 @@ class _Run:
         try:
             for f in staged:
                 f.open()  # preallocate every file now: a full disk shows up before copying
-            work = self._collect(staged)
-            for item in work:
-                self._copy(item)
+            self._copy_all(self._collect(staged))
             for ref, files in by_model.items():
                 for f in files:
                     f.flush()
@@ -311,6 +322,8 @@ class _Run:
         local, remote = [], []
         for digest, item in by_digest.items():
             if digest in held:
+                item.local = self.store.find_chunk(digest)
+            if item.local:
                 local.append(item)
                 continue
             try:
@@ -333,24 +346,66 @@ class _Run:
             return "?"
         return volume_name(self.media.volumes[0].index.volume_of(ordinal))
 
-    def _copy(self, item: _Work) -> None:
-        data = self.store.read_local_chunk(item.ref.digest)
-        if data is not None:
+    def _copy_all(self, work: list[_Work]) -> None:
+        """Read and verify chunks in worker threads, a few ahead; write them here, in order.
+
+        Reading, decompressing and hashing (which release the GIL) overlap with the writes and
+        fsyncs of this thread; at most ``_READ_AHEAD`` chunks are in memory.
+        """
+        pending = iter(work)
+        window: deque[tuple[_Work, Future[_Fetched]]] = deque()
+        with ThreadPoolExecutor(max_workers=_READERS, thread_name_prefix="import-read") as pool:
+            try:
+                for item in itertools.islice(pending, _READ_AHEAD):
+                    window.append((item, pool.submit(self._fetch, item)))
+                while window:
+                    item, future = window.popleft()
+                    fetched = future.result()
+                    for following in itertools.islice(pending, 1):
+                        window.append((following, pool.submit(self._fetch, following)))
+                    self._write(item, fetched)
+            except BaseException:
+                for _, future in window:
+                    future.cancel()
+                raise
+
+    def _fetch(self, item: _Work) -> _Fetched:
+        """Runs in a reader thread: get the verified bytes (a local copy, else the media) and
+        pwrite them; the index thread records them afterwards (``_write``)."""
+        fetched = self._read(item)
+        if fetched.data is not None:
+            for target in item.targets:
+                target.staged.pwrite_chunk(target.idx, fetched.data)
+        return fetched
+
+    def _read(self, item: _Work) -> _Fetched:
+        for loc in item.local:
+            try:
+                data = read_local_copy(loc)
+            except FileNotFoundError:
+                continue  # renamed by a publish: the media copy serves as well
+            if data is not None:
+                return _Fetched(data, local=True)
+        if item.location is None:
+            try:  # held locally when planned, but that copy went bad: try the media
+                item.location = self.media.locations(item.ref.digest)[0]
+            except MissingVolumeError:
+                item.missing_volume = item.missing_volume or self._holder(item.ref.digest)
+                return _Fetched(None, local=False)
+        return _Fetched(self._read_media(item), local=False)
+
+    def _write(self, item: _Work, fetched: _Fetched) -> None:
+        data = fetched.data
+        if data is None:
+            self.needed.add(item.missing_volume or "?")
+            return
+        if fetched.local:
             self.local_bytes += len(data) * len(item.targets)
         else:
-            if item.location is None:
-                try:  # held locally when planned, but that copy went bad: try the media
-                    item.location = self.media.locations(item.ref.digest)[0]
-                except MissingVolumeError:
-                    item.missing_volume = item.missing_volume or self._holder(item.ref.digest)
-            if item.location is None:
-                self.needed.add(item.missing_volume or "?")
-                return
-            data = self._read_media(item)
             self.media_bytes += len(data)
             self.local_bytes += len(data) * (len(item.targets) - 1)
         for target in item.targets:
-            target.staged.write_chunk(target.idx, data, checked=True)
+            target.staged.record_chunk(target.idx, data)
             self.done += len(data)
         self._report()
 

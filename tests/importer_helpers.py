@@ -40,7 +40,12 @@ def check_consistent(store_dir: Path) -> dict[str, int]:
     offset; every published file exists at its place; no staged file lacks a staging row.
     Returns counts for the caller's curiosity."""
     db = connect(store_dir)
-    counts = {"done_chunks": 0, "published_files": 0, "staging_files": 0}
+    counts = {
+        "done_chunks": 0,
+        "published_files": 0,
+        "staging_files": 0,
+        "renamed_not_committed": 0,
+    }
     try:
         files = db.execute(
             "SELECT f.id, f.path, f.size, f.state, m.name, m.version, m.state AS mstate "
@@ -57,6 +62,13 @@ def check_consistent(store_dir: Path) -> dict[str, int]:
                 path = staged_path(store_dir, f["id"])
                 assert f["mstate"] != "published", "a model is published with a staging file"
                 counts["staging_files"] += 1
+                if not path.exists():
+                    # Killed between publish's rename and its commit: the file is complete at
+                    # its final place, and the next run (or gc) finishes the publish.
+                    final = published_path(store_dir, f["name"], f["version"], f["path"])
+                    if final.exists():
+                        path = final
+                        counts["renamed_not_committed"] += 1
             else:
                 continue
             done = db.execute(

@@ -205,20 +205,30 @@ def test_flipped_chunk_is_refused_and_the_import_resumes_from_good_media(
     assert verify_store(store).ok
 
 
-def test_volume_pulled_mid_import_is_resumable(bundle: Path, store: Path, tmp_path: Path) -> None:
-    media = copy_media(bundle, tmp_path)
-    volume = media / "vol-002"
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Many volumes (two 4 MiB chunks each), so the last is read well after copying began."""
+    base = tmp_path_factory.mktemp("wide")
+    make_sources(base, random_mib=32)
+    build(base, volume_size=14 * MIB)
+    return base
+
+
+def test_volume_pulled_mid_import_is_resumable(wide: Path, store: Path, tmp_path: Path) -> None:
+    media = copy_media(wide, tmp_path)
+    last = sorted(media.glob("vol-*"))[-1]
+    assert last.name >= "vol-004"
     pulled = tmp_path / "pulled"
 
     def pull(done: int, total: int) -> None:
-        if done > 0 and volume.exists():
-            volume.rename(pulled)
+        if done > 0 and last.exists():
+            last.rename(pulled)
 
-    with pytest.raises(MissingVolumeError, match="vol-002"):
+    with pytest.raises(MissingVolumeError, match=last.name):
         import_media(store, [media], now=NOW, progress=pull)
     check_consistent(store)
     assert list_models(store) == []
-    pulled.rename(volume)
+    pulled.rename(last)
     seen: list[tuple[int, int]] = []
     result = import_media(store, [media], now=NOW, progress=lambda d, t: seen.append((d, t)))
     assert result.complete and result.already_done_bytes > 0

@@ -4,10 +4,14 @@ The ordering that keeps the index and the files agreeing after a SIGKILL or powe
 
 1. the file row is committed (state ``staging``) BEFORE ``staging/<id>.part`` is created and
    preallocated, and the staging directory is fsynced;
-2. ``write_chunk`` checks the chunk's BLAKE3 and pwrites it at its offset; the chunk is marked
-   done in the index only in ``flush``, AFTER an fsync of the staged file, so ``done = 1``
-   always means the bytes are durable (a crash before the commit just rewrites the chunk);
-3. ``publish`` (every chunk done) hashes the whole file, fsyncs it, makes it read-only,
+2. ``write_chunk`` checks the chunk's BLAKE3 and pwrites it at its offset (an importer may
+   split this into ``pwrite_chunk`` on reader threads and ``record_chunk`` on the index
+   thread); a chunk is marked done in the index only AFTER an fdatasync that started after
+   its pwrite returned (every ``flush_bytes`` in the background, and in ``flush``), so
+   ``done = 1`` always means the bytes are durable (a crash before the commit just rewrites
+   the chunk);
+3. ``publish`` (every chunk done) takes the whole-file BLAKE3 (computed on the fly when the
+   chunks came in file order, else by re-reading the file), fsyncs it, makes it read-only,
    renames it into ``models/<name>/<version>/<path>``, fsyncs both directories, and only then
    commits ``published`` in one transaction (with the model when it was its last file).
    A crash between the rename and the commit leaves a staging row whose staged file is gone
@@ -17,8 +21,11 @@ The ordering that keeps the index and the files agreeing after a SIGKILL or powe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +38,7 @@ from appliance.store import layout
 # Chunks written but not yet marked done are fsynced and committed once they add up to this.
 DEFAULT_FLUSH_BYTES = 64 * 1024 * 1024
 _READ_BLOCK = 8 * 1024 * 1024
+_HASH_BACKLOG = 4
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,42 @@ def verify_chunks(path: Path, chunks: list[PendingChunk], size: int, file_label:
     return whole.hexdigest()
 
 
+class _RunningHash:
+    """BLAKE3 of a file's bytes fed in order from offset 0, hashed on one worker thread.
+
+    At most ``_HASH_BACKLOG`` chunks wait for the hasher, so memory stays flat when hashing
+    is slower than writing.
+    """
+
+    def __init__(self) -> None:
+        self._hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        self._upto = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._backlog: deque[Future[object]] = deque()
+
+    def feed(self, offset: int, data: bytes) -> bool:
+        """Hash ``data`` if it continues the file; False (and stop) if it does not."""
+        if offset != self._upto:
+            self.result(None)
+            return False
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="file-hash")
+        self._backlog.append(self._pool.submit(self._hasher.update, data))
+        self._upto += len(data)
+        while len(self._backlog) > _HASH_BACKLOG:
+            self._backlog.popleft().result()
+        return True
+
+    def result(self, size: int | None) -> str | None:
+        """Wait for the hasher; the hex digest if it covered exactly ``size`` bytes."""
+        while self._backlog:
+            self._backlog.popleft().result()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        return self._hasher.hexdigest() if size is not None and self._upto == size else None
+
+
 def _now(now: datetime | None) -> str:
     return (now or datetime.now(UTC)).isoformat(timespec="seconds")
 
@@ -120,8 +164,16 @@ class StagedFile:
         self.staged = layout.staged_path(store_dir, file_id)
         self.final = layout.published_path(store_dir, model_name, model_version, path)
         self._fd: int | None = None
+        # Whole-file BLAKE3 computed on the fly while chunks arrive in file order from the
+        # start (the usual single pass), on its own thread so it overlaps the writes;
+        # anything else falls back to re-reading the file at publish.
+        self._running: _RunningHash | None = _RunningHash()
         self._unflushed: list[int] = []
         self._unflushed_bytes = 0
+        # One background fdatasync at a time, so copying goes on while the disk catches up;
+        # its chunks are committed as done only once it has returned.
+        self._syncing: tuple[list[int], int, Future[None]] | None = None
+        self._sync_pool: ThreadPoolExecutor | None = None
         self._chunks = {
             row["idx"]: PendingChunk(row["idx"], row["byte_offset"], row["length"], row["digest"])
             for row in conn.execute(
@@ -144,7 +196,7 @@ class StagedFile:
         rows = self.conn.execute(
             "SELECT idx FROM chunks WHERE file = ? AND done = 0 ORDER BY idx", (self.file_id,)
         )
-        unflushed = set(self._unflushed)
+        unflushed = set(self._unflushed) | set(self._syncing[0] if self._syncing else ())
         return [self._chunks[r["idx"]] for r in rows if r["idx"] not in unflushed]
 
     def chunk(self, idx: int) -> PendingChunk:
@@ -193,28 +245,90 @@ class StagedFile:
         is always checked.
         """
         chunk = self._chunks[idx]
-        if len(data) != chunk.length or (
-            not checked and blake3.blake3(data).hexdigest() != chunk.digest
-        ):
+        if not checked and blake3.blake3(data).hexdigest() != chunk.digest:
             raise IntegrityError(
                 "chunk bytes differ from the signed manifest", chunk=chunk.digest, file=self.label
             )
         self.open()
-        assert self._fd is not None
+        self.pwrite_chunk(idx, data)
+        self.record_chunk(idx, data)
+
+    def pwrite_chunk(self, idx: int, data: bytes) -> None:
+        """Only the pwrite of already verified bytes; safe from any thread once ``open()``.
+
+        The chunk counts as written only after ``record_chunk`` (on the index thread), so a
+        crash or an error in between just means it is written again.
+        """
+        chunk = self._chunks[idx]
+        if len(data) != chunk.length:
+            raise IntegrityError(
+                f"chunk is {len(data)} bytes, the signed manifest says {chunk.length}",
+                chunk=chunk.digest,
+                file=self.label,
+            )
+        fd = self._fd
+        if fd is None:
+            raise StoreError(f"{self.label} is not open for writing")
         view = memoryview(data)
         written = 0
         try:
             while written < len(data):
-                written += os.pwrite(self._fd, view[written:], chunk.offset + written)
+                written += os.pwrite(fd, view[written:], chunk.offset + written)
         except OSError as e:
             raise layout.os_error(e, f"cannot write {self.label}", needed=chunk.length) from e
+
+    def record_chunk(self, idx: int, data: bytes) -> None:
+        """Note a chunk ``pwrite_chunk`` wrote (flushing when enough has accumulated)."""
+        chunk = self._chunks[idx]
+        if self._running is not None and not self._running.feed(chunk.offset, data):
+            self._running = None
         self._unflushed.append(idx)
         self._unflushed_bytes += chunk.length
+        self._settle(wait=False)
         if self._unflushed_bytes >= self.flush_bytes:
-            self.flush()
+            self._start_sync()
+
+    def _start_sync(self) -> None:
+        """fdatasync in the background what has been written so far (one sync at a time)."""
+        self._settle(wait=True)
+        fd = self._fd
+        assert fd is not None
+        if self._sync_pool is None:
+            self._sync_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="file-sync")
+        batch, size = self._unflushed, self._unflushed_bytes
+        self._unflushed, self._unflushed_bytes = [], 0
+        self._syncing = (batch, size, self._sync_pool.submit(os.fdatasync, fd))
+
+    def _settle(self, *, wait: bool) -> None:
+        """Commit the chunks of a background sync that has finished (or wait for it)."""
+        if self._syncing is None:
+            return
+        batch, _size, future = self._syncing
+        if not wait and not future.done():
+            return
+        self._syncing = None
+        try:
+            future.result()
+        except OSError as e:
+            raise layout.os_error(e, f"cannot flush {self.label}") from e
+        self._commit_done(batch)
+
+    def _commit_done(self, batch: list[int]) -> None:
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.executemany(
+                "UPDATE chunks SET done = 1 WHERE file = ? AND idx = ?",
+                [(self.file_id, idx) for idx in batch],
+            )
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise layout.os_error(e, "cannot record written chunks in the index") from e
 
     def flush(self) -> None:
-        """fsync the staged file, then mark the chunks written since the last flush as done."""
+        """fsync the staged file, then mark every chunk written so far as done."""
+        self._settle(wait=True)
         if not self._unflushed:
             return
         assert self._fd is not None
@@ -222,39 +336,49 @@ class StagedFile:
             os.fdatasync(self._fd)
         except OSError as e:
             raise layout.os_error(e, f"cannot flush {self.label}") from e
-        try:
-            self.conn.execute("BEGIN IMMEDIATE")
-            self.conn.executemany(
-                "UPDATE chunks SET done = 1 WHERE file = ? AND idx = ?",
-                [(self.file_id, idx) for idx in self._unflushed],
-            )
-            self.conn.execute("COMMIT")
-        except sqlite3.Error as e:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            raise layout.os_error(e, "cannot record written chunks in the index") from e
-        self._unflushed.clear()
-        self._unflushed_bytes = 0
+        batch = self._unflushed
+        self._unflushed, self._unflushed_bytes = [], 0
+        self._commit_done(batch)
+
+    def _stop_syncing(self) -> None:
+        """Wait for a background sync without committing its chunks (they will be redone)."""
+        syncing, self._syncing = self._syncing, None
+        if syncing is not None:
+            with contextlib.suppress(OSError):
+                syncing[2].result()
+        if self._sync_pool is not None:
+            self._sync_pool.shutdown(wait=True)
+            self._sync_pool = None
 
     def done_bytes(self) -> int:
         row = self.conn.execute(
             "SELECT COALESCE(SUM(length), 0) AS n FROM chunks WHERE file = ? AND done = 1",
             (self.file_id,),
         ).fetchone()
-        return int(row["n"]) + self._unflushed_bytes
+        syncing = self._syncing[1] if self._syncing else 0
+        return int(row["n"]) + self._unflushed_bytes + syncing
+
+    def _drop_running(self) -> None:
+        running, self._running = self._running, None
+        if running is not None:
+            running.result(None)
 
     def close(self) -> None:
         """Flush what was written (so it is not redone) and close the staged file."""
+        self._drop_running()
         try:
             if self._fd is not None:
                 self.flush()
         finally:
+            self._stop_syncing()
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
 
     def abort(self) -> None:
         """Close without flushing: chunks written since the last flush will be written again."""
+        self._drop_running()
+        self._stop_syncing()
         self._unflushed.clear()
         self._unflushed_bytes = 0
         if self._fd is not None:
@@ -267,6 +391,7 @@ class StagedFile:
             return False
         self.open()
         self.flush()
+        self._stop_syncing()
         assert self._fd is not None
         left = self.conn.execute(
             "SELECT COUNT(*) AS n FROM chunks WHERE file = ? AND done = 0", (self.file_id,)
@@ -281,7 +406,10 @@ class StagedFile:
         finally:
             os.close(self._fd)
             self._fd = None
-        whole = hash_file(self.staged, self.size)
+        running, self._running = self._running, None
+        whole = running.result(self.size) if running is not None else None
+        if whole is None:
+            whole = hash_file(self.staged, self.size)
         try:
             layout.make_parents(self.store_dir, self.final)
             os.rename(self.staged, self.final)

@@ -199,14 +199,11 @@ class Store:
             missing = False
             for loc in self.find_chunk(digest):
                 try:
-                    with open(loc.path, "rb", buffering=0) as f:
-                        data = os.pread(f.fileno(), loc.length, loc.offset)
+                    data = read_local_copy(loc)
                 except FileNotFoundError:
                     missing = True
                     continue
-                except OSError:
-                    continue
-                if len(data) == loc.length and blake3.blake3(data).hexdigest() == digest:
+                if data is not None:
                     return data
             if not missing:
                 break
@@ -531,6 +528,24 @@ class Store:
                 (file_id,),
             )
         ]
+
+
+def read_local_copy(loc: LocalChunk) -> bytes | None:
+    """One local copy's bytes if they still hash to the digest, else None.
+
+    Needs no index connection, so importer threads can call it. FileNotFoundError passes
+    through (a staged file renamed into place meanwhile: look the chunk up again).
+    """
+    try:
+        with open(loc.path, "rb", buffering=0) as f:
+            data = os.pread(f.fileno(), loc.length, loc.offset)
+    except FileNotFoundError:
+        raise
+    except OSError:
+        return None
+    if len(data) == loc.length and blake3.blake3(data).hexdigest() == loc.digest:
+        return data
+    return None
 
 
 def remove_tree(path: Path) -> None:
