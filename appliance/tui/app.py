@@ -65,6 +65,7 @@ with what to do next. Overriding an expiry needs a typed reason: it goes to the 
 class HelpScreen(ModalScreen[None]):
     """Every key of every screen, and the flow from media to a served model."""
 
+    AUTO_FOCUS = "*"
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,q,question_mark,f1", "close",
                                                      "Close")]
     DEFAULT_CSS = """
@@ -95,6 +96,9 @@ class ApplianceApp(App[None]):
     """The TUI. Build it with ``create_app``."""
 
     TITLE = "appliance"
+    # Focus goes into the first screen once ready (not to the tab strip), so its keys are
+    # live from the start; modal screens set their own.
+    AUTO_FOCUS = None
     CSS = """
     TabbedContent { height: 1fr; }
     TabPane { padding: 0 1; }
@@ -119,8 +123,8 @@ class ApplianceApp(App[None]):
                     yield pane(self.ctx)
         yield Footer()
 
-    def on_mount(self) -> None:
-        self.call_after_refresh(self.pane(PANES[0].PANE_ID).focus_first)
+    def on_ready(self) -> None:
+        self.current_pane.focus_first()
 
     # -- navigation ----------------------------------------------------------------------
 

@@ -237,6 +237,7 @@ def pane_bindings(pane: type[Pane]) -> list[Binding]:
 class ExplainScreen(ModalScreen[None]):
     """A refusal or failure in plain words, with what to do next."""
 
+    AUTO_FOCUS = "*"
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape,enter,q", "close", "Close"),
     ]
@@ -273,6 +274,7 @@ class ExplainScreen(ModalScreen[None]):
 
 
 class ConfirmScreen(ModalScreen[bool]):
+    AUTO_FOCUS = "*"
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("y", "answer(True)", "Yes"),
         Binding("n,escape", "answer(False)", "No"),
@@ -316,6 +318,7 @@ class Field:
 class PromptScreen(ModalScreen[dict[str, str] | None]):
     """A small form: one Input per field; Enter on the last one submits, Escape cancels."""
 
+    AUTO_FOCUS = "*"
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
     DEFAULT_CSS = """
     PromptScreen { align: center middle; }

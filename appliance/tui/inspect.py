@@ -51,7 +51,7 @@ class InspectPane(Pane):
         yield Static("No bundle chosen: pick one on the Media screen (1).", id="inspect-summary",
                      classes="status")
         yield DataTable(id="inspect-models", cursor_type="row", zebra_stripes=True)
-        yield ProgressBar(id="inspect-progress", show_eta=True)
+        yield ProgressBar(id="inspect-progress", show_eta=False)
         yield Static("", id="inspect-volumes", classes="status")
 
     def on_mount(self) -> None:
@@ -118,7 +118,7 @@ class InspectPane(Pane):
         if self.verified is not None:
             r = self.verified
             lines.append(f"[green]verified[/]: {r.chunks_verified} chunks, "
-                         f"{service.size(r.plain_bytes)} in {r.seconds:.1f} s"
+                         f"{service.size(r.plain_bytes)}"
                          + ("" if r.complete else " (volumes present only)"))
         self.query_one("#inspect-volumes", Static).update("\n".join(lines))
 
@@ -155,6 +155,7 @@ class InspectPane(Pane):
                         f"{', '.join(report.volumes_missing)}", severity="warning")
 
     def _verify_failed(self, error: BaseException) -> None:
+        self.query_one("#inspect-progress", ProgressBar).display = False
         self.query_one("#inspect-volumes", Static).update(
             f"[b red]verification failed[/]: {type(error).__name__}")
         super().show_error(error)

@@ -19,11 +19,16 @@ def describe_model(m: ModelRecord) -> str:
     prov = m.provenance or {}
     sources = "; ".join(f"{s.get('path')}: {s.get('source')}" for s in prov.get("sources", []))
     g = m.gguf or {}
-    facts = ", ".join(f"{k} {v}" for k, v in g.items() if v is not None and k != "tensor_count")
+    facts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in g.items()
+                      if v is not None and k not in ("tensor_count", "chat_template_hash"))
     state = ("[green]verified[/]" if m.verified else "[b red]NOT verified (quarantined)[/]")
-    return (f"[b]{m.ref}[/b] {state} (last {m.verified_at or '-'})  license {m.license}\n"
+    return (f"[b]{m.ref}[/b] {state} (last {_time(m.verified_at)})  license {m.license}\n"
             f"bundle {m.channel} #{m.sequence}  signers {', '.join(m.signers) or '-'}\n"
             f"built by {prov.get('builder', '-')}  {sources}\n{facts}")
+
+
+def _time(stamp: str | None) -> str:
+    return stamp.replace("+00:00", "Z") if stamp else "-"
 
 
 class ModelsPane(Pane):
@@ -68,7 +73,7 @@ class ModelsPane(Pane):
         for m in models:
             table.add_row(m.name, m.version, service.size(m.size),
                           "yes" if m.verified else "NO (quarantined)",
-                          f"{m.channel} #{m.sequence}", m.imported_at or "-", key=m.ref)
+                          f"{m.channel} #{m.sequence}", _time(m.imported_at), key=m.ref)
         detail = self.query_one("#models-detail", Static)
         if not models:
             detail.update("The store holds no model yet: import a bundle (screens 1-3).")
