@@ -6,7 +6,7 @@
    lock, AUTHENTICATE before any chunk is read: walk the carried trust chain from the
    installed root, check the signature threshold, parse, check publisher scopes, expiry
    (``allow_expired`` needs a ``reason``: audited as "override"), every volume index, and
-   the channel's rollback rule;
+   the channel's rollback rule; every pack must have the size its index says;
 2. plan against the store (a model already stored with other bytes is refused) and check the
    free space the new staged files need (``DiskFullError`` says how much);
 3. in ONE transaction: persist the newer trust roots reached, raise the channel's high-water
@@ -49,6 +49,7 @@ from appliance.errors import (
     MissingVolumeError,
     NoTrustRootError,
     RefusalError,
+    TruncatedError,
     UsageError,
 )
 from appliance.format.manifest import ChunkRef
@@ -144,6 +145,11 @@ def import_media(
             trust_state.audit_refusal(store_dir, "import", e, media=media_names)
             raise
         manifest = bundle.manifest
+        try:
+            _check_packs(media)
+        except RefusalError as e:
+            trust_state.audit_refusal(store_dir, "import", e, media=media_names)
+            raise
         plans = store.plan(manifest.models)
         layout.check_free_space(
             store_dir,
@@ -181,6 +187,26 @@ def import_media(
         if result.complete:
             store.finish_import(result.manifest_hash, now)
         return result
+
+
+def _check_packs(media: Media) -> None:
+    """Every pack of every volume given has the size its (checked) index says: a truncated or
+    padded pack is refused before any chunk is read, not half-way through the copy."""
+    for volume in media.volumes:
+        for number, expected in enumerate(volume.index.pack_sizes, start=1):
+            pack = volume.pack_path(number)
+            try:
+                actual = pack.stat().st_size
+            except FileNotFoundError as e:
+                raise TruncatedError(f"pack {pack.name} is missing", volume=volume.name) from e
+            except OSError as e:
+                raise MediaError(f"cannot read {pack}: {e}") from e
+            if actual != expected:
+                raise TruncatedError(
+                    f"pack {pack.name} is {actual} bytes, its index says {expected}",
+                    volume=volume.name,
+                    offset=min(actual, expected),
+                )
 
 
 def _record_acceptance(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,16 +20,21 @@ from importer_helpers import check_consistent, tree_digest, trusting_store
 
 from appliance.errors import (
     ExpiredError,
+    FormatError,
     IntegrityError,
+    LimitExceededError,
     MissingVolumeError,
     NoTrustRootError,
     RollbackError,
     SignatureError,
     StoreError,
     ThresholdError,
+    TruncatedError,
+    UnsafePathError,
     UsageError,
 )
 from appliance.importer import import_media
+from appliance.limits import Limits
 from appliance.store import audit
 from appliance.store.records import get_model, list_models
 from appliance.store.scrub import verify_store
@@ -246,3 +252,67 @@ def test_conflicting_model_is_refused_before_anything_changes(
     with pytest.raises(StoreError, match="models rm"):
         import_media(store, [base / "media"], now=NOW)
     assert list((store / "staging").iterdir()) == []
+
+
+def _flip_signature(media: Path) -> None:
+    for sig in media.glob("vol-*/signatures/*.sig"):
+        text = sig.read_bytes()
+        sig.write_bytes(text[:-10] + (b"A" if text[-10:-9] != b"A" else b"B") + text[-9:])
+
+
+def _flip_index(media: Path) -> None:
+    flip_byte(media / "vol-002" / "index.bin", 100)
+
+
+def _truncate_pack(media: Path) -> None:
+    pack = sorted((media / "vol-001" / "packs").iterdir())[0]
+    with pack.open("r+b") as f:
+        f.truncate(pack.stat().st_size - 1)
+
+
+def _unsafe_path(media: Path) -> None:
+    data = (media / "vol-001" / "manifest.yaml").read_bytes()
+    rewrite_manifest(media, data.replace(b"path: notes.txt\n", b"path: ../notes.txt\n", 1))
+
+
+def _duplicate_path(media: Path) -> None:
+    data = (media / "vol-001" / "manifest.yaml").read_bytes()
+    rewrite_manifest(media, data.replace(b"path: notes.txt\n", b"path: weights.bin\n", 1))
+
+
+def _lying_size(media: Path) -> None:
+    data = (media / "vol-001" / "manifest.yaml").read_bytes()
+    rewrite_manifest(media, data.replace(b"size: 600000\n", b"size: 600001\n", 1))
+
+
+@pytest.mark.parametrize(
+    ("tamper", "error"),
+    [
+        (_flip_signature, ThresholdError),
+        (_flip_index, FormatError),
+        (_truncate_pack, TruncatedError),
+        (_unsafe_path, UnsafePathError),
+        (_duplicate_path, UnsafePathError),
+        (_lying_size, FormatError),
+    ],
+)
+def test_hostile_media_is_refused_before_any_byte_reaches_the_store(
+    bundle: Path,
+    store: Path,
+    tmp_path: Path,
+    tamper: Callable[[Path], None],
+    error: type[Exception],
+) -> None:
+    media = copy_media(bundle, tmp_path)
+    tamper(media)
+    with pytest.raises(error) as info:
+        import_media(store, [media], now=NOW)
+    assert type(info.value) is error
+    assert_nothing_stored(store)
+    assert kinds(store)[-1] == "refusal"
+
+
+def test_manifest_over_the_size_cap_is_refused(bundle: Path, store: Path) -> None:
+    with pytest.raises(LimitExceededError):
+        import_media(store, [bundle / "media"], now=NOW, limits=Limits(max_manifest_bytes=1000))
+    assert_nothing_stored(store)
