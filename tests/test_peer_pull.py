@@ -156,6 +156,8 @@ def test_a_lying_peer_is_dropped_and_the_chunk_comes_from_another(
     assert result.by_peer[honest.url] == result.bytes_total
     assert any("dropped peer" in n for n in notes)
     no_bad_chunk_in(b, bundle)
+    [refusal] = [r for r in audit.records(b) if r.kind == "refusal"]
+    assert refusal.details["peer"] == liar.url and "IntegrityError" in str(refusal.details)
 
 
 def test_only_liars_nothing_bad_reaches_the_store(tmp_path: Path, bundle: Bundle, servers,
@@ -347,8 +349,9 @@ def test_swarm_a_host_serves_verified_chunks_while_its_pull_runs(
             if flags is not None and sum(flags) >= total - 1:
                 break
             time.sleep(0.05)
+        patient = clients(b_server.url, timeouts=replace(QUICK, read=15, chunk_deadline=30))
         with pytest.raises(PeerError, match="still missing"):
-            pull(c_store, [clients(b_server.url)], ["tiny"], options=FAST, now=NOW)
+            pull(c_store, [patient], ["tiny"], options=replace(FAST, max_failures=10), now=NOW)
         assert b_thread.is_alive()  # B's own pull is still running
         no_bad_chunk_in(c_store, bundle)
         done = connect(c_store).execute("SELECT COUNT(*) AS n FROM chunks WHERE done = 1"

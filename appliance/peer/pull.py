@@ -22,24 +22,19 @@ written is durable and the next pull resumes from there.
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from appliance.errors import (
     ExpiredError,
-    IntegrityError,
     PeerError,
-    PeerProtocolError,
     RefusalError,
     RollbackError,
     UsageError,
 )
-from appliance.format.manifest import ChunkRef, Manifest
+from appliance.format.manifest import Manifest
 from appliance.limits import MiB
 from appliance.peer.client import PeerClient
 from appliance.peer.offers import (
@@ -50,6 +45,7 @@ from appliance.peer.offers import (
     describe,
     gather_offers,
 )
+from appliance.peer.swarm import swarm
 from appliance.store import audit, layout, trust_state
 from appliance.store.staging import StagedFile
 from appliance.store.store import BundleOrigin, Store
@@ -82,20 +78,6 @@ class PullResult:
     bytes_local: int = 0
     by_peer: dict[str, int] = field(default_factory=dict)  # url -> verified bytes received
     dropped: dict[str, str] = field(default_factory=dict)  # url -> why it was dropped
-
-
-@dataclass
-class _Peer:
-    client: PeerClient
-    have: set[str] = field(default_factory=set)
-    inflight: int = 0
-    failures: int = 0
-    dropped: str | None = None
-    bytes: int = 0
-
-    @property
-    def url(self) -> str:
-        return self.client.url
 
 
 def pull(
@@ -284,6 +266,8 @@ def _fill(
     lengths = {c.digest: c.length for c in manifest.unique_chunks()}
     total = result.bytes_total
     done = total - sum(sf.chunk(i).length for t in need.values() for sf, i in t)
+    for sf in staged:
+        sf.open()  # preallocate every file first: a full disk shows before any transfer
 
     def report() -> None:
         if progress is not None:
@@ -291,11 +275,11 @@ def _fill(
 
     report()
     for digest in list(need):
-        data = store.read_local_chunk(digest)
+        data = store.read_local_chunk(digest)  # re-checked against its digest
         if data is None:
             continue
         for sf, idx in need.pop(digest):
-            sf.write_chunk(idx, data)
+            sf.write_chunk(idx, data, checked=True)
             done += len(data)
             result.bytes_local += len(data)
         report()
@@ -303,141 +287,16 @@ def _fill(
         return
 
     def land(digest: str, data: bytes) -> None:
+        """Record a chunk a fetch thread verified and pwrote (index work stays here)."""
         nonlocal done
         for sf, idx in need.pop(digest):
-            sf.write_chunk(idx, data)
+            sf.record_chunk(idx, data)
             done += len(data)
         report()
 
-    _swarm(manifest, need, lengths, clients, opts, result, land, say)
+    def settle() -> None:
+        """Make what was written durable and visible to peers while the swarm waits."""
+        for sf in staged:
+            sf.flush()
 
-
-def _swarm(
-    manifest: Manifest,
-    need: dict[str, list[tuple[StagedFile, int]]],
-    lengths: dict[str, int],
-    clients: Sequence[PeerClient],
-    opts: PullOptions,
-    result: PullResult,
-    land: Callable[[str, bytes], None],
-    say: Notify,
-) -> None:
-    unique: list[ChunkRef] = manifest.unique_chunks()
-    manifest_hash = result.manifest_hash
-    peers = [_Peer(c) for c in clients]
-    pending = list(need)
-    random.shuffle(pending)
-    inflight: dict[Future[bytes | None], tuple[str, _Peer]] = {}
-    executor = ThreadPoolExecutor(max_workers=max(1, opts.workers),
-                                  thread_name_prefix="peer-pull")
-
-    def drop(peer: _Peer, why: str) -> None:
-        if peer.dropped is None:
-            peer.dropped = why
-            result.dropped[peer.url] = why
-            say(f"dropped peer {peer.url} for this pull: {why}")
-
-    def refresh() -> None:
-        live = [p for p in peers if p.dropped is None]
-        futures = {executor.submit(p.client.have, manifest_hash, len(unique)): p for p in live}
-        for fut, peer in futures.items():
-            try:
-                flags = fut.result()
-            except (PeerProtocolError, IntegrityError) as e:
-                drop(peer, f"bad have-map: {e}")
-                continue
-            except PeerError as e:
-                peer.failures += 1
-                if peer.failures >= opts.max_failures:
-                    drop(peer, str(e))
-                continue
-            peer.have = set() if flags is None else {
-                c.digest for c, held in zip(unique, flags, strict=True) if held
-            }
-        # Rarest first: chunks few peers hold go out before they become a bottleneck.
-        holders = {d: sum(d in p.have for p in peers if p.dropped is None) for d in pending}
-        pending.sort(key=lambda d: holders[d])
-
-    def dispatch() -> None:
-        busy = {d for d, _ in inflight.values()}
-        for peer in sorted((p for p in peers if p.dropped is None), key=lambda p: p.inflight):
-            i = 0
-            while peer.inflight < opts.per_peer and i < len(pending):
-                digest = pending[i]
-                if digest in peer.have and digest not in busy:
-                    pending.pop(i)
-                    busy.add(digest)
-                    peer.inflight += 1
-                    fut = executor.submit(peer.client.chunk, digest, lengths[digest])
-                    inflight[fut] = (digest, peer)
-                else:
-                    i += 1
-
-    try:
-        refresh()
-        last_refresh = time.monotonic()
-        starved_since: float | None = None
-        while pending or inflight:
-            dispatch()
-            if not inflight:
-                live = [p for p in peers if p.dropped is None]
-                if not live:
-                    raise PeerError(_stopped("every peer was dropped", result, need))
-                moment = time.monotonic()
-                starved_since = starved_since or moment
-                if moment - starved_since > opts.wait_for_chunks:
-                    raise PeerError(_stopped(
-                        f"no live peer has held the {len(pending)} remaining chunk(s) for "
-                        f"{opts.wait_for_chunks:.0f} s", result, need))
-                time.sleep(opts.refresh)
-                refresh()
-                last_refresh = time.monotonic()
-                continue
-            starved_since = None
-            finished, _ = wait(list(inflight), timeout=opts.refresh, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                digest, peer = inflight.pop(fut)
-                peer.inflight -= 1
-                try:
-                    data = fut.result()
-                except (IntegrityError, PeerProtocolError) as e:
-                    drop(peer, f"{type(e).__name__}: {e}")
-                    pending.insert(0, digest)
-                    continue
-                except PeerError as e:
-                    peer.failures += 1
-                    if peer.failures >= opts.max_failures:
-                        drop(peer, f"{opts.max_failures} failures, the last: {e}")
-                    else:
-                        peer.have.discard(digest)  # try it elsewhere first
-                    pending.insert(0, digest)
-                    continue
-                if data is None:
-                    peer.have.discard(digest)
-                    pending.insert(0, digest)
-                    continue
-                peer.failures = 0
-                peer.bytes += len(data)
-                result.by_peer[peer.url] = peer.bytes
-                result.bytes_fetched += len(data)
-                land(digest, data)
-            stale = time.monotonic() - last_refresh > opts.refresh
-            if stale and any(
-                not any(d in p.have for p in peers if p.dropped is None) for d in pending
-            ):
-                refresh()
-                last_refresh = time.monotonic()
-    finally:
-        executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _stopped(why: str, result: PullResult, need: dict[str, list[tuple[StagedFile, int]]]
-             ) -> str:
-    missing = sum(sf.chunk(idx).length for targets in need.values() for sf, idx in targets)
-    dropped = "; ".join(f"{u}: {w}" for u, w in result.dropped.items())
-    return (
-        f"pull of {', '.join(result.models)} stopped: {why}. {missing} of {result.bytes_total} "
-        f"bytes are still missing; what arrived is verified and kept, so running the same "
-        f"pull again resumes"
-        + (f" (dropped peers: {dropped})" if dropped else "")
-    )
+    swarm(store.store_dir, manifest, need, lengths, clients, opts, result, land, settle, say)
