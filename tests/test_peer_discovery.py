@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -106,7 +107,7 @@ def test_local_addresses_are_unicast_ipv4() -> None:
 
 
 @pytest.fixture
-def lan() -> Lan:  # type: ignore[misc]
+def lan() -> Iterator[Lan]:
     why = Lan.available()
     if why:
         pytest.skip(why)

@@ -97,7 +97,7 @@ def big_server(tmp_path: Path, big_chunk_bundle: Bundle) -> Iterator[tuple[PeerS
 
 @pytest.mark.slow
 def test_50_concurrent_pullers_and_stalled_readers(big_server, tmp_path: Path, store: Path,
-                                                   bundle: Bundle) -> None:  # type: ignore[no-untyped-def]
+                                                   bundle: Bundle) -> None:
     server, big = big_server
     big_ref = big.manifest.models[0].files[0].chunks[0]
     baseline = open_fds()
@@ -146,13 +146,13 @@ def settled_fds() -> int:
     return last
 
 
-def httpx_timeouts():  # type: ignore[no-untyped-def]
+def httpx_timeouts():
     from appliance.peer.client import Timeouts
 
     return Timeouts(connect=10, read=20, chunk_deadline=60)
 
 
-def test_a_stalled_reader_frees_its_slot(big_server) -> None:  # type: ignore[no-untyped-def]
+def test_a_stalled_reader_frees_its_slot(big_server) -> None:
     server, big = big_server
     ref = big.manifest.models[0].files[0].chunks[0]
     # Every chunk slot taken by a reader that never reads...

@@ -32,7 +32,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def served(site: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def served(site: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
     store = new_host(tmp_path_factory.mktemp("store") / "a")
     bundle = make_bundle({"tiny": {"m.gguf": model_bytes(5, 3 * CHUNK)}})
     seed(store, bundle)
@@ -111,7 +111,7 @@ def test_an_expired_host_certificate_is_refused(site: dict[str, Path], tmp_path:
         tls.client_context(tmp_path / "old")
 
 
-def test_member_lists_and_fetches_over_mutual_tls(site: dict[str, Path], served) -> None:  # type: ignore[no-untyped-def]
+def test_member_lists_and_fetches_over_mutual_tls(site: dict[str, Path], served) -> None:
     server, bundle = served
     assert server.url.startswith("https://")
     with client(server.url, connect_policy(site["b"], insecure=False)) as c:
@@ -121,7 +121,7 @@ def test_member_lists_and_fetches_over_mutual_tls(site: dict[str, Path], served)
 
 
 def test_host_without_a_site_certificate_can_neither_list_nor_fetch(site: dict[str, Path],
-                                                                     served) -> None:  # type: ignore[no-untyped-def]
+                                                                     served) -> None:
     server, bundle = served
     # Trusts the site CA (so the server is accepted) but presents no certificate.
     context = ssl.create_default_context(cafile=site["ca"] / tls.CA_CERT)
@@ -134,7 +134,7 @@ def test_host_without_a_site_certificate_can_neither_list_nor_fetch(site: dict[s
             c.chunk(ref.digest, ref.length)
 
 
-def test_a_peer_certificate_from_another_ca_is_refused(site: dict[str, Path], served) -> None:  # type: ignore[no-untyped-def]
+def test_a_peer_certificate_from_another_ca_is_refused(site: dict[str, Path], served) -> None:
     server, _ = served
     # The intruder's own context trusts only its CA: the handshake fails on its side...
     with client(server.url, connect_policy(site["intruder"], insecure=False)) as c, \
@@ -158,7 +158,7 @@ def test_a_server_with_a_foreign_certificate_is_refused(site: dict[str, Path], t
         c.info()
 
 
-def test_hostname_checking_can_be_turned_on(site: dict[str, Path], served) -> None:  # type: ignore[no-untyped-def]
+def test_hostname_checking_can_be_turned_on(site: dict[str, Path], served) -> None:
     server, _ = served
     context = tls.client_context(site["b"], check_hostname=True)
     with client(server.url, ConnectPolicy(context, insecure=False)) as c:
@@ -175,7 +175,7 @@ def test_plaintext_needs_an_explicit_insecure_flag(site: dict[str, Path]) -> Non
         ConnectPolicy(None, insecure=True).check("https://127.0.0.1:1")
 
 
-def test_curl_with_the_site_certificate_talks_to_a_peer(site: dict[str, Path], served) -> None:  # type: ignore[no-untyped-def]
+def test_curl_with_the_site_certificate_talks_to_a_peer(site: dict[str, Path], served) -> None:
     server, _ = served
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
