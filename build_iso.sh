@@ -24,7 +24,7 @@ FALLBACK_EPOCH=1735689600 # 2025-01-01T00:00:00Z
 usage() {
     cat <<'EOF'
 usage: build_iso.sh (--recipe RECIPE.yaml --key KEY [--key KEY ...] | --bundle MEDIA_DIR)
-                    [--trust ROOT.yaml] --out appliance.iso [--volid NAME]
+                    [--trust ROOT.yaml] --out appliance.iso [--volid NAME] [--binary FILE]
 
 Build the appliance image: the one-file appliance binary (built with PyInstaller, or reused
 when its inputs are unchanged), the trust root and its fingerprint, the bundle volumes, the
@@ -37,6 +37,8 @@ operator guide and a SHA256SUMS list, written as an ISO 9660 image by xorriso.
                   also the chain the bundle carries. Default: the newest root the bundle carries
   --out FILE      the image to write (replaced if it exists)
   --volid NAME    ISO volume label (default APPLIANCE)
+  --binary FILE   put this already built appliance binary on the image instead of building
+                  or reusing dist/appliance (then neither the venv nor PyInstaller is needed)
 
 Set SOURCE_DATE_EPOCH to choose the image's dates; by default the commit time of HEAD.
 
@@ -50,7 +52,7 @@ EOF
 die() { printf 'build_iso.sh: %s\n' "$*" >&2; exit 1; }
 step() { printf '==> %s\n' "$*" >&2; }
 
-recipe="" bundle="" trust="" out="" volid="APPLIANCE"
+recipe="" bundle="" trust="" out="" volid="APPLIANCE" binary=""
 keys=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -60,6 +62,7 @@ while [ $# -gt 0 ]; do
         --trust) trust="${2:?--trust needs a file}"; shift 2 ;;
         --out) out="${2:?--out needs a file}"; shift 2 ;;
         --volid) volid="${2:?--volid needs a name}"; shift 2 ;;
+        --binary) binary="${2:?--binary needs a file}"; shift 2 ;;
         -h | --help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument: $1" ;;
     esac
@@ -78,12 +81,18 @@ else
 fi
 [ -z "$trust" ] || [ -f "$trust" ] || die "trust root $trust does not exist"
 [[ "$volid" =~ ^[A-Z0-9_]{1,32}$ ]] || die "--volid must be 1-32 characters A-Z 0-9 _"
+if [ -n "$binary" ]; then
+    [ -f "$binary" ] && [ -x "$binary" ] || die "--binary $binary is not an executable file"
+    binary="$(cd "$(dirname "$binary")" && pwd)/$(basename "$binary")"
+fi
 
 # -- tools first, all of them, then one message ------------------------------------------
 missing=()
 command -v xorriso >/dev/null 2>&1 || missing+=("xorriso (apt-get install xorriso, or scripts/setup.sh)")
 command -v sha256sum >/dev/null 2>&1 || missing+=("sha256sum (coreutils)")
-if [ ! -x "$PY" ]; then
+if [ -n "$binary" ]; then
+    :  # a given binary needs neither the venv nor PyInstaller
+elif [ ! -x "$PY" ]; then
     missing+=("the Python venv $VENV (run scripts/setup.sh)")
 else
     "$PY" -c 'import appliance' >/dev/null 2>&1 \
@@ -115,9 +124,11 @@ fi
 export SOURCE_DATE_EPOCH
 
 # -- the binary ----------------------------------------------------------------------------
-step "appliance binary (PyInstaller, reused when fresh)"
-binary="$("$PY" "$REPO/packaging/build_binary.py" | tail -n 1)"
-[ -x "$binary" ] || die "no binary at $binary"
+if [ -z "$binary" ]; then
+    step "appliance binary (PyInstaller, reused when fresh)"
+    binary="$("$PY" "$REPO/packaging/build_binary.py" | tail -n 1)"
+    [ -x "$binary" ] || die "no binary at $binary"
+fi
 # The fresh binary must run before it goes on an image.
 version_line="$("$binary" --version)" || die "$binary --version failed"
 version="${version_line#appliance }"
@@ -129,14 +140,15 @@ if [ -n "$recipe" ]; then
     build_args=(bundle build "$recipe" --out "$bundle")
     for key in "${keys[@]}"; do build_args+=(--key "$key"); done
     [ -z "$trust" ] || build_args+=(--trust "$trust")
-    "$PY" -m appliance.cli.main "${build_args[@]}" >&2
+    # The binary going on the image builds the bundle: one more proof that it works.
+    "$binary" "${build_args[@]}" >&2
 fi
 bundle="$(cd "$bundle" && pwd)"
 # Hidden entries (a crashed build's staging dir) stay off the image; anything but plain files
 # and directories is refused, so the checksum list and the image hold the same files.
-odd="$(cd "$bundle" && find . -name '.*' -prune -o ! -type f ! -type d -print | head -n 5)"
+odd="$(cd "$bundle" && find . -mindepth 1 -name '.*' -prune -o ! -type f ! -type d -print | head -n 5)"
 [ -z "$odd" ] || die "the bundle holds entries that are neither files nor directories: $odd"
-bundle_files="$(cd "$bundle" && find . -name '.*' -prune -o -type f -print | LC_ALL=C sort)"
+bundle_files="$(cd "$bundle" && find . -mindepth 1 -name '.*' -prune -o -type f -print | LC_ALL=C sort)"
 [ -n "$bundle_files" ] || die "the bundle directory $bundle holds no files"
 while IFS= read -r rel; do
     [[ "$rel" =~ ^\./[A-Za-z0-9._/-]+$ ]] || die "unexpected file name in the bundle: $rel"
@@ -144,7 +156,8 @@ done <<<"$bundle_files"
 
 # -- trust root and its fingerprint --------------------------------------------------------
 if [ -z "$trust" ]; then
-    trust="$(cd "$bundle" && find . -path '*/trust/root-*.yaml' -type f \
+    trust="$(cd "$bundle" && find . -mindepth 1 -name '.*' -prune -o -type f \
+        -path '*/trust/root-*.yaml' -print \
         | sed -E 's#^(.*/root-)([0-9]+)\.yaml$#\2 \1\2.yaml#' | sort -n -k1,1 | tail -n 1 \
         | cut -d' ' -f2-)"
     [ -n "$trust" ] || die "no --trust given and the bundle carries no trust/root-N.yaml"

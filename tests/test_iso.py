@@ -350,6 +350,7 @@ def test_build_iso_names_every_missing_tool(tmp_path: Path) -> None:
         (["--recipe", "r.yaml", "--bundle", ".", "--out", "x.iso"], "not both"),
         (["--recipe", str(REPO / "bundles" / "default.yaml"), "--out", "x.iso"], "--key"),
         (["--bundle", ".", "--out", "x.iso", "--volid", "bad id"], "--volid"),
+        (["--bundle", ".", "--out", "x.iso", "--binary", "/nonexistent"], "not an executable"),
         (["--frobnicate"], "unknown argument"),
     ],
 )
@@ -442,7 +443,7 @@ def test_binary_runs_in_clean_env(appliance_binary: Path, tmp_path: Path) -> Non
     proc = run_clean(appliance_binary, ["--store", str(tmp_path / "store"), "doctor", "--json"],
                      tmp_path / "home")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
+    checks = {c["name"]: c for c in json.loads(proc.stdout)}
     assert checks["python"]["detail"].endswith(f"({appliance_binary})")  # no Python but itself
     assert checks["libraries"]["status"] == "ok", checks["libraries"]
     assert checks["llama.cpp build"]["status"] == "ok"
@@ -560,11 +561,16 @@ def test_reproducible_from_the_same_bundle(media: Path, site: Site, tmp_path: Pa
     shutil.copytree(media, copy)
     for path in copy.rglob("*"):
         os.utime(path, (1_000_000_000, 1_000_000_000))
+    # One binary for both builds, whatever else rebuilds dist/ meanwhile.
+    binary = tmp_path / "appliance"
+    shutil.copy2(appliance_binary, binary)
     first = tmp_path / "one.iso"
     second = tmp_path / "two" / "two.iso"
     second.parent.mkdir()
-    build_image(["--bundle", str(media), "--trust", str(site.root)], first)
-    build_image(["--bundle", str(copy), "--trust", str(site.root)], second)
+    build_image(["--bundle", str(media), "--trust", str(site.root), "--binary", str(binary)],
+                first)
+    build_image(["--bundle", str(copy), "--trust", str(site.root), "--binary", str(binary)],
+                second)
     listing = [(f.path, f.size) for f in list_image(first)]
     assert listing == [(f.path, f.size) for f in list_image(second)]
     assert {p for p, _ in listing} >= IMAGE_TOP
@@ -573,10 +579,10 @@ def test_reproducible_from_the_same_bundle(media: Path, site: Site, tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_default_trust_root_comes_from_the_bundle(media: Path, site: Site,
-                                                  tmp_path: Path) -> None:
+def test_default_trust_root_comes_from_the_bundle(media: Path, site: Site, tmp_path: Path,
+                                                  appliance_binary: Path) -> None:
     out = tmp_path / "default-root.iso"
-    build_image(["--bundle", str(media)], out)
+    build_image(["--bundle", str(media), "--binary", str(appliance_binary)], out)
     extracted = extract_iso(out, tmp_path / "x")
     assert (extracted / "root.yaml").read_bytes() == site.root.read_bytes()
 
