@@ -57,9 +57,11 @@ def test_peers_without_site_certificate_say_how_to_get_one(tmp_path: Path) -> No
 
     async def scenario(app, pilot) -> None:  # type: ignore[no-untyped-def]
         await pilot.press("5")
-        await wait_for(pilot, lambda: isinstance(app.screen, ExplainScreen),
-                       what="the explanation")
-        assert type(app.query_one(PeersPane).last_error) is UsageError
-        assert "site enroll" in app.screen.explanation.detail
+        peers = app.query_one(PeersPane)
+        await wait_for(pilot, lambda: peers.last_error is not None, what="the explanation")
+        assert type(peers.last_error) is UsageError
+        status = str(app.query_one("#peers-status", Static).render())
+        assert "site enroll" in status and "What to do" in status
+        assert not isinstance(app.screen, ExplainScreen)  # shown in place, no dialog
 
     drive(app, scenario)

@@ -137,11 +137,16 @@ class ApplianceApp(App[None]):
 
     def action_show_pane(self, pane_id: str) -> None:
         self.query_one(TabbedContent).active = pane_id
-        self.call_after_refresh(self.pane(pane_id).focus_first)
+        self.call_after_refresh(self._focus_pane, pane_id)
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
-        pane = self.pane(event.pane.id or "")
-        self.call_after_refresh(pane.focus_first)
+        self.call_after_refresh(self._focus_pane, event.pane.id or "")
+
+    def _focus_pane(self, pane_id: str) -> None:
+        # Only if still shown: focusing a widget in a hidden tab would switch back to it.
+        tabs = self.query(TabbedContent)
+        if tabs and tabs.first().active == pane_id:
+            self.pane(pane_id).focus_first()
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

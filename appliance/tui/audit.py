@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from typing import ClassVar
 
+from rich.markup import escape
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import DataTable, Static
 
 from appliance.tui import service
-from appliance.tui.base import Pane, TuiContext
+from appliance.tui.base import Pane, TuiContext, add_plain_row
 
 
 class AuditPane(Pane):
@@ -50,12 +51,12 @@ class AuditPane(Pane):
         if view.chain_ok:
             status.update(f"[green]chain intact[/]: {count} record(s), newest first")
         else:
-            status.update(f"[b red]CHAIN BROKEN[/]: {view.chain_problem}\n"
+            status.update(f"[b red]CHAIN BROKEN[/]: {escape(view.chain_problem or '')}\n"
                           "Report this to the site's security officer; keep the store as it is.")
         table = self.query_one("#audit-table", DataTable)
         table.clear()
         for record in view.records:
-            table.add_row(str(record.seq), record.time.replace("+00:00", "Z"), record.kind,
+            add_plain_row(table, str(record.seq), record.time.replace("+00:00", "Z"), record.kind,
                           service.describe_record(record), key=str(record.seq))
 
     def action_details(self) -> None:

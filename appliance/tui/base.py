@@ -18,13 +18,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
+from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Static
+from textual.widgets import Button, DataTable, Input, Label, Static
 from textual.worker import Worker, get_current_worker
 
 from appliance.tui.explain import Explanation, explain
@@ -219,6 +220,12 @@ class Pane(Vertical):
     def show_error(self, error: BaseException) -> None:
         self.last_error = error
         self.app.push_screen(ExplainScreen(explain(error)))
+
+
+def add_plain_row(table: DataTable[Any], *cells: object, key: str | None = None) -> None:
+    """A row whose text is shown as is: DataTable would read ``[...]`` in a str as markup,
+    and paths, audit details and peer answers are not ours to style (or to break)."""
+    table.add_row(*(Text(c) if isinstance(c, str) else c for c in cells), key=key)
 
 
 def pane_bindings(pane: type[Pane]) -> list[Binding]:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import ClassVar
 
+from rich.markup import escape
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import ProgressBar, Static
@@ -66,9 +67,9 @@ class ImportPane(Pane):
             bundle.update("No bundle chosen: pick one on the Media screen (1), check it on "
                           "Inspect (2), then come back and press i.")
             return
-        override = (f"\n[b yellow]expiry override[/]: {self.ctx.override_reason}"
+        override = (f"\n[b yellow]expiry override[/]: {escape(self.ctx.override_reason)}"
                     if self.ctx.override_reason else "")
-        bundle.update(f"bundle: {', '.join(map(str, self.ctx.selected))}{override}\n"
+        bundle.update(f"bundle: {escape(', '.join(map(str, self.ctx.selected)))}{override}\n"
                       "Press i to import, c to cancel.")
 
     def action_start(self) -> None:

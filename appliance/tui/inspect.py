@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
+from rich.markup import escape
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import DataTable, ProgressBar, Static
@@ -20,7 +21,7 @@ from appliance.bundle.reader import VerifyReport
 from appliance.errors import ExpiredError
 from appliance.format.trust import format_time
 from appliance.tui import service
-from appliance.tui.base import Field, ImportWanted, Pane, PromptScreen, TuiContext
+from appliance.tui.base import Field, ImportWanted, Pane, PromptScreen, TuiContext, add_plain_row
 
 
 def _bar(done: int, total: int, width: int = 20) -> str:
@@ -67,7 +68,7 @@ class InspectPane(Pane):
         self.view = None
         self.verified = None
         self.query_one("#inspect-summary", Static).update(
-            f"checking signatures of {', '.join(map(str, paths))}...")
+            f"checking signatures of {escape(', '.join(map(str, paths)))}...")
         self.query_one("#inspect-models", DataTable).clear()
         self.query_one("#inspect-volumes", Static).update("")
         self.load(lambda: service.inspect_media(store, paths, now, allow_expired=allow),
@@ -98,7 +99,7 @@ class InspectPane(Pane):
         table.clear()
         for model in m.models:
             g = model.gguf
-            table.add_row(
+            add_plain_row(table,
                 model.name, model.version, service.size(model.size),
                 g.architecture if g else "-", (g.quantization or "-") if g else "-",
                 f"{g.parameter_count:,}" if g and g.parameter_count else "-",

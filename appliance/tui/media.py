@@ -10,12 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
+from rich.markup import escape
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import DataTable, Static
 
 from appliance.tui import service
-from appliance.tui.base import BundleChosen, Field, Pane, PromptScreen, TuiContext
+from appliance.tui.base import BundleChosen, Field, Pane, PromptScreen, TuiContext, add_plain_row
 
 RESCAN_SECONDS = 3.0
 
@@ -60,12 +61,12 @@ class MediaPane(Pane):
         table.clear()
         for c in found:
             if c.problem:
-                table.add_row(str(c.path), "?", "?", "?", c.problem, key=str(c.path))
+                add_plain_row(table, str(c.path), "?", "?", "?", c.problem, key=str(c.path))
                 continue
-            table.add_row(str(c.path), f"{c.channel} #{c.sequence}",
+            add_plain_row(table, str(c.path), f"{c.channel} #{c.sequence}",
                           f"{len(c.volumes)} of {c.volume_count}", service.size(c.total_bytes),
                           ", ".join(c.models), key=str(c.path))
-        where = ", ".join(str(r) for r in self.ctx.scan_roots) or "no mount roots"
+        where = escape(", ".join(str(r) for r in self.ctx.scan_roots) or "no mount roots")
         status = self.query_one("#media-status", Static)
         if found:
             status.update(f"{len(found)} bundle(s) found (scanning {where}). Select one and "

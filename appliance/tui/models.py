@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from rich.markup import escape
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import DataTable, ProgressBar, Static
@@ -12,7 +13,7 @@ from textual.widgets import DataTable, ProgressBar, Static
 from appliance.store.records import ModelRecord
 from appliance.store.scrub import VerifyReport
 from appliance.tui import service
-from appliance.tui.base import ConfirmScreen, Pane, StoreChanged, TuiContext
+from appliance.tui.base import ConfirmScreen, Pane, StoreChanged, TuiContext, add_plain_row
 
 
 def describe_model(m: ModelRecord) -> str:
@@ -22,9 +23,10 @@ def describe_model(m: ModelRecord) -> str:
     facts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in g.items()
                       if v is not None and k not in ("tensor_count", "chat_template_hash"))
     state = ("[green]verified[/]" if m.verified else "[b red]NOT verified (quarantined)[/]")
-    return (f"[b]{m.ref}[/b] {state} (last {_time(m.verified_at)})  license {m.license}\n"
+    return (f"[b]{m.ref}[/b] {state} (last {_time(m.verified_at)})  "
+            f"license {escape(m.license)}\n"
             f"bundle {m.channel} #{m.sequence}  signers {', '.join(m.signers) or '-'}\n"
-            f"built by {prov.get('builder', '-')}  {sources}\n{facts}")
+            + escape(f"built by {prov.get('builder', '-')}  {sources}\n{facts}"))
 
 
 def _time(stamp: str | None) -> str:
@@ -71,7 +73,7 @@ class ModelsPane(Pane):
         table = self.query_one("#models-table", DataTable)
         table.clear()
         for m in models:
-            table.add_row(m.name, m.version, service.size(m.size),
+            add_plain_row(table, m.name, m.version, service.size(m.size),
                           "yes" if m.verified else "NO (quarantined)",
                           f"{m.channel} #{m.sequence}", _time(m.imported_at), key=m.ref)
         detail = self.query_one("#models-detail", Static)

@@ -6,13 +6,15 @@ from __future__ import annotations
 import time
 from typing import ClassVar
 
+from rich.markup import escape
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import DataTable, ProgressBar, Static
 
 from appliance.peer.pull import PullResult
 from appliance.tui import peering, service
-from appliance.tui.base import Field, Pane, PromptScreen, StoreChanged, TuiContext
+from appliance.tui.base import Field, Pane, PromptScreen, StoreChanged, TuiContext, add_plain_row
+from appliance.tui.explain import explain
 from appliance.tui.importing import rate_text
 
 
@@ -49,6 +51,15 @@ class PeersPane(Pane):
         if not self.peers and not self.busy:
             self.reload()
 
+    def show_error(self, error: BaseException) -> None:
+        """Listing problems (no certificate, bad config) stay on the screen, not a dialog:
+        visiting Peers must not interrupt an operator who does not use them."""
+        self.last_error = error
+        e = explain(error)
+        self.query_one("#peers-status", Static).update(
+            f"[b red]{e.title}[/]: {e.what}\nWhat to do: {e.next_step}\n"
+            f"[dim]{escape(e.detail)}[/]")
+
     def settings(self) -> peering.PeerSettings:
         return peering.PeerSettings(tls_dir=self.ctx.peer_tls_dir,
                                     insecure=self.ctx.peer_insecure,
@@ -72,10 +83,10 @@ class PeersPane(Pane):
             holds = p.problem or "; ".join(
                 f"{s.channel} #{s.sequence}{'' if s.complete else ' (partial)'}: "
                 + ", ".join(m.ref for m in s.models) for s in p.holds) or "nothing"
-            table.add_row(p.url, p.source, p.host or "?", holds, key=p.url)
+            add_plain_row(table, p.url, p.source, p.host or "?", holds, key=p.url)
         reachable = sum(1 for p in peers if p.problem is None)
         self.query_one("#peers-status", Static).update(
-            f"{len(peers)} peer(s), {reachable} reachable, {mode}. "
+            f"{len(peers)} peer(s), {reachable} reachable, {escape(mode)}. "
             + ("Press p to pull their models." if reachable else
                "Press a to add a peer's URL."))
 
@@ -120,7 +131,7 @@ class PeersPane(Pane):
             "pull",
             lambda job: peering.pull_models(store, settings, urls, refs, now=now,
                                             progress=job.progress, notify=job.note),
-            self._pulled,
+            self._pulled, failed=lambda error: Pane.show_error(self, error),
         )
 
     def on_progress(self, done: int, total: int) -> None:
@@ -140,7 +151,8 @@ class PeersPane(Pane):
                          f"{', '.join(fresh) or 'nothing new'}; "
                          f"{service.size(r.bytes_fetched)} from peers, "
                          f"{service.size(r.bytes_local)} copied locally")
-            lines += [f"  [yellow]dropped[/] {u}: {why}" for u, why in r.dropped.items()]
+            lines += [f"  [yellow]dropped[/] {escape(u)}: {escape(why)}"
+                      for u, why in r.dropped.items()]
         self.query_one("#peers-result", Static).update("\n".join(lines) or "nothing pulled")
         self.post_message(StoreChanged())
 

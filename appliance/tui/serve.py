@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from rich.markup import escape
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import Input, RichLog, Select, Static
@@ -88,7 +89,8 @@ class ServePane(Pane):
             for name, info in status.models.items())
         metrics = ", ".join(f"{label} {status.metrics[key]:g}"
                             for key, label in METRICS.items() if key in status.metrics)
-        widget.update(f"[{colour}]{status.state}[/] at {status.url}/v1  {models}\n{metrics}")
+        widget.update(f"[{colour}]{status.state}[/] at {status.url}/v1  {escape(models)}\n"
+                      f"{metrics}")
         select = self.query_one("#serve-model", Select)
         names = list(status.models)
         if names and [str(o) for o in names] != getattr(self, "_names", None):

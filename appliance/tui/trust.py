@@ -14,7 +14,7 @@ from textual.widgets import DataTable, Static
 
 from appliance.format.trust import TrustRoot
 from appliance.tui import service
-from appliance.tui.base import Field, Pane, PromptScreen, StoreChanged
+from appliance.tui.base import Field, Pane, PromptScreen, StoreChanged, add_plain_row
 
 
 class TrustPane(Pane):
@@ -66,7 +66,7 @@ class TrustPane(Pane):
             f"created {view.created}  expires {view.expires}{expired}\n{roles}"
         )
         for key in view.keys:
-            table.add_row(key.name, key.key_id, "+".join(key.roles), key.words,
+            add_plain_row(table, key.name, key.key_id, "+".join(key.roles), key.words,
                           ", ".join(key.models) or "-", key=key.key_id)
         lines = [f"installed v{v} {fp} at {at}" for v, fp, at in view.installed]
         lines += [f"channel {name}: sequence {seq} (since {at})"
