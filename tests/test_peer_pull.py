@@ -400,3 +400,28 @@ def test_chunk_from_a_peer_is_checked_on_arrival(tmp_path: Path, bundle: Bundle,
     assert info.value.chunk == ref.digest
     opts = PullOptions()
     assert opts.per_peer >= 2 and opts.workers >= opts.per_peer
+
+
+class Cancelled(Exception):
+    pass
+
+
+def test_raising_from_progress_cancels_and_the_pull_resumes(
+        tmp_path: Path, bundle: Bundle, servers, clients) -> None:
+    a = servers(seeded(tmp_path, "a", bundle))
+    b = new_host(tmp_path / "b")
+    calls = 0
+
+    def progress(done: int, total: int) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 6:
+            raise Cancelled  # what a UI's cancel button does
+
+    with pytest.raises(Cancelled):
+        pull(b, [clients(a.url)], ["tiny"], options=FAST, now=NOW, progress=progress)
+    assert list_models(b) == []
+    no_bad_chunk_in(b, bundle)
+    [result] = pull(b, [clients(a.url)], ["tiny"], options=FAST, now=NOW)
+    expect_model(b, bundle)
+    assert 0 < result.bytes_fetched < result.bytes_total
