@@ -81,7 +81,7 @@ def run(ctx: BenchContext) -> list[Comparison]:
     model_path: Path = ctx.model_path or ctx.tiny_model_path
     label = "gemma3-270m Q4_K_M" if ctx.model_path else "tiny llama"
     max_tokens = 32 if ctx.quick else 128
-    repeats = 2 if ctx.quick else 4
+    repeats = 2 if ctx.quick else 3
     params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": 0.0, "seed": 0}
 
     n_ctx = N_CTX if ctx.model_path else TINY_N_CTX

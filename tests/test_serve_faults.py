@@ -64,9 +64,10 @@ def test_a_segfault_is_reported_and_the_worker_restarts(
 ) -> None:
     reference = ask(client, "fine").choices[0].message.content
     before = restarts(server)
+    retrying = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=2)
     with caplog.at_level(logging.ERROR, logger="appliance.serve"):
         with pytest.raises(openai.InternalServerError) as crashed:
-            ask(client, "please segv-now")
+            ask(retrying, "please segv-now")  # told not to retry: one crash, not three
         wait_health(server.url)
     assert crashed.value.status_code == 500
     assert crashed.value.code == "worker_crashed"

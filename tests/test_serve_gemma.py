@@ -11,6 +11,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -21,7 +22,7 @@ from test_serve_store import appliance_serve
 
 from appliance.store.store import Store
 
-QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+QUESTION: Any = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 
 
 @pytest.mark.slow
@@ -38,13 +39,13 @@ def test_gemma_answers_streams_and_survives_a_killed_worker(gemma_gguf: Path,
         health = wait_health(served.url)
         client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="none", max_retries=0,
                                timeout=300)
-        reply = client.chat.completions.create(model="gemma3-270m", messages=QUESTION,  # type: ignore[arg-type]
+        reply = client.chat.completions.create(model="gemma3-270m", messages=QUESTION,
                                                max_tokens=16, temperature=0)
         answer = reply.choices[0].message.content or ""
         assert answer.strip(), reply
         assert "<start_of_turn>" not in answer  # the GGUF's gemma template was applied
 
-        stream = client.chat.completions.create(model="gemma3-270m", messages=QUESTION,  # type: ignore[arg-type]
+        stream = client.chat.completions.create(model="gemma3-270m", messages=QUESTION,
                                                 max_tokens=16, temperature=0, stream=True)
         streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         assert streamed == answer
@@ -56,7 +57,7 @@ def test_gemma_answers_streams_and_survives_a_killed_worker(gemma_gguf: Path,
             assert time.monotonic() < deadline, "worker never came back"
             time.sleep(0.1)
         wait_health(served.url)
-        again = client.chat.completions.create(model="gemma3-270m", messages=QUESTION,  # type: ignore[arg-type]
+        again = client.chat.completions.create(model="gemma3-270m", messages=QUESTION,
                                                max_tokens=16, temperature=0)
         assert again.choices[0].message.content == answer
     assert any("died with SIGSEGV" in line for line in served.log)

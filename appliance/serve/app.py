@@ -202,6 +202,10 @@ async def _on_error(request: Request, error: Exception) -> Response:
     response = error_response(status, kind, code, str(error))
     if status == 429:
         response.headers["Retry-After"] = "1"
+    if code == "worker_crashed":
+        # The same request would likely crash the new worker too: tell OpenAI's clients,
+        # which retry 5xx by default, not to.
+        response.headers["x-should-retry"] = "false"
     return response
 
 
