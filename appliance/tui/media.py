@@ -42,7 +42,7 @@ class MediaPane(Pane):
 
     def on_mount(self) -> None:
         table = self.query_one("#media-table", DataTable)
-        table.add_columns("path", "channel #seq", "volumes", "size", "models")
+        table.add_columns("channel #seq", "volumes", "size", "models", "path")
         self.reload()
         self.set_interval(RESCAN_SECONDS, self.reload)
 
@@ -61,11 +61,11 @@ class MediaPane(Pane):
         table.clear()
         for c in found:
             if c.problem:
-                add_plain_row(table, str(c.path), "?", "?", "?", c.problem, key=str(c.path))
+                add_plain_row(table, "?", "?", "?", c.problem, str(c.path), key=str(c.path))
                 continue
-            add_plain_row(table, str(c.path), f"{c.channel} #{c.sequence}",
+            add_plain_row(table, f"{c.channel} #{c.sequence}",
                           f"{len(c.volumes)} of {c.volume_count}", service.size(c.total_bytes),
-                          ", ".join(c.models), key=str(c.path))
+                          ", ".join(c.models), str(c.path), key=str(c.path))
         where = escape(", ".join(str(r) for r in self.ctx.scan_roots) or "no mount roots")
         status = self.query_one("#media-status", Static)
         if found:
