@@ -2,15 +2,22 @@
 
 ``running_server`` starts the real app (real worker processes, real llama.cpp) and waits for
 /health; ``file_resolver`` serves files by name without a store; ``copy_gguf_with`` rewrites a
-GGUF adding metadata keys (the tiny llama plus ``llama.pooling_type`` is an embedding model).
+GGUF adding metadata keys (the tiny llama plus ``llama.pooling_type`` is an embedding model);
+``appliance_serve`` runs the real ``appliance serve`` command as its own process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import signal
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -96,12 +103,12 @@ def copy_gguf_with(src: Path, dst: Path, extra_u32: dict[str, int]) -> Path:
     reader = gguf.GGUFReader(src)
     arch = reader.fields["general.architecture"].contents()
     writer = gguf.GGUFWriter(dst, arch)
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+    for kv in reader.fields.values():
+        if kv.name.startswith("GGUF.") or kv.name == "general.architecture":
             continue
-        kind = field.types[0]
-        sub_type = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub_type)
+        kind = kv.types[0]
+        sub_type = kv.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(kv.name, kv.contents(), kind, sub_type=sub_type)
     for key, value in extra_u32.items():
         writer.add_uint32(key, value)
     for tensor in reader.tensors:
@@ -112,3 +119,42 @@ def copy_gguf_with(src: Path, dst: Path, extra_u32: dict[str, int]) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return dst
+
+
+@dataclass
+class ServeProcess:
+    proc: subprocess.Popen[str]
+    url: str
+    log: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def appliance_serve(store: Path, *args: str) -> Iterator[ServeProcess]:
+    """``appliance serve`` as its own process on 127.0.0.1:0; stopped with SIGTERM."""
+    cmd = [sys.executable, "-m", "appliance.cli.main", "--store", str(store), "serve",
+           "--listen", "127.0.0.1:0", "--threads", "2", "--ctx", "256", *args]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    log: list[str] = []
+    found = threading.Event()
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            log.append(line)
+            if re.search(r"serving .* on http://", line):
+                found.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        if not found.wait(60):
+            raise AssertionError(f"appliance serve did not start: {''.join(log)}")
+        url = re.search(r"on (http://\S+)", "".join(log))
+        assert url is not None
+        yield ServeProcess(proc, url.group(1), log)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -16,9 +16,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from serve_helpers import wait_health
+from serve_helpers import appliance_serve, wait_health
 from store_helpers import model_entry, write_model
-from test_serve_store import appliance_serve
 
 from appliance.store.store import Store
 

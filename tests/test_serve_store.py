@@ -6,22 +6,16 @@ written into it with the store's own import path (``store_helpers.write_model``)
 
 from __future__ import annotations
 
-import contextlib
-import re
 import signal
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import blake3
 import httpx
 import openai
 import pytest
-from serve_helpers import wait_health
+from serve_helpers import appliance_serve, wait_health
 from store_helpers import model_entry, write_model
 
 from appliance.cli.main import main
@@ -124,45 +118,6 @@ def test_serve_command_refuses_bad_arguments(store: Path, extra: list[str], code
 
 def test_serve_command_needs_a_verified_model(tmp_path: Path) -> None:
     assert main(["--store", str(tmp_path / "empty"), "serve"]) == EXIT_USAGE
-
-
-@dataclass
-class ServeProcess:
-    proc: subprocess.Popen[str]
-    url: str
-    log: list[str] = field(default_factory=list)
-
-
-@contextlib.contextmanager
-def appliance_serve(store: Path, *args: str) -> Iterator[ServeProcess]:
-    """``appliance serve`` as its own process on 127.0.0.1:0; stopped with SIGTERM."""
-    cmd = [sys.executable, "-m", "appliance.cli.main", "--store", str(store), "serve",
-           "--listen", "127.0.0.1:0", "--threads", "2", "--ctx", "256", *args]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    log: list[str] = []
-    found = threading.Event()
-
-    def read() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            log.append(line)
-            if re.search(r"serving .* on http://", line):
-                found.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        if not found.wait(60):
-            raise AssertionError(f"appliance serve did not start: {''.join(log)}")
-        url = re.search(r"on (http://\S+)", "".join(log))
-        assert url is not None
-        yield ServeProcess(proc, url.group(1), log)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_appliance_serve_answers_from_the_store(store: Path, tmp_path: Path) -> None:
