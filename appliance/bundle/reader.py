@@ -10,7 +10,9 @@ Public API (used by the importer, peers and the CLI):
 - ``open_media(volume_dirs, limits) -> Media``: reads manifest, signatures, carried chain and
   index of each volume; no trust decision and no chunk read yet. A directory may be a volume
   or a media directory holding ``vol-NNN`` volumes.
-- ``Media.authenticate(trusted_root, now, *, allow_expired=False) -> AuthenticatedBundle``
+- ``Media.authenticate(trusted_root, now, *, allow_expired=False) -> AuthenticatedBundle``:
+  ``appliance.authenticate.authenticate_manifest`` over what the volumes carry, then the
+  volume indexes against the signed chunk list
 - ``Media.locations(digest) -> list[ChunkLocation]`` (``MissingVolumeError`` when the chunk
   lives only on volumes not given), ``Media.volumes_present`` / ``volumes_expected`` /
   ``volumes_missing``
@@ -32,6 +34,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
+from appliance.authenticate import AuthenticatedBundle, authenticate_manifest
 from appliance.bundle.media import (
     INDEX_NAME,
     MANIFEST_NAME,
@@ -65,15 +68,7 @@ from appliance.format.manifest import (
     parse_manifest,
 )
 from appliance.format.signing import Signature
-from appliance.format.trust import (
-    SignedRoot,
-    TrustRoot,
-    check_expiry,
-    check_publisher_scope,
-    parse_signed_root,
-    verify_manifest_signatures,
-    walk_chain,
-)
+from appliance.format.trust import SignedRoot, TrustRoot, parse_signed_root
 from appliance.limits import DEFAULT_LIMITS, Limits
 
 
@@ -101,19 +96,6 @@ class Volume:
 
     def pack_path(self, number: int) -> Path:
         return self.path / PACKS_DIR / pack_name(number)
-
-
-@dataclass(frozen=True)
-class AuthenticatedBundle:
-    """A manifest whose signatures met the threshold of ``root`` (the newest root reached)."""
-
-    manifest: Manifest
-    manifest_bytes: bytes
-    manifest_hash: str
-    root: TrustRoot
-    signers: frozenset[str]
-    chain: tuple[SignedRoot, ...]
-    expired_override: bool  # expired, accepted because allow_expired: the caller audits it
 
 
 def find_volume_dirs(paths: Sequence[Path]) -> list[Path]:
@@ -247,28 +229,16 @@ class Media:
 
     def authenticate(self, trusted_root: TrustRoot, now: datetime, *,
                      allow_expired: bool = False) -> AuthenticatedBundle:
-        """Walk the carried chain, verify signatures before parsing, then check the rest.
+        """``authenticate_manifest`` over what the volumes carry, then every volume index.
 
         Raises RotationError, ExpiredError, ThresholdError, ScopeError, FormatError (also
         when a volume's index disagrees with the signed chunk list).
         """
-        chain = self.chain
-        root = walk_chain(trusted_root, chain, now, allow_expired=allow_expired,
-                          limits=self.limits)
-        signers = verify_manifest_signatures(root, self.manifest_bytes, self.signatures, now,
-                                             allow_expired=allow_expired, limits=self.limits)
-        manifest = parse_manifest(self.manifest_bytes, self.limits)
-        check_publisher_scope(root, signers, [m.name for m in manifest.models])
-        expired = check_expiry(
-            f"bundle {manifest.channel} #{manifest.sequence}", manifest.expires, now,
-            allow_expired, created=manifest.created,
-        )
-        self._check_indexes(manifest)
-        return AuthenticatedBundle(
-            manifest=manifest, manifest_bytes=self.manifest_bytes,
-            manifest_hash=self.manifest_hash, root=root, signers=signers, chain=chain,
-            expired_override=expired,
-        )
+        bundle = authenticate_manifest(self.manifest_bytes, self.signatures, self.chain,
+                                       trusted_root, now, allow_expired=allow_expired,
+                                       limits=self.limits)
+        self._check_indexes(bundle.manifest)
+        return bundle
 
     def _check_indexes(self, manifest: Manifest) -> None:
         unique = manifest.unique_chunks()

@@ -4,10 +4,10 @@
 the models asked for by the newest manifest offering them, keeping older offers and other
 peers as fallbacks; ``authenticate_offer`` fetches the chosen manifest's exact bytes, its
 detached signatures and the peer's trust chain, and runs the same checks as an import from
-media, in the same order (DESIGN.md): walk the chain from the installed root, verify the
-publisher threshold over the exact bytes BEFORE parsing, then parse, scope, expiry and the
-channel's rollback high-water mark. Nothing a peer says about a manifest (its channel,
-sequence or models in the list) is trusted; the authenticated manifest decides.
+media (``appliance.authenticate.authenticate_manifest``: walk the chain from the installed
+root, verify the publisher threshold over the exact bytes BEFORE parsing, then parse, scope,
+expiry), then the channel's rollback high-water mark. Nothing a peer says about a manifest
+(its channel, sequence or models in the list) is trusted; the authenticated manifest decides.
 """
 
 from __future__ import annotations
@@ -18,19 +18,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from appliance.authenticate import AuthenticatedBundle, authenticate_manifest
 from appliance.errors import ApplianceError, PeerError, PeerProtocolError, UsageError
-from appliance.format.manifest import Manifest, ModelEntry, parse_manifest
-from appliance.format.signing import Signature
-from appliance.format.trust import (
-    SignedRoot,
-    TrustRoot,
-    check_expiry,
-    check_publisher_scope,
-    check_rollback,
-    parse_signed_root,
-    verify_manifest_signatures,
-    walk_chain,
-)
+from appliance.format.manifest import Manifest, ModelEntry
+from appliance.format.trust import SignedRoot, TrustRoot, check_rollback, parse_signed_root
 from appliance.peer.client import PeerClient
 from appliance.peer.protocol import ManifestSummary
 from appliance.store import trust_state
@@ -55,17 +46,13 @@ class Choice:
 
 @dataclass(frozen=True)
 class Authenticated:
-    """A manifest that passed this host's checks, with the models to pull from it."""
+    """An offer whose manifest passed this host's checks, with the models to pull from it.
+
+    ``bundle.chain`` holds only the peer's roots beyond the installed one.
+    """
 
     offer: Offer
-    manifest: Manifest
-    manifest_bytes: bytes
-    manifest_hash: str
-    signatures: tuple[Signature, ...]
-    signers: frozenset[str]
-    root: TrustRoot
-    newer_chain: tuple[SignedRoot, ...]  # roots beyond the installed one, to record
-    expired_override: bool
+    bundle: AuthenticatedBundle
     models: tuple[ModelEntry, ...]
 
 
@@ -176,22 +163,12 @@ def authenticate_offer(
         raise PeerProtocolError(f"{client.url} lists manifest {digest} but does not serve it")
     signatures = client.signatures(digest)
     chain = fetch_chain(client, trusted)
-    root = walk_chain(trusted, chain, now, allow_expired=allow_expired, limits=client.limits)
-    signers = verify_manifest_signatures(root, body, signatures, now,
-                                         allow_expired=allow_expired, limits=client.limits)
-    manifest = parse_manifest(body, client.limits)
-    check_publisher_scope(root, signers, [m.name for m in manifest.models])
-    expired = check_expiry(
-        f"bundle {manifest.channel} #{manifest.sequence}", manifest.expires, now,
-        allow_expired, created=manifest.created,
-    )
+    bundle = authenticate_manifest(body, signatures, chain, trusted, now,
+                                   allow_expired=allow_expired, limits=client.limits)
+    manifest = bundle.manifest
     check_rollback(trust_state.channel_state(store_dir, manifest.channel), manifest.sequence,
                    digest, channel=manifest.channel)
-    return Authenticated(
-        offer=offer, manifest=manifest, manifest_bytes=body, manifest_hash=digest,
-        signatures=signatures, signers=signers, root=root, newer_chain=chain,
-        expired_override=expired, models=select_models(manifest, refs),
-    )
+    return Authenticated(offer=offer, bundle=bundle, models=select_models(manifest, refs))
 
 
 def describe(e: ApplianceError) -> str:

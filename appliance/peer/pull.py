@@ -165,9 +165,10 @@ def _pull_manifest(
     say: Notify,
     now: datetime,
 ) -> PullResult:
-    manifest = auth.manifest
+    bundle = auth.bundle
+    manifest = bundle.manifest
     models = list(auth.models)
-    result = PullResult(auth.manifest_hash, manifest.channel, manifest.sequence,
+    result = PullResult(bundle.manifest_hash, manifest.channel, manifest.sequence,
                         [f"{m.name}:{m.version}" for m in models], [])
     with layout.writer_lock(store_dir, "peer pull"), Store(
         store_dir, flush_bytes=opts.flush_bytes
@@ -178,36 +179,36 @@ def _pull_manifest(
         layout.check_free_space(store_dir, sum(p.bytes_to_allocate for p in plans),
                                 f"pulling {', '.join(result.models)}")
         origin = BundleOrigin(
-            manifest_hash=auth.manifest_hash,
+            manifest_hash=bundle.manifest_hash,
             channel=manifest.channel,
             sequence=manifest.sequence,
-            manifest_bytes=auth.manifest_bytes,
-            signatures=tuple(s.to_bytes().decode("ascii").strip() for s in auth.signatures),
-            signers=tuple(sorted(auth.signers)),
+            manifest_bytes=bundle.manifest_bytes,
+            signatures=tuple(s.to_bytes().decode("ascii").strip() for s in bundle.signatures),
+            signers=tuple(sorted(bundle.signers)),
         )
         try:
             # As an import does: roots reached, high-water mark, manifest, override, at once.
             with store.transaction() as conn:
-                trust_state.update_root(store_dir, auth.newer_chain, now,
+                trust_state.update_root(store_dir, bundle.chain, now,
                                         allow_expired=opts.allow_expired, reason=opts.reason,
                                         conn=conn)
                 trust_state.record_channel(store_dir, manifest.channel, manifest.sequence,
-                                           auth.manifest_hash, conn, now=now)
+                                           bundle.manifest_hash, conn, now=now)
                 store.add_manifest(origin, manifest.total_bytes, now)
-                if auth.expired_override:
+                if bundle.expired_override:
                     trust_state.audit_override(
                         store_dir, subject=f"bundle {manifest.channel} #{manifest.sequence}",
                         expires=manifest.expires, now=now, reason=opts.reason or "", conn=conn,
                     )
         except RefusalError as e:
             trust_state.audit_refusal(store_dir, "pull", e, peer=auth.offer.client.url,
-                                      manifest=auth.manifest_hash)
+                                      manifest=bundle.manifest_hash)
             raise
         audit.sync_head(store_dir, store.conn)
         staged: list[StagedFile] = []
         try:
             for model in models:
-                model_id = store.begin_model(model, auth.manifest_hash, now)
+                model_id = store.begin_model(model, bundle.manifest_hash, now)
                 if model_id is not None:
                     staged += store.stage_files(model_id, now)
             _fill(store, staged, manifest, clients, opts, result, progress, say)
@@ -217,10 +218,10 @@ def _pull_manifest(
             for sf in staged:
                 sf.close()
         if _manifest_published(store, manifest):
-            store.finish_import(auth.manifest_hash, now)
+            store.finish_import(bundle.manifest_hash, now)
         with store.transaction():
             store.audit("pull", {
-                "manifest": auth.manifest_hash,
+                "manifest": bundle.manifest_hash,
                 "channel": manifest.channel,
                 "sequence": manifest.sequence,
                 "models": result.models,
