@@ -55,9 +55,9 @@ from appliance.errors import (
 from appliance.format.manifest import ChunkRef
 from appliance.format.trust import check_rollback
 from appliance.limits import DEFAULT_LIMITS, Limits
-from appliance.store import audit, layout, trust_state
+from appliance.store import layout, trust_state
 from appliance.store.staging import DEFAULT_FLUSH_BYTES, StagedFile
-from appliance.store.store import BundleOrigin, LocalChunk, ModelPlan, Store, read_local_copy
+from appliance.store.store import LocalChunk, ModelPlan, Store, read_local_copy
 
 Progress = Callable[[int, int], None]
 # Reader threads, and chunks read ahead of the writer (memory: at most this many chunks).
@@ -156,7 +156,8 @@ def import_media(
             sum(p.bytes_to_allocate for p in plans if p.action != "present"),
             f"importing {manifest.channel} #{manifest.sequence}",
         )
-        _record_acceptance(store, bundle, media, now, allow_expired, reason, media_names)
+        trust_state.record_acceptance(store, bundle, now, allow_expired=allow_expired,
+                                      reason=reason, action="import", media=media_names)
         run = _Run(store, media, bundle, plans, now, progress)
         try:
             run.import_models()
@@ -207,61 +208,6 @@ def _check_packs(media: Media) -> None:
                     volume=volume.name,
                     offset=min(actual, expected),
                 )
-
-
-def _record_acceptance(
-    store: Store,
-    bundle: AuthenticatedBundle,
-    media: Media,
-    now: datetime,
-    allow_expired: bool,
-    reason: str | None,
-    media_names: list[str],
-) -> None:
-    """Trust roots reached, channel high-water mark, manifest and override: all or nothing."""
-    manifest = bundle.manifest
-    origin = BundleOrigin(
-        manifest_hash=bundle.manifest_hash,
-        channel=manifest.channel,
-        sequence=manifest.sequence,
-        manifest_bytes=bundle.manifest_bytes,
-        signatures=tuple(s.to_bytes().decode("ascii").strip() for s in media.signatures),
-        signers=tuple(sorted(bundle.signers)),
-    )
-    try:
-        with store.transaction() as conn:
-            trust_state.update_root(
-                store.store_dir,
-                bundle.chain,
-                now,
-                allow_expired=allow_expired,
-                reason=reason,
-                conn=conn,
-            )
-            trust_state.record_channel(
-                store.store_dir,
-                manifest.channel,
-                manifest.sequence,
-                bundle.manifest_hash,
-                conn,
-                now=now,
-            )
-            store.add_manifest(origin, manifest.total_bytes, now)
-            if bundle.expired_override:
-                trust_state.audit_override(
-                    store.store_dir,
-                    subject=f"bundle {manifest.channel} #{manifest.sequence}",
-                    expires=manifest.expires,
-                    now=now,
-                    reason=reason or "",
-                    conn=conn,
-                )
-    except RefusalError as e:
-        trust_state.audit_refusal(
-            store.store_dir, "import", e, media=media_names, manifest=bundle.manifest_hash
-        )
-        raise
-    audit.sync_head(store.store_dir, store.conn)
 
 
 class _Run:

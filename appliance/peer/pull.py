@@ -46,9 +46,9 @@ from appliance.peer.offers import (
     gather_offers,
 )
 from appliance.peer.swarm import swarm
-from appliance.store import audit, layout, trust_state
+from appliance.store import layout, trust_state
 from appliance.store.staging import StagedFile
-from appliance.store.store import BundleOrigin, Store
+from appliance.store.store import Store
 
 Progress = Callable[[int, int], None]
 Notify = Callable[[str], None]
@@ -178,33 +178,10 @@ def _pull_manifest(
         result.bytes_total = sum(p.size for p in plans)
         layout.check_free_space(store_dir, sum(p.bytes_to_allocate for p in plans),
                                 f"pulling {', '.join(result.models)}")
-        origin = BundleOrigin(
-            manifest_hash=bundle.manifest_hash,
-            channel=manifest.channel,
-            sequence=manifest.sequence,
-            manifest_bytes=bundle.manifest_bytes,
-            signatures=tuple(s.to_bytes().decode("ascii").strip() for s in bundle.signatures),
-            signers=tuple(sorted(bundle.signers)),
-        )
-        try:
-            # As an import does: roots reached, high-water mark, manifest, override, at once.
-            with store.transaction() as conn:
-                trust_state.update_root(store_dir, bundle.chain, now,
-                                        allow_expired=opts.allow_expired, reason=opts.reason,
-                                        conn=conn)
-                trust_state.record_channel(store_dir, manifest.channel, manifest.sequence,
-                                           bundle.manifest_hash, conn, now=now)
-                store.add_manifest(origin, manifest.total_bytes, now)
-                if bundle.expired_override:
-                    trust_state.audit_override(
-                        store_dir, subject=f"bundle {manifest.channel} #{manifest.sequence}",
-                        expires=manifest.expires, now=now, reason=opts.reason or "", conn=conn,
-                    )
-        except RefusalError as e:
-            trust_state.audit_refusal(store_dir, "pull", e, peer=auth.offer.client.url,
-                                      manifest=bundle.manifest_hash)
-            raise
-        audit.sync_head(store_dir, store.conn)
+        # As an import does: roots reached, high-water mark, manifest, override, at once.
+        trust_state.record_acceptance(store, bundle, now, allow_expired=opts.allow_expired,
+                                      reason=opts.reason, action="pull",
+                                      peer=auth.offer.client.url)
         staged: list[StagedFile] = []
         try:
             for model in models:

@@ -5,7 +5,8 @@ its fingerprint and the exact root file bytes, oldest first, so the newest row i
 force; ``channels`` holds, per channel, the highest sequence accepted and the hash of that
 manifest. The first root enters only with the operator's fingerprint; later ones only through
 ``appliance.format.trust.walk_chain``. Installs, updates, refusals and overrides go to the
-audit log with the operating system user.
+audit log with the operating system user. ``record_acceptance`` is where an import and a peer
+pull accept an authenticated bundle: roots, high-water mark and manifest in one transaction.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from appliance.authenticate import AuthenticatedBundle
 from appliance.errors import (
     ApplianceError,
     NoTrustRootError,
@@ -39,6 +41,7 @@ from appliance.format.trust import (
 )
 from appliance.store import audit
 from appliance.store.db import connect
+from appliance.store.store import BundleOrigin, Store
 
 
 def who() -> str:
@@ -328,6 +331,52 @@ def record_channel(
                 )
     except sqlite3.Error as e:
         raise _sql_error(store_dir, e) from e
+
+
+def record_acceptance(
+    store: Store,
+    bundle: AuthenticatedBundle,
+    now: datetime,
+    *,
+    allow_expired: bool,
+    reason: str | None,
+    action: str,
+    **refusal_details: Any,
+) -> None:
+    """Accept an authenticated bundle into the store, all or nothing.
+
+    One transaction: persist the newer trust roots the bundle's chain reached, raise the
+    channel's high-water mark (``RollbackError`` for an older sequence), record the manifest
+    with its signatures (peers re-serve them) and its import, and audit an --allow-expired
+    override. A refusal is audited as ``action`` ("import", "pull") with ``refusal_details``
+    and the manifest hash.
+    """
+    manifest = bundle.manifest
+    origin = BundleOrigin(
+        manifest_hash=bundle.manifest_hash,
+        channel=manifest.channel,
+        sequence=manifest.sequence,
+        manifest_bytes=bundle.manifest_bytes,
+        signatures=tuple(s.to_bytes().decode("ascii").strip() for s in bundle.signatures),
+        signers=tuple(sorted(bundle.signers)),
+    )
+    store_dir = store.store_dir
+    try:
+        with store.transaction() as conn:
+            update_root(store_dir, bundle.chain, now, allow_expired=allow_expired,
+                        reason=reason, conn=conn)
+            record_channel(store_dir, manifest.channel, manifest.sequence,
+                           bundle.manifest_hash, conn, now=now)
+            store.add_manifest(origin, manifest.total_bytes, now)
+            if bundle.expired_override:
+                audit_override(
+                    store_dir, subject=f"bundle {manifest.channel} #{manifest.sequence}",
+                    expires=manifest.expires, now=now, reason=reason or "", conn=conn,
+                )
+    except RefusalError as e:
+        audit_refusal(store_dir, action, e, **refusal_details, manifest=bundle.manifest_hash)
+        raise
+    audit.sync_head(store_dir, store.conn)
 
 
 def installed_versions(store_dir: Path) -> list[tuple[int, str, str]]:
