@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import socket
-import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -101,7 +100,7 @@ class StoreSource:
 
     def summaries(self) -> list[protocol.ManifestSummary]:
         """Manifests of models this host holds or is importing, newest sequence first."""
-        rows = offered_manifests(self._store().conn)
+        rows = self._store().offered_manifests()
         out = []
         for manifest_hash, channel, sequence, complete in rows:
             signed = self._store().manifest(manifest_hash)
@@ -139,27 +138,6 @@ class StoreSource:
 
     def chunk(self, digest: str) -> bytes | None:
         return self._store().read_local_chunk(digest)
-
-
-def offered_manifests(conn: sqlite3.Connection) -> list[tuple[str, str, int, bool]]:
-    """(hash, channel, sequence, complete) of manifests a model in the store still refers to,
-    or whose import is under way. Read-only; the store owns these tables."""
-    rows = conn.execute(
-        """SELECT mf.hash, mf.channel, mf.sequence,
-                  COALESCE((SELECT i.state FROM imports i WHERE i.manifest = mf.hash), '')
-                    AS import_state,
-                  (SELECT COUNT(*) FROM models m WHERE m.manifest = mf.hash
-                     AND m.state != 'published') AS unpublished
-           FROM manifests mf
-           WHERE mf.hash IN (SELECT manifest FROM models)
-              OR mf.hash IN (SELECT manifest FROM imports WHERE state = 'partial')
-           ORDER BY mf.sequence DESC, mf.hash"""
-    ).fetchall()
-    return [
-        (r["hash"], r["channel"], int(r["sequence"]),
-         r["import_state"] != "partial" and int(r["unpublished"]) == 0)
-        for r in rows
-    ]
 
 
 class RateLimiter:

@@ -169,6 +169,26 @@ class Store:
             return None
         return bytes(row["body"]), tuple(json.loads(row["signatures"]))
 
+    def offered_manifests(self) -> list[tuple[str, str, int, bool]]:
+        """(hash, channel, sequence, complete) of manifests a model in the store still refers
+        to, or whose import is under way, newest sequence first (what a peer offers)."""
+        rows = self.conn.execute(
+            """SELECT mf.hash, mf.channel, mf.sequence,
+                      COALESCE((SELECT i.state FROM imports i WHERE i.manifest = mf.hash), '')
+                        AS import_state,
+                      (SELECT COUNT(*) FROM models m WHERE m.manifest = mf.hash
+                         AND m.state != 'published') AS unpublished
+               FROM manifests mf
+               WHERE mf.hash IN (SELECT manifest FROM models)
+                  OR mf.hash IN (SELECT manifest FROM imports WHERE state = 'partial')
+               ORDER BY mf.sequence DESC, mf.hash"""
+        ).fetchall()
+        return [
+            (r["hash"], r["channel"], int(r["sequence"]),
+             r["import_state"] != "partial" and int(r["unpublished"]) == 0)
+            for r in rows
+        ]
+
     def pending_imports(self) -> list[str]:
         """Hashes of manifests whose import has not completed."""
         rows = self.conn.execute(
