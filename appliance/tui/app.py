@@ -209,6 +209,7 @@ def create_app(
     tls_dir: Path | None = None,
     insecure: bool = False,
     mdns: bool = True,
+    rescan_seconds: float = 3.0,
 ) -> ApplianceApp:
     """The TUI over ``store_dir``. ``media``: bundle paths given on the command line;
     ``scan_roots``: where removable media are mounted (default /media, /run/media, /mnt);
@@ -225,6 +226,7 @@ def create_app(
         peer_tls_dir=tls_dir,
         peer_insecure=insecure,
         peer_mdns=mdns,
+        rescan_seconds=rescan_seconds,
     )
     prepare_spawning()
     app = ApplianceApp(ctx)

@@ -47,6 +47,7 @@ class TuiContext:
     clock: Clock = utc_now
     scan_roots: tuple[Path, ...] = DEFAULT_SCAN_ROOTS
     media_paths: list[Path] = field(default_factory=list)  # typed by the operator / --media
+    rescan_seconds: float = 3.0  # how often the Media screen looks for inserted media
     selected: tuple[Path, ...] = ()  # the bundle being inspected / imported
     override_reason: str | None = None  # typed reason to accept the selected expired bundle
     serve_listen: str = "127.0.0.1:0"

@@ -18,8 +18,6 @@ from textual.widgets import DataTable, Static
 from appliance.tui import service
 from appliance.tui.base import BundleChosen, Field, Pane, PromptScreen, TuiContext, add_plain_row
 
-RESCAN_SECONDS = 3.0
-
 
 class MediaPane(Pane):
     PANE_ID = "media"
@@ -44,7 +42,7 @@ class MediaPane(Pane):
         table = self.query_one("#media-table", DataTable)
         table.add_columns("channel #seq", "volumes", "size", "models", "path")
         self.reload()
-        self.set_interval(RESCAN_SECONDS, self.reload)
+        self.set_interval(self.ctx.rescan_seconds, self.reload)
 
     def action_reload(self) -> None:
         self.reload()
