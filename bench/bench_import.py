@@ -13,64 +13,12 @@ destinations, the best of the repetitions is kept, and source bytes are in the p
 from __future__ import annotations
 
 import shutil
-import time
-from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import blake3
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-from appliance.bundle.builder import build_bundle
-from appliance.format.signing import key_id, public_bytes
-from appliance.format.trust import TrustKey, encode_envelope, parse_signed_root
-from appliance.format.trust_build import new_root_body, sign_root_body
 from appliance.importer import import_media
 from appliance.store import trust_state
-from bench.harness import BenchContext, Comparison, mb_per_s, run_native
-
-MIB = 1 << 20
-
-
-def _weights(path: Path, size: int) -> Path:
-    """Quantized-weights look-alike: mostly incompressible bytes, a compressible header."""
-    with path.open("wb") as f:
-        header = b"tokenizer.ggml.tokens piece " * (2 * MIB // 28)
-        f.write(header)
-        offset = len(header)
-        while offset < size:
-            n = min(16 * MIB, size - offset)
-            f.write(blake3.blake3(offset.to_bytes(8, "little")).digest(length=n))
-            offset += n
-    return path
-
-
-def _root(work: Path, publisher: Ed25519PrivateKey, now: datetime) -> tuple[Path, bytes, str]:
-    root_key = Ed25519PrivateKey.generate()
-    keys = [
-        TrustKey(key_id(public_bytes(k)), public_bytes(k), name)
-        for k, name in ((root_key, "bench-root"), (publisher, "bench-publisher"))
-    ]
-    body = new_root_body(
-        version=1,
-        created=now - timedelta(days=1),
-        expires=now + timedelta(days=30),
-        keys=keys,
-        root_keys=[keys[0].key_id],
-        root_threshold=1,
-        publisher_models={keys[1].key_id: ("*",)},
-        publisher_threshold=1,
-    )
-    data = encode_envelope(body, sign_root_body(body, [root_key]))
-    path = work / "root-1.yaml"
-    path.write_bytes(data)
-    return path, data, parse_signed_root(data).root.fingerprint
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+from bench.harness import BenchContext, Comparison, mb_per_s, run_native, timed
+from bench.signed_bundle import MIB, prepare
 
 
 def _warm(paths: list[Path]) -> None:
@@ -82,24 +30,11 @@ def _warm(paths: list[Path]) -> None:
 
 def run(ctx: BenchContext) -> list[Comparison]:
     work = ctx.workdir / "bench_import"
-    work.mkdir(parents=True, exist_ok=True)
-    if ctx.model_path is not None and not ctx.quick:
-        source, label = ctx.model_path, "gemma3-270m Q4_K_M"
-    else:
-        size = (48 if ctx.quick else 256) * MIB
-        source, label = _weights(work / "weights.bin", size), "generated weights"
-    size = source.stat().st_size
+    setup = prepare(ctx, work, generated_mib=(48, 256), header_mib=2)
+    source, label, size, now = setup.source, setup.label, setup.size, setup.now
     repeats = 1 if ctx.quick else 3
-    now = datetime.now(UTC)
-    publisher = Ed25519PrivateKey.generate()
-    root_path, root_bytes, fingerprint = _root(work, publisher, now)
-    recipe = work / "recipe.yaml"
-    recipe.write_text(
-        "channel: bench\nsequence: 1\nmodels:\n  - name: bench\n    version: v1\n"
-        f"    license: bench\n    files:\n      - path: {source}\n"
-    )
     media = work / "media"
-    build_bundle(recipe, [publisher], media, trust_chain=[root_path], now=now)
+    setup.build(media)
     _warm([source, *sorted(media.rglob("*.zst"))])
 
     ours: list[float] = []
@@ -119,12 +54,12 @@ def run(ctx: BenchContext) -> list[Comparison]:
         def ours_import(store: Path = store) -> None:
             import_media(store, [media], now=now)
 
-        native_sync.append(_timed(cp_and_sync))
+        native_sync.append(timed(cp_and_sync))
         copy.unlink()
-        native_plain.append(_timed(cp))
+        native_plain.append(timed(cp))
         copy.unlink()
-        trust_state.install_first_root(store, root_bytes, fingerprint, now)
-        ours.append(_timed(ours_import))
+        trust_state.install_first_root(store, setup.root_bytes, setup.fingerprint, now)
+        ours.append(timed(ours_import))
         shutil.rmtree(store)
 
     what = f"{label}, {size / 1e6:.0f} MB"

@@ -22,61 +22,18 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
-import blake3
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-from appliance.bundle.builder import build_bundle
 from appliance.format.manifest import Manifest
-from appliance.format.signing import key_id, public_bytes
-from appliance.format.trust import TrustKey, encode_envelope, parse_signed_root
-from appliance.format.trust_build import new_root_body, sign_root_body
 from appliance.importer import import_media
 from appliance.peer import tls
 from appliance.peer.client import ConnectPolicy, PeerClient, connect_policy
 from appliance.peer.protocol import chunk_path
 from appliance.peer.pull import PullOptions, pull
 from appliance.store import trust_state
-from bench.harness import BenchContext, Comparison, mb_per_s, run_native
-
-MIB = 1 << 20
-
-
-def _weights(path: Path, size: int) -> Path:
-    with path.open("wb") as f:
-        offset = 0
-        while offset < size:
-            n = min(16 * MIB, size - offset)
-            f.write(blake3.blake3(offset.to_bytes(8, "little")).digest(length=n))
-            offset += n
-    return path
-
-
-def _root(work: Path, publisher: Ed25519PrivateKey, now: datetime) -> tuple[Path, bytes, str]:
-    root_key = Ed25519PrivateKey.generate()
-    keys = [
-        TrustKey(key_id(public_bytes(k)), public_bytes(k), name)
-        for k, name in ((root_key, "bench-root"), (publisher, "bench-publisher"))
-    ]
-    body = new_root_body(
-        version=1, created=now - timedelta(days=1), expires=now + timedelta(days=30), keys=keys,
-        root_keys=[keys[0].key_id], root_threshold=1,
-        publisher_models={keys[1].key_id: ("*",)}, publisher_threshold=1,
-    )
-    data = encode_envelope(body, sign_root_body(body, [root_key]))
-    path = work / "root-1.yaml"
-    path.write_bytes(data)
-    return path, data, parse_signed_root(data).root.fingerprint
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+from bench.harness import BenchContext, Comparison, mb_per_s, run_native, timed
+from bench.signed_bundle import prepare
 
 
 class _ServerProcess:
@@ -121,12 +78,12 @@ def _measure(
             run_native(argv)
             run_native(["sync", *(str(p) for p in sorted(out.iterdir()))])
 
-        native.append(_timed(fetch))
+        native.append(timed(fetch))
         shutil.rmtree(out)
         store = work / f"store-{i}"
         trust_state.install_first_root(store, root[0], root[1], now)
         with PeerClient(url, policy) as client:
-            ours.append(_timed(lambda store=store, client=client: pull(  # type: ignore[misc]
+            ours.append(timed(lambda store=store, client=client: pull(  # type: ignore[misc]
                 store, [client], ["bench"], options=PullOptions(), now=now)))
         shutil.rmtree(store)
     return min(ours), min(native)
@@ -134,24 +91,12 @@ def _measure(
 
 def run(ctx: BenchContext) -> list[Comparison]:
     work = ctx.workdir / "bench_peer"
-    work.mkdir(parents=True, exist_ok=True)
-    if ctx.model_path is not None and not ctx.quick:
-        source, label = ctx.model_path, "gemma3-270m Q4_K_M"
-    else:
-        size = (32 if ctx.quick else 256) * MIB
-        source, label = _weights(work / "weights.bin", size), "generated weights"
-    size = source.stat().st_size
+    setup = prepare(ctx, work, generated_mib=(32, 256))
+    label, size, now = setup.label, setup.size, setup.now
+    root_bytes, fingerprint = setup.root_bytes, setup.fingerprint
     repeats = 1 if ctx.quick else 3
-    now = datetime.now(UTC)
-    publisher = Ed25519PrivateKey.generate()
-    root_path, root_bytes, fingerprint = _root(work, publisher, now)
-    recipe = work / "recipe.yaml"
-    recipe.write_text(
-        "channel: bench\nsequence: 1\nmodels:\n  - name: bench\n    version: v1\n"
-        f"    license: bench\n    files:\n      - path: {source}\n"
-    )
     media = work / "media"
-    built = build_bundle(recipe, [publisher], media, trust_chain=[root_path], now=now)
+    built = setup.build(media)
     seed = work / "seed"
     trust_state.install_first_root(seed, root_bytes, fingerprint, now)
     import_media(seed, [media], now=now)

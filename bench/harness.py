@@ -54,6 +54,13 @@ def best_of(repeats: int, fn: Callable[[], Any]) -> float:
     return best
 
 
+def timed(fn: Callable[[], Any]) -> float:
+    """Wall-clock seconds of one run of ``fn``."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def run_native(argv: Sequence[str], **kwargs: Any) -> None:
     """Run a native baseline tool; fail loudly if it is missing or fails."""
     if shutil.which(argv[0]) is None:
