@@ -268,3 +268,52 @@ def test_missing_volume_is_asked_for_and_import_resumes(tmp_path: Path) -> None:
 
     drive(app, scenario)
     assert [m.ref for m in list_models(store)] == ["acme/tiny:q4_k_m"]
+
+
+def test_unknown_signer_is_refused(tmp_path: Path, tiny_gguf: Path) -> None:
+    from bundle_helpers import rewrite_manifest
+
+    from appliance.errors import ThresholdError
+
+    store = trusted_store(tmp_path / "store")
+    media = tiny_bundle(tmp_path / "bundle", tiny_gguf)
+    # Same manifest bytes, but signed only by a key this site never trusted.
+    rewrite_manifest(media, (media / "manifest.yaml").read_bytes(), signers=("stranger",))
+    app = create_app(store, media=[media], scan_roots=(), clock=lambda: NOW)
+
+    async def scenario(app: ApplianceApp, pilot: Pilot[None]) -> None:
+        inspect = await choose_bundle(app, pilot)
+        assert await close_explanation(app, pilot) == "Refused: not enough valid signatures"
+        assert type(inspect.last_error) is ThresholdError
+        assert inspect.view is None  # nothing from an unauthenticated manifest is shown
+
+    drive(app, scenario)
+
+
+def test_trust_root_update_carried_on_media_is_shown_then_installed(
+        tmp_path: Path, tiny_gguf: Path) -> None:
+    from bundle_helpers import build, write_recipe
+    from trust_helpers import make_root
+
+    store = trusted_store(tmp_path / "store")
+    v2 = make_root(version=2)
+    base = tmp_path / "bundle"
+    (base / "models").mkdir(parents=True)
+    (base / "models" / "tiny.gguf").write_bytes(tiny_gguf.read_bytes())
+    build(base, recipe=write_recipe(base, files=("tiny.gguf",), name=MODEL), root=v2)
+    app = create_app(store, media=[base / "media"], scan_roots=(), clock=lambda: NOW)
+
+    async def scenario(app: ApplianceApp, pilot: Pilot[None]) -> None:
+        inspect = await choose_bundle(app, pilot)
+        assert inspect.view is not None
+        assert (inspect.view.trust_from, inspect.view.trust_to) == (1, 2)
+        assert "v1 -> v2 will be installed" in text(app, "#inspect-summary")
+        await pilot.press("i", "i")
+        importing = app.query_one(ImportPane)
+        await wait_for(pilot, lambda: importing.result is not None, what="the import")
+        await pilot.press("7")
+        await wait_for(pilot, lambda: "trust root v2" in text(app, "#trust-summary"),
+                       what="the new root on the Trust screen")
+        assert v2.root.fingerprint in text(app, "#trust-summary")
+
+    drive(app, scenario)
