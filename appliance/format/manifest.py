@@ -435,41 +435,41 @@ def check_unique_paths(paths: Sequence[str], where: str) -> None:
                 raise UnsafePathError(f"{where}: {path!r} is inside another file's path")
 
 
-def _model_name(value: object, where: str, limits: Limits) -> str:
-    if not isinstance(value, str) or not value:
-        raise FormatError(f"{where}: expected a non-empty string")
-    if len(value.encode("utf-8")) > limits.max_name_bytes:
-        raise LimitExceededError(f"{where}: longer than {limits.max_name_bytes} bytes")
-    if not _MODEL_NAME.fullmatch(value):
-        # Model names become directory names in the store: anything else is a path attack.
-        raise UnsafePathError(
-            f"{where}: {value!r} must be segments of letters, digits, '.', '_', '+', '-' "
-            "joined by '/', each starting with a letter or digit"
-        )
-    return value
-
-
-def _simple_name(value: object, where: str, limits: Limits) -> str:
-    if not isinstance(value, str) or not value:
-        raise FormatError(f"{where}: expected a non-empty string")
-    if len(value.encode("utf-8")) > limits.max_name_bytes:
-        raise LimitExceededError(f"{where}: longer than {limits.max_name_bytes} bytes")
-    if not _SIMPLE_NAME.fullmatch(value):
-        raise UnsafePathError(
-            f"{where}: {value!r} must be letters, digits, '.', '_', '+', '-', starting with a "
-            "letter or digit"
-        )
-    return value
-
-
-def _text(value: object, where: str, max_bytes: int) -> str:
+def _bounded(value: object, where: str, max_bytes: int) -> str:
+    """A non-empty string of at most ``max_bytes`` UTF-8 bytes."""
     if not isinstance(value, str) or not value:
         raise FormatError(f"{where}: expected a non-empty string")
     if len(value.encode("utf-8")) > max_bytes:
         raise LimitExceededError(f"{where}: longer than {max_bytes} bytes")
-    if _CONTROL.search(value):
-        raise FormatError(f"{where}: control characters are not allowed")
     return value
+
+
+def _model_name(value: object, where: str, limits: Limits) -> str:
+    name = _bounded(value, where, limits.max_name_bytes)
+    if not _MODEL_NAME.fullmatch(name):
+        # Model names become directory names in the store: anything else is a path attack.
+        raise UnsafePathError(
+            f"{where}: {name!r} must be segments of letters, digits, '.', '_', '+', '-' "
+            "joined by '/', each starting with a letter or digit"
+        )
+    return name
+
+
+def _simple_name(value: object, where: str, limits: Limits) -> str:
+    name = _bounded(value, where, limits.max_name_bytes)
+    if not _SIMPLE_NAME.fullmatch(name):
+        raise UnsafePathError(
+            f"{where}: {name!r} must be letters, digits, '.', '_', '+', '-', starting with a "
+            "letter or digit"
+        )
+    return name
+
+
+def _text(value: object, where: str, max_bytes: int) -> str:
+    text = _bounded(value, where, max_bytes)
+    if _CONTROL.search(text):
+        raise FormatError(f"{where}: control characters are not allowed")
+    return text
 
 
 def _hex64(value: object, where: str) -> str:
