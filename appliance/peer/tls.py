@@ -175,6 +175,28 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
+def _write_pair(out_dir: Path, key_name: str, key: ec.EllipticCurvePrivateKey,
+                cert_name: str, cert: x509.Certificate) -> None:
+    """Key (owner only) and certificate into ``out_dir``; refused before writing either when
+    one exists already."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create {out_dir}: {e}") from e
+    for existing in (key_name, cert_name):
+        if (out_dir / existing).exists():
+            raise UsageError(f"{out_dir / existing} already exists; refusing to overwrite it")
+    _write_new(out_dir / key_name, _key_pem(key), 0o600)
+    _write_new(out_dir / cert_name, _cert_pem(cert), 0o644)
+
+
+def _subject(common_name: str) -> x509.Name:
+    return x509.Name([
+        x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "appliance"),
+    ])
+
+
 def _same_key(key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> bool:
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
     der = serialization.Encoding.DER
@@ -198,10 +220,7 @@ def init_site(
         raise UsageError("--days must be positive")
     moment = now or datetime.now(UTC)
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([
-        x509.NameAttribute(NameOID.COMMON_NAME, name),
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "appliance"),
-    ])
+    subject = _subject(name)
     public = key.public_key()
     cert = (
         x509.CertificateBuilder()
@@ -223,15 +242,7 @@ def init_site(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .sign(key, hashes.SHA256())
     )
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create {out_dir}: {e}") from e
-    for existing in (CA_KEY, CA_CERT):
-        if (out_dir / existing).exists():
-            raise UsageError(f"{out_dir / existing} already exists; refusing to overwrite it")
-    _write_new(out_dir / CA_KEY, _key_pem(key), 0o600)
-    _write_new(out_dir / CA_CERT, _cert_pem(cert), 0o644)
+    _write_pair(out_dir, CA_KEY, key, CA_CERT, cert)
     return SiteCA(out_dir, name, fingerprint(cert), cert.not_valid_after_utc)
 
 
@@ -266,10 +277,7 @@ def enroll_host(
     names += [x509.IPAddress(ip) for ip in addresses]
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([
-            x509.NameAttribute(NameOID.COMMON_NAME, hostname),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "appliance"),
-        ]))
+        .subject_name(_subject(hostname))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -297,15 +305,7 @@ def enroll_host(
         )
         .sign(ca_key, hashes.SHA256())
     )
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create {out_dir}: {e}") from e
-    for existing in (HOST_KEY, HOST_CERT):
-        if (out_dir / existing).exists():
-            raise UsageError(f"{out_dir / existing} already exists; refusing to overwrite it")
-    _write_new(out_dir / HOST_KEY, _key_pem(key), 0o600)
-    _write_new(out_dir / HOST_CERT, _cert_pem(cert), 0o644)
+    _write_pair(out_dir, HOST_KEY, key, HOST_CERT, cert)
     ca_copy = out_dir / CA_CERT
     if ca_copy.resolve() != (ca_dir / CA_CERT).resolve():
         if ca_copy.exists():
