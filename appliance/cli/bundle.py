@@ -15,6 +15,7 @@ from appliance.bundle.builder import add_signature, build_bundle
 from appliance.bundle.reader import Media, VerifyReport, open_media, verify_media
 from appliance.bundle.recipe import parse_size
 from appliance.cli.store import byte_progress
+from appliance.cli.trust import read_root_file
 from appliance.errors import MissingVolumeError, UsageError
 from appliance.format.manifest import Manifest, format_timestamp, manifest_to_value
 from appliance.format.signing import fingerprint_words
@@ -155,12 +156,7 @@ def _trusted_root(path: Path | None, store: Path, now: datetime, allow_expired: 
                   ) -> TrustRoot:
     if path is None:
         return trust_state.require_root(store)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as e:
-        raise UsageError(f"{path}: no such trust root file") from e
-    except OSError as e:
-        raise UsageError(f"cannot read {path}: {e}") from e
+    data = read_root_file(path)
     if len(data) > DEFAULT_LIMITS.max_trust_root_bytes:
         raise UsageError(f"{path} is too big to be a trust root file")
     return verify_self_signed(parse_signed_root(data), now, allow_expired=allow_expired)

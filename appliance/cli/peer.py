@@ -11,16 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 from rich.table import Table
 
+from appliance.cli.store import byte_progress
 from appliance.errors import ApplianceError, PeerError, UsageError
 from appliance.peer import discovery, tls
 from appliance.peer.client import ConnectPolicy, PeerClient, Timeouts, connect_policy
@@ -310,14 +303,7 @@ def run_pull(args: argparse.Namespace) -> int:
     options = PullOptions(per_peer=args.per_peer, allow_expired=args.allow_expired,
                           reason=args.reason)
     try:
-        with Progress(TextColumn("pull"), BarColumn(), DownloadColumn(),
-                      TransferSpeedColumn(), TimeRemainingColumn(), console=err,
-                      transient=True) as bar:
-            task = bar.add_task("pull", total=None)
-
-            def progress(done: int, total: int) -> None:
-                bar.update(task, completed=done, total=total)
-
+        with byte_progress("pull", transient=True, console=err) as progress:
             results = pull(args.store, clients, args.models, all_models=args.all,
                            options=options, progress=progress,
                            notify=lambda m: err.print(f"[yellow]{m}[/]"))

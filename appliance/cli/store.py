@@ -1,7 +1,7 @@
 """``appliance store verify|gc``: re-hash the store (quarantining bad files) and clean it up.
 
-Also holds ``byte_progress``, the rich progress bar (throughput, ETA) the import and verify
-commands share: the library reports ``(done, total)`` bytes through a callback.
+Also holds ``byte_progress``, the rich progress bar (throughput, ETA) the import, verify and
+peer pull commands share: the library reports ``(done, total)`` bytes through a callback.
 """
 
 from __future__ import annotations
@@ -53,9 +53,17 @@ examples:
 
 @contextmanager
 def byte_progress(
-    description: str, *, enabled: bool = True
+    description: str,
+    *,
+    enabled: bool = True,
+    transient: bool = False,
+    console: Console | None = None,
 ) -> Iterator[Callable[[int, int], None]]:
-    """A ``progress(done, total)`` callback drawing a bar with throughput and ETA on stderr."""
+    """A ``progress(done, total)`` callback drawing a bar with throughput and ETA on stderr.
+
+    Pass the ``console`` other messages go to while the bar runs, so they print above it;
+    ``transient`` removes the bar when done.
+    """
     if not enabled:
         yield lambda done, total: None
         return
@@ -65,8 +73,8 @@ def byte_progress(
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=False,
+        console=console or Console(stderr=True),
+        transient=transient,
     )
     task = progress.add_task(description, total=None)
 

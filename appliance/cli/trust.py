@@ -193,14 +193,18 @@ def _signing_options(parser: argparse.ArgumentParser) -> None:
 # --- helpers -----------------------------------------------------------------------------
 
 
-def _read_root(path: Path) -> SignedRoot:
+def read_root_file(path: Path) -> bytes:
+    """The bytes of a trust root file named on the command line (UsageError if unreadable)."""
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError as e:
         raise UsageError(f"{path}: no such trust root file") from e
     except OSError as e:
         raise UsageError(f"cannot read {path}: {e}") from e
-    return parse_signed_root(data)
+
+
+def _read_root(path: Path) -> SignedRoot:
+    return parse_signed_root(read_root_file(path))
 
 
 def _write_atomic(path: Path, data: bytes, *, overwrite: bool) -> None:
