@@ -194,7 +194,7 @@ def _pull_manifest(
         finally:
             for sf in staged:
                 sf.close()
-        if _manifest_published(store, manifest):
+        if store.all_published(manifest.models):
             store.finish_import(bundle.manifest_hash, now)
         with store.transaction():
             store.audit("pull", {
@@ -209,16 +209,6 @@ def _pull_manifest(
                 "user": trust_state.who(),
             }, now)
     return result
-
-
-def _manifest_published(store: Store, manifest: Manifest) -> bool:
-    for model in manifest.models:
-        row = store.conn.execute(
-            "SELECT state FROM models WHERE name = ? AND version = ?", (model.name, model.version)
-        ).fetchone()
-        if row is None or row["state"] != "published":
-            return False
-    return True
 
 
 def _targets(staged: Sequence[StagedFile]) -> dict[str, list[tuple[StagedFile, int]]]:

@@ -25,6 +25,7 @@ import contextlib
 import os
 import sqlite3
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -313,18 +314,24 @@ class StagedFile:
             raise layout.os_error(e, f"cannot flush {self.label}") from e
         self._commit_done(batch)
 
-    def _commit_done(self, batch: list[int]) -> None:
+    @contextlib.contextmanager
+    def _index_write(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One IMMEDIATE transaction; a sqlite error rolls it back and says ``what`` failed."""
         try:
             self.conn.execute("BEGIN IMMEDIATE")
-            self.conn.executemany(
-                "UPDATE chunks SET done = 1 WHERE file = ? AND idx = ?",
-                [(self.file_id, idx) for idx in batch],
-            )
+            yield self.conn
             self.conn.execute("COMMIT")
         except sqlite3.Error as e:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
-            raise layout.os_error(e, "cannot record written chunks in the index") from e
+            raise layout.os_error(e, what) from e
+
+    def _commit_done(self, batch: list[int]) -> None:
+        with self._index_write("cannot record written chunks in the index") as conn:
+            conn.executemany(
+                "UPDATE chunks SET done = 1 WHERE file = ? AND idx = ?",
+                [(self.file_id, idx) for idx in batch],
+            )
 
     def flush(self) -> None:
         """fsync the staged file, then mark every chunk written so far as done."""
@@ -422,26 +429,20 @@ class StagedFile:
     def mark_published(self, whole_blake3: str, now: datetime | None = None) -> bool:
         """Commit the publish of a file already renamed into place."""
         stamp = _now(now)
-        try:
-            self.conn.execute("BEGIN IMMEDIATE")
-            self.conn.execute(
+        with self._index_write(f"cannot record the publish of {self.label}") as conn:
+            conn.execute(
                 "UPDATE files SET state = 'published', blake3 = ?, verified_at = ? WHERE id = ?",
                 (whole_blake3, stamp, self.file_id),
             )
-            self.conn.execute("UPDATE chunks SET done = 1 WHERE file = ?", (self.file_id,))
-            left = self.conn.execute(
+            conn.execute("UPDATE chunks SET done = 1 WHERE file = ?", (self.file_id,))
+            left = conn.execute(
                 "SELECT COUNT(*) AS n FROM files WHERE model = ? AND state != 'published'",
                 (self.model_id,),
             ).fetchone()["n"]
             if not left:
-                self.conn.execute(
+                conn.execute(
                     "UPDATE models SET state = 'published', imported_at = ? WHERE id = ?",
                     (stamp, self.model_id),
                 )
-            self.conn.execute("COMMIT")
-        except sqlite3.Error as e:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            raise layout.os_error(e, f"cannot record the publish of {self.label}") from e
         self.state = "published"
         return not left

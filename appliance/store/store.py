@@ -207,10 +207,7 @@ class Store:
         plans = []
         for model in models:
             size = sum(f.size for f in model.files)
-            row = self.conn.execute(
-                "SELECT id, state FROM models WHERE name = ? AND version = ?",
-                (model.name, model.version),
-            ).fetchone()
+            row = self._model_row(model)
             if row is None:
                 plans.append(ModelPlan(model.name, model.version, "new", size, 0, size))
                 continue
@@ -230,6 +227,17 @@ class Store:
                     ModelPlan(model.name, model.version, "resume", size, done, to_allocate)
                 )
         return plans
+
+    def _model_row(self, model: ModelLike) -> sqlite3.Row | None:
+        return self.conn.execute(
+            "SELECT id, state FROM models WHERE name = ? AND version = ?",
+            (model.name, model.version),
+        ).fetchone()
+
+    def all_published(self, models: Sequence[ModelLike]) -> bool:
+        """Whether every one of these models is published in the store."""
+        rows = (self._model_row(m) for m in models)
+        return all(r is not None and r["state"] == "published" for r in rows)
 
     def _stored_file_key(self, model_id: int) -> set[tuple[str, int, str]]:
         rows = self.conn.execute(
@@ -291,10 +299,7 @@ class Store:
     ) -> int | None:
         """Make (or find) the model's rows; None when it is already published identically."""
         self.recover()
-        row = self.conn.execute(
-            "SELECT id, state FROM models WHERE name = ? AND version = ?",
-            (model.name, model.version),
-        ).fetchone()
+        row = self._model_row(model)
         stale_files: list[int] = []
         if row is not None:
             same = _file_key(model.files) == self._stored_file_key(row["id"])
