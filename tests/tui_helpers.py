@@ -68,6 +68,9 @@ Scenario = Callable[[ApplianceApp, Pilot[None]], Awaitable[None]]
 
 
 def drive(app: ApplianceApp, scenario: Scenario, size: tuple[int, int] = (80, 24)) -> None:
+    """Run ``scenario`` against ``app`` at ``size`` (animations off: Pilot waits them out)."""
+    app.animation_level = "none"
+
     async def main() -> None:
         async with app.run_test(size=size) as pilot:
             await pilot.pause()

@@ -9,6 +9,7 @@ request to Import, a store change reloads Models, Trust and Audit) and builds th
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -147,6 +148,15 @@ class ApplianceApp(App[None]):
         tabs = self.query(TabbedContent)
         if tabs and tabs.first().active == pane_id:
             self.pane(pane_id).focus_first()
+
+    async def action_quit(self) -> None:
+        """Stop the inference server (its workers are child processes) off the UI thread,
+        then leave."""
+        serve = self.query(ServePane)
+        if serve and serve.first().controller.running:
+            self.notify("stopping the server...")
+            await asyncio.to_thread(serve.first().controller.stop)
+        self.exit()
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

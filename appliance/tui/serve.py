@@ -41,6 +41,7 @@ class ServePane(Pane):
                                           n_ctx=ctx.serve_ctx)
         self.last: ServeStatus | None = None
         self.answers: list[str] = []
+        self._names: list[str] = []  # the models offered in the chat's model picker
 
     def compose(self) -> ComposeResult:
         yield Static("server stopped. Press s to start it on every verified model.",
@@ -93,7 +94,7 @@ class ServePane(Pane):
                       f"{metrics}")
         select = self.query_one("#serve-model", Select)
         names = list(status.models)
-        if names and [str(o) for o in names] != getattr(self, "_names", None):
+        if names and names != self._names:
             self._names = names
             select.set_options((n, n) for n in names)
             select.value = names[0]

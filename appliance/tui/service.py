@@ -26,10 +26,10 @@ from appliance.bundle.reader import (
     open_media,
     verify_media,
 )
-from appliance.errors import ApplianceError, AuditChainError, NoTrustRootError
+from appliance.errors import ApplianceError, AuditChainError, NoTrustRootError, UsageError
 from appliance.format.manifest import Manifest
 from appliance.format.signing import fingerprint_words
-from appliance.format.trust import ROLES, TrustRoot, format_time
+from appliance.format.trust import ROLES, TrustRoot, format_time, parse_signed_root
 from appliance.store import audit, scrub, trust_state
 from appliance.store.layout import human_bytes, writer_lock
 from appliance.store.records import ModelRecord, list_models
@@ -119,13 +119,9 @@ def trust_view(store_dir: Path, now: datetime) -> TrustView | None:
 def install_root(store_dir: Path, root_file: Path, fingerprint: str, now: datetime) -> TrustRoot:
     """Install a first root matching ``fingerprint`` (as read from paper), or walk a newer
     one from the installed root (fingerprint may then be empty)."""
-    from appliance.format.trust import parse_signed_root
-
     try:
         data = root_file.read_bytes()
     except OSError as e:
-        from appliance.errors import UsageError
-
         raise UsageError(f"cannot read {root_file}: {e.strerror or e}") from e
     if trust_state.installed_root(store_dir) is None:
         return trust_state.install_first_root(store_dir, data, fingerprint, now)
