@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from appliance.bundle.media import volume_name
 from appliance.bundle.reader import (
     AuthenticatedBundle,
     ChunkLocation,
@@ -237,7 +236,6 @@ class _Run:
         self.pending: list[str] = []
         self.needed: set[str] = set()
         self.volume_paths = {v.name: v.path for v in media.volumes}
-        self.ordinals = {c.digest: i for i, c in enumerate(bundle.manifest.unique_chunks())}
 
     def _report(self) -> None:
         if self.progress is not None:
@@ -313,10 +311,7 @@ class _Run:
         return local + remote
 
     def _holder(self, digest: str) -> str:
-        ordinal = self.ordinals.get(digest)
-        if ordinal is None or not self.media.volumes:
-            return "?"
-        return volume_name(self.media.volumes[0].index.volume_of(ordinal))
+        return self.media.holder(digest) or "?"
 
     def _copy_all(self, work: list[_Work]) -> None:
         """Read and verify chunks in worker threads, a few ahead; write them here, in order.

@@ -14,8 +14,8 @@ Public API (used by the importer, peers and the CLI):
   ``appliance.authenticate.authenticate_manifest`` over what the volumes carry, then the
   volume indexes against the signed chunk list
 - ``Media.locations(digest) -> list[ChunkLocation]`` (``MissingVolumeError`` when the chunk
-  lives only on volumes not given), ``Media.volumes_present`` / ``volumes_expected`` /
-  ``volumes_missing``
+  lives only on volumes not given), ``Media.holder(digest)`` (the volume that stores it),
+  ``Media.volumes_present`` / ``volumes_expected`` / ``volumes_missing``
 - ``read_chunk(location, ref, limits, *, file=None) -> bytes``: bounded, decompressed,
   checked (``IntegrityError`` / ``TruncatedError`` / ``DecompressionError``)
 - ``verify_media(volume_dirs, trusted_root, now, *, progress, workers, allow_expired)
@@ -267,14 +267,20 @@ class Media:
                         f"{entry.stored_length} for a {ref.length}-byte chunk"
                     )
 
+    def holder(self, digest: str) -> str | None:
+        """The volume that stores a chunk of the signed manifest (known once authenticated)."""
+        if self._ordinals is None or digest not in self._ordinals:
+            return None
+        return volume_name(self.volumes[0].index.volume_of(self._ordinals[digest]))
+
     def locations(self, digest: str) -> list[ChunkLocation]:
         """Where the chunk is stored on the volumes given; ``MissingVolumeError`` if nowhere."""
         found = self._where.get(bytes.fromhex(digest))
         if found:
             return list(found)
         missing = self.volumes_missing
-        if self._ordinals is not None and digest in self._ordinals:
-            holder = volume_name(self.volumes[0].index.volume_of(self._ordinals[digest]))
+        holder = self.holder(digest)
+        if holder is not None:
             raise MissingVolumeError(
                 f"chunk {digest} is on {holder}, which was not given "
                 f"(present: {', '.join(self.volumes_present)})"
