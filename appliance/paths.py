@@ -11,7 +11,10 @@ STORE_ENV = "APPLIANCE_HOME"
 
 
 def default_store() -> Path:
-    """``$APPLIANCE_HOME`` if set, else the platform's user data dir (``~/.local/share/appliance``)."""
+    """``$APPLIANCE_HOME`` if set, else the platform's user data dir.
+
+    On Linux that is ``~/.local/share/appliance``.
+    """
     env = os.environ.get(STORE_ENV)
     if env:
         return Path(env).expanduser()
