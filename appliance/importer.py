@@ -52,7 +52,6 @@ from appliance.errors import (
     UsageError,
 )
 from appliance.format.manifest import ChunkRef
-from appliance.format.trust import check_rollback
 from appliance.limits import DEFAULT_LIMITS, Limits
 from appliance.store import layout, trust_state
 from appliance.store.staging import DEFAULT_FLUSH_BYTES, StagedFile
@@ -131,13 +130,7 @@ def import_media(
             media = open_media(volume_dirs, limits)
             root = trust_state.require_root(store_dir, store.conn)
             bundle = media.authenticate(root, now, allow_expired=allow_expired)
-            # Read-only here; repeated inside the transaction that raises the mark.
-            check_rollback(
-                trust_state.channel_state(store_dir, bundle.manifest.channel, store.conn),
-                bundle.manifest.sequence,
-                bundle.manifest_hash,
-                channel=bundle.manifest.channel,
-            )
+            trust_state.check_channel(store_dir, bundle, store.conn)
         except NoTrustRootError:
             raise
         except RefusalError as e:

@@ -21,7 +21,7 @@ from pathlib import Path
 from appliance.authenticate import AuthenticatedBundle, authenticate_manifest
 from appliance.errors import ApplianceError, PeerError, PeerProtocolError, UsageError
 from appliance.format.manifest import Manifest, ModelEntry
-from appliance.format.trust import SignedRoot, TrustRoot, check_rollback, parse_signed_root
+from appliance.format.trust import SignedRoot, TrustRoot, parse_signed_root
 from appliance.peer.client import PeerClient
 from appliance.peer.protocol import ManifestSummary
 from appliance.store import trust_state
@@ -165,10 +165,8 @@ def authenticate_offer(
     chain = fetch_chain(client, trusted)
     bundle = authenticate_manifest(body, signatures, chain, trusted, now,
                                    allow_expired=allow_expired, limits=client.limits)
-    manifest = bundle.manifest
-    check_rollback(trust_state.channel_state(store_dir, manifest.channel), manifest.sequence,
-                   digest, channel=manifest.channel)
-    return Authenticated(offer=offer, bundle=bundle, models=select_models(manifest, refs))
+    trust_state.check_channel(store_dir, bundle)
+    return Authenticated(offer=offer, bundle=bundle, models=select_models(bundle.manifest, refs))
 
 
 def describe(e: ApplianceError) -> str:

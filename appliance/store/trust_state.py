@@ -305,6 +305,16 @@ def channel_state(
     return (int(row["sequence"]), str(row["manifest_hash"])) if row else None
 
 
+def check_channel(
+    store_dir: Path, bundle: AuthenticatedBundle, conn: sqlite3.Connection | None = None
+) -> None:
+    """Read-only: RollbackError when the channel's high-water mark refuses this bundle
+    (``record_acceptance`` checks again in the transaction that raises the mark)."""
+    manifest = bundle.manifest
+    check_rollback(channel_state(store_dir, manifest.channel, conn), manifest.sequence,
+                   bundle.manifest_hash, channel=manifest.channel)
+
+
 def record_channel(
     store_dir: Path,
     channel: str,
