@@ -131,17 +131,13 @@ def import_media(
             root = trust_state.require_root(store_dir, store.conn)
             bundle = media.authenticate(root, now, allow_expired=allow_expired)
             trust_state.check_channel(store_dir, bundle, store.conn)
+            _check_packs(media)
         except NoTrustRootError:
             raise
         except RefusalError as e:
             trust_state.audit_refusal(store_dir, "import", e, media=media_names)
             raise
         manifest = bundle.manifest
-        try:
-            _check_packs(media)
-        except RefusalError as e:
-            trust_state.audit_refusal(store_dir, "import", e, media=media_names)
-            raise
         plans = store.plan(manifest.models)
         layout.check_free_space(
             store_dir,
