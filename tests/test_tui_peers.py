@@ -61,7 +61,7 @@ def test_peers_without_site_certificate_say_how_to_get_one(tmp_path: Path) -> No
         await wait_for(pilot, lambda: peers.last_error is not None, what="the explanation")
         assert type(peers.last_error) is UsageError
         status = str(app.query_one("#peers-status", Static).render())
-        assert "site enroll" in status and "What to do" in status
+        assert "Peers are not set up" in status and "site enroll" in status
         assert not isinstance(app.screen, ExplainScreen)  # shown in place, no dialog
 
     drive(app, scenario)

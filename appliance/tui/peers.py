@@ -11,6 +11,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import DataTable, ProgressBar, Static
 
+from appliance.errors import UsageError
 from appliance.peer.pull import PullResult
 from appliance.tui import peering, service
 from appliance.tui.base import Field, Pane, PromptScreen, StoreChanged, TuiContext, add_plain_row
@@ -55,8 +56,12 @@ class PeersPane(Pane):
         """Listing problems (no certificate, bad config) stay on the screen, not a dialog:
         visiting Peers must not interrupt an operator who does not use them."""
         self.last_error = error
+        status = self.query_one("#peers-status", Static)
+        if isinstance(error, UsageError):  # not set up for peers: the message says how
+            status.update(f"[b yellow]Peers are not set up[/]: {escape(str(error))}")
+            return
         e = explain(error)
-        self.query_one("#peers-status", Static).update(
+        status.update(
             f"[b red]{e.title}[/]: {e.what}\nWhat to do: {e.next_step}\n"
             f"[dim]{escape(e.detail)}[/]")
 

@@ -48,7 +48,8 @@ class ServePane(Pane):
                      id="serve-status", classes="status")
         yield Select[str]([], id="serve-model", prompt="model", allow_blank=True)
         yield RichLog(id="serve-chat-log", wrap=True, markup=False)
-        yield Input(placeholder="ask the model, then Enter", id="serve-input")
+        yield Input(placeholder="ask the model, then Enter (Esc: back to the keys)",
+                    id="serve-input")
 
     def on_mount(self) -> None:
         self.set_interval(POLL_SECONDS, self._poll)
@@ -88,7 +89,7 @@ class ServePane(Pane):
             f"{name}: {info.get('state')}" + (f" ({info['detail']})" if info.get("detail")
                                               else "")
             for name, info in status.models.items())
-        metrics = ", ".join(f"{label} {status.metrics[key]:g}"
+        metrics = ", ".join(f"{label} {status.metrics[key]:.3g}"
                             for key, label in METRICS.items() if key in status.metrics)
         widget.update(f"[{colour}]{status.state}[/] at {status.url}/v1  {escape(models)}\n"
                       f"{metrics}")
