@@ -75,6 +75,21 @@ def _sql_error(store_dir: Path, e: sqlite3.Error) -> StoreError:
     return StoreError(f"trust state in {store_dir} is unusable: {e}")
 
 
+@contextmanager
+def _reading(store_dir: Path, conn: sqlite3.Connection | None = None
+             ) -> Iterator[sqlite3.Connection]:
+    """The caller's ``conn``, or a connection of our own closed afterwards; a sqlite error
+    becomes a StoreError."""
+    db = conn or connect(store_dir)
+    try:
+        yield db
+    except sqlite3.Error as e:
+        raise _sql_error(store_dir, e) from e
+    finally:
+        if conn is None:
+            db.close()
+
+
 def _rows(db: sqlite3.Connection) -> list[sqlite3.Row]:
     return db.execute(
         "SELECT version, fingerprint, body FROM trust_roots ORDER BY version"
@@ -98,29 +113,17 @@ def _load_row(store_dir: Path, row: sqlite3.Row) -> SignedRoot:
 
 def installed_chain(store_dir: Path, conn: sqlite3.Connection | None = None) -> list[SignedRoot]:
     """Every root this store accepted, oldest first (for carrying on media or showing)."""
-    db = conn or connect(store_dir)
-    try:
+    with _reading(store_dir, conn) as db:
         return [_load_row(store_dir, row) for row in _rows(db)]
-    except sqlite3.Error as e:
-        raise _sql_error(store_dir, e) from e
-    finally:
-        if conn is None:
-            db.close()
 
 
 def installed_root(store_dir: Path, conn: sqlite3.Connection | None = None) -> TrustRoot | None:
     """The root in force (newest installed version), or None on a fresh store."""
-    db = conn or connect(store_dir)
-    try:
+    with _reading(store_dir, conn) as db:
         row = db.execute(
             "SELECT version, fingerprint, body FROM trust_roots ORDER BY version DESC LIMIT 1"
         ).fetchone()
         return _load_row(store_dir, row).root if row else None
-    except sqlite3.Error as e:
-        raise _sql_error(store_dir, e) from e
-    finally:
-        if conn is None:
-            db.close()
 
 
 def require_root(store_dir: Path, conn: sqlite3.Connection | None = None) -> TrustRoot:
@@ -292,16 +295,10 @@ def channel_state(
     store_dir: Path, channel: str, conn: sqlite3.Connection | None = None
 ) -> tuple[int, str] | None:
     """(highest sequence accepted, its manifest hash) for ``channel``, or None."""
-    db = conn or connect(store_dir)
-    try:
+    with _reading(store_dir, conn) as db:
         row = db.execute(
             "SELECT sequence, manifest_hash FROM channels WHERE name = ?", (channel,)
         ).fetchone()
-    except sqlite3.Error as e:
-        raise _sql_error(store_dir, e) from e
-    finally:
-        if conn is None:
-            db.close()
     return (int(row["sequence"]), str(row["manifest_hash"])) if row else None
 
 
@@ -391,27 +388,17 @@ def record_acceptance(
 
 def installed_versions(store_dir: Path) -> list[tuple[int, str, str]]:
     """(version, fingerprint, installed at) for every accepted root, oldest first."""
-    db = connect(store_dir)
-    try:
+    with _reading(store_dir) as db:
         return [
             (int(r["version"]), r["fingerprint"], r["installed_at"])
             for r in db.execute("SELECT * FROM trust_roots ORDER BY version")
         ]
-    except sqlite3.Error as e:
-        raise _sql_error(store_dir, e) from e
-    finally:
-        db.close()
 
 
 def channels(store_dir: Path) -> list[tuple[str, int, str, str]]:
     """Every channel: (name, sequence, manifest hash, updated at), by name."""
-    db = connect(store_dir)
-    try:
+    with _reading(store_dir) as db:
         return [
             (r["name"], int(r["sequence"]), r["manifest_hash"], r["updated_at"])
             for r in db.execute("SELECT * FROM channels ORDER BY name")
         ]
-    except sqlite3.Error as e:
-        raise _sql_error(store_dir, e) from e
-    finally:
-        db.close()
