@@ -124,6 +124,8 @@ class ImportPane(Pane):
         lines.append(f"read {service.size(result.media_bytes)} from media, copied "
                      f"{service.size(result.local_bytes)} already held, "
                      f"in {result.seconds:.1f} s")
+        if result.complete:
+            lines.append("next: Models (4) lists it; Serve (6) starts it and lets you try it")
         if result.expired_override:
             lines.append("expired bundle accepted: your reason is in the audit log")
         self.query_one("#import-result", Static).update("\n".join(lines))

@@ -25,7 +25,8 @@ class MediaPane(Pane):
     HELP = ("Bundles on mounted removable media (and paths you typed). The list refreshes "
             "when media are inserted or removed. What is shown is unverified until Inspect.")
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("enter", "choose", "Inspect"),
+        # priority: ahead of the list's own Enter, so the footer names what Enter does here
+        Binding("enter", "choose", "Inspect", priority=True),
         Binding("o", "open_path", "Open path"),
         Binding("r", "reload", "Rescan"),
     ]
@@ -80,9 +81,6 @@ class MediaPane(Pane):
             return
         chosen = self.found[min(table.cursor_row, len(self.found) - 1)]
         self.post_message(BundleChosen([chosen.path]))
-
-    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
-        self.action_choose()
 
     def action_open_path(self) -> None:
         self.app.push_screen(
