@@ -59,10 +59,10 @@ def test_help_lists_every_key_and_screen_keys_switch(tmp_path: Path) -> None:
     async def scenario(app: ApplianceApp, pilot) -> None:  # type: ignore[no-untyped-def]
         for number, pane in enumerate(PANES, start=1):
             await pilot.press(str(number))
-            await pilot.pause()
             assert app.query_one(TabbedContent).active == pane.PANE_ID
-            assert app.focused is not None and pane in (
-                type(n) for n in app.focused.ancestors_with_self)
+            # Focus lands inside the screen, so its keys work without a click.
+            await wait_for(pilot, lambda p=pane: app.focused is not None and p in (
+                type(n) for n in app.focused.ancestors_with_self), what=f"{pane.TITLE} focus")
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
         source = app.screen.query_one(Markdown).source

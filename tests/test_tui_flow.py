@@ -18,6 +18,7 @@ from tui_helpers import (
     MODEL,
     NOW,
     drive,
+    on_screen,
     tamper_raw_chunk,
     text,
     tiny_bundle,
@@ -36,6 +37,7 @@ from appliance.tui.inspect import InspectPane
 from appliance.tui.media import MediaPane
 from appliance.tui.models import ModelsPane
 from appliance.tui.serve import ServePane
+from appliance.tui.trust import TrustPane
 
 
 async def choose_bundle(app: ApplianceApp, pilot: Pilot[None]) -> InspectPane:
@@ -76,22 +78,22 @@ def test_media_to_verified_import_to_served_chat(tmp_path: Path, tiny_gguf: Path
         assert "verified" in text(app, "#inspect-volumes")
 
         await pilot.press("i")  # Inspect -> Import screen
-        importing = app.query_one(ImportPane)
-        assert app.query_one("TabbedContent").active == "import"  # type: ignore[attr-defined]
+        importing = await on_screen(app, pilot, ImportPane)
         await pilot.press("i")
         await wait_for(pilot, lambda: importing.result is not None, what="the import")
         assert importing.result is not None and importing.result.complete
         assert "imported completely" in text(app, "#import-result")
 
         await pilot.press("4")
-        models = app.query_one(ModelsPane)
+        models = await on_screen(app, pilot, ModelsPane)
         await wait_for(pilot, lambda: [m.ref for m in models.models] == [f"{MODEL}:q4_k_m"],
                        what="the model on the Models screen")
         assert models.models[0].verified
         assert [m.ref for m in list_models(store)] == [f"{MODEL}:q4_k_m"]
 
-        await pilot.press("6", "s")
-        serve = app.query_one(ServePane)
+        await pilot.press("6")
+        serve = await on_screen(app, pilot, ServePane)
+        await pilot.press("s")
         await wait_for(pilot, lambda: serve.last is not None and serve.last.state == "ok",
                        timeout=120, what="the server to load the model")
         assert isinstance(app.focused, Input)
@@ -128,8 +130,9 @@ def test_tampered_bundle_is_refused_in_plain_words(tmp_path: Path, tiny_gguf: Pa
         assert type(inspect.last_error) is IntegrityError
         assert "verification failed" in text(app, "#inspect-volumes")
 
-        await pilot.press("i", "i")  # importing the same media is refused too
-        importing = app.query_one(ImportPane)
+        await pilot.press("i")  # importing the same media is refused too
+        importing = await on_screen(app, pilot, ImportPane)
+        await pilot.press("i")
         assert await close_explanation(app, pilot) == "Refused: tampered or damaged chunk"
         assert type(importing.last_error) is IntegrityError
         assert "Do not use this media" in text(app, "#import-result")
@@ -161,8 +164,9 @@ def test_expired_bundle_needs_a_typed_reason(tmp_path: Path, tiny_gguf: Path) ->
         assert inspect.view is not None and inspect.view.expired
         assert app.ctx.override_reason == "site offline since May"
 
-        await pilot.press("i", "i")
-        importing = app.query_one(ImportPane)
+        await pilot.press("i")
+        importing = await on_screen(app, pilot, ImportPane)
+        await pilot.press("i")
         await wait_for(pilot, lambda: importing.result is not None, what="the import")
         assert importing.result is not None and importing.result.expired_override
 
@@ -184,8 +188,9 @@ def test_older_bundle_is_refused_as_rollback(tmp_path: Path, tiny_gguf: Path) ->
         inspect = await choose_bundle(app, pilot)
         assert inspect.view is not None and inspect.view.rollback is not None
         assert "rollback" in text(app, "#inspect-summary")
-        await pilot.press("i", "i")
-        importing = app.query_one(ImportPane)
+        await pilot.press("i")
+        importing = await on_screen(app, pilot, ImportPane)
+        await pilot.press("i")
         assert await close_explanation(app, pilot) == "Refused: older bundle (rollback)"
         assert type(importing.last_error) is RollbackError
 
@@ -209,6 +214,7 @@ def test_no_trust_root_says_how_to_install_one_and_install_works(tmp_path: Path,
         assert type(inspect.last_error) is NoTrustRootError
 
         await pilot.press("7")
+        await on_screen(app, pilot, TrustPane)
         await wait_for(pilot, lambda: "No trust root" in text(app, "#trust-summary"),
                        what="the empty trust screen")
         await pilot.press("t")
@@ -250,8 +256,9 @@ def test_missing_volume_is_asked_for_and_import_resumes(tmp_path: Path) -> None:
         assert inspect.view is not None and inspect.view.volumes_missing == later
         assert "insert the next volume" in text(app, "#inspect-volumes")
 
-        await pilot.press("i", "i")
-        importing = app.query_one(ImportPane)
+        await pilot.press("i")
+        importing = await on_screen(app, pilot, ImportPane)
+        await pilot.press("i")
         await wait_for(pilot, lambda: importing.result is not None, what="the partial import")
         assert importing.result is not None and not importing.result.complete
         assert importing.result.volumes_needed == later
@@ -308,10 +315,12 @@ def test_trust_root_update_carried_on_media_is_shown_then_installed(
         assert inspect.view is not None
         assert (inspect.view.trust_from, inspect.view.trust_to) == (1, 2)
         assert "v1 -> v2 will be installed" in text(app, "#inspect-summary")
-        await pilot.press("i", "i")
-        importing = app.query_one(ImportPane)
+        await pilot.press("i")
+        importing = await on_screen(app, pilot, ImportPane)
+        await pilot.press("i")
         await wait_for(pilot, lambda: importing.result is not None, what="the import")
         await pilot.press("7")
+        await on_screen(app, pilot, TrustPane)
         await wait_for(pilot, lambda: "trust root v2" in text(app, "#trust-summary"),
                        what="the new root on the Trust screen")
         assert v2.root.fingerprint in text(app, "#trust-summary")

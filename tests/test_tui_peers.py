@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from textual.widgets import Static
-from tui_helpers import MODEL, NOW, drive, tiny_bundle, trusted_store, wait_for
+from tui_helpers import MODEL, NOW, drive, on_screen, tiny_bundle, trusted_store, wait_for
 
 from appliance.errors import UsageError
 from appliance.importer import import_media
@@ -33,7 +33,7 @@ def test_peer_listed_and_pulled(tmp_path: Path, tiny_gguf: Path) -> None:
 
         async def scenario(app, pilot) -> None:  # type: ignore[no-untyped-def]
             await pilot.press("5")
-            peers = app.query_one(PeersPane)
+            peers = await on_screen(app, pilot, PeersPane)
             await wait_for(pilot, lambda: peers.peers, what="the peer list")
             assert [(p.url, p.host, p.models) for p in peers.peers] == [
                 (server.url, "host-a", (f"{MODEL}:q4_k_m",))]

@@ -8,7 +8,16 @@ from pathlib import Path
 
 from bundle_helpers import build, make_sources, write_recipe
 from textual.widgets import Static
-from tui_helpers import MODEL, NOW, drive, text, tiny_bundle, trusted_store, wait_for
+from tui_helpers import (
+    MODEL,
+    NOW,
+    drive,
+    on_screen,
+    text,
+    tiny_bundle,
+    trusted_store,
+    wait_for,
+)
 
 from appliance.importer import import_media
 from appliance.store import audit
@@ -55,9 +64,7 @@ def test_import_cancel_then_resume(tmp_path: Path) -> None:
         await pilot.press("enter")
         await wait_for(pilot, lambda: app.ctx.selected, what="the bundle chosen")
         await pilot.press("3")
-        importing = app.query_one(ImportPane)
-        await wait_for(pilot, lambda: app.focused is not None
-                       and importing in app.focused.ancestors_with_self, what="Import focus")
+        importing = await on_screen(app, pilot, ImportPane)
         # The import reads 12 MiB in a blink, faster than a key press arrives: cancel the
         # moment its first progress report reaches the screen, as an operator's c would.
         shown = importing.on_progress
@@ -98,7 +105,7 @@ def test_models_delete_reverify_and_audit_chain(tmp_path: Path, tiny_gguf: Path)
 
     async def scenario(app: ApplianceApp, pilot) -> None:  # type: ignore[no-untyped-def]
         await pilot.press("4")
-        models = app.query_one(ModelsPane)
+        models = await on_screen(app, pilot, ModelsPane)
         await wait_for(pilot, lambda: len(models.models) == 2, what="two models")
         assert [m.name for m in models.models] == ["acme/other", MODEL]
 
@@ -117,7 +124,7 @@ def test_models_delete_reverify_and_audit_chain(tmp_path: Path, tiny_gguf: Path)
                        what="the deletion")
 
         await pilot.press("8")
-        log = app.query_one(AuditPane)
+        log = await on_screen(app, pilot, AuditPane)
         await wait_for(pilot, lambda: log.view is not None and log.view.records[0].kind
                        == "delete", what="the audit log, newest first")
         assert "chain intact" in str(app.query_one("#audit-status", Static).render())
@@ -133,7 +140,7 @@ def test_models_delete_reverify_and_audit_chain(tmp_path: Path, tiny_gguf: Path)
 
     async def broken(app: ApplianceApp, pilot) -> None:  # type: ignore[no-untyped-def]
         await pilot.press("8")
-        log = app.query_one(AuditPane)
+        log = await on_screen(app, pilot, AuditPane)
         await wait_for(pilot, lambda: log.view is not None, what="the audit log")
         assert log.view is not None and not log.view.chain_ok
         status = str(app.query_one("#audit-status", Static).render())

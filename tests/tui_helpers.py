@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 from bundle_helpers import NOW, build, write_recipe
 from textual.pilot import Pilot
@@ -20,6 +21,7 @@ from trust_helpers import make_root
 from appliance.bundle.media import parse_index
 from appliance.store import trust_state
 from appliance.tui.app import ApplianceApp
+from appliance.tui.base import Pane
 
 MODEL = "acme/tiny"
 
@@ -62,6 +64,17 @@ async def wait_for(pilot: Pilot[None], predicate: Callable[[], object], timeout:
             return
         await pilot.pause(0.05)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+P = TypeVar("P", bound=Pane)
+
+
+async def on_screen(app: ApplianceApp, pilot: Pilot[None], pane: type[P]) -> P:
+    """The screen ``pane`` once the focus is inside it (its keys work from then on)."""
+    widget = app.query_one(pane)
+    await wait_for(pilot, lambda: app.focused is not None
+                   and widget in app.focused.ancestors_with_self, what=f"{pane.TITLE} focus")
+    return widget
 
 
 Scenario = Callable[[ApplianceApp, Pilot[None]], Awaitable[None]]
