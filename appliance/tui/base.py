@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -160,12 +161,14 @@ class Pane(Vertical):
         with contextlib.suppress(RuntimeError):
             self.app.call_from_thread(callback, *args)
 
-    def load(self, fn: Callable[[], Any], done: Callable[[Any], None]) -> None:
-        """Run a quick read in a thread; a newer load replaces a running one."""
-        self._load_worker(fn, done)
+    def load(self, fn: Callable[[], Any], done: Callable[[Any], None], *,
+             group: str = "load") -> None:
+        """Run quick work in a thread; a newer one in the same group replaces (and silences)
+        a running one."""
+        self.run_worker(partial(self._load_body, fn, done), thread=True, exclusive=True,
+                        group=group, name=group)
 
-    @work(thread=True, exclusive=True, group="load")
-    def _load_worker(self, fn: Callable[[], Any], done: Callable[[Any], None]) -> None:
+    def _load_body(self, fn: Callable[[], Any], done: Callable[[Any], None]) -> None:
         worker = get_current_worker()
         try:
             result = fn()

@@ -116,11 +116,14 @@ class ServePane(Pane):
         self.query_one("#serve-input", Input).focus()
 
     def action_stop(self) -> None:
+        """Stop the server, also while it is still loading (that wait is cancelled)."""
         if not self.controller.running:
             self.notify("the server is not running")
             return
+        if self.busy and self.job is not None:
+            self.job.cancel()  # a start still waiting for the models to load gives up
         controller = self.controller
-        self.start_job("stop server", lambda job: controller.stop(), self._stopped)
+        self.load(controller.stop, self._stopped, group="stop")
 
     def _stopped(self, _: object) -> None:
         self.show(ServeStatus(None, "stopped", {}, {}))
