@@ -4,6 +4,9 @@
 namespace, addresses 10.<x>.0.1..n/24, loopback up, multicast on (mDNS works across it). Nothing
 touches the machine's own interfaces or any outside address. Needs root and ``ip``; tests call
 ``Lan.available()`` and skip otherwise. ``run``/``spawn`` start commands inside a host.
+``rate`` caps each host's upload with ``tc`` tbf; ``both_ways=True`` caps its download too (a
+tbf on the switch side of its veth), as on a real full-duplex link. ``prefix`` names the
+namespaces (``<prefix>sw``, ``<prefix>h<i>``) so a benchmark never collides with the tests.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ def _ip(*args: str) -> None:
 
 
 class Lan:
-    def __init__(self, hosts: int, *, rate: str | None = None) -> None:
+    def __init__(self, hosts: int, *, rate: str | None = None, both_ways: bool = False,
+                 prefix: str | None = None) -> None:
         tag = f"{os.getpid() % 100000:05d}"
-        self.switch = f"apsw{tag}"
-        self.hosts = [f"aph{tag}{i}" for i in range(hosts)]
+        self.switch = f"apsw{tag}" if prefix is None else f"{prefix}sw"
+        self.hosts = [f"aph{tag}{i}" if prefix is None else f"{prefix}h{i}" for i in range(hosts)]
+        self.both_ways = both_ways
         self.subnet = 100 + os.getpid() % 100
         self.addresses = [f"10.{self.subnet}.0.{i + 1}" for i in range(hosts)]
         self._made: list[str] = []
@@ -68,11 +73,18 @@ class Lan:
             _ip("-n", ns, "link", "set", inner, "up")
             _ip("-n", ns, "link", "set", "lo", "up")
             if rate is not None:
-                subprocess.run(
-                    ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", inner, "root",
-                     "tbf", "rate", rate, "burst", "256kb", "latency", "200ms"],
-                    check=True, capture_output=True,
-                )
+                self._cap(ns, inner, rate)
+                if self.both_ways:
+                    self._cap(self.switch, outer, rate)
+
+    @staticmethod
+    def _cap(ns: str, dev: str, rate: str) -> None:
+        """A token bucket on ``dev``'s egress inside ``ns``."""
+        subprocess.run(
+            ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root",
+             "tbf", "rate", rate, "burst", "256kb", "latency", "200ms"],
+            check=True, capture_output=True,
+        )
 
     def command(self, host: int, argv: Sequence[str]) -> list[str]:
         return ["ip", "netns", "exec", self.hosts[host], *argv]

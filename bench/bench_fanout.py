@@ -1,0 +1,255 @@
+"""Site fan-out: one seed and N hosts on links capped with ``tc``, swarm pull vs a central server.
+
+Set-up: a generated GGUF (48 MiB, 32 MiB with ``--quick``; 1 MiB tensors, so chunks about as
+big as gemma3-270m's) built into a signed bundle and imported into the seed's store. A
+test-made LAN (``tests/netns_helpers.Lan``: one network namespace per host on a bridge, names
+``apfo-<pid>-*``, addresses 10.x.0.y inside them only, deleted afterwards) caps every host's
+veth with a ``tc`` token bucket of ``RATE_MBIT`` in both directions, as a full-duplex link: the
+seed uploads at most that in total and each host downloads at most that. The rate is low
+enough that the 2-core machine is not the bottleneck, so the transfers are link-bound. Every
+host command is a real ``appliance`` CLI process run with ``ip netns exec``; servers are
+plaintext (``--insecure``: site TLS costs CPU, not link time) without mDNS
+(``--no-advertise``, ``--no-mdns``), so no traffic leaves the namespaces.
+
+Measured, each from the first process start to the last process exit, every host ending with
+the model verified and published in its store:
+
+- T1: one host pulls the model from the seed alone (``peer pull bench --from SEED``).
+- Tc, central server: N hosts pull at once, each from the seed only.
+- Ts, swarm: each of the N hosts first runs ``peer serve`` on its own (empty) store, then all
+  pull at once with the seed and every other host as peers, so a host may fetch what another
+  has verified meanwhile.
+
+Rows: the site's delivered throughput (N x size / time) swarm vs central (ratio Tc/Ts), and
+the per-host rate of the swarm vs a single transfer (ratio T1/Ts; aim Ts <= 1.5 x T1, so a
+ratio >= 0.67, where the central server needs about N x T1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from appliance.importer import import_media
+from appliance.store import trust_state
+from appliance.store.records import get_model
+from bench.harness import BenchContext, Comparison
+from bench.signed_bundle import BenchBundle, prepare
+
+# The tests' own LAN helper, imported as the tests import it (bench.run puts tests/ on the path).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from netns_helpers import Lan
+
+RATE_MBIT = 80  # per link and direction; 9 hosts x 10 MB/s stays well under 2 cores' worth
+QUICK_MIB, FULL_MIB = 32, 48
+PORT = 8765
+MODEL = "bench"
+APPLIANCE = str(Path(sys.executable).with_name("appliance"))
+_PEER_BYTES = re.compile(r"^\s+(http://\S+): (\d+) bytes$", re.MULTILINE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    seconds: float
+    from_seed: int  # bytes the pullers received from the seed, summed
+    from_hosts: int  # bytes they received from other pullers, summed
+
+
+class _Site:
+    """The LAN, the seed's store and server, and fresh stores for the pullers of a phase."""
+
+    def __init__(self, lan: Lan, setup: BenchBundle, work: Path) -> None:
+        self.lan, self.setup, self.work = lan, setup, work
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def url(self, host: int) -> str:
+        return f"http://{self.lan.addresses[host]}:{PORT}"
+
+    def new_store(self, name: str) -> Path:
+        store = self.work / name
+        shutil.rmtree(store, ignore_errors=True)
+        trust_state.install_first_root(store, self.setup.root_bytes, self.setup.fingerprint,
+                                       self.setup.now)
+        return store
+
+    def serve(self, host: int, store: Path) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            self.lan.command(host, [APPLIANCE, "--store", str(store), "peer", "serve",
+                                    "--insecure", "--no-advertise",
+                                    "--listen", f"{self.lan.addresses[host]}:{PORT}"]),
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )
+        self.procs.append(proc)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if "serving" not in line:
+            raise RuntimeError(f"the peer server in {self.lan.hosts[host]} did not start: "
+                               f"{line!r}")
+        return proc
+
+    def stop(self, proc: subprocess.Popen[str]) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def close(self) -> None:
+        for proc in list(self.procs):
+            self.stop(proc)
+
+    def pull_all(self, pullers: dict[int, Path], sources: dict[int, list[int]]) -> Phase:
+        """Start every puller at once; seconds until the last one holds the model."""
+        logs: dict[int, Path] = {}
+        running: dict[int, subprocess.Popen[str]] = {}
+        start = time.perf_counter()
+        for host, store in pullers.items():
+            froms = [arg for s in sources[host] for arg in ("--from", self.url(s))]
+            logs[host] = self.work / f"pull-{host}.log"
+            with logs[host].open("w") as log:
+                proc = subprocess.Popen(
+                    self.lan.command(host, [APPLIANCE, "--store", str(store), "peer", "pull",
+                                            MODEL, "--insecure", "--no-mdns", *froms]),
+                    stdout=log, stderr=subprocess.STDOUT, text=True,
+                )
+            self.procs.append(proc)
+            running[host] = proc
+        for proc in running.values():
+            proc.wait(timeout=600)
+        seconds = time.perf_counter() - start
+        from_seed = from_hosts = 0
+        for host, proc in running.items():
+            self.procs.remove(proc)
+            out = logs[host].read_text()
+            if proc.returncode != 0:
+                raise RuntimeError(f"pull in {self.lan.hosts[host]} failed: {out[-2000:]}")
+            model = get_model(pullers[host], MODEL)  # published, verified, full size
+            if sum(f.size for f in model.files) != self.setup.size:
+                raise RuntimeError(f"{self.lan.hosts[host]} holds the wrong size")
+            for url, n in _PEER_BYTES.findall(out):
+                if url == self.url(0):
+                    from_seed += int(n)
+                else:
+                    from_hosts += int(n)
+        return Phase(seconds, from_seed, from_hosts)
+
+
+def _single(site: _Site) -> Phase:
+    store = site.new_store("single")
+    try:
+        return site.pull_all({1: store}, {1: [0]})
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+
+
+def _central(site: _Site, n: int) -> Phase:
+    stores = {h: site.new_store(f"central-{h}") for h in range(1, n + 1)}
+    try:
+        return site.pull_all(stores, {h: [0] for h in stores})
+    finally:
+        for store in stores.values():
+            shutil.rmtree(store, ignore_errors=True)
+
+
+def _swarm(site: _Site, n: int) -> Phase:
+    stores = {h: site.new_store(f"swarm-{h}") for h in range(1, n + 1)}
+    servers = []
+    try:
+        for host, store in stores.items():
+            servers.append(site.serve(host, store))
+        # The seed first, then the other pullers: every host is a source for every other.
+        sources = {h: [0, *(o for o in stores if o != h)] for h in stores}
+        return site.pull_all(stores, sources)
+    finally:
+        for proc in servers:
+            site.stop(proc)
+        for store in stores.values():
+            shutil.rmtree(store, ignore_errors=True)
+
+
+def _weights_gguf(path: Path, mib: int) -> Path:
+    """A GGUF of ``mib`` tensors of 1 MiB of random int8 (incompressible, like quantized
+    weights); the chunker gives each tensor its own chunk, as gemma3-270m's average."""
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    try:
+        writer.add_name("fan-out bench weights")
+        for i in range(mib):
+            writer.add_tensor(f"blk.{i}.weight",
+                              rng.integers(-128, 127, size=(4096, 256), dtype=np.int8,
+                                           endpoint=True))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    return path
+
+
+def run(ctx: BenchContext) -> list[Comparison]:
+    why = Lan.available()
+    if why is not None:
+        print(f"    skipped: {why}", flush=True)
+        return []
+    work = ctx.workdir / "bench_fanout"
+    work.mkdir(parents=True, exist_ok=True)
+    # A generated GGUF even when gemma is installed (253 MB x 8 hosts at a capped rate would
+    # take far longer than a benchmark run should), cut like gemma: about 1 MiB per chunk.
+    weights = _weights_gguf(work / "weights.gguf", QUICK_MIB if ctx.quick else FULL_MIB)
+    setup = prepare(dataclasses.replace(ctx, model_path=weights), work, generated_mib=(0, 0),
+                    model_when_quick=True)
+    media = work / "media"
+    setup.build(media)
+    seed = work / "seed"
+    trust_state.install_first_root(seed, setup.root_bytes, setup.fingerprint, setup.now)
+    import_media(seed, [media], now=setup.now)
+    shutil.rmtree(media)
+    sizes = (4,) if ctx.quick else (4, 8)
+    rate = f"{RATE_MBIT}mbit"
+    lan = Lan(1 + max(sizes), rate=rate, both_ways=True, prefix=f"apfo-{os.getpid()}-")
+    site = _Site(lan, setup, work)
+    try:
+        site.serve(0, seed)
+        single = _single(site)
+        phases = {n: (_central(site, n), _swarm(site, n)) for n in sizes}
+    finally:
+        site.close()
+        lan.close()
+    t1 = single.seconds
+    mb = setup.size / 1e6
+    link = f"{RATE_MBIT} Mbit/s per link each way (tc tbf), plaintext peers"
+    print(f"    T1 = {t1:.1f} s (single transfer, {mb:.0f} MB, {link})", flush=True)
+    rows = []
+    for n, (central, swarm) in phases.items():
+        tc, ts = central.seconds, swarm.seconds
+        shared = swarm.from_hosts / (swarm.from_hosts + swarm.from_seed)
+        print(f"    N={n}: Tc = {tc:.1f} s ({tc / t1:.2f}x T1), Ts = {ts:.1f} s "
+              f"({ts / t1:.2f}x T1), swarm bytes from other hosts {shared:.0%}", flush=True)
+        times = (f"T1 {t1:.1f} s, Tc {tc:.1f} s, Ts {ts:.1f} s; {shared:.0%} of the swarm's "
+                 f"bytes came from other hosts; {link}")
+        rows.append(Comparison(
+            f"site fan-out N={n}: swarm vs central server (generated, {mb:.0f} MB)",
+            "MB/s delivered", n * mb / ts, n * mb / tc,
+            f"{n} x appliance peer pull --from SEED (seed only)", times,
+        ))
+        rows.append(Comparison(
+            f"fan-out N={n} time / single transfer (generated, {mb:.0f} MB)",
+            "MB/s per host", mb / ts, mb / t1,
+            "one host alone: appliance peer pull --from SEED",
+            f"Ts/T1 = {ts / t1:.2f} (aim <= 1.5), central Tc/T1 = {tc / t1:.2f}; {times}",
+        ))
+    return rows
