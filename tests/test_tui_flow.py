@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from textual.pilot import Pilot
-from textual.widgets import Input, RichLog
+from textual.widgets import DataTable, Input, RichLog
 from tui_helpers import (
     MODEL,
     NOW,
@@ -40,8 +40,10 @@ from appliance.tui.trust import TrustPane
 
 
 async def choose_bundle(app: ApplianceApp, pilot: Pilot[None]) -> InspectPane:
-    media = app.query_one(MediaPane)
-    await wait_for(pilot, lambda: media.found, what="the bundle on the Media screen")
+    media = await on_screen(app, pilot, MediaPane)  # its Enter binding needs the focus inside
+    table = media.query_one("#media-table", DataTable)
+    await wait_for(pilot, lambda: media.found and table.row_count,
+                   what="the bundle on the Media screen")
     await pilot.press("enter")
     inspect = app.query_one(InspectPane)
     await wait_for(pilot, lambda: inspect.view is not None or inspect.last_error is not None,
