@@ -53,7 +53,6 @@ from appliance.errors import (
 )
 from appliance.format.manifest import ChunkRef
 from appliance.limits import DEFAULT_LIMITS, Limits
-from appliance.memory import pin_mmap_threshold
 from appliance.store import layout, trust_state
 from appliance.store.staging import DEFAULT_FLUSH_BYTES, StagedFile
 from appliance.store.store import LocalChunk, ModelPlan, Store, read_local_copy
@@ -119,7 +118,6 @@ def import_media(
     flush_bytes: int = DEFAULT_FLUSH_BYTES,
 ) -> ImportResult:
     """Authenticate the bundle on ``volume_dirs`` and import what they hold into the store."""
-    pin_mmap_threshold()
     started = time.perf_counter()
     if allow_expired and not (reason or "").strip():
         raise UsageError("--allow-expired needs --reason TEXT: the audit log records why")

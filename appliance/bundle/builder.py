@@ -88,7 +88,6 @@ from appliance.limits import (
     Limits,
     MiB,
 )
-from appliance.memory import pin_mmap_threshold
 
 Progress = Callable[[int, int], None]
 STAGING_PREFIX = ".appliance-build-"
@@ -274,7 +273,6 @@ def build_bundle(
     bytes read. Raises UsageError, RecipeError, MediaError; never leaves a complete-looking
     half bundle.
     """
-    pin_mmap_threshold()
     started = time.perf_counter()
     if not keys:
         raise UsageError("a bundle needs at least one signing key (--key)")

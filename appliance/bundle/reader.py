@@ -70,7 +70,6 @@ from appliance.format.manifest import (
 from appliance.format.signing import Signature
 from appliance.format.trust import SignedRoot, TrustRoot, parse_signed_root
 from appliance.limits import DEFAULT_LIMITS, Limits
-from appliance.memory import pin_mmap_threshold
 
 
 @dataclass(frozen=True)
@@ -433,7 +432,6 @@ def verify_media(
     offset. Missing volumes are not an error here: the report lists them.
     ``progress(done, total)`` counts bytes read from packs.
     """
-    pin_mmap_threshold()
     started = time.perf_counter()
     media = open_media(volume_dirs, limits)
     bundle = media.authenticate(trusted_root, now, allow_expired=allow_expired)

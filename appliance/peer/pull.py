@@ -36,7 +36,6 @@ from appliance.errors import (
 )
 from appliance.format.manifest import Manifest
 from appliance.limits import MiB
-from appliance.memory import pin_mmap_threshold
 from appliance.peer.client import PeerClient
 from appliance.peer.offers import (
     Authenticated,
@@ -93,7 +92,6 @@ def pull(
     now: datetime | None = None,
 ) -> list[PullResult]:
     """Pull the models named by ``refs`` (NAME or NAME:VERSION), or every offered one."""
-    pin_mmap_threshold()
     opts = options or PullOptions()
     if not clients:
         raise UsageError("no peers to pull from: give --from URL, list peers in the site "
