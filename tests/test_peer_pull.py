@@ -366,6 +366,32 @@ def test_swarm_a_host_serves_verified_chunks_while_its_pull_runs(
     expect_model(c_store, bundle)
 
 
+def test_a_peer_whose_have_map_grows_mid_pull_gets_used(tmp_path: Path, bundle: Bundle,
+                                                        servers, clients) -> None:
+    # The seed holds everything but is slow; the other host starts empty and gets the model
+    # once the first chunk has landed here. Only a refresh of its have-map during the pull
+    # can tell this host that it may now fetch from it (the seed always holds every chunk).
+    size = bundle.manifest.models[0].size
+    slow_seed = servers(seeded(tmp_path, "seed", bundle), rate_limit=size / 8)
+    late_store = new_host(tmp_path / "late")
+    late = servers(late_store)
+    b = new_host(tmp_path / "b")
+    late_seeded = []
+
+    def on_progress(done: int, total: int) -> None:
+        if done and not late_seeded:
+            seed(late_store, bundle)
+            late_seeded.append(done)
+
+    [result] = pull(b, [clients(slow_seed.url), clients(late.url)], ["tiny"], options=FAST,
+                    now=NOW, progress=on_progress)
+    expect_model(b, bundle)
+    assert late_seeded and late_seeded[0] < size
+    assert result.by_peer.get(late.url, 0) > 0
+    assert sum(result.by_peer.values()) == result.bytes_fetched == size
+    assert not result.dropped
+
+
 def test_partial_hosts_advertise_what_they_hold(tmp_path: Path, bundle: Bundle, servers,
                                                 clients) -> None:
     store = new_host(tmp_path / "p")

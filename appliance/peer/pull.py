@@ -14,8 +14,9 @@ already holds are copied locally. The rest come from every peer whose have-map l
 parallel (``PullOptions.per_peer`` requests per peer on a thread pool), rarest first. A chunk
 whose bytes do not hash to the manifest's digest, or an answer that breaks the protocol, drops
 that peer for the rest of the pull and the chunk is fetched elsewhere; a peer that times out
-or dies is dropped after ``max_failures``. Have-maps are refreshed while chunks are missing,
-so a puller picks up what other pullers verified meanwhile (swarm). When no live peer holds
+or dies is dropped after ``max_failures``. Have-maps are refreshed every ``refresh`` seconds
+and chunks are marked done every ``flush_bytes``, so pullers of the same models fetch from each
+other what they verified meanwhile rather than all from one seed (swarm). When no live peer holds
 what is left for ``wait_for_chunks`` seconds the pull stops with a ``PeerError``; everything
 written is durable and the next pull resumes from there.
 """
@@ -59,9 +60,11 @@ class PullOptions:
     per_peer: int = 4  # chunk requests in flight per peer
     workers: int = 16  # threads fetching chunks, across all peers
     max_failures: int = 3  # timeouts or broken connections before a peer is dropped
-    refresh: float = 1.0  # seconds between have-map refreshes while chunks are missing
+    refresh: float = 0.5  # seconds between have-map refreshes during the pull
     wait_for_chunks: float = 30.0  # give up when no live peer holds what is left this long
-    flush_bytes: int = 16 * MiB  # fsync + mark done at least this often (peers see it then)
+    # fsync + mark done at least this often: peers see a chunk only then, so in a swarm this
+    # is what lets the others fetch it from here instead of from the seed.
+    flush_bytes: int = 1 * MiB
     allow_expired: bool = False
     reason: str | None = None
 

@@ -3,16 +3,22 @@ peer lies, stalls or dies.
 
 ``swarm`` runs on the pull's thread and keeps every SQLite write there; fetch threads
 (``PullOptions.workers``) only talk HTTP, check each chunk on arrival and pwrite it into the
-staged files (``StagedFile.pwrite_chunk``), and the pull's thread then records it. Pending
-chunks go out rarest first (by have-maps), at most ``per_peer`` per peer; a peer sending wrong
-bytes or breaking the protocol is dropped at once (wrong bytes are also audited), one that
-fails ``max_failures`` times in a row is dropped too, and its chunk goes back to the queue.
-While chunks are missing, have-maps are refreshed so what other pullers verified meanwhile is
-used; while waiting, written chunks are flushed so this host's own peers can see them.
+staged files (``StagedFile.pwrite_chunk``), and the pull's thread then records it.
+
+Have-maps are re-read every ``PullOptions.refresh`` seconds on their own threads (a seed's,
+once complete, is not), so what other pullers verified meanwhile is used. Pending chunks go out
+rarest first, ties in this host's own random order, so hosts pulling from one seed at once ask
+it for different chunks; each goes to the least loaded peer holding it, a partial holder before
+a complete one, at most ``per_peer`` per peer: the seed's upload goes to chunks nobody else has
+yet. A peer sending wrong bytes or breaking the protocol is dropped at once (wrong bytes are
+also audited), one that fails ``max_failures`` times in a row is dropped too, and its chunk
+goes back to the queue. While waiting, written chunks are flushed so this host's own peers can
+see them.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -20,7 +26,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from appliance.errors import IntegrityError, PeerError, PeerProtocolError
 from appliance.format.manifest import ChunkRef, Manifest
@@ -42,10 +48,18 @@ class _Peer:
     failures: int = 0
     dropped: str | None = None
     bytes: int = 0
+    asking: bool = False  # a have-map request is out
+    asked_at: float = -math.inf
+
 
     @property
     def url(self) -> str:
         return self.client.url
+
+
+@dataclass
+class _Order:
+    stale: bool = True  # a have-map changed since the pending chunks were last ranked
 
 
 def swarm(
@@ -64,11 +78,21 @@ def swarm(
     manifest_hash = result.manifest_hash
     peers = [_Peer(c) for c in clients]
     pending = list(need)
+    # Each host walks the chunks in its own order, so hosts pulling from one seed at once
+    # fetch different chunks from it and then have something to give each other.
     random.shuffle(pending)
     inflight: dict[Future[bytes | None], tuple[str, _Peer]] = {}
+    asking: dict[Future[list[bool] | None], _Peer] = {}
+    order = _Order()
     gate = _WriteGate()
     executor = ThreadPoolExecutor(max_workers=max(1, opts.workers),
                                   thread_name_prefix="peer-pull")
+    # Have-maps on their own threads: a refresh never waits behind chunk transfers.
+    have_pool = ThreadPoolExecutor(max_workers=max(1, min(8, len(peers))),
+                                   thread_name_prefix="peer-have")
+
+    def live() -> list[_Peer]:
+        return [p for p in peers if p.dropped is None]
 
     def drop(peer: _Peer, why: str) -> None:
         if peer.dropped is None:
@@ -76,52 +100,124 @@ def swarm(
             result.dropped[peer.url] = why
             say(f"dropped peer {peer.url} for this pull: {why}")
 
-    def refresh() -> None:
-        live = [p for p in peers if p.dropped is None]
-        futures = {executor.submit(p.client.have, manifest_hash, len(unique)): p for p in live}
-        for fut, peer in futures.items():
-            try:
-                flags = fut.result()
-            except (PeerProtocolError, IntegrityError) as e:
-                drop(peer, f"bad have-map: {e}")
+    def ask() -> None:
+        """Ask every live peer whose have-map is due for a fresh one (a bitmap: cheap).
+
+        A peer already known to hold every chunk (a seed) is not asked again: only what
+        other pullers verified meanwhile can change, and that is the point of asking."""
+        moment = time.monotonic()
+        for peer in live():
+            due = moment - peer.asked_at >= opts.refresh
+            if peer.asking or not due or len(peer.have) == len(unique):
                 continue
-            except PeerError as e:
-                peer.failures += 1
-                if peer.failures >= opts.max_failures:
-                    drop(peer, str(e))
-                continue
-            peer.have = set() if flags is None else {
-                c.digest for c, held in zip(unique, flags, strict=True) if held
-            }
-        # Rarest first: chunks few peers hold go out before they become a bottleneck.
-        holders = {d: sum(d in p.have for p in peers if p.dropped is None) for d in pending}
-        pending.sort(key=lambda d: holders[d])
+            peer.asking = True
+            peer.asked_at = moment
+            asking[have_pool.submit(peer.client.have, manifest_hash, len(unique))] = peer
+
+    def absorb(fut: Future[list[bool] | None]) -> None:
+        peer = asking.pop(fut)
+        peer.asking = False
+        try:
+            flags = fut.result()
+        except (PeerProtocolError, IntegrityError) as e:
+            drop(peer, f"bad have-map: {e}")
+            return
+        except PeerError as e:
+            peer.failures += 1
+            if peer.failures >= opts.max_failures:
+                drop(peer, str(e))
+            return
+        if peer.dropped is not None:
+            return
+        have = set() if flags is None else {
+            c.digest for c, held in zip(unique, flags, strict=True) if held
+        }
+        if have != peer.have:
+            peer.have = have
+            order.stale = True
+
+    def rank() -> None:
+        # Rarest first: chunks few peers hold go out before they become a bottleneck, and a
+        # seed's upload goes to chunks nobody else has yet. The sort is stable, so ties keep
+        # this host's own random order.
+        holders = live()
+        pending.sort(key=lambda d: sum(d in p.have for p in holders))
+        order.stale = False
+
+    def choose(digest: str, open_peers: list[_Peer]) -> _Peer | None:
+        """The least loaded peer holding the chunk, a partial holder before a complete one
+        (another puller rather than the seed, whose upload is the site's scarce one)."""
+        best: _Peer | None = None
+        best_key: tuple[bool, int, int] | None = None
+        for peer in open_peers:
+            if digest in peer.have and peer.inflight < opts.per_peer:
+                key = (len(peer.have) == len(unique), peer.inflight, len(peer.have))
+                if best_key is None or key < best_key:
+                    best, best_key = peer, key
+        return best
 
     def dispatch() -> None:
-        busy = {d for d, _ in inflight.values()}
-        for peer in sorted((p for p in peers if p.dropped is None), key=lambda p: p.inflight):
-            i = 0
-            while peer.inflight < opts.per_peer and i < len(pending):
-                digest = pending[i]
-                if digest in peer.have and digest not in busy:
-                    pending.pop(i)
-                    busy.add(digest)
-                    peer.inflight += 1
-                    fut = executor.submit(_fetch, peer.client, digest, lengths[digest],
-                                          list(need[digest]), gate)
-                    inflight[fut] = (digest, peer)
-                else:
-                    i += 1
+        if order.stale:
+            rank()
+        waiting = set(pending)
+        open_peers = [p for p in live()
+                      if p.inflight < opts.per_peer and not p.have.isdisjoint(waiting)]
+        i = 0
+        while open_peers and i < len(pending):
+            digest = pending[i]
+            peer = choose(digest, open_peers)
+            if peer is None:
+                i += 1
+                continue
+            pending.pop(i)
+            peer.inflight += 1
+            if peer.inflight >= opts.per_peer:
+                open_peers.remove(peer)
+            fut = executor.submit(_fetch, peer.client, digest, lengths[digest],
+                                  list(need[digest]), gate)
+            inflight[fut] = (digest, peer)
+
+    def received(fut: Future[bytes | None]) -> None:
+        digest, peer = inflight.pop(fut)
+        peer.inflight -= 1
+        try:
+            data = fut.result()
+        except (IntegrityError, PeerProtocolError) as e:
+            if peer.dropped is None and isinstance(e, IntegrityError):
+                # A site member sent bytes the manifest does not sign: on the record.
+                trust_state.audit_refusal(store_dir, "pull", e, peer=peer.url,
+                                          manifest=manifest_hash)
+            drop(peer, f"{type(e).__name__}: {e}")
+            pending.insert(0, digest)
+            return
+        except PeerError as e:
+            peer.failures += 1
+            if peer.failures >= opts.max_failures:
+                drop(peer, f"{opts.max_failures} failures, the last: {e}")
+            else:
+                peer.have.discard(digest)  # try it elsewhere first
+            pending.insert(0, digest)
+            return
+        if data is None:
+            peer.have.discard(digest)
+            pending.insert(0, digest)
+            return
+        peer.failures = 0
+        peer.bytes += len(data)
+        result.by_peer[peer.url] = peer.bytes
+        result.bytes_fetched += len(data)
+        land(digest, data)
 
     try:
-        refresh()
-        last_refresh = time.monotonic()
+        ask()
+        wait(list(asking))  # the first have-maps, before any chunk is asked for
+        for first in list(asking):
+            absorb(first)
         starved_since: float | None = None
         while pending or inflight:
             dispatch()
             if not inflight:
-                live = [p for p in peers if p.dropped is None]
-                if not live:
+                if not live():
                     raise PeerError(_stopped("every peer was dropped", result, need))
                 moment = time.monotonic()
                 starved_since = starved_since or moment
@@ -130,53 +226,30 @@ def swarm(
                         f"no live peer has held the {len(pending)} remaining chunk(s) for "
                         f"{opts.wait_for_chunks:.0f} s", result, need))
                 settle()
-                time.sleep(opts.refresh)
-                refresh()
-                last_refresh = time.monotonic()
+                ask()
+                if asking:
+                    answered, _ = wait(list(asking), timeout=opts.refresh,
+                                       return_when=FIRST_COMPLETED)
+                    for answer in answered:
+                        absorb(answer)
+                else:
+                    time.sleep(opts.refresh / 4)
                 continue
             starved_since = None
-            finished, _ = wait(list(inflight), timeout=opts.refresh, return_when=FIRST_COMPLETED)
+            ask()
+            watched: list[Future[Any]] = [*inflight, *asking]
+            finished, _ = wait(watched, timeout=opts.refresh, return_when=FIRST_COMPLETED)
             if not finished:
                 settle()
             for fut in finished:
-                digest, peer = inflight.pop(fut)
-                peer.inflight -= 1
-                try:
-                    data = fut.result()
-                except (IntegrityError, PeerProtocolError) as e:
-                    if peer.dropped is None and isinstance(e, IntegrityError):
-                        # A site member sent bytes the manifest does not sign: on the record.
-                        trust_state.audit_refusal(store_dir, "pull", e, peer=peer.url,
-                                                  manifest=manifest_hash)
-                    drop(peer, f"{type(e).__name__}: {e}")
-                    pending.insert(0, digest)
-                    continue
-                except PeerError as e:
-                    peer.failures += 1
-                    if peer.failures >= opts.max_failures:
-                        drop(peer, f"{opts.max_failures} failures, the last: {e}")
-                    else:
-                        peer.have.discard(digest)  # try it elsewhere first
-                    pending.insert(0, digest)
-                    continue
-                if data is None:
-                    peer.have.discard(digest)
-                    pending.insert(0, digest)
-                    continue
-                peer.failures = 0
-                peer.bytes += len(data)
-                result.by_peer[peer.url] = peer.bytes
-                result.bytes_fetched += len(data)
-                land(digest, data)
-            stale = time.monotonic() - last_refresh > opts.refresh
-            if stale and any(
-                not any(d in p.have for p in peers if p.dropped is None) for d in pending
-            ):
-                refresh()
-                last_refresh = time.monotonic()
+                if fut in inflight:
+                    received(fut)
+                else:
+                    absorb(fut)
     finally:
         gate.close()
         executor.shutdown(wait=False, cancel_futures=True)
+        have_pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _WriteGate:
