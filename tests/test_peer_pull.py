@@ -376,7 +376,7 @@ def test_a_peer_whose_have_map_grows_mid_pull_gets_used(tmp_path: Path, bundle: 
     late_store = new_host(tmp_path / "late")
     late = servers(late_store)
     b = new_host(tmp_path / "b")
-    late_seeded = []
+    late_seeded: list[int] = []
 
     def on_progress(done: int, total: int) -> None:
         if done and not late_seeded:
