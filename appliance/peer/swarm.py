@@ -144,13 +144,16 @@ def swarm(
         pending.sort(key=lambda d: sum(d in p.have for p in holders))
         order.stale = False
 
-    def choose(digest: str, open_peers: list[_Peer]) -> _Peer | None:
+    def cap(peer: _Peer, seed_share: int) -> int:
+        return seed_share if len(peer.have) == len(unique) else opts.per_peer
+
+    def choose(digest: str, open_peers: list[_Peer], seed_share: int) -> _Peer | None:
         """The least loaded peer holding the chunk, a partial holder before a complete one
         (another puller rather than the seed, whose upload is the site's scarce one)."""
         best: _Peer | None = None
         best_key: tuple[bool, int, int] | None = None
         for peer in open_peers:
-            if digest in peer.have and peer.inflight < opts.per_peer:
+            if digest in peer.have and peer.inflight < cap(peer, seed_share):
                 key = (len(peer.have) == len(unique), peer.inflight, len(peer.have))
                 if best_key is None or key < best_key:
                     best, best_key = peer, key
@@ -159,25 +162,33 @@ def swarm(
     def dispatch() -> None:
         if order.stale:
             rank()
+        peers_now = live()
+        # Peers still missing chunks are probably pulling too and share the seeds' upload:
+        # ask a seed for only a fair share at once. Fewer requests in flight each finish
+        # sooner, so other pullers see those chunks sooner and fewer ask the seed for the
+        # same ones; alone with a seed, a host keeps ``per_peer`` requests in flight.
+        partial = sum(len(p.have) < len(unique) for p in peers_now)
+        seed_share = max(1, -(-opts.per_peer // (1 + partial)))
         waiting = set(pending)
-        open_peers = [p for p in live()
-                      if p.inflight < opts.per_peer and not p.have.isdisjoint(waiting)]
+        open_peers = [p for p in peers_now
+                      if p.inflight < cap(p, seed_share) and not p.have.isdisjoint(waiting)]
         i = 0
         while open_peers and i < len(pending):
             digest = pending[i]
-            peer = choose(digest, open_peers)
+            peer = choose(digest, open_peers, seed_share)
             if peer is None:
                 i += 1
                 continue
             pending.pop(i)
             peer.inflight += 1
-            if peer.inflight >= opts.per_peer:
+            if peer.inflight >= cap(peer, seed_share):
                 open_peers.remove(peer)
             fut = executor.submit(_fetch, peer.client, digest, lengths[digest],
                                   list(need[digest]), gate)
             inflight[fut] = (digest, peer)
 
-    def received(fut: Future[bytes | None]) -> None:
+    def received(fut: Future[bytes | None]) -> bool:
+        """Handle a finished fetch; True when its chunk landed."""
         digest, peer = inflight.pop(fut)
         peer.inflight -= 1
         try:
@@ -189,7 +200,7 @@ def swarm(
                                           manifest=manifest_hash)
             drop(peer, f"{type(e).__name__}: {e}")
             pending.insert(0, digest)
-            return
+            return False
         except PeerError as e:
             peer.failures += 1
             if peer.failures >= opts.max_failures:
@@ -197,16 +208,17 @@ def swarm(
             else:
                 peer.have.discard(digest)  # try it elsewhere first
             pending.insert(0, digest)
-            return
+            return False
         if data is None:
             peer.have.discard(digest)
             pending.insert(0, digest)
-            return
+            return False
         peer.failures = 0
         peer.bytes += len(data)
         result.by_peer[peer.url] = peer.bytes
         result.bytes_fetched += len(data)
         land(digest, data)
+        return True
 
     try:
         ask()
@@ -214,6 +226,7 @@ def swarm(
         for first in list(asking):
             absorb(first)
         starved_since: float | None = None
+        settled_at, unsettled = time.monotonic(), False
         while pending or inflight:
             dispatch()
             if not inflight:
@@ -239,13 +252,17 @@ def swarm(
             ask()
             watched: list[Future[Any]] = [*inflight, *asking]
             finished, _ = wait(watched, timeout=opts.refresh, return_when=FIRST_COMPLETED)
-            if not finished:
-                settle()
             for fut in finished:
                 if fut in inflight:
-                    received(fut)
+                    unsettled |= received(fut)
                 else:
                     absorb(fut)
+            # Chunks are marked done every ``flush_bytes`` anyway; this bounds how long a
+            # landed chunk stays invisible to the other pullers when chunks arrive slowly.
+            moment = time.monotonic()
+            if not finished or (unsettled and moment - settled_at >= opts.refresh / 2):
+                settle()
+                settled_at, unsettled = moment, False
     finally:
         gate.close()
         executor.shutdown(wait=False, cancel_futures=True)
