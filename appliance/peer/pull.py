@@ -60,7 +60,7 @@ class PullOptions:
     per_peer: int = 4  # chunk requests in flight per peer
     workers: int = 16  # threads fetching chunks, across all peers
     max_failures: int = 3  # timeouts or broken connections before a peer is dropped
-    refresh: float = 0.25  # seconds between have-map refreshes during the pull
+    refresh: float = 0.5  # seconds between have-map refreshes during the pull
     wait_for_chunks: float = 30.0  # give up when no live peer holds what is left this long
     # fsync + mark done at least this often: peers see a chunk only then, so in a swarm this
     # is what lets the others fetch it from here instead of from the seed.
