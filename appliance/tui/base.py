@@ -245,6 +245,25 @@ def pane_bindings(pane: type[Pane]) -> list[Binding]:
 # --- modal dialogs -----------------------------------------------------------------------
 
 
+class VolumePane(Pane):
+    """A screen working on the chosen bundle that can take one more volume (key ``v``)."""
+
+    def action_add_volume(self) -> None:
+        self.app.push_screen(
+            PromptScreen("Add a volume", [Field("path", "Path of the next volume",
+                                                "/media/usb2/bundle/vol-002")]),
+            self._added,
+        )
+
+    def _added(self, values: dict[str, str] | None) -> None:
+        if not values:
+            return
+        path = Path(values["path"]).expanduser()
+        if path not in self.ctx.selected:
+            self.ctx.selected = (*self.ctx.selected, path)
+        self.reload()
+
+
 class ExplainScreen(ModalScreen[None]):
     """A refusal or failure in plain words, with what to do next."""
 

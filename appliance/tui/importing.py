@@ -10,7 +10,6 @@ bundle is imported only with a typed reason, which the importer records in the a
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import ClassVar
 
 from rich.markup import escape
@@ -21,7 +20,7 @@ from textual.widgets import ProgressBar, Static
 from appliance.errors import ExpiredError
 from appliance.importer import ImportResult, import_media
 from appliance.tui import service
-from appliance.tui.base import Field, Pane, PromptScreen, StoreChanged, TuiContext
+from appliance.tui.base import Field, PromptScreen, StoreChanged, TuiContext, VolumePane
 from appliance.tui.explain import explain
 
 
@@ -33,7 +32,7 @@ def rate_text(bytes_per_second: float, left: int) -> str:
     return f"{service.size(int(bytes_per_second))}/s, {minutes}:{seconds:02d} left"
 
 
-class ImportPane(Pane):
+class ImportPane(VolumePane):
     PANE_ID = "import"
     TITLE = "Import"
     HELP = ("Copies the chosen bundle into the store, checking every chunk against the signed "
@@ -147,21 +146,6 @@ class ImportPane(Pane):
 
     def action_cancel(self) -> None:
         self.cancel_job()
-
-    def action_add_volume(self) -> None:
-        self.app.push_screen(
-            PromptScreen("Add a volume", [Field("path", "Path of the next volume",
-                                                "/media/usb2/bundle/vol-002")]),
-            self._added,
-        )
-
-    def _added(self, values: dict[str, str] | None) -> None:
-        if not values:
-            return
-        path = Path(values["path"]).expanduser()
-        if path not in self.ctx.selected:
-            self.ctx.selected = (*self.ctx.selected, path)
-        self.reload()
 
     def action_allow_expired(self) -> None:
         self.app.push_screen(

@@ -9,7 +9,6 @@ volumes that are missing.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import ClassVar
 
 from rich.markup import escape
@@ -21,7 +20,14 @@ from appliance.bundle.reader import VerifyReport
 from appliance.errors import ExpiredError
 from appliance.format.trust import format_time
 from appliance.tui import service
-from appliance.tui.base import Field, ImportWanted, Pane, PromptScreen, TuiContext, add_plain_row
+from appliance.tui.base import (
+    Field,
+    ImportWanted,
+    PromptScreen,
+    TuiContext,
+    VolumePane,
+    add_plain_row,
+)
 
 
 def _bar(done: int, total: int, width: int = 20) -> str:
@@ -29,7 +35,7 @@ def _bar(done: int, total: int, width: int = 20) -> str:
     return "#" * filled + "." * (width - filled)
 
 
-class InspectPane(Pane):
+class InspectPane(VolumePane):
     PANE_ID = "inspect"
     TITLE = "Inspect"
     HELP = ("The chosen bundle after its signatures were checked against this host's trust "
@@ -171,21 +177,6 @@ class InspectPane(Pane):
             self.notify("open a bundle first (Media screen, Enter)", severity="warning")
             return
         self.post_message(ImportWanted())
-
-    def action_add_volume(self) -> None:
-        self.app.push_screen(
-            PromptScreen("Add a volume", [Field("path", "Path of the next volume",
-                                                "/media/usb2/bundle/vol-002")]),
-            self._added,
-        )
-
-    def _added(self, values: dict[str, str] | None) -> None:
-        if not values:
-            return
-        path = Path(values["path"]).expanduser()
-        if path not in self.ctx.selected:
-            self.ctx.selected = (*self.ctx.selected, path)
-        self.reload()
 
     def action_allow_expired(self) -> None:
         self.app.push_screen(
