@@ -367,29 +367,22 @@ def check_disk(store: Path, *, low: int = LOW_DISK_BYTES) -> Check:
 
 def check_trust_root(store: Path) -> Check:
     """A missing trust root is a warning: the host can still serve what it holds."""
-    from appliance.store.db import connect
+    from appliance.store import trust_state
 
     name = "trust root"
     try:
-        conn = connect(store)
-        try:
-            row = conn.execute(
-                "SELECT version, fingerprint FROM trust_roots ORDER BY version DESC LIMIT 1"
-            ).fetchone()
-        finally:
-            conn.close()
-    except ApplianceError as e:
+        installed = trust_state.installed_versions(store)
+    except ApplianceError as e:  # a damaged index is a StoreError from the store API
         return Check(name, "warn", False, f"cannot read the store index: {e}")
-    except Exception as e:  # sqlite3.Error from a damaged index
-        return Check(name, "warn", False, f"cannot read the store index: {type(e).__name__}: {e}")
-    if row is None:
+    if not installed:
         return Check(
             name,
             "warn",
             False,
             "none installed: bundles cannot be verified; install one with appliance trust install",
         )
-    return Check(name, "ok", False, f"version {row['version']}, fingerprint {row['fingerprint']}")
+    version, fingerprint, _ = installed[-1]
+    return Check(name, "ok", False, f"version {version}, fingerprint {fingerprint}")
 
 
 # -- all together -----------------------------------------------------------------------

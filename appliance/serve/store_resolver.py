@@ -22,9 +22,8 @@ import blake3
 
 from appliance.errors import IntegrityError, ModelNotFoundError, StoreError
 from appliance.serve.model import ModelResolver, ServableModel
-from appliance.store.records import FileRecord, ModelRecord, get_model
-from appliance.store.staging import PendingChunk, verify_chunks
-from appliance.store.store import Store
+from appliance.store.records import FileRecord, ModelRecord, file_chunks, get_model
+from appliance.store.staging import StoredChunk, verify_chunks
 
 VERIFY_MODES = ("quick", "full")
 
@@ -41,10 +40,8 @@ def store_resolver(store_dir: Path, *, verify: str = "quick") -> ModelResolver:
         except StoreError as e:  # quarantined, or a file missing or resized: never load it
             raise IntegrityError(f"model {name} must not be loaded: {e}") from e
         main = _main_file(record)
-        with Store(store_dir) as store:
-            for f in record.files if verify == "full" else (main,):
-                chunks = store.chunks_of(_file_id(store, record, f))
-                _check(record, f, chunks, full=verify == "full")
+        for f in record.files if verify == "full" else (main,):
+            _check(record, f, file_chunks(store_dir, record, f.path), full=verify == "full")
         assert main.blake3 is not None
         return ServableModel(name=name, path=main.location, size=main.size, identity=main.blake3)
 
@@ -58,18 +55,7 @@ def _main_file(record: ModelRecord) -> FileRecord:
     raise StoreError(f"model {record.ref} has no file to load")
 
 
-def _file_id(store: Store, record: ModelRecord, f: FileRecord) -> int:
-    row = store.conn.execute(
-        "SELECT f.id FROM files f JOIN models m ON m.id = f.model "
-        "WHERE m.name = ? AND m.version = ? AND f.path = ?",
-        (record.name, record.version, f.path),
-    ).fetchone()
-    if row is None:
-        raise StoreError(f"model {record.ref}: file {f.path} vanished from the index")
-    return int(row["id"])
-
-
-def _check(record: ModelRecord, f: FileRecord, chunks: list[PendingChunk], *, full: bool) -> None:
+def _check(record: ModelRecord, f: FileRecord, chunks: list[StoredChunk], *, full: bool) -> None:
     label = f"{record.ref}/{f.path}"
     if not f.blake3:
         raise IntegrityError("no identity hash was recorded at publish", file=label)

@@ -3,7 +3,8 @@
 Only published models (and quarantined ones, shown as not verified) are ever listed; a model
 still being imported is invisible here, so nothing half-written can be shown or served.
 ``get_model`` is what the server calls: it returns a model only when every file of it is
-published, verified, and present with its recorded size.
+published, verified, and present with its recorded size; ``file_chunks`` gives the signed
+chunk list the server re-hashes before a load.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from appliance.errors import ModelNotFoundError, StoreError, UsageError
 from appliance.store import layout
 from appliance.store.db import connect
+from appliance.store.staging import StoredChunk
 
 
 @dataclass(frozen=True)
@@ -230,3 +232,28 @@ def get_model(store_dir: Path, ref: str) -> ModelRecord:
                 "run 'appliance store verify'"
             )
     return model
+
+
+def file_chunks(store_dir: Path, model: ModelRecord, path: str) -> list[StoredChunk]:
+    """The signed chunk list of one file of ``model``, by offset order (what the server
+    re-hashes before loading); StoreError when the file is no longer in the index."""
+    db = connect(store_dir)
+    try:
+        row = db.execute(
+            "SELECT f.id FROM files f JOIN models m ON m.id = f.model "
+            "WHERE m.name = ? AND m.version = ? AND f.path = ?",
+            (model.name, model.version, path),
+        ).fetchone()
+        if row is None:
+            raise StoreError(f"model {model.ref}: file {path} vanished from the index")
+        return [
+            StoredChunk(r["idx"], r["byte_offset"], r["length"], r["digest"])
+            for r in db.execute(
+                "SELECT idx, byte_offset, length, digest FROM chunks WHERE file = ? ORDER BY idx",
+                (row["id"],),
+            )
+        ]
+    except sqlite3.Error as e:
+        raise StoreError(f"cannot read the chunk list of {model.ref}/{path}: {e}") from e
+    finally:
+        db.close()
