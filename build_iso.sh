@@ -17,7 +17,7 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="${APPLIANCE_VENV:-$REPO/.venv}"
 PY="$VENV/bin/python"
-OPERATOR_TEMPLATE="$REPO/packaging/OPERATOR.md"
+OPERATOR_TEMPLATE="$REPO/docs/OPERATORS.md"
 # A default that does not move: SOURCE_DATE_EPOCH wins, then the commit time of HEAD.
 FALLBACK_EPOCH=1735689600 # 2025-01-01T00:00:00Z
 

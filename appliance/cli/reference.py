@@ -1,8 +1,8 @@
 """The CLI reference in Markdown, generated from the parsers' own --help.
 
-``python -m appliance.cli.reference`` prints it; README.md embeds it between the markers
-``<!-- cli-reference:start -->`` and ``<!-- cli-reference:end -->``, and a test keeps the two
-identical (``--write README.md`` refreshes it).
+``python -m appliance.cli.reference`` prints it; docs/CLI.md embeds it between the markers
+``<!-- cli-reference:start -->`` and ``<!-- cli-reference:end -->``, and
+tests/test_cli_reference.py keeps the two identical (``--write docs/CLI.md`` refreshes it).
 """
 
 from __future__ import annotations
@@ -49,11 +49,11 @@ def reference() -> str:
             os.environ["COLUMNS"] = saved
 
 
-def embed(readme: str) -> str:
-    """README text with the reference between the markers replaced by a fresh one."""
-    head, sep, rest = readme.partition(START)
+def embed(document: str) -> str:
+    """``document`` (docs/CLI.md's text) with the reference between the markers made fresh."""
+    head, sep, rest = document.partition(START)
     if not sep or END not in rest:
-        raise SystemExit(f"README has no {START} ... {END} section")
+        raise SystemExit(f"the document has no {START} ... {END} section")
     tail = rest.split(END, 1)[1]
     return head + reference() + tail
 
@@ -61,8 +61,8 @@ def embed(readme: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m appliance.cli.reference",
                                      description=__doc__)
-    parser.add_argument("--write", type=Path, metavar="README",
-                        help="refresh the section in this file instead of printing")
+    parser.add_argument("--write", type=Path, metavar="FILE",
+                        help="refresh the section in this file (docs/CLI.md) instead of printing")
     args = parser.parse_args(argv)
     if args.write:
         args.write.write_text(embed(args.write.read_text()))

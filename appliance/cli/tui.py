@@ -17,7 +17,7 @@ EPILOG = """\
 examples:
   appliance tui
   appliance tui --store /srv/appliance --media /media/usb/bundle
-  appliance tui --peer https://host-b:8443 --tls-dir /etc/appliance/tls
+  appliance tui --peer https://host-b:8765 --tls-dir /etc/appliance/tls
 """
 
 

@@ -47,16 +47,16 @@ PANES: tuple[type[Pane], ...] = (
 )
 
 FLOW = """\
-**From media to a served model**
+**From media to a served model** (each step's key switches to its screen)
 
-1. **Media**: insert the USB disk; the bundle appears (or press `o` and type its path).
-   Select it and press `Enter`.
-2. **Inspect**: check the models, signers (read the fingerprint words), channel, sequence
-   and expiry. Press `v` to verify every byte.
-3. **Import**: press `i`. Progress, speed and time left are shown; `c` cancels, and
-   importing again resumes where it stopped.
-4. **Models**: the model is listed once every byte is verified.
-5. **Serve**: press `s` to start the server, type a question below and press `Enter`.
+- `1` **Media**: insert the USB disk; the bundle appears (or press `o` and type its path).
+  Select it and press `Enter`.
+- `2` **Inspect**: check the models, signers (read the fingerprint words), channel, sequence
+  and expiry. Press `v` to verify every byte.
+- `3` **Import**: press `i`. Progress, speed and time left are shown; `c` cancels, and
+  importing again resumes where it stopped.
+- `4` **Models**: the model is listed once every byte is verified.
+- `6` **Serve**: press `s` to start the server, type a question below and press `Enter`.
 
 A refusal (older bundle, expired, unknown signer, tampered data) is explained in plain words
 with what to do next. Overriding an expiry needs a typed reason: it goes to the audit log.

@@ -97,7 +97,7 @@ class PeersPane(Pane):
 
     def action_add_peer(self) -> None:
         self.app.push_screen(
-            PromptScreen("Add a peer", [Field("url", "Peer URL", "https://host-b:8443")]),
+            PromptScreen("Add a peer", [Field("url", "Peer URL", "https://host-b:8765")]),
             self._added,
         )
 
