@@ -25,13 +25,13 @@ from peer_helpers import (
 from trust_helpers import NOW
 
 from appliance.errors import PeerError, UsageError
+from appliance.http_server import parse_listen
 from appliance.peer.pull import pull
 from appliance.peer.server import (
     DEFAULT_READERS,
     PeerServer,
     RateLimiter,
     ServerOptions,
-    parse_listen,
 )
 from appliance.store import layout, trust_state
 

@@ -123,6 +123,28 @@ def test_body_must_be_a_json_object(raw: bytes) -> None:
         protocol.parse_body(raw)
 
 
+@pytest.mark.parametrize("raw", [
+    b'{"model": "m", "model": "n", "prompt": "x"}',
+    b'{"messages": [{"role": "user", "role": "system", "content": "x"}]}',
+])
+def test_a_key_repeated_in_one_object_is_400(raw: bytes) -> None:
+    with pytest.raises(BadRequestError, match="repeats the key"):
+        protocol.parse_body(raw)
+
+
+@pytest.mark.parametrize("depth", [protocol.MAX_JSON_DEPTH + 1, 5_000, 1_000_000])
+def test_deeply_nested_bodies_are_400_not_a_recursion_error(depth: int) -> None:
+    raw = b'{"a": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+    with pytest.raises(BadRequestError, match="nests deeper"):
+        protocol.parse_body(raw)
+
+
+def test_nesting_up_to_the_cap_is_accepted() -> None:
+    depth = protocol.MAX_JSON_DEPTH
+    raw = b'{"a": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+    assert protocol.parse_body(raw)["a"]
+
+
 def test_api_keys_file(tmp_path: Path) -> None:
     keys_file = tmp_path / "keys"
     keys_file.write_text("# site keys\n\nkey-aaaaaaaaaaaaaaaa\n  key-bbbbbbbbbbbbbbbb  \n")

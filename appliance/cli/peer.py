@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import json
 import signal
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from appliance.cli.jsonout import print_json
+from appliance.cli.options import override_options
 from appliance.cli.store import byte_progress
-from appliance.errors import ApplianceError, PeerError, UsageError
-from appliance.peer import discovery, tls
-from appliance.peer.client import ConnectPolicy, PeerClient, Timeouts, connect_policy
+from appliance.errors import PeerError, UsageError
+from appliance.http_server import parse_listen
+from appliance.peer import discovery, site
+from appliance.peer.client import PeerClient, Timeouts
 from appliance.peer.protocol import DEFAULT_PORT
 from appliance.peer.pull import PullOptions, pull
-from appliance.peer.server import ServerOptions, parse_listen, serve_store
+from appliance.peer.server import ServerOptions, serve_store
+from appliance.store.layout import human_bytes
 
 SERVE_DESCRIPTION = f"""\
 Serve this host's store to the site: its signed manifests, a have-map of the chunks it holds
@@ -137,66 +138,23 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 # --- shared ---------------------------------------------------------------------------------
 
 
-def _site_config(args: argparse.Namespace) -> discovery.SiteConfig:
-    path = args.site_config or discovery.default_site_config(args.store)
-    if args.site_config is not None and not path.exists():
-        raise UsageError(f"site config {path} does not exist")
-    return discovery.load_site_config(path)
-
-
-def _tls_dir(args: argparse.Namespace, config: discovery.SiteConfig) -> Path | None:
-    """--tls-dir, else the site config's, else $STORE/tls if present; None with --insecure."""
-    if args.insecure:
-        return None
-    for candidate in (args.tls_dir, config.tls_dir):
-        if candidate is not None:
-            if not candidate.is_dir():
-                raise UsageError(f"TLS directory {candidate} does not exist")
-            return Path(candidate)
-    default = args.store / "tls"
-    if (default / tls.HOST_CERT).exists():
-        return default
-    raise UsageError(
-        "peers talk mutual TLS: pass --tls-dir DIR (made by 'appliance site enroll'), set "
-        f"tls_dir in the site config, put the directory at {default}, or pass --insecure"
-    )
-
-
-def _policy(args: argparse.Namespace, config: discovery.SiteConfig) -> ConnectPolicy:
-    return connect_policy(_tls_dir(args, config), args.insecure)
+def _site(args: argparse.Namespace) -> tuple[discovery.SiteConfig, site.Connection]:
+    config = site.site_config(args.store, args.site_config)
+    return config, site.connection(args.store, config, args.tls_dir, args.insecure)
 
 
 def _peers(args: argparse.Namespace, config: discovery.SiteConfig, err: Console
            ) -> list[discovery.Peer]:
-    peers = {p.url: p for p in discovery.static_peers(config)}
-    if args.mdns:
-        try:
-            for p in discovery.browse(args.browse_seconds):
-                peers.setdefault(p.url, p)
-        except PeerError as e:
-            err.print(f"[yellow]mDNS: {e}; using the static list only[/]")
-    return list(peers.values())
-
-
-def _usable(peers: list[discovery.Peer], policy: ConnectPolicy, err: Console
-            ) -> list[discovery.Peer]:
-    out = []
-    for p in peers:
-        try:
-            policy.check(p.url)
-        except UsageError as e:
-            err.print(f"[yellow]skipping {p.url} ({p.source}): {e}[/]")
-            continue
-        out.append(p)
-    return out
+    return site.known_peers(config, mdns=args.mdns, browse_seconds=args.browse_seconds,
+                            warn=lambda m: err.print(f"[yellow]{escape(m)}[/]"))
 
 
 # --- serve ----------------------------------------------------------------------------------
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    config = _site_config(args)
-    tls_dir = _tls_dir(args, config)
+    _, conn = _site(args)
+    tls_dir = conn.tls_dir
     host, port = parse_listen(args.listen)
     name = discovery.host_name()
     server = serve_store(
@@ -205,8 +163,7 @@ def run_serve(args: argparse.Namespace) -> int:
         options=ServerOptions(max_connections=args.max_connections),
     )
     err = Console(stderr=True)
-    mode = f"mutual TLS (site CA in {tls_dir})" if tls_dir else "PLAINTEXT (--insecure)"
-    print(f"serving {args.store} on {server.url} as {name}, {mode}", flush=True)
+    print(f"serving {args.store} on {server.url} as {name}, {conn.mode}", flush=True)
     advertiser = None
     if args.advertise:
         addresses = discovery.local_addresses() if host in ("0.0.0.0", "") else [host]
@@ -237,42 +194,27 @@ def _stopped(signum: int, frame: object) -> None:
 # --- list -----------------------------------------------------------------------------------
 
 
-def _describe(peer: discovery.Peer, policy: ConnectPolicy) -> dict[str, Any]:
-    entry: dict[str, Any] = {"url": peer.url, "source": peer.source, "name": peer.name}
-    try:
-        with PeerClient(peer.url, policy, timeouts=Timeouts(connect=3, read=5)) as c:
-            entry["host"] = c.info().host
-            entry["manifests"] = [s.to_json() for s in c.manifests()]
-    except ApplianceError as e:
-        entry["error"] = f"{type(e).__name__}: {e}"
-    return entry
-
-
 def run_list(args: argparse.Namespace) -> int:
-    config = _site_config(args)
-    policy = _policy(args, config)
+    config, conn = _site(args)
     err = Console(stderr=True)
-    peers = _usable(_peers(args, config, err), policy, err)
-    with ThreadPoolExecutor(max_workers=max(1, min(16, len(peers)))) as pool:
-        entries = list(pool.map(lambda p: _describe(p, policy), peers))
+    views = site.list_peers(_peers(args, config, err), conn.policy)
     if args.json:
-        json.dump(entries, sys.stdout, indent=2)
-        print()
+        print_json([v.to_json() for v in views])
         return 0
-    if not entries:
+    if not views:
         print("no peers found (static list empty, no mDNS answers)")
         return 0
     table = Table("peer", "from", "host", "holds")
-    for e in entries:
-        if "error" in e:
-            holds = f"[red]{e['error']}[/]"
+    for v in views:
+        if v.problem is not None:
+            holds = f"[red]{escape(v.problem)}[/]"
         else:
             holds = "\n".join(
-                f"{m['channel']} #{m['sequence']}{'' if m['complete'] else ' (partial)'}: "
-                + ", ".join(f"{x['name']}:{x['version']}" for x in m["models"])
-                for m in e["manifests"]
+                f"{s.channel} #{s.sequence}{'' if s.complete else ' (partial)'}: "
+                + ", ".join(m.ref for m in s.models)
+                for s in v.holds
             ) or "nothing"
-        table.add_row(e["url"], e["source"], e.get("host", "?"), holds)
+        table.add_row(v.url, v.source, v.host or "?", holds)
     Console().print(table)
     return 0
 
@@ -285,28 +227,30 @@ def run_pull(args: argparse.Namespace) -> int:
         raise UsageError("give MODEL names or --all, not both")
     if not args.all and not args.models:
         raise UsageError("name the models to pull, or pass --all")
-    if args.allow_expired and not (args.reason or "").strip():
-        raise UsageError("--allow-expired needs --reason TEXT: the audit log records why")
-    config = _site_config(args)
-    policy = _policy(args, config)
+    allow_expired, reason = override_options(args)
+    config, conn = _site(args)
+    policy = conn.policy
     err = Console(stderr=True)
     if args.sources:
         urls = [policy.check(u) for u in args.sources]
     else:
-        urls = [p.url for p in _usable(_peers(args, config, err), policy, err)]
+        allowed, refused = site.usable(_peers(args, config, err), policy)
+        for v in refused:
+            err.print(f"[yellow]skipping {escape(v.url)} ({v.source}): "
+                      f"{escape(v.problem or '')}[/]")
+        urls = [p.url for p in allowed]
     if not urls:
         raise PeerError("no peers: give --from URL, list peers in the site config, or start "
                         "'appliance peer serve' on a host that has the models")
     timeouts = Timeouts(read=args.timeout)
     clients = [PeerClient(u, policy, timeouts=timeouts, max_connections=args.per_peer)
                for u in dict.fromkeys(urls)]
-    options = PullOptions(per_peer=args.per_peer, allow_expired=args.allow_expired,
-                          reason=args.reason)
+    options = PullOptions(per_peer=args.per_peer, allow_expired=allow_expired, reason=reason)
     try:
         with byte_progress("pull", transient=True, console=err) as progress:
             results = pull(args.store, clients, args.models, all_models=args.all,
                            options=options, progress=progress,
-                           notify=lambda m: err.print(f"[yellow]{m}[/]"))
+                           notify=lambda m: err.print(f"[yellow]{escape(m)}[/]"))
     finally:
         for c in clients:
             c.close()
@@ -315,8 +259,9 @@ def run_pull(args: argparse.Namespace) -> int:
         print(f"{r.channel} #{r.sequence} ({r.manifest_hash[:16]}): "
               f"pulled {', '.join(fresh) or 'nothing new'}"
               + (f"; already present: {', '.join(r.present)}" if r.present else ""))
-        print(f"  {r.bytes_fetched} bytes from peers, {r.bytes_local} copied locally"
-              + "".join(f"\n  {u}: {n} bytes" for u, n in sorted(r.by_peer.items())))
+        print(f"  {human_bytes(r.bytes_fetched)} from peers, {human_bytes(r.bytes_local)} "
+              "copied locally"
+              + "".join(f"\n  {u}: {human_bytes(n)}" for u, n in sorted(r.by_peer.items())))
         for u, why in r.dropped.items():
             print(f"  dropped {u}: {why}")
     return 0

@@ -8,16 +8,20 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from appliance.errors import UsageError
+from appliance.http_server import address, parse_listen
 from appliance.serve.app import create_app
 from appliance.serve.auth import load_api_keys
 from appliance.serve.model import ServeSettings
-from appliance.serve.server import address, bind, parse_listen, run
-from appliance.serve.store_resolver import VERIFY_MODES, store_resolver
-from appliance.store import audit
-from appliance.store.records import find_model, list_models
+from appliance.serve.server import ANY_HOST, bind, run
+from appliance.serve.store_resolver import (
+    VERIFY_MODES,
+    servable_names,
+    serve_audit,
+    store_resolver,
+)
+from appliance.store.location import require_existing_store
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 
@@ -79,28 +83,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     parser.set_defaults(func=handle)
 
 
-def _served_names(store: Path, requested: list[str]) -> tuple[str, ...]:
-    if requested:
-        for ref in requested:
-            find_model(store, ref)  # unknown or ambiguous names fail now, not in the log
-        return tuple(dict.fromkeys(requested))
-    models = [m for m in list_models(store) if m.verified]
-    if not models:
-        raise UsageError(f"no verified model in the store {store}; import one first "
-                         "(or name one with --model)")
-    names = [m.name for m in models]
-    return tuple(m.name if names.count(m.name) == 1 else m.ref for m in models)
-
-
-def _audit(store: Path) -> Any:
-    user = os.environ.get("USER") or os.environ.get("LOGNAME") or str(os.getuid())
-
-    def record(kind: str, details: dict[str, Any]) -> None:
-        audit.append(store, kind, {**details, "user": user})
-
-    return record
-
-
 def handle(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise UsageError("--threads must be at least 1")
@@ -108,9 +90,10 @@ def handle(args: argparse.Namespace) -> int:
         raise UsageError("--ctx must be 0 (the model's own) or positive")
     if args.queue < 0:
         raise UsageError("--queue must be 0 or more")
-    host, _ = parse_listen(args.listen)
+    host, _ = parse_listen(args.listen, any_host=ANY_HOST)
     keys = load_api_keys(args.api_key_file) if args.api_key_file else frozenset()
-    models = _served_names(args.store, args.model)
+    require_existing_store(args.store)
+    models = servable_names(args.store, args.model)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -126,7 +109,7 @@ def handle(args: argparse.Namespace) -> int:
         api_keys=keys, listen=where,
     )
     app = create_app(settings, store_resolver(args.store, verify=args.verify_on_load),
-                     audit=_audit(args.store))
+                     audit=serve_audit(args.store, via="cli"))
     log.info("serving %s on http://%s (store %s)", ", ".join(models), where, args.store)
     run(app, sock, log_level="debug" if args.debug else "warning")
     return 0

@@ -7,14 +7,16 @@ host re-serves chunks while its own pull goes on (swarm). Each chunk is re-hashe
 sent; a store that rotted since never passes bad bytes on.
 
 ``create_app`` builds the Starlette app (protocol in ``appliance.peer.protocol``);
-``PeerServer`` runs it with uvicorn on a socket it binds itself (port 0 works), in a thread or
-in the foreground, with mutual TLS from ``appliance.peer.tls`` unless told it is insecure.
+``PeerServer`` runs it with ``appliance.http_server`` on a socket it binds itself (port 0
+works), in a thread or in the foreground, with mutual TLS from ``appliance.peer.tls`` unless
+told it is insecure.
 
-Limits: uvicorn refuses connections past ``max_connections`` with 503; at most
-``max_chunk_streams`` chunk bodies are in flight (each holds one chunk in memory); a reader
-that does not take a piece of a body within ``send_timeout`` seconds is disconnected, so a slow
-or stalled reader cannot pin a slot; an optional ``rate_limit`` (bytes/s) caps the total
-upload rate.
+Limits: connections still in their TLS handshake or first header are capped in all and per
+address and must finish within a deadline; requests past ``max_connections`` get 503
+(``appliance.http_server.ServerOptions``); at most ``max_chunk_streams`` chunk bodies are in
+flight (each holds one chunk in memory); a reader that does not take a piece of a body within
+``send_timeout`` seconds is disconnected, so a slow or stalled reader cannot pin a slot; an
+optional ``rate_limit`` (bytes/s) caps the total upload rate.
 """
 
 from __future__ import annotations
@@ -27,11 +29,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -40,6 +40,7 @@ from starlette.types import Receive, Scope, Send
 
 from appliance.errors import ApplianceError, PeerError, UsageError
 from appliance.format.manifest import Manifest, parse_manifest
+from appliance.http_server import HTTPServer, ServerOptions, bind
 from appliance.limits import DEFAULT_LIMITS, Limits
 from appliance.peer import protocol, tls
 from appliance.store import trust_state
@@ -50,7 +51,6 @@ from appliance.store.store import Store
 PIECE_BYTES = 1024 * 1024
 LIMITED_PIECE_BYTES = 64 * 1024
 DEFAULT_SEND_TIMEOUT = 30.0
-DEFAULT_MAX_CONNECTIONS = 128
 DEFAULT_MAX_CHUNK_STREAMS = 32
 _MANIFEST_CACHE = 16
 DEFAULT_READERS = 4
@@ -307,23 +307,9 @@ def create_app(
     ])
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT``."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise UsageError(f"--listen {text!r} must be HOST:PORT")
-    return host.strip("[]"), int(port_text)
-
-
-@dataclass
-class ServerOptions:
-    max_connections: int = DEFAULT_MAX_CONNECTIONS
-    keep_alive: int = 5
-    graceful_shutdown: float = 2.0
-
-
-class PeerServer:
-    """Runs an ASGI app with uvicorn on a socket bound here; ``url`` is known after bind."""
+class PeerServer(HTTPServer):
+    """The peer app on a socket bound here, with mutual TLS from ``tls_dir`` (or, only when
+    ``insecure``, plaintext); ``url`` is known after bind."""
 
     def __init__(
         self,
@@ -336,83 +322,15 @@ class PeerServer:
         options: ServerOptions | None = None,
         on_stop: Callable[[], None] | None = None,
     ) -> None:
-        self.on_stop = on_stop
         if tls_dir is None and not insecure:
             raise UsageError("a peer server needs --tls-dir DIR (site certificate) or --insecure")
-        self.options = options or ServerOptions()
-        self.ssl_context = tls.server_context(tls_dir) if tls_dir is not None else None
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        # Accepted sockets inherit it on Linux. Without it Nagle holds a response body back
-        # until the client ACKs its headers: ~40 ms per request on a kept-alive connection.
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            self.sock.bind((host, port))
-            self.sock.listen(512)
-        except OSError as e:
-            self.sock.close()
-            raise PeerError(f"cannot listen on {host}:{port}: {e}") from e
+        ssl_context = tls.server_context(tls_dir) if tls_dir is not None else None
+        sock = bind(host, port, error=PeerError)
+        super().__init__(app, sock, ssl_context=ssl_context, options=options, on_stop=on_stop)
         self.host = host
-        self.port = int(self.sock.getsockname()[1])
-        ssl_context = self.ssl_context
-        config = uvicorn.Config(
-            app,
-            log_config=None,
-            access_log=False,
-            log_level="warning",
-            lifespan="off",
-            limit_concurrency=self.options.max_connections,
-            timeout_keep_alive=self.options.keep_alive,
-            timeout_graceful_shutdown=int(self.options.graceful_shutdown) or 1,
-            ssl_context_factory=(lambda _config, _default: ssl_context) if ssl_context else None,
-        )
-        self.server = uvicorn.Server(config)
-        self._thread: threading.Thread | None = None
 
-    @property
-    def scheme(self) -> str:
-        return "https" if self.ssl_context is not None else "http"
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}"
-
-    def serve_forever(self) -> None:
-        """Serve in this thread until SIGINT/SIGTERM (uvicorn's handlers) or ``stop()``."""
-        try:
-            self.server.run(sockets=[self.sock])
-        finally:
-            self.sock.close()
-            if self.on_stop is not None:
-                self.on_stop()
-
-    def start(self, timeout: float = 10.0) -> PeerServer:
-        """Serve in a background thread; returns once it accepts connections."""
-        self._thread = threading.Thread(target=self.serve_forever, name=f"peer-{self.port}",
-                                        daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise PeerError(f"the peer server on {self.url} did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self.server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                self.server.force_exit = True
-                self._thread.join(timeout)
-
-    def __enter__(self) -> PeerServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def start_error(self) -> ApplianceError:
+        return PeerError(f"the peer server on {self.url} did not start")
 
 
 def serve_store(

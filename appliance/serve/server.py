@@ -1,79 +1,47 @@
-"""Run the app under uvicorn on a socket we bind ourselves (so port 0 works and is known)."""
+"""The inference API's server: ``appliance.http_server`` with the serve defaults.
+
+The app's lifespan runs (workers load at start, stop at shutdown); ``--listen :PORT`` means
+all interfaces. ``run`` serves in the foreground (the CLI); ``ServerThread`` in a background
+thread (the TUI, tests, the benchmark).
+"""
 
 from __future__ import annotations
 
 import socket
-import threading
 
-import uvicorn
 from starlette.types import ASGIApp
 
-from appliance.errors import UsageError
+from appliance import http_server
+from appliance.http_server import HTTPServer, ServerOptions, parse_listen
 
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (all interfaces) -> (host, port)."""
-    host, sep, port_text = listen.rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise UsageError(f"--listen wants HOST:PORT, got {listen!r}")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port_text)
+ANY_HOST = "0.0.0.0"
+# More room than the peer server's: each connection here waits on a model, not a disk; the
+# bounded request queue (429) is what limits the work.
+SERVE_OPTIONS = ServerOptions(max_connections=512, graceful_shutdown=5.0)
 
 
 def bind(listen: str) -> socket.socket:
-    host, port = parse_listen(listen)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted sockets only when the
-    # listening socket says TCP; without it a response written as headers + body waits out
-    # the client's delayed ACK (40 ms per request).
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise UsageError(f"cannot listen on {listen}: {e.strerror}") from e
-    sock.listen(128)
-    sock.set_inheritable(False)
-    return sock
-
-
-def address(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def make_server(app: ASGIApp, *, log_level: str = "warning") -> uvicorn.Server:
-    config = uvicorn.Config(
-        app, log_level=log_level, access_log=False, lifespan="on",
-        timeout_graceful_shutdown=5, ws="none",
-    )
-    return uvicorn.Server(config)
+    """The listening socket for ``--listen`` (``UsageError`` when it cannot be had)."""
+    host, port = parse_listen(listen, any_host=ANY_HOST)
+    return http_server.bind(host, port)
 
 
 def run(app: ASGIApp, sock: socket.socket, *, log_level: str = "warning") -> None:
     """Serve until SIGINT/SIGTERM (blocking)."""
-    make_server(app, log_level=log_level).run(sockets=[sock])
+    HTTPServer(app, sock, options=SERVE_OPTIONS, lifespan=True,
+               log_level=log_level).serve_forever()
 
 
-class ServerThread:
-    """uvicorn in a background thread (which installs no signal handlers): tests, benchmark."""
+class ServerThread(HTTPServer):
+    """The app in a background thread (which installs no signal handlers)."""
 
-    def __init__(self, app: ASGIApp, listen: str = "127.0.0.1:0") -> None:
-        self.sock = bind(listen)
-        self.url = f"http://{address(self.sock)}"
-        self.server = make_server(app)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       name="uvicorn", daemon=True)
+    def __init__(self, app: ASGIApp, listen: str = "127.0.0.1:0",
+                 options: ServerOptions = SERVE_OPTIONS) -> None:
+        super().__init__(app, bind(listen), options=options, lifespan=True)
 
     def __enter__(self) -> ServerThread:
-        self.thread.start()
-        return self
+        # Not waiting for startup: callers poll /health, which says "loading" meanwhile.
+        return self.start(timeout=None)
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
+    def stop(self, timeout: float = 30.0) -> None:
+        super().stop(timeout)
