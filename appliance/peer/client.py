@@ -7,7 +7,7 @@ at its declared length (a peer that streams forever gets no further), a JSON ans
 a deadline (``Timeouts.chunk_deadline``), so a peer that trickles a byte per read timeout is
 still given up on. Bodies are read raw (``identity``), never decompressed.
 
-Errors a caller acts on (the swarm scheduler in ``appliance.peer.pull``):
+Errors a caller acts on (the swarm scheduler, ``appliance.peer.swarm``):
 
 - ``IntegrityError``: the peer sent bytes that do not hash to the digest asked for (it lies);
 - ``PeerProtocolError``: the answer breaks the protocol (too long, bad shape, bad status);
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import httpx
 
+from appliance.chunks import check_chunk
 from appliance.errors import PeerError, PeerProtocolError, UsageError
 from appliance.format.signing import Signature
 from appliance.limits import DEFAULT_LIMITS, Limits
@@ -216,7 +217,8 @@ class PeerClient:
                          deadline=deadline)
         if body is None:
             return None
-        return protocol.check_chunk(body, digest, length, peer=self.url)
+        check_chunk(body, digest, length, peer=self.url)
+        return body
 
 
 def _is_tls_failure(e: BaseException) -> bool:

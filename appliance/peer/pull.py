@@ -7,18 +7,20 @@ manifest bytes must meet the threshold, then scope, expiry and the channel's rol
 high-water mark are checked. A peer whose offer fails any of these is refused (and audited);
 the next offer is tried.
 
-The models are then written into the store exactly like an import (``appliance.store.store``:
-manifest and channel recorded, files staged and preallocated, chunks pwritten at their offsets
-and marked done after fsync, files published by rename only when complete). Chunks the store
-already holds are copied locally. The rest come from every peer whose have-map lists them, in
-parallel (``PullOptions.per_peer`` requests per peer on a thread pool), rarest first. A chunk
-whose bytes do not hash to the manifest's digest, or an answer that breaks the protocol, drops
-that peer for the rest of the pull and the chunk is fetched elsewhere; a peer that times out
-or dies is dropped after ``max_failures``. Have-maps are refreshed every ``refresh`` seconds
-and chunks are marked done every ``flush_bytes``, so pullers of the same models fetch from each
-other what they verified meanwhile rather than all from one seed (swarm). When no live peer holds
-what is left for ``wait_for_chunks`` seconds the pull stops with a ``PeerError``; everything
-written is durable and the next pull resumes from there.
+The models are then written by the one ingest session (``appliance.store.ingest``: manifest
+and channel recorded, files staged and preallocated, chunks the store already holds copied
+locally, every other chunk checked on arrival and pwritten at its offset, marked done after
+fsync, trust re-checked and files published by rename only when complete), with the swarm
+(``appliance.peer.swarm.Swarm``) as its chunk source: every peer whose have-map lists a chunk
+may be asked for it, in parallel, rarest first. A chunk whose bytes do not hash to the
+manifest's digest, or an answer that breaks the protocol, drops that peer for the rest of the
+pull and the chunk is fetched elsewhere; a peer that times out, dies or refuses a chunk it
+advertised backs off and is dropped after ``max_failures``. Have-maps are refreshed every
+``refresh`` seconds and chunks are marked done every ``flush_bytes``, so pullers of the same
+models fetch from each other what they verified meanwhile rather than all from one seed. When
+no live peer delivers what is left for ``wait_for_chunks`` seconds the pull stops with a
+``PeerError`` naming the undelivered chunks; everything written is durable, the writer lock is
+released, and the next pull resumes from there.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from appliance.errors import (
     ExpiredError,
@@ -35,7 +38,6 @@ from appliance.errors import (
     RollbackError,
     UsageError,
 )
-from appliance.format.manifest import Manifest
 from appliance.limits import MiB
 from appliance.peer.client import PeerClient
 from appliance.peer.offers import (
@@ -46,9 +48,9 @@ from appliance.peer.offers import (
     describe,
     gather_offers,
 )
-from appliance.peer.swarm import swarm
+from appliance.peer.swarm import Swarm
 from appliance.store import layout, trust_state
-from appliance.store.staging import StagedFile
+from appliance.store.ingest import IngestOutcome, IngestSession
 from appliance.store.store import Store
 
 Progress = Callable[[int, int], None]
@@ -104,12 +106,12 @@ def pull(
     moment = now or datetime.now(UTC)
     say = notify or (lambda _message: None)
     offers, unreachable = gather_offers(clients)
-    for url, why in unreachable.items():
-        say(f"peer {url} did not answer: {why}")
-    if not offers:
+    if not offers:  # the error names every peer: no notice before it says the same
         raise PeerError(
             "no peer answered: " + "; ".join(f"{u}: {w}" for u, w in unreachable.items())
         )
+    for url, why in unreachable.items():
+        say(f"peer {url} did not answer: {why}")
     results = []
     refused: dict[str, str] = {}
     for choice in choose_offers(offers, refs, all_models):
@@ -168,106 +170,44 @@ def _pull_manifest(
     say: Notify,
     now: datetime,
 ) -> PullResult:
+    """One ingest session with the swarm as its source (``appliance.store.ingest``)."""
     bundle = auth.bundle
     manifest = bundle.manifest
     models = list(auth.models)
     result = PullResult(bundle.manifest_hash, manifest.channel, manifest.sequence,
                         [f"{m.name}:{m.version}" for m in models], [])
+    swarm = Swarm(clients, bundle.manifest_hash, [c.digest for c in manifest.unique_chunks()],
+                  per_peer=opts.per_peer, workers=opts.workers, max_failures=opts.max_failures,
+                  refresh=opts.refresh, wait_for_chunks=opts.wait_for_chunks,
+                  label=", ".join(result.models), notify=say)
+
+    def summary(outcome: IngestOutcome) -> dict[str, Any]:
+        result.present = outcome.present
+        result.bytes_total = outcome.total_bytes
+        result.bytes_fetched = outcome.source_bytes
+        result.bytes_local = outcome.local_bytes
+        result.by_peer = dict(swarm.stats.by_peer)
+        result.dropped = dict(swarm.stats.dropped)
+        return {
+            "manifest": bundle.manifest_hash,
+            "channel": manifest.channel,
+            "sequence": manifest.sequence,
+            "models": result.models,
+            "bytes_fetched": result.bytes_fetched,
+            "bytes_local": result.bytes_local,
+            "peers": result.by_peer,
+            "dropped": result.dropped,
+            "user": trust_state.who(),
+        }
+
     with layout.writer_lock(store_dir, "peer pull"), Store(
         store_dir, flush_bytes=opts.flush_bytes
     ) as store:
-        plans = store.plan(models)
-        result.present = [f"{p.name}:{p.version}" for p in plans if p.action == "present"]
-        result.bytes_total = sum(p.size for p in plans)
-        layout.check_free_space(store_dir, sum(p.bytes_to_allocate for p in plans),
-                                f"pulling {', '.join(result.models)}")
-        # As an import does: roots reached, high-water mark, manifest, override, at once.
-        trust_state.record_acceptance(store, bundle, now, allow_expired=opts.allow_expired,
-                                      reason=opts.reason, action="pull",
-                                      peer=auth.offer.client.url)
-        staged: list[StagedFile] = []
-        try:
-            for model in models:
-                model_id = store.begin_model(model, bundle.manifest_hash, now)
-                if model_id is not None:
-                    staged += store.stage_files(model_id, now)
-            _fill(store, staged, manifest, clients, opts, result, progress, say)
-            for sf in staged:
-                sf.publish(now)
-        finally:
-            for sf in staged:
-                sf.close()
-        if store.all_published(manifest.models):
-            store.finish_import(bundle.manifest_hash, now)
-        with store.transaction():
-            store.audit("pull", {
-                "manifest": bundle.manifest_hash,
-                "channel": manifest.channel,
-                "sequence": manifest.sequence,
-                "models": result.models,
-                "bytes_fetched": result.bytes_fetched,
-                "bytes_local": result.bytes_local,
-                "peers": result.by_peer,
-                "dropped": result.dropped,
-                "user": trust_state.who(),
-            }, now)
+        session = IngestSession(store, action="pull", now=now, allow_expired=opts.allow_expired,
+                                reason=opts.reason, progress=progress,
+                                limits=auth.offer.client.limits,
+                                context={"peer": auth.offer.client.url})
+        session.run(bundle, lambda _bundle: swarm, models=models,
+                    purpose=lambda _bundle: f"pulling {', '.join(result.models)}",
+                    summary=summary)
     return result
-
-
-def _targets(staged: Sequence[StagedFile]) -> dict[str, list[tuple[StagedFile, int]]]:
-    need: dict[str, list[tuple[StagedFile, int]]] = {}
-    for sf in staged:
-        for chunk in sf.pending():
-            need.setdefault(chunk.digest, []).append((sf, chunk.idx))
-    return need
-
-
-def _fill(
-    store: Store,
-    staged: Sequence[StagedFile],
-    manifest: Manifest,
-    clients: Sequence[PeerClient],
-    opts: PullOptions,
-    result: PullResult,
-    progress: Progress | None,
-    say: Notify,
-) -> None:
-    """Write every pending chunk: local copies first, then the swarm."""
-    need = _targets(staged)
-    lengths = {c.digest: c.length for c in manifest.unique_chunks()}
-    total = result.bytes_total
-    done = total - sum(sf.chunk(i).length for t in need.values() for sf, i in t)
-    for sf in staged:
-        sf.open()  # preallocate every file first: a full disk shows before any transfer
-
-    def report() -> None:
-        if progress is not None:
-            progress(done, total)
-
-    report()
-    for digest in list(need):
-        data = store.read_local_chunk(digest)  # re-checked against its digest
-        if data is None:
-            continue
-        for sf, idx in need.pop(digest):
-            sf.write_chunk(idx, data, checked=True)
-            done += len(data)
-            result.bytes_local += len(data)
-        report()
-    if not need:
-        return
-
-    def land(digest: str, data: bytes) -> None:
-        """Record a chunk a fetch thread verified and pwrote (index work stays here)."""
-        nonlocal done
-        for sf, idx in need.pop(digest):
-            sf.record_chunk(idx, data)
-            done += len(data)
-        report()
-
-    def settle() -> None:
-        """Make what was written durable and visible to peers while the swarm waits."""
-        for sf in staged:
-            sf.flush()
-
-    swarm(store.store_dir, manifest, need, lengths, clients, opts, result, land, settle, say)

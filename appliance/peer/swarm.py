@@ -1,325 +1,368 @@
 """The swarm scheduler of a pull: which chunk to ask which peer for, and what to do when a
-peer lies, stalls or dies.
+peer lies, stalls, refuses or dies.
 
-``swarm`` runs on the pull's thread and keeps every SQLite write there; fetch threads
-(``PullOptions.workers``) only talk HTTP, check each chunk on arrival and pwrite it into the
-staged files (``StagedFile.pwrite_chunk``), and the pull's thread then records it.
+``Swarm`` is a ``ChunkSource`` of the ingest session (``appliance.store.ingest``): its ``run``
+loop runs on the session's thread and keeps every index write there (``sink.record``); fetch
+threads (``workers``) only ask a peer for a chunk and hand it to ``sink.write``, which checks
+it against the signed manifest and pwrites it. The swarm talks to peers through ``PeerLike``
+(``url``, ``have``, ``chunk``: what ``PeerClient`` offers), so it is tested with in-memory
+peers and no sockets (tests/test_swarm.py).
 
-Have-maps are re-read every ``PullOptions.refresh`` seconds on their own threads (a seed's,
-once complete, is not), so what other pullers verified meanwhile is used. Pending chunks go out
-rarest first, ties in this host's own random order, so hosts pulling from one seed at once ask
-it for different chunks; each goes to the least loaded peer holding it, a partial holder before
-a complete one, at most ``per_peer`` per peer: the seed's upload goes to chunks nobody else has
+Have-maps are re-read every ``refresh`` seconds on their own threads (a seed's, once complete,
+is not), so what other pullers verified meanwhile is used. Pending chunks go out rarest first,
+ties in this host's own random order, so hosts pulling from one seed at once ask it for
+different chunks; each goes to the least loaded peer holding it, a partial holder before a
+complete one, at most ``per_peer`` per peer: the seed's upload goes to chunks nobody else has
 yet. A peer sending wrong bytes or breaking the protocol is dropped at once (wrong bytes are
-also audited), one that fails ``max_failures`` times in a row is dropped too, and its chunk
-goes back to the queue. While waiting, written chunks are flushed so this host's own peers can
-see them.
+also audited). A peer that times out, dies, or answers 404 for a chunk its have-map lists has
+failed: it backs off (``refresh * 2**failures``, at most ``wait_for_chunks / 4``), is not asked
+for a chunk it refused again (whatever its have-map says), and after ``max_failures`` in a row
+it is dropped. When no live peer holds what is left for ``wait_for_chunks`` seconds, the
+pull ends with a ``PeerError`` naming the undelivered chunks (a stalled request is bounded
+first by the client's own timeouts). While waiting, written chunks are made durable and
+visible so this host's own peers can fetch them.
 """
 
 from __future__ import annotations
 
 import math
 import random
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from appliance.errors import IntegrityError, PeerError, PeerProtocolError
-from appliance.format.manifest import ChunkRef, Manifest
-from appliance.peer.client import PeerClient
-from appliance.store import trust_state
-from appliance.store.staging import StagedFile
-
-if TYPE_CHECKING:
-    from appliance.peer.pull import PullOptions, PullResult
+from appliance.store.ingest import ChunkSink
 
 Notify = Callable[[str], None]
+# Undelivered chunks named in a starvation error (the count is always given).
+NAMED_CHUNKS = 3
+
+
+class PeerLike(Protocol):
+    """What the swarm needs of a peer (``appliance.peer.client.PeerClient`` is one)."""
+
+    @property
+    def url(self) -> str: ...
+
+    def have(self, manifest_hash: str, count: int) -> list[bool] | None: ...
+
+    def chunk(self, digest: str, length: int) -> bytes | None: ...
+
+
+@dataclass
+class SwarmStats:
+    """What a swarm run did, per peer and in all."""
+
+    by_peer: dict[str, int] = field(default_factory=dict)  # url -> verified bytes received
+    dropped: dict[str, str] = field(default_factory=dict)  # url -> why it was dropped
+    requests: int = 0  # chunk requests sent
+    have_requests: int = 0
+    failures: int = 0  # timeouts, broken answers, 404s for advertised chunks
+    refusals: int = 0  # of those, 404s for a chunk the peer's have-map listed
+    duplicates: int = 0  # chunks that arrived when no longer needed
+    bytes: int = 0  # verified bytes received
 
 
 @dataclass
 class _Peer:
-    client: PeerClient
+    client: PeerLike
     have: set[str] = field(default_factory=set)
     inflight: int = 0
-    failures: int = 0
+    failures: int = 0  # in a row
     dropped: str | None = None
     bytes: int = 0
     asking: bool = False  # a have-map request is out
     asked_at: float = -math.inf
-
+    retry_at: float = -math.inf  # backing off until then
+    failed: set[str] = field(default_factory=set)  # chunks it did not deliver: not asked again
 
     @property
     def url(self) -> str:
         return self.client.url
 
 
-@dataclass
-class _Order:
-    stale: bool = True  # a have-map changed since the pending chunks were last ranked
+class Swarm:
+    """Fetch the chunks a session needs from ``peers``; one ``run`` per instance."""
 
+    def __init__(
+        self,
+        peers: Sequence[PeerLike],
+        manifest_hash: str,
+        unique: Sequence[str],
+        *,
+        per_peer: int = 4,
+        workers: int = 16,
+        max_failures: int = 3,
+        refresh: float = 0.5,
+        wait_for_chunks: float = 30.0,
+        label: str = "",
+        notify: Notify | None = None,
+    ) -> None:
+        """``unique``: the manifest's distinct chunk digests in have-map order."""
+        self.peers = [_Peer(p) for p in peers]
+        self.manifest_hash = manifest_hash
+        self.unique = list(unique)
+        self.per_peer = max(1, per_peer)
+        self.workers = max(1, workers)
+        self.max_failures = max(1, max_failures)
+        self.refresh = refresh
+        self.wait_for_chunks = wait_for_chunks
+        self.label = label or manifest_hash[:16]
+        self.say = notify or (lambda _message: None)
+        self.stats = SwarmStats()
+        self._pending: list[str] = []
+        self._needed: dict[str, int] = {}
+        self._inflight: dict[Future[tuple[bytes, bool] | None], tuple[str, _Peer]] = {}
+        self._asking: dict[Future[list[bool] | None], _Peer] = {}
+        self._stale = True  # a have-map changed since the pending chunks were last ranked
 
-def swarm(
-    store_dir: Path,
-    manifest: Manifest,
-    need: dict[str, list[tuple[StagedFile, int]]],
-    lengths: dict[str, int],
-    clients: Sequence[PeerClient],
-    opts: PullOptions,
-    result: PullResult,
-    land: Callable[[str, bytes], None],
-    settle: Callable[[], None],
-    say: Notify,
-) -> None:
-    unique: list[ChunkRef] = manifest.unique_chunks()
-    manifest_hash = result.manifest_hash
-    peers = [_Peer(c) for c in clients]
-    pending = list(need)
-    # Each host walks the chunks in its own order, so hosts pulling from one seed at once
-    # fetch different chunks from it and then have something to give each other.
-    random.shuffle(pending)
-    inflight: dict[Future[bytes | None], tuple[str, _Peer]] = {}
-    asking: dict[Future[list[bool] | None], _Peer] = {}
-    order = _Order()
-    gate = _WriteGate()
-    executor = ThreadPoolExecutor(max_workers=max(1, opts.workers),
-                                  thread_name_prefix="peer-pull")
-    # Have-maps on their own threads: a refresh never waits behind chunk transfers.
-    have_pool = ThreadPoolExecutor(max_workers=max(1, min(8, len(peers))),
-                                   thread_name_prefix="peer-have")
+    # -- the loop ------------------------------------------------------------------------------
 
-    def live() -> list[_Peer]:
-        return [p for p in peers if p.dropped is None]
+    def run(self, needed: Mapping[str, int], sink: ChunkSink) -> None:
+        self._needed = dict(needed)
+        self._pending = list(needed)
+        # Each host walks the chunks in its own order, so hosts pulling from one seed at once
+        # fetch different chunks from it and then have something to give each other.
+        random.shuffle(self._pending)
+        fetchers = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="peer-pull")
+        # Have-maps on their own threads: a refresh never waits behind chunk transfers.
+        askers = ThreadPoolExecutor(max_workers=max(1, min(8, len(self.peers))),
+                                    thread_name_prefix="peer-have")
+        try:
+            self._ask(askers)
+            wait(list(self._asking))  # the first have-maps, before any chunk is asked for
+            for first in list(self._asking):
+                self._absorb(first)
+            self._loop(fetchers, askers, sink)
+        finally:
+            fetchers.shutdown(wait=False, cancel_futures=True)
+            askers.shutdown(wait=False, cancel_futures=True)
 
-    def drop(peer: _Peer, why: str) -> None:
+    def _loop(self, fetchers: ThreadPoolExecutor, askers: ThreadPoolExecutor,
+              sink: ChunkSink) -> None:
+        starved_since: float | None = None
+        settled_at, unsettled = time.monotonic(), False
+        while self._pending or self._inflight:
+            self._dispatch(fetchers, sink)
+            if not self._inflight:
+                if not self._live():
+                    raise PeerError(self._stopped("every peer was dropped"))
+                moment = time.monotonic()
+                starved_since = starved_since or moment
+                if moment - starved_since > self.wait_for_chunks:
+                    raise PeerError(self._stopped(
+                        f"no live peer has delivered the {len(self._pending)} remaining "
+                        f"chunk(s) for {self.wait_for_chunks:.0f} s"))
+                sink.settle()
+                self._ask(askers)
+                if self._asking:
+                    answered, _ = wait(list(self._asking), timeout=self.refresh,
+                                       return_when=FIRST_COMPLETED)
+                    for answer in answered:
+                        self._absorb(answer)
+                else:
+                    time.sleep(self.refresh / 4)
+                continue
+            starved_since = None
+            self._ask(askers)
+            watched: list[Future[Any]] = [*self._inflight, *self._asking]
+            finished, _ = wait(watched, timeout=self.refresh, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                if fut in self._inflight:
+                    unsettled |= self._received(fut, sink)
+                else:
+                    self._absorb(fut)
+            # Chunks are marked done every ``flush_bytes`` anyway; this bounds how long a
+            # landed chunk stays invisible to the other pullers when chunks arrive slowly.
+            moment = time.monotonic()
+            if not finished or (unsettled and moment - settled_at >= self.refresh / 2):
+                sink.settle()
+                settled_at, unsettled = moment, False
+
+    # -- peers ---------------------------------------------------------------------------------
+
+    def _live(self) -> list[_Peer]:
+        return [p for p in self.peers if p.dropped is None]
+
+    def _complete(self, peer: _Peer) -> bool:
+        return len(peer.have) == len(self.unique)
+
+    def _drop(self, peer: _Peer, why: str) -> None:
         if peer.dropped is None:
             peer.dropped = why
-            result.dropped[peer.url] = why
-            say(f"dropped peer {peer.url} for this pull: {why}")
+            self.stats.dropped[peer.url] = why
+            self.say(f"dropped peer {peer.url} for this pull: {why}")
 
-    def ask() -> None:
+    def _fail(self, peer: _Peer, digest: str, why: str, *, refused: bool = False) -> None:
+        """A request the peer did not answer with the chunk: back off, then drop.
+
+        A chunk it ``refused`` (404 although its have-map lists it) is not asked of it again
+        in this pull; after a timeout it is tried elsewhere first (the next have-map may
+        list it again: the failure may have been the network's)."""
+        self.stats.failures += 1
+        peer.failures += 1
+        if refused:
+            peer.failed.add(digest)
+        peer.have.discard(digest)
+        if peer.failures >= self.max_failures:
+            self._drop(peer, f"{self.max_failures} failures, the last: {why}")
+            return
+        backoff = min(self.refresh * 2 ** peer.failures, max(self.wait_for_chunks / 4,
+                                                             self.refresh))
+        peer.retry_at = time.monotonic() + backoff
+        self._stale = True
+
+    def _ask(self, askers: ThreadPoolExecutor) -> None:
         """Ask every live peer whose have-map is due for a fresh one (a bitmap: cheap).
 
         A peer already known to hold every chunk (a seed) is not asked again: only what
         other pullers verified meanwhile can change, and that is the point of asking."""
         moment = time.monotonic()
-        for peer in live():
-            due = moment - peer.asked_at >= opts.refresh
-            if peer.asking or not due or len(peer.have) == len(unique):
+        for peer in self._live():
+            due = moment - peer.asked_at >= self.refresh
+            if peer.asking or not due or self._complete(peer):
                 continue
             peer.asking = True
             peer.asked_at = moment
-            asking[have_pool.submit(peer.client.have, manifest_hash, len(unique))] = peer
+            self.stats.have_requests += 1
+            fut = askers.submit(peer.client.have, self.manifest_hash, len(self.unique))
+            self._asking[fut] = peer
 
-    def absorb(fut: Future[list[bool] | None]) -> None:
-        peer = asking.pop(fut)
+    def _absorb(self, fut: Future[list[bool] | None]) -> None:
+        peer = self._asking.pop(fut)
         peer.asking = False
         try:
             flags = fut.result()
         except (PeerProtocolError, IntegrityError) as e:
-            drop(peer, f"bad have-map: {e}")
+            self._drop(peer, f"bad have-map: {e}")
             return
         except PeerError as e:
+            self.stats.failures += 1
             peer.failures += 1
-            if peer.failures >= opts.max_failures:
-                drop(peer, str(e))
+            if peer.failures >= self.max_failures:
+                self._drop(peer, str(e))
             return
         if peer.dropped is not None:
             return
         have = set() if flags is None else {
-            c.digest for c, held in zip(unique, flags, strict=True) if held
+            d for d, held in zip(self.unique, flags, strict=True) if held
         }
+        have -= peer.failed
         if have != peer.have:
             peer.have = have
-            order.stale = True
+            self._stale = True
 
-    def rank() -> None:
+    # -- chunks --------------------------------------------------------------------------------
+
+    def _rank(self) -> None:
         # Rarest first: chunks few peers hold go out before they become a bottleneck, and a
         # seed's upload goes to chunks nobody else has yet. The sort is stable, so ties keep
         # this host's own random order.
-        holders = live()
-        pending.sort(key=lambda d: sum(d in p.have for p in holders))
-        order.stale = False
+        holders = self._live()
+        self._pending.sort(key=lambda d: sum(d in p.have for p in holders))
+        self._stale = False
 
-    def cap(peer: _Peer, seed_share: int) -> int:
-        return seed_share if len(peer.have) == len(unique) else opts.per_peer
+    def _cap(self, peer: _Peer, seed_share: int) -> int:
+        return seed_share if self._complete(peer) else self.per_peer
 
-    def choose(digest: str, open_peers: list[_Peer], seed_share: int) -> _Peer | None:
+    def _choose(self, digest: str, open_peers: list[_Peer], seed_share: int) -> _Peer | None:
         """The least loaded peer holding the chunk, a partial holder before a complete one
         (another puller rather than the seed, whose upload is the site's scarce one)."""
         best: _Peer | None = None
         best_key: tuple[bool, int, int] | None = None
         for peer in open_peers:
-            if digest in peer.have and peer.inflight < cap(peer, seed_share):
-                key = (len(peer.have) == len(unique), peer.inflight, len(peer.have))
+            if digest in peer.have and peer.inflight < self._cap(peer, seed_share):
+                key = (self._complete(peer), peer.inflight, len(peer.have))
                 if best_key is None or key < best_key:
                     best, best_key = peer, key
         return best
 
-    def dispatch() -> None:
-        if order.stale:
-            rank()
-        peers_now = live()
+    def _dispatch(self, fetchers: ThreadPoolExecutor, sink: ChunkSink) -> None:
+        if self._stale:
+            self._rank()
+        moment = time.monotonic()
+        peers_now = [p for p in self._live() if p.retry_at <= moment]
         # Peers still missing chunks are probably pulling too and share the seeds' upload:
         # ask a seed for only a fair share at once. Fewer requests in flight each finish
         # sooner, so other pullers see those chunks sooner and fewer ask the seed for the
         # same ones; alone with a seed, a host keeps ``per_peer`` requests in flight.
-        partial = sum(len(p.have) < len(unique) for p in peers_now)
-        seed_share = max(1, -(-opts.per_peer // (1 + partial)))
-        waiting = set(pending)
+        partial = sum(not self._complete(p) for p in self._live())
+        seed_share = max(1, -(-self.per_peer // (1 + partial)))
+        waiting = set(self._pending)
         open_peers = [p for p in peers_now
-                      if p.inflight < cap(p, seed_share) and not p.have.isdisjoint(waiting)]
+                      if p.inflight < self._cap(p, seed_share) and not p.have.isdisjoint(waiting)]
         i = 0
-        while open_peers and i < len(pending):
-            digest = pending[i]
-            peer = choose(digest, open_peers, seed_share)
+        while open_peers and i < len(self._pending):
+            digest = self._pending[i]
+            peer = self._choose(digest, open_peers, seed_share)
             if peer is None:
                 i += 1
                 continue
-            pending.pop(i)
+            self._pending.pop(i)
             peer.inflight += 1
-            if peer.inflight >= cap(peer, seed_share):
+            if peer.inflight >= self._cap(peer, seed_share):
                 open_peers.remove(peer)
-            fut = executor.submit(_fetch, peer.client, digest, lengths[digest],
-                                  list(need[digest]), gate)
-            inflight[fut] = (digest, peer)
+            self.stats.requests += 1
+            fut = fetchers.submit(_fetch, peer.client, digest, self._needed[digest], sink)
+            self._inflight[fut] = (digest, peer)
 
-    def received(fut: Future[bytes | None]) -> bool:
+    def _received(self, fut: Future[tuple[bytes, bool] | None], sink: ChunkSink) -> bool:
         """Handle a finished fetch; True when its chunk landed."""
-        digest, peer = inflight.pop(fut)
+        digest, peer = self._inflight.pop(fut)
         peer.inflight -= 1
         try:
-            data = fut.result()
+            got = fut.result()
         except (IntegrityError, PeerProtocolError) as e:
             if peer.dropped is None and isinstance(e, IntegrityError):
                 # A site member sent bytes the manifest does not sign: on the record.
-                trust_state.audit_refusal(store_dir, "pull", e, peer=peer.url,
-                                          manifest=manifest_hash)
-            drop(peer, f"{type(e).__name__}: {e}")
-            pending.insert(0, digest)
+                sink.refused(e, peer=peer.url)
+            self._drop(peer, f"{type(e).__name__}: {e}")
+            self._pending.insert(0, digest)
             return False
         except PeerError as e:
-            peer.failures += 1
-            if peer.failures >= opts.max_failures:
-                drop(peer, f"{opts.max_failures} failures, the last: {e}")
-            else:
-                peer.have.discard(digest)  # try it elsewhere first
-            pending.insert(0, digest)
+            self._fail(peer, digest, str(e))
+            self._pending.insert(0, digest)
             return False
-        if data is None:
-            peer.have.discard(digest)
-            pending.insert(0, digest)
+        if got is None:
+            self.stats.refusals += 1
+            self._fail(peer, digest, f"answered 404 for chunk {digest[:16]}, which its "
+                       "have-map lists", refused=True)
+            self._pending.insert(0, digest)
             return False
+        data, fresh = got
         peer.failures = 0
         peer.bytes += len(data)
-        result.by_peer[peer.url] = peer.bytes
-        result.bytes_fetched += len(data)
-        land(digest, data)
+        self.stats.by_peer[peer.url] = peer.bytes
+        self.stats.bytes += len(data)
+        if not fresh:
+            self.stats.duplicates += 1
+            return False
+        self._needed.pop(digest, None)
+        sink.record(digest, data)
         return True
 
-    try:
-        ask()
-        wait(list(asking))  # the first have-maps, before any chunk is asked for
-        for first in list(asking):
-            absorb(first)
-        starved_since: float | None = None
-        settled_at, unsettled = time.monotonic(), False
-        while pending or inflight:
-            dispatch()
-            if not inflight:
-                if not live():
-                    raise PeerError(_stopped("every peer was dropped", result, need))
-                moment = time.monotonic()
-                starved_since = starved_since or moment
-                if moment - starved_since > opts.wait_for_chunks:
-                    raise PeerError(_stopped(
-                        f"no live peer has held the {len(pending)} remaining chunk(s) for "
-                        f"{opts.wait_for_chunks:.0f} s", result, need))
-                settle()
-                ask()
-                if asking:
-                    answered, _ = wait(list(asking), timeout=opts.refresh,
-                                       return_when=FIRST_COMPLETED)
-                    for answer in answered:
-                        absorb(answer)
-                else:
-                    time.sleep(opts.refresh / 4)
-                continue
-            starved_since = None
-            ask()
-            watched: list[Future[Any]] = [*inflight, *asking]
-            finished, _ = wait(watched, timeout=opts.refresh, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                if fut in inflight:
-                    unsettled |= received(fut)
-                else:
-                    absorb(fut)
-            # Chunks are marked done every ``flush_bytes`` anyway; this bounds how long a
-            # landed chunk stays invisible to the other pullers when chunks arrive slowly.
-            moment = time.monotonic()
-            if not finished or (unsettled and moment - settled_at >= opts.refresh / 2):
-                settle()
-                settled_at, unsettled = moment, False
-    finally:
-        gate.close()
-        executor.shutdown(wait=False, cancel_futures=True)
-        have_pool.shutdown(wait=False, cancel_futures=True)
+    def _stopped(self, why: str) -> str:
+        left = sorted(set(self._pending) | {d for d, _ in self._inflight.values()})
+        missing = sum(self._needed[d] for d in left)
+        named = ", ".join(d[:16] for d in left[:NAMED_CHUNKS])
+        more = f" and {len(left) - NAMED_CHUNKS} more" if len(left) > NAMED_CHUNKS else ""
+        dropped = "; ".join(f"{u}: {w}" for u, w in self.stats.dropped.items())
+        return (
+            f"pull of {self.label} stopped: {why}. {len(left)} chunk(s), {missing} bytes, are "
+            f"still missing ({named}{more}); what arrived is verified and kept, so running "
+            "the same pull again resumes"
+            + (f" (dropped peers: {dropped})" if dropped else "")
+        )
 
 
-class _WriteGate:
-    """Fetch threads pwrite into the staged files; once the pull stops (done, failed or
-    interrupted) ``close`` waits for writes in progress and refuses new ones, so nothing is
-    written through a descriptor the pull is about to close (and the kernel may reuse)."""
-
-    def __init__(self) -> None:
-        self._cv = threading.Condition()
-        self._active = 0
-        self._closed = False
-
-    def enter(self) -> bool:
-        with self._cv:
-            if self._closed:
-                return False
-            self._active += 1
-            return True
-
-    def leave(self) -> None:
-        with self._cv:
-            self._active -= 1
-            self._cv.notify_all()
-
-    def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            while self._active:
-                self._cv.wait()
-
-
-def _fetch(client: PeerClient, digest: str, length: int,
-           targets: list[tuple[StagedFile, int]], gate: _WriteGate) -> bytes | None:
-    """On a fetch thread: the chunk, checked on arrival, then pwritten where it goes."""
+def _fetch(client: PeerLike, digest: str, length: int, sink: ChunkSink
+           ) -> tuple[bytes, bool] | None:
+    """On a fetch thread: the chunk from the peer, then checked and pwritten by the sink;
+    None when the peer does not have it, (data, False) when it was no longer needed."""
     data = client.chunk(digest, length)
-    if data is not None:
-        if not gate.enter():
-            raise PeerError("the pull stopped")
-        try:
-            for sf, idx in targets:
-                sf.pwrite_chunk(idx, data)
-        finally:
-            gate.leave()
-    return data
-
-
-def _stopped(why: str, result: PullResult, need: dict[str, list[tuple[StagedFile, int]]]
-             ) -> str:
-    missing = sum(sf.chunk(idx).length for targets in need.values() for sf, idx in targets)
-    dropped = "; ".join(f"{u}: {w}" for u, w in result.dropped.items())
-    return (
-        f"pull of {', '.join(result.models)} stopped: {why}. {missing} of {result.bytes_total} "
-        f"bytes are still missing; what arrived is verified and kept, so running the same "
-        f"pull again resumes"
-        + (f" (dropped peers: {dropped})" if dropped else "")
-    )
+    if data is None:
+        return None
+    return data, sink.write(digest, data)

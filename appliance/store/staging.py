@@ -4,12 +4,13 @@ The ordering that keeps the index and the files agreeing after a SIGKILL or powe
 
 1. the file row is committed (state ``staging``) BEFORE ``staging/<id>.part`` is created and
    preallocated, and the staging directory is fsynced;
-2. ``write_chunk`` checks the chunk's BLAKE3 and pwrites it at its offset (an importer may
-   split this into ``pwrite_chunk`` on reader threads and ``record_chunk`` on the index
-   thread); a chunk is marked done in the index only AFTER an fdatasync that started after
-   its pwrite returned (every ``flush_bytes`` in the background, and in ``flush``), so
-   ``done = 1`` always means the bytes are durable (a crash before the commit just rewrites
-   the chunk);
+2. ``write_chunk`` checks the chunk (``appliance.chunks.check_chunk``) and pwrites it at its
+   offset (the ingest session splits this into ``pwrite_chunk`` on reader threads and
+   ``record_chunk`` on the index thread); a chunk is marked done in the index only AFTER an
+   fdatasync that started after its pwrite returned (in the background every ``flush_bytes``
+   or every ``flush_chunks`` chunks, whichever comes first, and in ``flush``), so ``done = 1``
+   always means the bytes are durable and a SIGKILL loses a bounded amount of work even when
+   the chunks are tiny (a crash before the commit just rewrites the chunk);
 3. ``publish`` (every chunk done) takes the whole-file BLAKE3 (computed on the fly when the
    chunks came in file order, else by re-reading the file), fsyncs it, makes it read-only,
    renames it into ``models/<name>/<version>/<path>``, fsyncs both directories, and only then
@@ -33,17 +34,23 @@ from pathlib import Path
 
 import blake3
 
+from appliance.chunks import check_chunk
 from appliance.errors import IntegrityError, StoreError, TruncatedError
 from appliance.store import layout
 
-# Chunks written but not yet marked done are fsynced and committed once they add up to this.
+# Chunks written but not yet marked done are fsynced and committed once they add up to this
+# many bytes, or to this many chunks (a manifest of many tiny chunks: bounded loss on SIGKILL).
 DEFAULT_FLUSH_BYTES = 64 * 1024 * 1024
+DEFAULT_FLUSH_CHUNKS = 1024
 _READ_BLOCK = 8 * 1024 * 1024
 _HASH_BACKLOG = 4
 
 
 @dataclass(frozen=True)
-class PendingChunk:
+class StoredChunk:
+    """A chunk of a file in the store (staged or published): its place in the file and its
+    signed digest. The manifest's side is ``ChunkRef``; media's is ``ChunkLocation``."""
+
     idx: int
     offset: int
     length: int
@@ -68,7 +75,7 @@ def hash_file(path: Path, size: int | None = None) -> str:
     return hasher.hexdigest()
 
 
-def verify_chunks(path: Path, chunks: list[PendingChunk], size: int, file_label: str) -> str:
+def verify_chunks(path: Path, chunks: list[StoredChunk], size: int, file_label: str) -> str:
     """Re-hash every chunk of a file on disk; return the whole-file BLAKE3 or raise.
 
     Raises TruncatedError when the file's size differs, IntegrityError naming the first chunk
@@ -85,13 +92,7 @@ def verify_chunks(path: Path, chunks: list[PendingChunk], size: int, file_label:
         for chunk in sorted(chunks, key=lambda c: c.offset):
             data = os.pread(fd, chunk.length, chunk.offset)
             whole.update(data)
-            if len(data) != chunk.length or blake3.blake3(data).hexdigest() != chunk.digest:
-                raise IntegrityError(
-                    "stored bytes differ from the signed manifest",
-                    chunk=chunk.digest,
-                    file=file_label,
-                    offset=chunk.offset,
-                )
+            check_chunk(data, chunk.digest, chunk.length, file=file_label, offset=chunk.offset)
     return whole.hexdigest()
 
 
@@ -151,6 +152,7 @@ class StagedFile:
         size: int,
         state: str,
         flush_bytes: int = DEFAULT_FLUSH_BYTES,
+        flush_chunks: int = DEFAULT_FLUSH_CHUNKS,
     ) -> None:
         self.conn = conn
         self.store_dir = store_dir
@@ -162,6 +164,7 @@ class StagedFile:
         self.size = size
         self.state = state
         self.flush_bytes = flush_bytes
+        self.flush_chunks = max(1, flush_chunks)
         self.staged = layout.staged_path(store_dir, file_id)
         self.final = layout.published_path(store_dir, model_name, model_version, path)
         self._fd: int | None = None
@@ -176,7 +179,7 @@ class StagedFile:
         self._syncing: tuple[list[int], int, Future[None]] | None = None
         self._sync_pool: ThreadPoolExecutor | None = None
         self._chunks = {
-            row["idx"]: PendingChunk(row["idx"], row["byte_offset"], row["length"], row["digest"])
+            row["idx"]: StoredChunk(row["idx"], row["byte_offset"], row["length"], row["digest"])
             for row in conn.execute(
                 "SELECT idx, byte_offset, length, digest FROM chunks WHERE file = ?", (file_id,)
             )
@@ -190,7 +193,7 @@ class StagedFile:
     def is_published(self) -> bool:
         return self.state == "published"
 
-    def pending(self) -> list[PendingChunk]:
+    def pending(self) -> list[StoredChunk]:
         """Chunks not yet durable in the staged file, in file order."""
         if self.is_published:
             return []
@@ -200,10 +203,10 @@ class StagedFile:
         unflushed = set(self._unflushed) | set(self._syncing[0] if self._syncing else ())
         return [self._chunks[r["idx"]] for r in rows if r["idx"] not in unflushed]
 
-    def chunk(self, idx: int) -> PendingChunk:
+    def chunk(self, idx: int) -> StoredChunk:
         return self._chunks[idx]
 
-    def all_chunks(self) -> list[PendingChunk]:
+    def all_chunks(self) -> list[StoredChunk]:
         return [self._chunks[i] for i in sorted(self._chunks)]
 
     def open(self) -> None:
@@ -242,26 +245,23 @@ class StagedFile:
         """Check the chunk against the manifest's hash and pwrite it at its offset.
 
         ``checked=True`` skips the hash when the caller has just verified ``data`` against
-        this chunk's digest (the bundle reader and ``Store.read_local_chunk`` do); the length
-        is always checked.
+        this chunk's digest (``Store.read_local_chunk`` does); the length is always checked.
         """
         chunk = self._chunks[idx]
-        if not checked and blake3.blake3(data).hexdigest() != chunk.digest:
-            raise IntegrityError(
-                "chunk bytes differ from the signed manifest", chunk=chunk.digest, file=self.label
-            )
+        if not checked:
+            check_chunk(data, chunk.digest, chunk.length, file=self.label, offset=chunk.offset)
         self.open()
         self.pwrite_chunk(idx, data)
         self.record_chunk(idx, data)
 
     def pwrite_chunk(self, idx: int, data: bytes) -> None:
-        """Only the pwrite of already verified bytes; safe from any thread once ``open()``.
+        """Only the pwrite of bytes ``check_chunk`` passed; safe from any thread once ``open()``.
 
         The chunk counts as written only after ``record_chunk`` (on the index thread), so a
         crash or an error in between just means it is written again.
         """
         chunk = self._chunks[idx]
-        if len(data) != chunk.length:
+        if len(data) != chunk.length:  # the offsets of the neighbours depend on it
             raise IntegrityError(
                 f"chunk is {len(data)} bytes, the signed manifest says {chunk.length}",
                 chunk=chunk.digest,
@@ -286,7 +286,8 @@ class StagedFile:
         self._unflushed.append(idx)
         self._unflushed_bytes += chunk.length
         self._settle(wait=False)
-        if self._unflushed_bytes >= self.flush_bytes:
+        if (self._unflushed_bytes >= self.flush_bytes
+                or len(self._unflushed) >= self.flush_chunks):
             self._start_sync()
 
     def _start_sync(self) -> None:

@@ -33,7 +33,13 @@ from appliance.store.specs import (
     read_local_copy,
     remove_tree,
 )
-from appliance.store.staging import DEFAULT_FLUSH_BYTES, PendingChunk, StagedFile, verify_chunks
+from appliance.store.staging import (
+    DEFAULT_FLUSH_BYTES,
+    DEFAULT_FLUSH_CHUNKS,
+    StagedFile,
+    StoredChunk,
+    verify_chunks,
+)
 
 # Re-exported: callers import these from appliance.store.store.
 __all__ = [
@@ -62,9 +68,11 @@ def _file_key(files: Sequence[FileLike]) -> set[tuple[str, int, str]]:
 class Store:
     """One open store: ``with Store(path) as store: ...``."""
 
-    def __init__(self, store_dir: Path, *, flush_bytes: int = DEFAULT_FLUSH_BYTES) -> None:
+    def __init__(self, store_dir: Path, *, flush_bytes: int = DEFAULT_FLUSH_BYTES,
+                 flush_chunks: int = DEFAULT_FLUSH_CHUNKS) -> None:
         self.store_dir = store_dir
         self.flush_bytes = flush_bytes
+        self.flush_chunks = flush_chunks
         layout.ensure_dirs(store_dir)
         self.conn = connect(store_dir)
         self._head_stale = False
@@ -389,6 +397,7 @@ class Store:
                 size=row["size"],
                 state=row["state"],
                 flush_bytes=self.flush_bytes,
+                flush_chunks=self.flush_chunks,
             )
             if sf.state == "staging" and not sf.staged.exists():
                 self._settle_lost_staged(sf, now)
@@ -488,9 +497,9 @@ class Store:
         prune_empty_dirs(layout.models_dir(self.store_dir))
         return model
 
-    def chunks_of(self, file_id: int) -> list[PendingChunk]:
+    def chunks_of(self, file_id: int) -> list[StoredChunk]:
         return [
-            PendingChunk(r["idx"], r["byte_offset"], r["length"], r["digest"])
+            StoredChunk(r["idx"], r["byte_offset"], r["length"], r["digest"])
             for r in self.conn.execute(
                 "SELECT idx, byte_offset, length, digest FROM chunks WHERE file = ? ORDER BY idx",
                 (file_id,),
