@@ -1,17 +1,21 @@
 """The main job end to end, as a new user would run it (README command 1).
 
-Every step runs the public ``appliance`` CLI in a child process, exactly the command the README
-shows under "What the demo did, command by command", and prints it with its timing. A step that
-fails stops the demo with that step's error. Everything is written under one work directory
-(default ``./demo-work``), and every process the demo starts is stopped before it returns.
+Every step runs the public ``appliance`` CLI in a child process, the command a user would type,
+and prints it with its timing. A step that fails stops the demo with that step's error. The
+demo ends on one text completion through the OpenAI API (``completion_request``: the README's
+curl sends the same body) and fails unless the answer is right. Everything is written under one
+work directory (default ``./demo-work``), and every process the demo starts is stopped before
+it returns. Nothing is read from a source checkout: the recipe is written into the work
+directory (or given with ``--recipe``), the model comes from its installed package.
 
-Usage: python -m appliance.demo [--workdir DIR] [--keep]
+Usage: python -m appliance.demo [--workdir DIR] [--recipe RECIPE.yaml] [--keep]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shlex
 import shutil
@@ -23,9 +27,31 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-QUESTION = "What is the capital of France? Answer in one word."
+import appliance
+
+# The directory that holds this ``appliance`` package (site-packages, or a checkout installed
+# with ``pip -e``): the children import the same code as the parent.
+PACKAGE_PARENT = Path(appliance.__file__).resolve().parent.parent
+MODEL = "gemma3-270m"
+# gemma3-270m is a base model: it continues text, so the demo asks a completion, not a chat.
+PROMPT = "The capital of France is the city of"
+EXPECTED = "Paris"
+# The recipe the demo builds from: the embedded default model (the same as bundles/default.yaml,
+# which a checkout carries; tests/test_demo.py keeps the two equal).
+DEFAULT_RECIPE = """\
+channel: default-models
+sequence: 1
+expires_days: 365
+description: The default gemma3-270m model, for a first import and for testing a site.
+models:
+  - name: gemma3-270m
+    version: q4_k_m
+    license: gemma
+    files:
+      - default: gemma3-270m
+"""
 
 
 class DemoFailed(Exception):
@@ -137,7 +163,7 @@ def demo_session(workdir: Path, keep: bool) -> Iterator[Demo]:
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(PACKAGE_PARENT) + os.pathsep + env.get("PYTHONPATH", "")
     env["APPLIANCE_HOME"] = str(workdir / "site-a")
     env["COLUMNS"] = "120"  # rich tables in the children: wide enough to read
     demo = Demo(workdir=workdir, env=env)
@@ -149,19 +175,31 @@ def demo_session(workdir: Path, keep: bool) -> Iterator[Demo]:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def ask(url: str, model: str, question: str) -> str:
-    """One chat question through the OpenAI API (the same request as the README's curl)."""
+def completion_request(model: str) -> dict[str, Any]:
+    """The body the demo POSTs to /v1/completions; the README's curl sends it too.
+
+    Greedy (temperature 0) so the answer is the same on every run, and capped by max_tokens.
+    """
+    return {"model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+
+
+def curl_command(url: str, model: str) -> str:
+    """The curl command line that sends ``completion_request(model)``."""
+    return (f"curl -s {url}/v1/completions -H 'Content-Type: application/json' "
+            f"-d '{json.dumps(completion_request(model))}'")
+
+
+def ask(url: str, model: str) -> str:
+    """Send ``completion_request(model)``; return the generated text."""
     import httpx
 
-    body = {"model": model, "messages": [{"role": "user", "content": question}],
-            "max_tokens": 32, "temperature": 0}
-    response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
+    response = httpx.post(f"{url}/v1/completions", json=completion_request(model), timeout=300)
     if response.status_code != 200:
-        raise DemoFailed(f"chat completion failed: HTTP {response.status_code}: {response.text}")
-    return str(response.json()["choices"][0]["message"]["content"]).strip()
+        raise DemoFailed(f"text completion failed: HTTP {response.status_code}: {response.text}")
+    return str(response.json()["choices"][0]["text"]).strip()
 
 
-def run_demo(workdir: Path, keep: bool = False) -> str:
+def run_demo(workdir: Path, keep: bool = False, recipe: Path | None = None) -> str:
     """Run every step; return the model's answer. Raises DemoFailed at the failing step."""
     with demo_session(workdir, keep) as d:
         a = d.appliance
@@ -179,8 +217,13 @@ def run_demo(workdir: Path, keep: bool = False) -> str:
               a("trust", "init", "--root-key", "keys/demo-root.pub", "--root-threshold", "1",
                 "--publisher-key", "keys/demo-publisher.pub", "--publisher-threshold", "1",
                 "--sign-with", "keys/demo-root.key", "--out", "root-1.yaml"))
+        if recipe is None:
+            recipe = workdir / "default.yaml"
+            recipe.write_text(DEFAULT_RECIPE)
+            print(f"\n    recipe {recipe.name} (the embedded default model):\n    "
+                  + DEFAULT_RECIPE.rstrip().replace("\n", "\n    "), flush=True)
         d.run("build a signed bundle of the default model, split over two volumes",
-              a("bundle", "build", str(REPO / "bundles" / "default.yaml"),
+              a("bundle", "build", str(recipe),
                 "--key", "keys/demo-publisher.key", "--trust", "root-1.yaml",
                 "--out", "media", "--volume-size", "140M"))
         d.run("verify signatures and every chunk of both volumes",
@@ -207,26 +250,27 @@ def run_demo(workdir: Path, keep: bool = False) -> str:
                        "peer-a.log")
         wait_for_tcp("127.0.0.1", peer_port, peer, workdir / "peer-a.log", timeout=60)
         d.run("host B pulls the model from host A, every chunk checked against the signed manifest",
-              a("--store", "site-b", "peer", "pull", "gemma3-270m",
+              a("--store", "site-b", "peer", "pull", MODEL,
                 "--from", f"https://127.0.0.1:{peer_port}", "--tls-dir", "tls-b"))
         d.run("list host B's models", a("--store", "site-b", "models", "list"))
         serve_port = free_port()
         server = d.start("host B serves the pulled model (OpenAI-compatible API)",
                          a("--store", "site-b", "serve", "--listen", f"127.0.0.1:{serve_port}",
-                           "--model", "gemma3-270m", "--threads", "2"),
+                           "--model", MODEL, "--threads", "2"),
                          "serve-b.log")
         url = f"http://127.0.0.1:{serve_port}"
         wait_for_http(f"{url}/health", server, workdir / "serve-b.log", timeout=180)
         d.step_no += 1
-        print(f"\n[{d.step_no}] ask one chat question through the OpenAI API\n"
-              f"    $ curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' "
-              f"-d '{{\"model\": \"gemma3-270m\", \"messages\": [{{\"role\": \"user\", "
-              f"\"content\": \"{QUESTION}\"}}]}}'", flush=True)
+        print(f"\n[{d.step_no}] complete one sentence through the OpenAI API\n"
+              f"    $ {curl_command(url, MODEL)}", flush=True)
         start = time.perf_counter()
-        answer = ask(url, "gemma3-270m", QUESTION)
-        d.timings.append(("chat question", time.perf_counter() - start))
-        print(f"    Q: {QUESTION}\n    A: {answer}\n    ok in {d.timings[-1][1]:.1f} s",
-              flush=True)
+        answer = ask(url, MODEL)
+        d.timings.append(("text completion", time.perf_counter() - start))
+        print(f"    Q: {PROMPT}\n    A: {answer}", flush=True)
+        if EXPECTED not in answer:
+            raise DemoFailed(f"step {d.step_no} (text completion): the model answered "
+                             f"{answer!r}, expected {EXPECTED!r}")
+        print(f"    right answer, ok in {d.timings[-1][1]:.1f} s", flush=True)
         d.run("the audit log of host B, chain checked", a("--store", "site-b", "audit", "verify"))
         print("\nStep timings:")
         for title, seconds in d.timings:
@@ -251,11 +295,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m appliance.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("demo-work").resolve())
+    parser.add_argument("--recipe", type=Path, metavar="RECIPE.yaml",
+                        help="bundle this recipe instead of the embedded default model's "
+                             f"(it must hold the model {MODEL})")
     parser.add_argument("--keep", action="store_true", help="keep the work directory afterwards")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        answer = run_demo(args.workdir, keep=args.keep)
+        answer = run_demo(args.workdir, keep=args.keep,
+                          recipe=args.recipe.resolve() if args.recipe else None)
     except DemoFailed as e:
         print(f"\nDEMO FAILED: {e}", file=sys.stderr)
         return 1

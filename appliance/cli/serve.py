@@ -74,6 +74,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                         metavar="N", help="llama.cpp threads per model (default: CPUs, max 8)")
     parser.add_argument("--ctx", type=int, default=4096, metavar="N",
                         help="context length in tokens; 0 uses the model's own (default 4096)")
+    parser.add_argument("--max-tokens-default", type=int, default=256, metavar="N",
+                        help="tokens a chat completion generates when the request names no "
+                             "max_tokens (default 256; text completions: 16, as OpenAI)")
     parser.add_argument("--queue", type=int, default=16, metavar="N",
                         help="requests allowed to wait for a busy model; more get 429 "
                              "(default 16)")
@@ -90,6 +93,8 @@ def handle(args: argparse.Namespace) -> int:
         raise UsageError("--ctx must be 0 (the model's own) or positive")
     if args.queue < 0:
         raise UsageError("--queue must be 0 or more")
+    if args.max_tokens_default < 1:
+        raise UsageError("--max-tokens-default must be at least 1")
     host, _ = parse_listen(args.listen, any_host=ANY_HOST)
     keys = load_api_keys(args.api_key_file) if args.api_key_file else frozenset()
     require_existing_store(args.store)
@@ -106,7 +111,7 @@ def handle(args: argparse.Namespace) -> int:
     where = address(sock)
     settings = ServeSettings(
         models=models, n_threads=args.threads, n_ctx=args.ctx, max_queue=args.queue,
-        api_keys=keys, listen=where,
+        max_tokens_default=args.max_tokens_default, api_keys=keys, listen=where,
     )
     app = create_app(settings, store_resolver(args.store, verify=args.verify_on_load),
                      audit=serve_audit(args.store, via="cli"))

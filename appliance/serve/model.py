@@ -42,6 +42,7 @@ class ServeSettings:
     n_threads: int = 2
     n_ctx: int = 4096  # 0: the model's training context
     max_queue: int = 16  # requests waiting for a busy worker; more get 429
+    max_tokens_default: int = 256  # tokens a chat completion generates when it names no cap
     api_keys: frozenset[str] = field(default_factory=frozenset)
     ready_timeout: float = 120.0  # how long a queued request waits for a (re)loading worker
     max_request_bytes: int = DEFAULT_LIMITS.max_request_bytes
