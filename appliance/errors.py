@@ -12,7 +12,8 @@ calls them, with ``raise ... from e``. The CLI maps the three families to exit c
     │   │   └── DecompressionError      zstd frame invalid or bigger than declared (bomb)
     │   ├── FormatError                 hostile or malformed input (manifest, index, YAML, GGUF)
     │   │   ├── LimitExceededError      a cap from appliance.limits was exceeded
-    │   │   └── UnsafePathError         absolute path, "..", duplicate, bad characters
+    │   │   ├── UnsafePathError         absolute path, "..", duplicate, bad characters
+    │   │   └── SpecialFileError        a file on media is a FIFO, device, socket or directory
     │   ├── SignatureError              a signature is malformed or does not verify
     │   │   └── ThresholdError          fewer distinct valid signers than the role's threshold
     │   ├── TrustError                  trust root invalid, wrong role, unknown key
@@ -119,6 +120,12 @@ class LimitExceededError(FormatError):
 
 class UnsafePathError(FormatError):
     """A path is absolute, climbs with "..", repeats, or has forbidden characters."""
+
+
+class SpecialFileError(FormatError):
+    """A file the reader would open (from media, usually) is not a regular file: a FIFO, a
+    device, a socket or a directory, or a symlink to one. Refused before it is read, so a
+    FIFO cannot block and /dev/zero cannot be read without end."""
 
 
 class SignatureError(RefusalError):

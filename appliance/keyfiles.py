@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from appliance import fsutil
 from appliance.errors import KeyFileError, UsageError
 from appliance.format.signing import public_bytes
 
@@ -86,22 +87,11 @@ def generate_keypair(name: str, out_dir: Path, passphrase: bytes | None) -> tupl
 def _write_new(path: Path, data: bytes, mode: int) -> None:
     """Create ``path`` exclusively with ``mode`` from the start (no window where it is 0644)."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        fsutil.create_exclusive(path, data, mode)
     except FileExistsError as e:
         raise UsageError(f"{path} already exists; pick another name or move it away first") from e
     except OSError as e:
         raise KeyFileError(f"cannot create {path}: {e}") from e
-    try:
-        os.fchmod(fd, mode)  # the umask may have narrowed it; say exactly what we mean
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except OSError as e:
-        os.close(fd)
-        path.unlink(missing_ok=True)
-        raise KeyFileError(f"cannot write {path}: {e}") from e
-    os.close(fd)
 
 
 def _read(path: Path) -> bytes:

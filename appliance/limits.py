@@ -1,7 +1,7 @@
 """Hard caps for untrusted input.
 
 Everything read from media, a peer, a recipe or an HTTP request is checked against these
-before it is parsed or allocated: size cap first, then version, then fields (STYLE.md).
+before it is parsed or allocated: size cap first, then version, then fields (DESIGN.md).
 ``Limits`` is a frozen dataclass so tests can pass smaller caps without monkeypatching.
 """
 
@@ -12,6 +12,12 @@ from dataclasses import dataclass
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
+
+# Sequences and versions are stored in SQLite INTEGER columns (signed 64-bit).
+MAX_SEQUENCE = (1 << 63) - 1
+# NAME_MAX of ext4, XFS, btrfs and of FAT/exFAT long names: a longer path segment cannot be
+# created, so it is refused when the manifest is parsed, not after the copy.
+MAX_NAME_SEGMENT_BYTES = 255
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from trust_helpers import NOW as TRUST_NOW
+from trust_helpers import make_root
 
-from appliance.errors import AuditChainError
-from appliance.store import audit
+from appliance.cli.main import main
+from appliance.errors import EXIT_REFUSED, AuditChainError
+from appliance.store import audit, trust_state
 from appliance.store.db import connect
 
 NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -86,7 +89,7 @@ def test_rewritten_consistent_chain_is_caught_by_the_head(store_dir: Path) -> No
     db.execute("DELETE FROM audit WHERE seq >= 5")
     # A forger re-hashes a replacement record 5 so the chain itself is consistent.
     prev = db.execute("SELECT hash FROM audit WHERE seq = 4").fetchone()[0]
-    time = NOW.isoformat(timespec="seconds")
+    time = "2025-01-02T03:04:05Z"
     details = '{"bytes":0,"model":"forged"}'
     digest = audit.record_hash(5, time, "import", details, prev)
     db.execute("INSERT INTO audit VALUES (5, ?, 'import', ?, ?, ?)", (time, details, prev, digest))
@@ -115,3 +118,43 @@ def test_malformed_head_file_is_an_audit_error(store_dir: Path) -> None:
 
 def test_empty_log_verifies(tmp_path: Path) -> None:
     assert audit.verify(tmp_path / "fresh") == 0
+
+
+def test_record_times_are_rfc3339_utc_with_z(store_dir: Path) -> None:
+    assert {r.time for r in audit.records(store_dir)} == {"2025-01-02T03:04:05Z"}
+
+
+@pytest.fixture
+def trusting_store(tmp_path: Path) -> Path:
+    """A store that holds a trust root (whose install was audited)."""
+    store = tmp_path / "trusting"
+    signed = make_root()
+    trust_state.install_first_root(store, signed.to_bytes(), signed.root.fingerprint, TRUST_NOW)
+    assert audit.verify(store) == 1
+    return store
+
+
+def test_missing_head_on_a_store_that_holds_a_root_is_not_intact(
+        trusting_store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (trusting_store / audit.HEAD_NAME).unlink()
+    with pytest.raises(AuditChainError, match=r"head file .* is missing") as info:
+        audit.verify(trusting_store)
+    assert type(info.value) is AuditChainError
+    # Never silently re-anchored: a second verify still refuses, and the CLI says exit 2.
+    assert audit.read_head(trusting_store) is None
+    assert main(["audit", "verify", "--store", str(trusting_store)]) == EXIT_REFUSED
+    assert "AuditChainError" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("keep_head", [False, True])
+def test_emptied_log_on_a_store_that_holds_a_root_is_not_intact(
+        trusting_store: Path, keep_head: bool) -> None:
+    head = audit.read_head(trusting_store)
+    raw(trusting_store).execute("DELETE FROM audit")
+    if not keep_head:
+        (trusting_store / audit.HEAD_NAME).unlink()
+    with pytest.raises(AuditChainError) as info:
+        audit.verify(trusting_store)
+    assert type(info.value) is AuditChainError
+    assert "the audit log is empty, but the store holds 1 trust root(s)" in str(info.value)
+    assert audit.read_head(trusting_store) == (head if keep_head else None)

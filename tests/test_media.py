@@ -14,16 +14,15 @@ from appliance.bundle.media import (
     INDEX_MAGIC,
     PackWriter,
     VolumeIndex,
-    check_chunk,
     compress_chunk,
     decompress_chunk,
     encode_index,
     pack_name,
     parse_index,
-    read_capped,
     read_stored,
     volume_name,
 )
+from appliance.chunks import check_chunk
 from appliance.errors import (
     DecompressionError,
     FormatError,
@@ -249,16 +248,6 @@ def test_truncated_pack_is_a_truncated_error(tmp_path: Path) -> None:
         read_stored(pack, 100, 100, chunk="ab" * 32, volume="vol-001")
     with pytest.raises(TruncatedError):
         read_stored(tmp_path / "gone.zst", 0, 10)
-
-
-def test_read_capped(tmp_path: Path) -> None:
-    small = tmp_path / "f"
-    small.write_bytes(b"12345")
-    assert read_capped(small, 5, "f") == b"12345"
-    with pytest.raises(LimitExceededError):
-        read_capped(small, 4, "f")
-    with pytest.raises(MediaError):
-        read_capped(tmp_path / "missing", 4, "missing")
 
 
 def test_names() -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 import blake3
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from appliance import __version__
+from appliance import __version__, fsutil
 from appliance.bundle.media import (
     COMPRESSION_LEVEL,
     INDEX_NAME,
@@ -46,11 +46,8 @@ from appliance.bundle.media import (
     VolumeIndex,
     compress_chunk,
     encode_index,
-    fsync_dir,
-    read_capped,
     root_file_name,
     volume_name,
-    write_file_atomic,
 )
 from appliance.bundle.reader import find_volume_dirs
 from appliance.bundle.recipe import Recipe, load_recipe
@@ -145,7 +142,7 @@ def _load_chain(paths: Sequence[Path], limits: Limits) -> list[tuple[SignedRoot,
     for path in paths:
         if not path.is_file():
             raise UsageError(f"trust root {path} does not exist")
-        data = read_capped(path, limits.max_trust_root_bytes, f"trust root {path}")
+        data = fsutil.read_capped(path, limits.max_trust_root_bytes, f"trust root {path}")
         try:
             signed = parse_signed_root(data, limits)
         except FormatError as e:
@@ -462,13 +459,14 @@ def _finish(state: _State, data: bytes, signatures: Sequence[Signature],
             manifest_hash=digest, volume_starts=starts,
             pack_sizes=tuple(volume.writer.pack_sizes), entries=tuple(volume.writer.entries),
         )
-        write_file_atomic(volume.path / INDEX_NAME, encode_index(index))
+        fsutil.write_atomic(volume.path / INDEX_NAME, encode_index(index), sync_dir=False)
         trust_dir = volume.path / TRUST_DIR
         trust_dir.mkdir()
         for signed, raw in chain:
-            write_file_atomic(trust_dir / root_file_name(signed.root.version), raw)
+            fsutil.write_atomic(trust_dir / root_file_name(signed.root.version), raw,
+                                sync_dir=False)
         (volume.path / SIGNATURES_DIR).mkdir()
-        fsync_dir(volume.path)
+        fsutil.fsync_dir(volume.path, strict=False)
     finals: list[Path] = []
     for volume in state.volumes:
         if split:
@@ -481,17 +479,17 @@ def _finish(state: _State, data: bytes, signatures: Sequence[Signature],
                 os.rename(child, target / child.name)
                 state.moved.append(target / child.name)
         finals.append(target)
-    fsync_dir(state.out_dir)
+    fsutil.fsync_dir(state.out_dir, strict=False)
     for target in finals:
         for sig in signatures:
-            write_file_atomic(target / SIGNATURES_DIR / f"{sig.key_id}{SIGNATURE_SUFFIX}",
-                              sig.to_bytes())
-        fsync_dir(target / SIGNATURES_DIR)
+            fsutil.write_atomic(target / SIGNATURES_DIR / f"{sig.key_id}{SIGNATURE_SUFFIX}",
+                                sig.to_bytes(), sync_dir=False)
+        fsutil.fsync_dir(target / SIGNATURES_DIR, strict=False)
     # The manifest goes last: until it exists, no reader treats a volume as a bundle.
     for target in finals:
-        write_file_atomic(target / MANIFEST_NAME, data)
+        fsutil.write_atomic(target / MANIFEST_NAME, data, sync_dir=False)
         state.moved.append(target / MANIFEST_NAME)
-        fsync_dir(target)
+        fsutil.fsync_dir(target, strict=False)
     shutil.rmtree(state.staging, ignore_errors=True)
     return finals
 
@@ -519,7 +517,8 @@ def add_signature(media_dir: Path, key: Ed25519PrivateKey,
     be byte-identical on every volume.
     """
     dirs = find_volume_dirs([media_dir])
-    manifests = {read_capped(d / MANIFEST_NAME, limits.max_manifest_bytes, f"manifest of {d}")
+    manifests = {fsutil.read_capped(d / MANIFEST_NAME, limits.max_manifest_bytes,
+                                    f"manifest of {d}")
                  for d in dirs}
     if len(manifests) != 1:
         raise FormatError(f"the volumes under {media_dir} carry different manifests")
@@ -530,9 +529,9 @@ def add_signature(media_dir: Path, key: Ed25519PrivateKey,
         sig_dir = d / SIGNATURES_DIR
         try:
             sig_dir.mkdir(exist_ok=True)
-            write_file_atomic(sig_dir / f"{signature.key_id}{SIGNATURE_SUFFIX}",
-                              signature.to_bytes())
-            fsync_dir(sig_dir)
+            fsutil.write_atomic(sig_dir / f"{signature.key_id}{SIGNATURE_SUFFIX}",
+                                signature.to_bytes(), sync_dir=False)
+            fsutil.fsync_dir(sig_dir, strict=False)
         except OSError as e:
             raise MediaError(f"cannot write a signature into {sig_dir}: {e}") from e
     return signature

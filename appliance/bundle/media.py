@@ -15,7 +15,12 @@ signed manifest (BLAKE3 of the plain bytes), and the index itself is checked for
 (a BLAKE3 trailer, exact tiling of every pack, counts that agree with the file length), so a
 lying index is a ``FormatError`` and a lying pack an ``IntegrityError``.
 
-This module holds the pure index codec (``encode_index``, ``parse_index``), zstd with caps
+Before the manifest's signatures are checked only the index's header and tables are read
+(``parse_index_head``: a small fixed amount whatever the file's size); the entries are
+parsed afterwards, when their count is bounded by the signed manifest.
+
+This module holds the pure index codec (``encode_index``, ``parse_index_head``,
+``parse_index``), zstd with caps
 (``compress_chunk``, ``decompress_chunk``), bounded pack reads (``read_stored``) and the pack
 writer used by the builder. The exact byte layout is in docs/FORMAT.md, section
 "Media layout, volume index and packs".
@@ -24,6 +29,7 @@ writer used by the builder. The exact byte layout is in docs/FORMAT.md, section
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import mmap
 import os
@@ -37,10 +43,10 @@ from typing import BinaryIO
 import blake3
 import zstandard
 
+from appliance import fsutil
 from appliance.errors import (
     DecompressionError,
     FormatError,
-    IntegrityError,
     LimitExceededError,
     MediaError,
     TruncatedError,
@@ -112,6 +118,13 @@ class VolumeIndex:
     volume_starts: tuple[int, ...]
     pack_sizes: tuple[int, ...]
     entries: tuple[IndexEntry, ...]
+    # How many entries the index holds; ``entries`` is empty until they are read (a head
+    # parsed before authentication, ``parse_index_head``). -1: len(entries).
+    entry_count: int = -1
+
+    def __post_init__(self) -> None:
+        if self.entry_count < 0:
+            object.__setattr__(self, "entry_count", len(self.entries))
 
     @property
     def name(self) -> str:
@@ -147,27 +160,30 @@ def encode_index(index: VolumeIndex) -> bytes:
     return body + blake3.blake3(body).digest()
 
 
-def parse_index(data: bytes, limits: Limits = DEFAULT_LIMITS, *, where: str = "volume index"
-                ) -> VolumeIndex:
-    """Parse untrusted index bytes: size cap, checksum, magic and version, then every field.
+# The most bytes a header and its two tables can take: what is read before authentication.
+MAX_INDEX_HEAD_BYTES = _HEADER.size + _U64.size * (MAX_VOLUMES + MAX_PACKS_PER_VOLUME)
 
-    Raises ``LimitExceededError`` for caps and ``FormatError`` for everything else: a bad
-    checksum (a flipped byte), counts that disagree with the length, entries that overlap,
-    leave gaps or overrun their pack, duplicate chunks, unknown flags.
+
+def parse_index_head(head: bytes, size: int, limits: Limits = DEFAULT_LIMITS, *,
+                     where: str = "volume index") -> VolumeIndex:
+    """The header and tables of an index of ``size`` bytes whose first bytes are ``head``.
+
+    Reads no entry and builds nothing in proportion to the file: this is all of the index
+    that is looked at before the manifest's signatures are checked. The result has no
+    ``entries``; ``entry_count`` says how many the full index holds, and ``size`` must be
+    exactly what the counts need, so the full read after authentication is bounded by the
+    signed manifest's chunk count. ``LimitExceededError`` for caps, else ``FormatError``.
     """
-    if len(data) > limits.max_volume_index_bytes:
+    if size > limits.max_volume_index_bytes:
         raise LimitExceededError(
-            f"{where} is {len(data)} bytes, over the cap of {limits.max_volume_index_bytes}"
+            f"{where} is {size} bytes, over the cap of {limits.max_volume_index_bytes}"
         )
-    if len(data) < _HEADER.size + _TRAILER_BYTES:
-        raise FormatError(f"{where} is too short ({len(data)} bytes)")
-    body, trailer = data[:-_TRAILER_BYTES], data[-_TRAILER_BYTES:]
-    if data[:8] != INDEX_MAGIC:
+    if size < _HEADER.size + _TRAILER_BYTES or len(head) < _HEADER.size:
+        raise FormatError(f"{where} is too short ({size} bytes)")
+    if head[:8] != INDEX_MAGIC:
         raise FormatError(f"{where} does not start with the index magic")
-    if blake3.blake3(body).digest() != trailer:
-        raise FormatError(f"{where} checksum mismatch: the index is damaged")
     (_, version, volume, volume_count, pack_count, entry_count, total_chunks,
-     manifest_hash) = _HEADER.unpack_from(body, 0)
+     manifest_hash) = _HEADER.unpack_from(head, 0)
     if version != INDEX_VERSION:
         raise FormatError(f"{where}: unsupported index version {version}")
     if not 1 <= volume_count <= MAX_VOLUMES or not 1 <= volume <= volume_count:
@@ -176,28 +192,53 @@ def parse_index(data: bytes, limits: Limits = DEFAULT_LIMITS, *, where: str = "v
         raise FormatError(f"{where}: {pack_count} packs")
     expected = (_HEADER.size + _U64.size * (volume_count + pack_count)
                 + _ENTRY.size * entry_count)
-    if expected != len(body):
-        raise FormatError(f"{where}: declared counts need {expected} bytes, found {len(body)}")
+    if expected + _TRAILER_BYTES != size:
+        raise FormatError(
+            f"{where}: declared counts need {expected} bytes, found {size - _TRAILER_BYTES}"
+        )
     pos = _HEADER.size
-    starts = tuple(v for (v,) in _U64.iter_unpack(body[pos:pos + _U64.size * volume_count]))
+    tables_end = pos + _U64.size * (volume_count + pack_count)
+    if len(head) < tables_end:
+        raise FormatError(f"{where} is too short for its tables")
+    starts = tuple(v for (v,) in _U64.iter_unpack(head[pos:pos + _U64.size * volume_count]))
     pos += _U64.size * volume_count
-    packs = tuple(v for (v,) in _U64.iter_unpack(body[pos:pos + _U64.size * pack_count]))
-    pos += _U64.size * pack_count
+    packs = tuple(v for (v,) in _U64.iter_unpack(head[pos:tables_end]))
     if starts[0] != 0 or any(b <= a for a, b in itertools.pairwise(starts)):
         raise FormatError(f"{where}: volume start ordinals do not increase from 0")
     if starts[-1] >= total_chunks:
         raise FormatError(f"{where}: the last volume starts past the last chunk")
     index = VolumeIndex(volume=volume, volume_count=volume_count, total_chunks=total_chunks,
                         manifest_hash=manifest_hash, volume_starts=starts, pack_sizes=packs,
-                        entries=())
+                        entries=(), entry_count=entry_count)
     if len(index.chunk_range()) != entry_count:
         raise FormatError(
             f"{where}: {entry_count} entries, but the volume table gives this volume "
             f"{len(index.chunk_range())} chunks"
         )
-    for size in packs:
-        if not 1 <= size <= limits.max_pack_bytes:
-            raise LimitExceededError(f"{where}: a pack of {size} bytes is outside the caps")
+    for pack_size in packs:
+        if not 1 <= pack_size <= limits.max_pack_bytes:
+            raise LimitExceededError(f"{where}: a pack of {pack_size} bytes is outside the caps")
+    return index
+
+
+def parse_index(data: bytes, limits: Limits = DEFAULT_LIMITS, *, where: str = "volume index"
+                ) -> VolumeIndex:
+    """Parse untrusted index bytes: size cap, checksum, magic and version, then every field.
+
+    Raises ``LimitExceededError`` for caps and ``FormatError`` for everything else: a bad
+    checksum (a flipped byte), counts that disagree with the length, entries that overlap,
+    leave gaps or overrun their pack, duplicate chunks, unknown flags.
+    """
+    body, trailer = data[:-_TRAILER_BYTES], data[-_TRAILER_BYTES:]
+    if _HEADER.size + _TRAILER_BYTES <= len(data) <= limits.max_volume_index_bytes and (
+        blake3.blake3(body).digest() != trailer
+    ):
+        # Checked first: a flipped byte is "damaged" whichever field it lands in.
+        raise FormatError(f"{where} checksum mismatch: the index is damaged")
+    head = parse_index_head(data[:MAX_INDEX_HEAD_BYTES], len(data), limits, where=where)
+    packs = head.pack_sizes
+    pack_count = len(packs)
+    pos = _HEADER.size + _U64.size * (head.volume_count + pack_count)
     entries: list[IndexEntry] = []
     seen: set[bytes] = set()
     pack, end = 1, 0
@@ -221,9 +262,7 @@ def parse_index(data: bytes, limits: Limits = DEFAULT_LIMITS, *, where: str = "v
         entries.append(IndexEntry(digest, pack_no, offset, stored, bool(flags)))
     if pack != pack_count or end != packs[-1]:
         raise FormatError(f"{where}: the entries do not fill every pack exactly")
-    return VolumeIndex(volume=volume, volume_count=volume_count, total_chunks=total_chunks,
-                       manifest_hash=manifest_hash, volume_starts=starts, pack_sizes=packs,
-                       entries=tuple(entries))
+    return dataclasses.replace(head, entries=tuple(entries))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,13 +336,15 @@ def read_stored(pack: BinaryIO | Path, offset: int, stored_length: int, *,
     """Exactly ``stored_length`` bytes at ``offset`` of a pack, or ``TruncatedError``."""
     try:
         if isinstance(pack, Path):
-            with pack.open("rb") as f:
-                f.seek(offset)
-                data = f.read(stored_length)
+            fd = fsutil.open_regular(pack, "pack file", missing=TruncatedError)
+            try:
+                data = fsutil.pread_exact(fd, stored_length, offset)
+            finally:
+                os.close(fd)
         else:
             pack.seek(offset)
             data = pack.read(stored_length)
-    except FileNotFoundError as e:
+    except TruncatedError as e:
         raise TruncatedError(f"pack file {pack} is missing", chunk=chunk, volume=volume,
                              offset=offset) from e
     except OSError as e:
@@ -346,17 +387,6 @@ class MappedRange:
     def close(self) -> None:
         self._view.release()
         self._map.close()
-
-
-def check_chunk(plain: bytes | memoryview, digest_hex: str, *, file: str | None = None,
-                volume: str | None = None, offset: int | None = None,
-                pack: str | None = None) -> None:
-    """BLAKE3 of the plain bytes must equal the manifest's digest, else ``IntegrityError``."""
-    # Large chunks hash faster across cores; blake3 releases the GIL either way.
-    hasher = blake3.blake3(plain, max_threads=blake3.blake3.AUTO)
-    if hasher.hexdigest() != digest_hex:
-        raise IntegrityError(f"chunk hash mismatch{f' in {pack}' if pack else ''}",
-                             chunk=digest_hex, file=file, volume=volume, offset=offset)
 
 
 class PackWriter:
@@ -406,46 +436,6 @@ class PackWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def write_file_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary name, fsync, rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems (FAT on some kernels) refuse directory fsync
-    finally:
-        os.close(fd)
-
-
-def read_capped(path: Path, cap: int, what: str) -> bytes:
-    """Read a whole small file, refusing it before reading when it is over ``cap``."""
-    try:
-        with path.open("rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > cap:
-                raise LimitExceededError(f"{what} is {size} bytes, over the cap of {cap}")
-            data = f.read(cap + 1)
-    except FileNotFoundError as e:
-        raise MediaError(f"{what} is missing ({path})") from e
-    except OSError as e:
-        raise MediaError(f"cannot read {what} ({path}): {e}") from e
-    if len(data) > cap:  # grew while we read it
-        raise LimitExceededError(f"{what} is over the cap of {cap}")
-    return data
 
 
 def pack_paths(volume_dir: Path, count: int) -> Sequence[Path]:

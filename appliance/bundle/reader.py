@@ -8,11 +8,12 @@ chunk list. Chunks are only ever returned after their BLAKE3 matched the manifes
 Public API (used by the importer, peers and the CLI):
 
 - ``open_media(volume_dirs, limits) -> Media``: reads manifest, signatures, carried chain and
-  index of each volume; no trust decision and no chunk read yet. A directory may be a volume
-  or a media directory holding ``vol-NNN`` volumes.
+  the head of each volume's index (``parse_index_head``); no trust decision, no index entry
+  and no chunk read yet. A directory may be a volume or a media directory holding ``vol-NNN``
+  volumes.
 - ``Media.authenticate(trusted_root, now, *, allow_expired=False) -> AuthenticatedBundle``:
-  ``appliance.authenticate.authenticate_manifest`` over what the volumes carry, then the
-  volume indexes against the signed chunk list
+  ``appliance.authenticate.authenticate_manifest`` over what the volumes carry, then each
+  volume's full index, read and parsed only now, against the signed chunk list
 - ``Media.locations(digest) -> list[ChunkLocation]`` (``MissingVolumeError`` when the chunk
   lives only on volumes not given), ``Media.holder(digest)`` (the volume that stores it),
   ``Media.volumes_present`` / ``volumes_expected`` / ``volumes_missing``
@@ -20,11 +21,18 @@ Public API (used by the importer, peers and the CLI):
   checked (``IntegrityError`` / ``TruncatedError`` / ``DecompressionError``)
 - ``verify_media(volume_dirs, trusted_root, now, *, progress, workers, allow_expired)
   -> VerifyReport``: all of the above for every chunk of every volume given, streaming.
+
+Work before authentication is bounded whatever the media holds: files are read with caps,
+every file is refused unless it is a regular file (``SpecialFileError``: a FIFO cannot block,
+/dev/zero cannot be read without end), and an index's entries, which may be millions, are not
+read until the signatures met their threshold and the signed manifest says how many to expect.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import stat
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -38,26 +46,28 @@ from appliance.authenticate import AuthenticatedBundle, authenticate_manifest
 from appliance.bundle.media import (
     INDEX_NAME,
     MANIFEST_NAME,
+    MAX_INDEX_HEAD_BYTES,
     PACKS_DIR,
     SIGNATURE_SUFFIX,
     SIGNATURES_DIR,
     TRUST_DIR,
     MappedRange,
     VolumeIndex,
-    check_chunk,
     decompress_chunk,
     pack_name,
     parse_index,
-    read_capped,
+    parse_index_head,
     read_stored,
     volume_name,
 )
+from appliance.chunks import check_chunk
 from appliance.errors import (
     FormatError,
     LimitExceededError,
     MediaError,
     MissingVolumeError,
     SignatureError,
+    SpecialFileError,
     TruncatedError,
     UsageError,
 )
@@ -69,6 +79,7 @@ from appliance.format.manifest import (
 )
 from appliance.format.signing import Signature
 from appliance.format.trust import SignedRoot, TrustRoot, parse_signed_root
+from appliance.fsutil import open_regular, pread_exact, read_capped
 from appliance.limits import DEFAULT_LIMITS, Limits
 
 
@@ -85,6 +96,8 @@ class ChunkLocation:
 
 @dataclass(frozen=True)
 class Volume:
+    """One volume. Until ``Media.authenticate``, ``index`` is the head only (no entries)."""
+
     path: Path
     index: VolumeIndex
     signatures: tuple[Signature, ...]
@@ -106,10 +119,13 @@ def find_volume_dirs(paths: Sequence[Path]) -> list[Path]:
             raise UsageError(f"{path} does not exist")
         if not path.is_dir():
             raise UsageError(f"{path} is not a directory")
-        if (path / MANIFEST_NAME).is_file():
+        # lexists, not is_file: a FIFO or a directory named manifest.yaml is a volume to
+        # refuse (SpecialFileError when it is read), not a reason to look elsewhere.
+        if os.path.lexists(path / MANIFEST_NAME):
             out.append(path)
             continue
-        volumes = sorted(p for p in path.glob("vol-*") if (p / MANIFEST_NAME).is_file())
+        volumes = sorted(p for p in path.glob("vol-*")
+                         if p.is_dir() and os.path.lexists(p / MANIFEST_NAME))
         if not volumes:
             raise MediaError(
                 f"{path} holds no bundle: no {MANIFEST_NAME} in it or in any vol-NNN folder"
@@ -159,16 +175,53 @@ def _read_chain(volume_dir: Path, limits: Limits) -> tuple[SignedRoot, ...]:
     return tuple(sorted(roots, key=lambda r: r.root.version))
 
 
+def _read_index_head(volume_dir: Path, limits: Limits) -> VolumeIndex:
+    """The index's header and tables: at most ``MAX_INDEX_HEAD_BYTES`` read, whatever its size."""
+    what = f"volume index of {volume_dir}"
+    fd = open_regular(volume_dir / INDEX_NAME, what)
+    try:
+        size = os.fstat(fd).st_size
+        head = pread_exact(fd, min(size, MAX_INDEX_HEAD_BYTES), 0)
+    except OSError as e:
+        raise MediaError(f"cannot read {what}: {e}") from e
+    finally:
+        os.close(fd)
+    return parse_index_head(head, size, limits, where=what)
+
+
+def _check_packs_are_files(volume: Volume) -> None:
+    """A pack that exists must be a regular file: refused before anything opens it."""
+    for number in range(1, len(volume.index.pack_sizes) + 1):
+        path = volume.pack_path(number)
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            continue  # a missing pack is a TruncatedError when it is needed
+        except OSError as e:
+            raise MediaError(f"cannot stat {path}: {e}") from e
+        if not stat.S_ISREG(mode):
+            raise SpecialFileError(f"{volume.name}: {path} is not a regular file")
+
+
 def open_volume(volume_dir: Path, limits: Limits = DEFAULT_LIMITS) -> tuple[bytes, Volume]:
-    """Manifest bytes and the volume's signatures, chain and index (structure checked)."""
+    """Manifest bytes and the volume's signatures, chain and index head (structure checked)."""
     manifest = read_capped(volume_dir / MANIFEST_NAME, limits.max_manifest_bytes,
                            f"manifest of {volume_dir}")
-    index_bytes = read_capped(volume_dir / INDEX_NAME, limits.max_volume_index_bytes,
-                              f"volume index of {volume_dir}")
-    index = parse_index(index_bytes, limits, where=f"volume index of {volume_dir}")
-    volume = Volume(path=volume_dir, index=index, signatures=_read_signatures(volume_dir, limits),
+    volume = Volume(path=volume_dir, index=_read_index_head(volume_dir, limits),
+                    signatures=_read_signatures(volume_dir, limits),
                     chain=_read_chain(volume_dir, limits))
+    _check_packs_are_files(volume)
     return manifest, volume
+
+
+def _read_index(volume: Volume, limits: Limits) -> VolumeIndex:
+    """The full index, read after authentication; its head must be the one read before."""
+    where = f"volume index of {volume.path}"
+    data = read_capped(volume.path / INDEX_NAME, limits.max_volume_index_bytes, where)
+    index = parse_index(data, limits, where=where)
+    if dataclasses.replace(index, entries=()) != dataclasses.replace(volume.index, entries=()):
+        raise FormatError(f"{where} changed while it was being read")
+    return index
 
 
 class Media:
@@ -180,12 +233,8 @@ class Media:
         self.volumes = tuple(sorted(volumes, key=lambda v: v.index.volume))
         self.limits = limits
         self.volume_count = self.volumes[0].index.volume_count
+        # Filled by authenticate, from index entries read only then.
         self._where: dict[bytes, list[ChunkLocation]] = {}
-        for volume in self.volumes:
-            for e in volume.index.entries:
-                self._where.setdefault(e.digest, []).append(ChunkLocation(
-                    volume=volume.name, pack=volume.pack_path(e.pack), offset=e.offset,
-                    stored_length=e.stored_length, compressed=e.compressed))
         self._ordinals: dict[str, int] | None = None
 
     @property
@@ -242,18 +291,22 @@ class Media:
 
     def _check_indexes(self, manifest: Manifest) -> None:
         unique = manifest.unique_chunks()
-        self._ordinals = {c.digest: i for i, c in enumerate(unique)}
-        for volume in self.volumes:
-            index = volume.index
+        for head in self.volumes:
             # Checked only now, after the signatures: a changed manifest is a signature
-            # failure first, not an index complaint.
-            if index.manifest_hash.hex() != self.manifest_hash:
-                raise FormatError(f"{volume.name}: the volume index belongs to another manifest")
-            if index.total_chunks != len(unique):
+            # failure first, not an index complaint. Both come from the head, so the entries
+            # read next number at most what the signed manifest holds.
+            if head.index.manifest_hash.hex() != self.manifest_hash:
+                raise FormatError(f"{head.name}: the volume index belongs to another manifest")
+            if head.index.total_chunks != len(unique):
                 raise FormatError(
-                    f"{volume.name}: index counts {index.total_chunks} chunks, the manifest "
+                    f"{head.name}: index counts {head.index.total_chunks} chunks, the manifest "
                     f"{len(unique)}"
                 )
+        volumes = []
+        for head in self.volumes:
+            volume = dataclasses.replace(head, index=_read_index(head, self.limits))
+            index = volume.index
+            volumes.append(volume)
             share = unique[index.chunk_range().start:index.chunk_range().stop]
             if [bytes.fromhex(c.digest) for c in share] != [e.digest for e in index.entries]:
                 raise FormatError(
@@ -266,6 +319,14 @@ class Media:
                         f"{volume.name}: index gives chunk {ref.digest} a stored length of "
                         f"{entry.stored_length} for a {ref.length}-byte chunk"
                     )
+        self.volumes = tuple(volumes)
+        self._ordinals = {c.digest: i for i, c in enumerate(unique)}
+        self._where = {}
+        for volume in self.volumes:
+            for e in volume.index.entries:
+                self._where.setdefault(e.digest, []).append(ChunkLocation(
+                    volume=volume.name, pack=volume.pack_path(e.pack), offset=e.offset,
+                    stored_length=e.stored_length, compressed=e.compressed))
 
     def holder(self, digest: str) -> str | None:
         """The volume that stores a chunk of the signed manifest (known once authenticated)."""
@@ -348,8 +409,8 @@ def check_stored(stored: bytes | memoryview, location: ChunkLocation, ref: Chunk
     if location.compressed:
         plain = decompress_chunk(stored, ref.length, chunk=ref.digest, volume=location.volume,
                                  offset=location.offset, pack=location.pack.name)
-    check_chunk(plain, ref.digest, file=file, volume=location.volume, offset=location.offset,
-                pack=location.pack.name)
+    check_chunk(plain, ref.digest, ref.length, file=file, volume=location.volume,
+                offset=location.offset, pack=location.pack.name)
     return plain
 
 
@@ -374,7 +435,10 @@ class VerifyReport:
         return not self.volumes_missing
 
 
-def _check_pack_sizes(volume: Volume) -> None:
+def check_pack_sizes(volume: Volume) -> None:
+    """Every pack has the size the (checked) index says, before any chunk is read: a shorter
+    or missing pack is a ``TruncatedError``, a longer one (padded: not what was built) a
+    ``FormatError``. ``verify_media`` and the importer both call this."""
     for number, size in enumerate(volume.index.pack_sizes, start=1):
         path = volume.pack_path(number)
         try:
@@ -397,11 +461,10 @@ def _check_pack_sizes(volume: Volume) -> None:
 def _open_pack(volume: Volume, number: int) -> BinaryIO:
     path = volume.pack_path(number)
     try:
-        return path.open("rb")
-    except FileNotFoundError as e:
+        fd = open_regular(path, pack_name(number), missing=TruncatedError)
+    except TruncatedError as e:
         raise TruncatedError(f"{pack_name(number)} is missing", volume=volume.name) from e
-    except OSError as e:
-        raise MediaError(f"cannot open {path}: {e}") from e
+    return os.fdopen(fd, "rb")
 
 
 def _check_mapped(mapped: MappedRange, location: ChunkLocation, ref: ChunkRef, file: str
@@ -440,7 +503,7 @@ def verify_media(
     for model, file, chunk in bundle.manifest.iter_chunks():
         files.setdefault(chunk.digest, f"{model.name}/{file.path}")
     for volume in media.volumes:
-        _check_pack_sizes(volume)
+        check_pack_sizes(volume)
     total = sum(sum(v.index.pack_sizes) for v in media.volumes)
     done = chunks = plain = 0
     pending: deque[Future[int]] = deque()

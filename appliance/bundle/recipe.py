@@ -27,20 +27,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 from appliance.errors import FormatError, RecipeError, UsageError
-from appliance.format import yamlsafe
-from appliance.format.manifest import (
-    MAX_SEQUENCE,
-    check_path,
-    check_unique_paths,
-)
+from appliance.format import fields, yamlsafe
+from appliance.format.manifest import check_path, check_unique_paths
 from appliance.limits import DEFAULT_LIMITS, Limits
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*", re.IGNORECASE)
 _POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 MAX_EXPIRES_DAYS = 36500
+_MAX_NAME_BYTES = 200
 SOURCE_KINDS = ("path", "hf", "default")
 
 
@@ -124,12 +120,12 @@ def parse_recipe(data: bytes, base_dir: Path, limits: Limits = DEFAULT_LIMITS, *
                              max_depth=limits.max_yaml_depth, what=what)
     except FormatError as e:
         raise RecipeError(str(e)) from e
-    top = _mapping(root, what)
-    _keys(top, {"channel", "sequence", "models"}, {"expires_days", "trust", "description"}, what)
+    top = fields.record(root, {"channel", "sequence", "models"}, what,
+                        optional={"expires_days", "trust", "description"}, error=RecipeError)
     channel = _name(top["channel"], f"{what}: channel", allow_slash=False)
-    sequence = _int(top["sequence"], f"{what}: sequence", 1, MAX_SEQUENCE)
-    expires_days = _int(top.get("expires_days", 365), f"{what}: expires_days", 1,
-                        MAX_EXPIRES_DAYS)
+    sequence = fields.sequence_number(top["sequence"], f"{what}: sequence", error=RecipeError)
+    expires_days = fields.integer(top.get("expires_days", 365), f"{what}: expires_days",
+                                  minimum=1, maximum=MAX_EXPIRES_DAYS, error=RecipeError)
     description = top.get("description")
     if description is not None and not isinstance(description, str):
         raise RecipeError(f"{what}: description must be a string")
@@ -156,8 +152,8 @@ def parse_recipe(data: bytes, base_dir: Path, limits: Limits = DEFAULT_LIMITS, *
 
 
 def _model(raw: object, where: str, base_dir: Path, limits: Limits) -> ModelSpec:
-    m = _mapping(raw, where)
-    _keys(m, {"name", "version", "files"}, {"license"}, where)
+    m = fields.record(raw, {"name", "version", "files"}, where, optional={"license"},
+                      error=RecipeError)
     name = _name(m["name"], f"{where}.name", allow_slash=True)
     where = f"model {name}"
     version = _name(m["version"], f"{where}: version", allow_slash=False)
@@ -179,12 +175,12 @@ def _model(raw: object, where: str, base_dir: Path, limits: Limits) -> ModelSpec
 
 
 def _file(raw: object, where: str, base_dir: Path, limits: Limits) -> FileSpec:
-    m = _mapping(raw, where)
+    m = fields.mapping(raw, where, error=RecipeError)
     kinds = [k for k in SOURCE_KINDS if k in m]
     if len(kinds) != 1:
         raise RecipeError(f"{where}: give exactly one of path:, hf:, default:")
     kind = kinds[0]
-    _keys(m, {kind}, {"dest"}, where)
+    fields.keys(m, {kind}, {"dest"}, where, error=RecipeError)
     value = m[kind]
     repo = revision = None
     if kind == "path":
@@ -217,8 +213,8 @@ def _hf(value: object, where: str) -> tuple[str, str, str | None]:
         if len(parts) < 3 or not all(parts):
             raise RecipeError(f"{where}: hf: shorthand is ORG/REPO/FILE")
         return "/".join(parts[:2]), "/".join(parts[2:]), None
-    m = _mapping(value, f"{where} hf")
-    _keys(m, {"repo", "file"}, {"revision"}, f"{where} hf")
+    m = fields.record(value, {"repo", "file"}, f"{where} hf", optional={"revision"},
+                      error=RecipeError)
     repo, file, revision = m["repo"], m["file"], m.get("revision")
     if not isinstance(repo, str) or repo.count("/") != 1 or not all(repo.split("/")):
         raise RecipeError(f"{where}: hf repo must look like ORG/NAME")
@@ -235,33 +231,5 @@ def _local_path(text: str, base_dir: Path) -> Path:
 
 
 def _name(value: object, where: str, *, allow_slash: bool) -> str:
-    segment = r"[A-Za-z0-9][A-Za-z0-9._+-]*"
-    pattern = rf"{segment}(?:/{segment})*" if allow_slash else segment
-    if not isinstance(value, str) or not re.fullmatch(pattern, value) or len(value) > 200:
-        raise RecipeError(
-            f"{where}: {value!r} must be letters, digits, '.', '_', '+', '-'"
-            + (" (segments joined by '/')" if allow_slash else "")
-            + ", starting with a letter or digit"
-        )
-    return value
-
-
-def _int(value: object, where: str, minimum: int, maximum: int) -> int:
-    if type(value) is not int or not minimum <= value <= maximum:
-        raise RecipeError(f"{where}: expected a whole number from {minimum} to {maximum}")
-    return value
-
-
-def _mapping(value: object, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise RecipeError(f"{where}: expected a mapping")
-    return value
-
-
-def _keys(m: dict[str, Any], required: set[str], optional: set[str], where: str) -> None:
-    unknown = set(m) - required - optional
-    if unknown:
-        raise RecipeError(f"{where}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
-    missing = required - set(m)
-    if missing:
-        raise RecipeError(f"{where}: missing field(s) {', '.join(sorted(missing))}")
+    # Under the manifest's cap, so a name a recipe accepts is one the manifest accepts too.
+    return fields.name(value, where, _MAX_NAME_BYTES, slash=allow_slash, error=RecipeError)

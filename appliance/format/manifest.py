@@ -25,33 +25,22 @@ The exact YAML schema is in docs/FORMAT.md, section "Manifest".
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import blake3
 
 from appliance.errors import FormatError, LimitExceededError, UnsafePathError
-from appliance.format import yamlsafe
+from appliance.format import fields, yamlsafe
+from appliance.format.fields import format_timestamp, parse_timestamp
 from appliance.format.merkle import merkle_root
 from appliance.limits import DEFAULT_LIMITS, Limits
 
 FORMAT_VERSION = 1
 DIGEST_HEX_CHARS = 64
 SHA256_HEX_CHARS = 64
-TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
-# Sequences are stored in SQLite INTEGER columns by the store.
-MAX_SEQUENCE = (1 << 63) - 1
-
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
-# One name segment: starts with a letter or digit, so "." and ".." and hidden names are out.
-_SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._+-]*"
-_MODEL_NAME = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*")
-_SIMPLE_NAME = re.compile(_SEGMENT)
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,12 +147,6 @@ class Manifest:
 # Serialising
 
 
-def format_timestamp(moment: datetime) -> str:
-    if moment.tzinfo is None:
-        raise ValueError("timestamps must be timezone-aware")
-    return moment.astimezone(UTC).strftime(TIMESTAMP_FORMAT)
-
-
 def _chunk_text(chunk: ChunkRef) -> str:
     return f"{chunk.digest} {chunk.length}"
 
@@ -247,21 +230,16 @@ def parse_manifest(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Manifest:
             f"manifest: unsupported format_version {version!r} (this reader knows "
             f"{FORMAT_VERSION})"
         )
-    _keys(root, {"format_version", "channel", "sequence", "created", "expires", "models"}, set(),
-          "manifest")
-    channel = _simple_name(root["channel"], "manifest channel", limits)
-    sequence = _int(root["sequence"], "manifest sequence", minimum=1, maximum=MAX_SEQUENCE)
+    fields.keys(root, {"format_version", "channel", "sequence", "created", "expires", "models"},
+                set(), "manifest")
+    channel = fields.name(root["channel"], "manifest channel", limits.max_name_bytes)
+    sequence = fields.sequence_number(root["sequence"], "manifest sequence")
     created = parse_timestamp(root["created"], "manifest created")
     expires = parse_timestamp(root["expires"], "manifest expires")
     if expires <= created:
         raise FormatError("manifest: expires is not after created")
-    models_raw = _list(root["models"], "manifest models")
-    if not models_raw:
-        raise FormatError("manifest: models is empty")
-    if len(models_raw) > limits.max_models:
-        raise LimitExceededError(
-            f"manifest: {len(models_raw)} models, over the cap of {limits.max_models}"
-        )
+    models_raw = fields.items(root["models"], "manifest models", nonempty=True,
+                              max_items=limits.max_models)
     models = tuple(_parse_model(raw, i, limits) for i, raw in enumerate(models_raw))
     seen: set[tuple[str, str]] = set()
     for model in models:
@@ -275,31 +253,16 @@ def parse_manifest(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Manifest:
     )
 
 
-def parse_timestamp(value: object, where: str) -> datetime:
-    """``YYYY-MM-DDTHH:MM:SSZ`` (UTC, a YAML string) -> an aware datetime."""
-    if not isinstance(value, str) or not _TIMESTAMP.fullmatch(value):
-        raise FormatError(f"{where}: expected a UTC timestamp like 2025-01-31T12:00:00Z")
-    try:
-        return datetime.strptime(value, TIMESTAMP_FORMAT).replace(tzinfo=UTC)
-    except ValueError as e:
-        raise FormatError(f"{where}: {value!r} is not a valid date") from e
-
-
 def _parse_model(raw: object, index: int, limits: Limits) -> ModelEntry:
     where = f"manifest models[{index}]"
-    mapping = _mapping(raw, where)
-    _keys(mapping, {"name", "version", "license", "provenance", "gguf", "files"}, set(), where)
-    name = _model_name(mapping["name"], f"{where}.name", limits)
+    mapping = fields.record(raw, {"name", "version", "license", "provenance", "gguf", "files"},
+                            where)
+    name = fields.name(mapping["name"], f"{where}.name", limits.max_name_bytes, slash=True)
     where = f"model {name}"
-    version = _simple_name(mapping["version"], f"{where} version", limits)
-    license_ = _text(mapping["license"], f"{where} license", limits.max_name_bytes)
-    files_raw = _list(mapping["files"], f"{where} files")
-    if not files_raw:
-        raise FormatError(f"{where}: files is empty")
-    if len(files_raw) > limits.max_files_per_model:
-        raise LimitExceededError(
-            f"{where}: {len(files_raw)} files, over the cap of {limits.max_files_per_model}"
-        )
+    version = fields.name(mapping["version"], f"{where} version", limits.max_name_bytes)
+    license_ = fields.text(mapping["license"], f"{where} license", limits.max_name_bytes)
+    files_raw = fields.items(mapping["files"], f"{where} files", nonempty=True,
+                             max_items=limits.max_files_per_model)
     files = tuple(_parse_file(f, f"{where} files[{i}]", limits) for i, f in enumerate(files_raw))
     paths = [f.path for f in files]
     check_unique_paths(paths, where)
@@ -311,17 +274,14 @@ def _parse_model(raw: object, index: int, limits: Limits) -> ModelEntry:
 
 
 def _parse_file(raw: object, where: str, limits: Limits) -> FileEntry:
-    mapping = _mapping(raw, where)
-    _keys(mapping, {"path", "size", "merkle_root", "chunks"}, set(), where)
+    mapping = fields.record(raw, {"path", "size", "merkle_root", "chunks"}, where)
     path = check_path(mapping["path"], where, limits)
     where = f"file {path}"
-    size = _int(mapping["size"], f"{where} size", minimum=0, maximum=limits.max_file_bytes)
-    root_hex = _hex64(mapping["merkle_root"], f"{where} merkle_root")
-    chunks_raw = _list(mapping["chunks"], f"{where} chunks")
-    if len(chunks_raw) > limits.max_chunks_per_file:
-        raise LimitExceededError(
-            f"{where}: {len(chunks_raw)} chunks, over the cap of {limits.max_chunks_per_file}"
-        )
+    size = fields.integer(mapping["size"], f"{where} size", maximum=limits.max_file_bytes,
+                          cap=True)
+    root_hex = fields.hex64(mapping["merkle_root"], f"{where} merkle_root")
+    chunks_raw = fields.items(mapping["chunks"], f"{where} chunks",
+                              max_items=limits.max_chunks_per_file)
     chunks: list[ChunkRef] = []
     offset = 0
     for i, text in enumerate(chunks_raw):
@@ -344,7 +304,7 @@ def _parse_chunk_text(text: object, where: str, limits: Limits) -> tuple[str, in
     parts = text.split(" ")
     if len(parts) != 2 or not parts[1].isascii() or not parts[1].isdigit():
         raise FormatError(f"{where}: expected '<blake3 hex> <length>'")
-    digest = _hex64(parts[0], where)
+    digest = fields.hex64(parts[0], where)
     if len(parts[1]) > 1 and parts[1][0] == "0":
         raise FormatError(f"{where}: length has a leading zero")
     length = int(parts[1])
@@ -359,21 +319,18 @@ def _parse_chunk_text(text: object, where: str, limits: Limits) -> tuple[str, in
 
 def _parse_provenance(raw: object, where: str, paths: Sequence[str], limits: Limits
                       ) -> Provenance:
-    mapping = _mapping(raw, where)
-    _keys(mapping, {"builder", "sources"}, set(), where)
-    builder = _text(mapping["builder"], f"{where} builder", limits.max_name_bytes)
-    sources_raw = _list(mapping["sources"], f"{where} sources")
-    if len(sources_raw) > limits.max_files_per_model:
-        raise LimitExceededError(f"{where}: too many sources")
+    mapping = fields.record(raw, {"builder", "sources"}, where)
+    builder = fields.text(mapping["builder"], f"{where} builder", limits.max_name_bytes)
+    sources_raw = fields.items(mapping["sources"], f"{where} sources",
+                               max_items=limits.max_files_per_model)
     sources: list[SourceRecord] = []
     for i, item in enumerate(sources_raw):
         w = f"{where} sources[{i}]"
-        m = _mapping(item, w)
-        _keys(m, {"path", "source", "sha256"}, set(), w)
+        m = fields.record(item, {"path", "source", "sha256"}, w)
         sources.append(SourceRecord(
             path=check_path(m["path"], w, limits),
-            source=_text(m["source"], f"{w} source", limits.max_path_bytes),
-            sha256=_hex64(m["sha256"], f"{w} sha256"),
+            source=fields.text(m["source"], f"{w} source", limits.max_path_bytes),
+            sha256=fields.hex64(m["sha256"], f"{w} sha256"),
         ))
     if sorted(s.path for s in sources) != sorted(paths):
         raise FormatError(f"{where}: sources must name each file exactly once")
@@ -381,42 +338,33 @@ def _parse_provenance(raw: object, where: str, paths: Sequence[str], limits: Lim
 
 
 def _parse_gguf(raw: object, where: str, limits: Limits) -> GgufInfo:
-    m = _mapping(raw, where)
-    _keys(m, {"architecture", "quantization", "parameter_count", "context_length",
-              "tensor_count", "chat_template_hash"}, set(), where)
+    m = fields.record(raw, {"architecture", "quantization", "parameter_count",
+                            "context_length", "tensor_count", "chat_template_hash"}, where)
     cth = m["chat_template_hash"]
     return GgufInfo(
-        architecture=_text(m["architecture"], f"{where} architecture", limits.max_name_bytes),
+        architecture=fields.text(m["architecture"], f"{where} architecture",
+                                 limits.max_name_bytes),
         quantization=None if m["quantization"] is None
-        else _text(m["quantization"], f"{where} quantization", limits.max_name_bytes),
+        else fields.text(m["quantization"], f"{where} quantization", limits.max_name_bytes),
         parameter_count=None if m["parameter_count"] is None
-        else _int(m["parameter_count"], f"{where} parameter_count", minimum=0),
+        else fields.integer(m["parameter_count"], f"{where} parameter_count", cap=True),
         context_length=None if m["context_length"] is None
-        else _int(m["context_length"], f"{where} context_length", minimum=0),
-        tensor_count=_int(m["tensor_count"], f"{where} tensor_count", minimum=0),
-        chat_template_hash=None if cth is None else _hex64(cth, f"{where} chat_template_hash"),
+        else fields.integer(m["context_length"], f"{where} context_length", cap=True),
+        tensor_count=fields.integer(m["tensor_count"], f"{where} tensor_count", cap=True),
+        chat_template_hash=None if cth is None
+        else fields.hex64(cth, f"{where} chat_template_hash"),
     )
 
 
 # ---------------------------------------------------------------------------------------------
-# Field checks (shared with the recipe parser and the importer)
+# Field checks (the shared ones live in appliance.format.fields)
 
 
 def check_path(value: object, where: str, limits: Limits = DEFAULT_LIMITS) -> str:
     """A safe relative POSIX path or ``UnsafePathError``: not absolute, no ``..`` or ``.``
-    segments, no empty segments, no backslash, NUL or control characters, capped length."""
-    if not isinstance(value, str) or not value:
-        raise UnsafePathError(f"{where}: path must be a non-empty string")
-    if len(value.encode("utf-8")) > limits.max_path_bytes:
-        raise LimitExceededError(f"{where}: path longer than {limits.max_path_bytes} bytes")
-    if _CONTROL.search(value) or "\\" in value:
-        raise UnsafePathError(f"{where}: path {value!r} has a control character or backslash")
-    if value.startswith("/") or (len(value) > 1 and value[1] == ":"):
-        raise UnsafePathError(f"{where}: path {value!r} is absolute")
-    for segment in value.split("/"):
-        if segment in ("", ".", ".."):
-            raise UnsafePathError(f"{where}: path {value!r} has an empty, '.' or '..' segment")
-    return value
+    segments, no empty segments, no backslash, NUL or control characters, no segment a file
+    system cannot hold (over 255 bytes, a reserved name), capped length."""
+    return fields.relative_path(value, where, limits.max_path_bytes)
 
 
 def check_unique_paths(paths: Sequence[str], where: str) -> None:
@@ -433,79 +381,3 @@ def check_unique_paths(paths: Sequence[str], where: str) -> None:
         for i in range(1, len(parts)):
             if "/".join(parts[:i]) in seen:
                 raise UnsafePathError(f"{where}: {path!r} is inside another file's path")
-
-
-def _bounded(value: object, where: str, max_bytes: int) -> str:
-    """A non-empty string of at most ``max_bytes`` UTF-8 bytes."""
-    if not isinstance(value, str) or not value:
-        raise FormatError(f"{where}: expected a non-empty string")
-    if len(value.encode("utf-8")) > max_bytes:
-        raise LimitExceededError(f"{where}: longer than {max_bytes} bytes")
-    return value
-
-
-def _model_name(value: object, where: str, limits: Limits) -> str:
-    name = _bounded(value, where, limits.max_name_bytes)
-    if not _MODEL_NAME.fullmatch(name):
-        # Model names become directory names in the store: anything else is a path attack.
-        raise UnsafePathError(
-            f"{where}: {name!r} must be segments of letters, digits, '.', '_', '+', '-' "
-            "joined by '/', each starting with a letter or digit"
-        )
-    return name
-
-
-def _simple_name(value: object, where: str, limits: Limits) -> str:
-    name = _bounded(value, where, limits.max_name_bytes)
-    if not _SIMPLE_NAME.fullmatch(name):
-        raise UnsafePathError(
-            f"{where}: {name!r} must be letters, digits, '.', '_', '+', '-', starting with a "
-            "letter or digit"
-        )
-    return name
-
-
-def _text(value: object, where: str, max_bytes: int) -> str:
-    text = _bounded(value, where, max_bytes)
-    if _CONTROL.search(text):
-        raise FormatError(f"{where}: control characters are not allowed")
-    return text
-
-
-def _hex64(value: object, where: str) -> str:
-    if not isinstance(value, str) or not _HEX64.fullmatch(value):
-        raise FormatError(f"{where}: expected 64 lower-case hex digits")
-    return value
-
-
-def _int(value: object, where: str, *, minimum: int, maximum: int = MAX_SEQUENCE) -> int:
-    # bool is an int subclass in Python; YAML "true" must not pass as 1.
-    if type(value) is not int:
-        raise FormatError(f"{where}: expected an integer")
-    if value < minimum:
-        raise FormatError(f"{where}: {value} is below {minimum}")
-    if value > maximum:
-        raise LimitExceededError(f"{where}: {value} is over the cap of {maximum}")
-    return value
-
-
-def _mapping(value: object, where: str) -> Mapping[str, Any]:
-    if not isinstance(value, dict):
-        raise FormatError(f"{where}: expected a mapping")
-    return value
-
-
-def _list(value: object, where: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise FormatError(f"{where}: expected a list")
-    return value
-
-
-def _keys(mapping: Mapping[str, Any], required: set[str], optional: set[str], where: str) -> None:
-    keys = set(mapping)
-    unknown = keys - required - optional
-    if unknown:
-        raise FormatError(f"{where}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
-    missing = required - keys
-    if missing:
-        raise FormatError(f"{where}: missing field(s) {', '.join(sorted(missing))}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from types import MappingProxyType
 from typing import Any
 
@@ -34,7 +34,8 @@ from appliance.errors import (
     ThresholdError,
     UsageError,
 )
-from appliance.format import yamlsafe
+from appliance.format import fields, yamlsafe
+from appliance.format.fields import format_timestamp
 from appliance.format.signing import (
     DOMAIN_MANIFEST,
     DOMAIN_ROOT,
@@ -43,7 +44,7 @@ from appliance.format.signing import (
     key_id,
     verify,
 )
-from appliance.limits import DEFAULT_LIMITS, Limits
+from appliance.limits import DEFAULT_LIMITS, MAX_SEQUENCE, Limits
 
 ROOT_FORMAT = "appliance-root/1"
 ENVELOPE_FORMAT = "appliance-signed-root/1"
@@ -52,13 +53,11 @@ ROLE_PUBLISHER = "publisher"
 ROLES = (ROLE_ROOT, ROLE_PUBLISHER)
 ANY_MODEL = "*"
 FINGERPRINT_HEX_CHARS = 32
-MAX_SEQUENCE = (1 << 63) - 1
 MAX_PATTERNS_PER_KEY = 64
 
 _ENVELOPE_COMMENT = (
     "# appliance trust root. Signatures cover the exact text under 'signed:'; do not edit it.\n"
 )
-_TIME_RE = re.compile(r"\A\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z\Z")
 _KEY_NAME_RE = re.compile(r"\A[A-Za-z0-9._@+-]{1,64}\Z")
 _PATTERN_RE = re.compile(r"\A[A-Za-z0-9._/@+*?-]+\Z")
 _PUBLIC_HEX_RE = re.compile(r"\A[0-9a-f]{64}\Z")
@@ -126,18 +125,8 @@ class SignedRoot:
 # --- times, names, patterns -------------------------------------------------------------
 
 
-def format_time(moment: datetime) -> str:
-    _require_aware(moment)
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _parse_time(value: Any, what: str) -> datetime:
-    if not isinstance(value, str) or not _TIME_RE.match(value):
-        raise FormatError(f"{what} must be a quoted 'YYYY-MM-DDTHH:MM:SSZ' string, got {value!r}")
-    try:
-        return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    except ValueError as e:
-        raise FormatError(f"{what} is not a real date: {value!r}") from e
+# The one timestamp form (appliance.format.fields), under the name the CLI and TUI import.
+format_time = format_timestamp
 
 
 def _require_aware(moment: datetime) -> None:
@@ -198,22 +187,6 @@ def check_fingerprint(signed: SignedRoot, expected: str) -> None:
 # --- parsing -----------------------------------------------------------------------------
 
 
-def _exact_keys(value: Any, required: set[str], what: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise FormatError(f"{what} must be a mapping")
-    keys = set(value)
-    if keys != required:
-        missing, unknown = sorted(required - keys), sorted(map(str, keys - required))
-        raise FormatError(f"{what}: missing fields {missing}, unknown fields {unknown}")
-    return value
-
-
-def _int_field(value: Any, what: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise FormatError(f"{what} must be an integer from {low} to {high}, got {value!r}")
-    return value
-
-
 def _parse_keys(value: Any, limits: Limits) -> dict[str, TrustKey]:
     if not isinstance(value, dict) or not value:
         raise FormatError("trust root: 'keys' must be a non-empty mapping of key id -> key")
@@ -223,7 +196,7 @@ def _parse_keys(value: Any, limits: Limits) -> dict[str, TrustKey]:
     for kid, entry in value.items():
         if not isinstance(kid, str) or not is_key_id(kid):
             raise FormatError(f"trust root: {kid!r} is not a key id (32 lower-case hex digits)")
-        entry = _exact_keys(entry, {"name", "public"}, f"trust root key {kid}")
+        entry = fields.record(entry, {"name", "public"}, f"trust root key {kid}")
         public_hex, name = entry["public"], entry["name"]
         if not isinstance(public_hex, str) or not _PUBLIC_HEX_RE.match(public_hex):
             raise FormatError(f"trust root key {kid}: 'public' must be 64 lower-case hex digits")
@@ -237,8 +210,8 @@ def _parse_keys(value: Any, limits: Limits) -> dict[str, TrustKey]:
 
 
 def _parse_role(name: str, value: Any, keys: Mapping[str, TrustKey], limits: Limits) -> Role:
-    fields = {"threshold", "keys", "models"} if name == ROLE_PUBLISHER else {"threshold", "keys"}
-    value = _exact_keys(value, fields, f"trust root role {name!r}")
+    wanted = {"threshold", "keys", "models"} if name == ROLE_PUBLISHER else {"threshold", "keys"}
+    value = fields.record(value, wanted, f"trust root role {name!r}")
     key_list = value["keys"]
     if not isinstance(key_list, list) or not key_list:
         raise FormatError(f"trust root role {name!r}: 'keys' must be a non-empty list")
@@ -247,8 +220,9 @@ def _parse_role(name: str, value: Any, keys: Mapping[str, TrustKey], limits: Lim
             raise FormatError(f"trust root role {name!r}: key {kid!r} is not in 'keys'")
     if len(set(key_list)) != len(key_list):
         raise FormatError(f"trust root role {name!r} lists a key twice")
-    threshold = _int_field(
-        value["threshold"], f"trust root role {name!r} threshold", 1, len(key_list)
+    threshold = fields.integer(
+        value["threshold"], f"trust root role {name!r} threshold", minimum=1,
+        maximum=len(key_list),
     )
     models: dict[str, tuple[str, ...]] = {}
     if name == ROLE_PUBLISHER:
@@ -279,18 +253,18 @@ def parse_root_body(body: bytes, limits: Limits = DEFAULT_LIMITS) -> TrustRoot:
         body, max_bytes=limits.max_trust_root_bytes, max_depth=limits.max_yaml_depth,
         what="trust root body",
     )
-    value = _exact_keys(
+    value = fields.record(
         value, {"format", "version", "created", "expires", "keys", "roles"}, "trust root body"
     )
     if value["format"] != ROOT_FORMAT:
         raise FormatError(f"unsupported trust root format {value['format']!r} (want {ROOT_FORMAT})")
-    version = _int_field(value["version"], "trust root version", 1, MAX_SEQUENCE)
-    created = _parse_time(value["created"], "trust root 'created'")
-    expires = _parse_time(value["expires"], "trust root 'expires'")
+    version = fields.sequence_number(value["version"], "trust root version")
+    created = fields.parse_timestamp(value["created"], "trust root 'created'")
+    expires = fields.parse_timestamp(value["expires"], "trust root 'expires'")
     if expires <= created:
         raise FormatError("trust root expires before it was created")
     keys = _parse_keys(value["keys"], limits)
-    roles_value = _exact_keys(value["roles"], set(ROLES), "trust root 'roles'")
+    roles_value = fields.record(value["roles"], set(ROLES), "trust root 'roles'")
     roles = {name: _parse_role(name, roles_value[name], keys, limits) for name in ROLES}
     used = {kid for role in roles.values() for kid in role.key_ids}
     for kid in keys:
@@ -308,7 +282,7 @@ def parse_signed_root(data: bytes, limits: Limits = DEFAULT_LIMITS) -> SignedRoo
         data, max_bytes=limits.max_trust_root_bytes, max_depth=limits.max_yaml_depth,
         what="trust root file",
     )
-    value = _exact_keys(value, {"format", "signed", "signatures"}, "trust root file")
+    value = fields.record(value, {"format", "signed", "signatures"}, "trust root file")
     if value["format"] != ENVELOPE_FORMAT:
         raise FormatError(
             f"unsupported trust root file format {value['format']!r} (want {ENVELOPE_FORMAT})"

@@ -3,7 +3,7 @@
 Pure: bytes in, objects out; no sockets, no files, no clock. Every function that reads a peer's
 answer treats it as hostile: size cap first, then the protocol version, then each field, with
 unknown keys, duplicate keys, wrong types and lying counts refused as ``PeerProtocolError``.
-A chunk whose bytes do not hash to the digest asked for is an ``IntegrityError`` naming it.
+A chunk's bytes are checked on arrival by ``appliance.chunks.check_chunk`` (the one check).
 
 Endpoints (HTTP GET; docs/FORMAT.md, section "Peer protocol"):
 
@@ -36,9 +36,10 @@ from urllib.parse import urlsplit
 
 import blake3
 
-from appliance.errors import IntegrityError, PeerProtocolError, SignatureError, UsageError
+from appliance.errors import PeerProtocolError, SignatureError, UsageError
+from appliance.format import fields
 from appliance.format.signing import Signature
-from appliance.limits import DEFAULT_LIMITS, Limits
+from appliance.limits import DEFAULT_LIMITS, MAX_SEQUENCE, Limits
 
 PROTOCOL_VERSION = 1
 SERVICE_TYPE = "_appliance._tcp.local."
@@ -155,35 +156,22 @@ def encode_json(value: dict[str, Any]) -> bytes:
 
 
 def _exact_keys(value: Any, keys: set[str], what: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise PeerProtocolError(f"{what}: expected an object")
-    if set(value) != keys:
-        extra = sorted(set(value) - keys)
-        missing = sorted(keys - set(value))
-        raise PeerProtocolError(f"{what}: unexpected keys {extra}, missing keys {missing}")
-    return value
+    return fields.record(value, keys, what, error=PeerProtocolError)
 
 
 def _text(value: Any, what: str, pattern: re.Pattern[str] | None = None) -> str:
-    if not isinstance(value, str) or not value or len(value) > _MAX_TEXT:
-        raise PeerProtocolError(f"{what}: expected a short non-empty string")
-    if pattern is not None and not pattern.match(value):
-        raise PeerProtocolError(f"{what}: {value[:80]!r} has characters that are not allowed")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
-        raise PeerProtocolError(f"{what}: control characters are not allowed")
-    return value
+    text = fields.text(value, what, _MAX_TEXT, error=PeerProtocolError)
+    if pattern is not None and not pattern.match(text):
+        raise PeerProtocolError(f"{what}: {text[:80]!r} has characters that are not allowed")
+    return text
 
 
-def _int(value: Any, what: str, low: int = 0, high: int = (1 << 63) - 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise PeerProtocolError(f"{what}: expected an integer in [{low}, {high}]")
-    return value
+def _int(value: Any, what: str, low: int = 0, high: int = MAX_SEQUENCE) -> int:
+    return fields.integer(value, what, minimum=low, maximum=high, error=PeerProtocolError)
 
 
 def _hex64(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not is_digest(value):
-        raise PeerProtocolError(f"{what}: expected a 64-character lowercase hex digest")
-    return value
+    return fields.hex64(value, what, error=PeerProtocolError)
 
 
 @dataclass(frozen=True)
@@ -389,15 +377,3 @@ def parse_signatures(body: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[Sign
         if sig not in out:
             out.append(sig)
     return tuple(out)
-
-
-def check_chunk(data: bytes, digest: str, length: int, *, peer: str | None = None) -> bytes:
-    """A chunk as received: exactly ``length`` bytes whose BLAKE3 is ``digest``."""
-    where = f" from {peer}" if peer else ""
-    if len(data) != length:
-        raise IntegrityError(
-            f"chunk{where} is {len(data)} bytes, the manifest says {length}", chunk=digest
-        )
-    if blake3.blake3(data).hexdigest() != digest:
-        raise IntegrityError(f"chunk bytes{where} differ from the signed manifest", chunk=digest)
-    return data

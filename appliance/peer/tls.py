@@ -23,7 +23,6 @@ Keys are ECDSA P-256, which every TLS stack (OpenSSL, curl, browsers) accepts.
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 import ssl
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from appliance import fsutil
 from appliance.errors import PeerError, UsageError
 
 CA_KEY = "ca.key"
@@ -121,16 +121,11 @@ def _parse_ips(ips: Sequence[str]) -> list[ipaddress.IPv4Address | ipaddress.IPv
 def _write_new(path: Path, data: bytes, mode: int) -> None:
     """Create ``path`` (never overwrite: a second init must not clobber a site's CA key)."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        fsutil.create_exclusive(path, data, mode)
     except FileExistsError as e:
         raise UsageError(f"{path} already exists; refusing to overwrite it") from e
     except OSError as e:
         raise UsageError(f"cannot create {path}: {e}") from e
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_pem(path: Path, what: str) -> bytes:

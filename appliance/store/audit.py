@@ -11,13 +11,19 @@ A chain alone cannot show that its newest records were cut off, so the store als
 refreshed after each committed append made here and by ``verify``; it may lag behind the log
 (a crash after a commit, or an append inside a caller's transaction) but never run ahead of
 it, so a head naming a record the log no longer holds means records were removed.
+
+The head is also the log's anchor: a store that holds trust roots, manifests or models has
+had records appended (each of those is audited), so a missing head or an empty log there
+means the log was removed or replaced, and ``verify`` says so instead of anchoring anew.
+Only a store that holds nothing yet may start a log from nothing.
+
+Record times are RFC 3339 UTC with a ``Z`` (``appliance.format.fields.format_timestamp``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +33,9 @@ from typing import Any
 
 import blake3
 
+from appliance import fsutil
 from appliance.errors import AuditChainError
+from appliance.format.fields import format_timestamp
 from appliance.store.db import connect
 
 _DOMAIN = b"appliance/audit/v1\x00"
@@ -77,7 +85,7 @@ def append(
         row = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
         seq = (row["seq"] + 1) if row else 1
         prev = row["hash"] if row else GENESIS
-        time = (now or datetime.now(UTC)).isoformat(timespec="seconds")
+        time = format_timestamp(now or datetime.now(UTC))
         details_json = json.dumps(details, sort_keys=True, separators=(",", ":"))
         digest = record_hash(seq, time, kind, details_json, prev)
         db.execute(
@@ -117,13 +125,9 @@ def write_head(store_dir: Path, seq: int, digest: str) -> None:
         current = read_head(store_dir)
     if current is not None and current[0] > seq:
         return
-    tmp = store_dir / f".{HEAD_NAME}.{os.getpid()}"
-    try:
-        tmp.write_text(f"{seq} {digest}\n", "ascii")
-        os.replace(tmp, store_dir / HEAD_NAME)
-    except OSError:
+    with contextlib.suppress(OSError):
         # The head is a tripwire, not the log: failing to move it must not fail the append.
-        tmp.unlink(missing_ok=True)
+        fsutil.write_atomic(store_dir / HEAD_NAME, f"{seq} {digest}\n".encode("ascii"))
 
 
 def sync_head(store_dir: Path, conn: sqlite3.Connection | None = None) -> None:
@@ -150,6 +154,17 @@ def records(store_dir: Path) -> Iterator[AuditRecord]:
         db.close()
 
 
+def _holdings(db: sqlite3.Connection) -> str:
+    """What the store holds that was audited when it arrived, e.g. '1 trust root(s)'."""
+    held = []
+    for table, what in (("trust_roots", "trust root"), ("manifests", "manifest"),
+                        ("models", "model")):
+        (n,) = db.execute(f"SELECT count(*) FROM {table}").fetchone()
+        if n:
+            held.append(f"{n} {what}(s)")
+    return ", ".join(held)
+
+
 def verify(store_dir: Path) -> int:
     """Check the whole chain; return the number of records, or raise AuditChainError."""
     db = connect(store_dir)
@@ -172,6 +187,19 @@ def verify(store_dir: Path) -> int:
             expected_seq += 1
             count += 1
         head = read_head(store_dir)
+        if head is None or count == 0:
+            held = _holdings(db)
+            if held and count == 0:
+                raise AuditChainError(
+                    f"the audit log is empty, but the store holds {held}: the log was removed "
+                    "(not intact; it is not started anew)"
+                )
+            if held:
+                raise AuditChainError(
+                    f"the audit head file {store_dir / HEAD_NAME} is missing, but the store "
+                    f"holds {held}: the log cannot be shown complete (not intact; it is not "
+                    "re-anchored)"
+                )
         if head is not None:
             head_seq, head_hash = head
             if head_seq > count:

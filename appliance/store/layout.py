@@ -1,6 +1,6 @@
 """Where the store keeps things on disk, and the low-level file rules every store module follows.
 
-Layout under the store directory (docs/FORMAT.md "Store"):
+Layout under the store directory (docs/DESIGN.md, "Store internals"):
 
     index.sqlite (+ -wal, -shm)     the index (appliance.store.db)
     lock                            flock'ed by the one writer (import, pull, rm, verify, gc)
@@ -9,8 +9,9 @@ Layout under the store directory (docs/FORMAT.md "Store"):
     staging/<file id>.part          a file being imported, preallocated to its size
     quarantine/<stamp>-<file id>-<name>-<version>-<path>   files that failed a re-verify
 
-This module also owns the durability primitives (fsync of files and directories) and the
-translation of ENOSPC into ``DiskFullError``, so every writer gets them the same way.
+This module also owns the translation of ENOSPC into ``DiskFullError``, so every writer gets
+it the same way; the durability primitives (``fsync_dir``, strict here: the store must not
+carry on when a directory cannot be made durable) come from ``appliance.fsutil``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 from appliance.errors import DiskFullError, StoreError, UnsafePathError
+from appliance.fsutil import fsync_dir
 
 MODELS_DIR = "models"
 STAGING_DIR = "staging"
@@ -91,15 +93,6 @@ def ensure_dirs(store_dir: Path) -> None:
             sub.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise os_error(e, f"cannot create the store directories in {store_dir}") from e
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (a create, a rename) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def make_parents(store_dir: Path, target: Path) -> None:

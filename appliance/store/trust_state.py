@@ -63,6 +63,7 @@ def _transaction(store_dir: Path, conn: sqlite3.Connection | None) -> Iterator[s
         db.execute("BEGIN IMMEDIATE")
         yield db
         db.execute("COMMIT")
+        audit.sync_head(store_dir, db)  # the head anchors the log: audit verify needs it
     except BaseException:
         if db.in_transaction:
             db.execute("ROLLBACK")
