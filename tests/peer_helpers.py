@@ -169,7 +169,8 @@ class ChunkTamper:
     """ASGI middleware: lets ``mode`` rewrite chunk responses after the first ``honest`` ones.
 
     Modes: "flip" (flip a byte of the body), "die" (send half, then drop the connection),
-    "stall" (send half, then hang), "gate" (hold chunk ``digest`` until ``release`` is set).
+    "stall" (send half, then hang), "gate" (hold chunk ``digest`` until ``release`` is set),
+    "refuse" (answer 404 for chunk ``digest``, which the have-map still lists).
     """
 
     def __init__(self, app: Any, mode: str, *, honest: int = 0, digest: str | None = None
@@ -187,6 +188,15 @@ class ChunkTamper:
         path = scope.get("path", "")
         if scope["type"] != "http" or not path.startswith("/v1/chunks/"):
             await self.app(scope, receive, send)
+            return
+        if self.mode == "refuse":
+            if not path.endswith(self.digest or "-"):
+                await self.app(scope, receive, send)
+                return
+            with self.lock:
+                self.tampered += 1
+            await send({"type": "http.response.start", "status": 404, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
             return
         if self.mode == "gate":
             if path.endswith(self.digest or "-"):

@@ -41,9 +41,10 @@ from appliance.errors import (
 from appliance.peer.client import PeerClient
 from appliance.peer.pull import PullOptions, pull
 from appliance.peer.server import PeerServer
-from appliance.store import audit, trust_state
+from appliance.store import audit, layout, trust_state
 from appliance.store.db import connect
 from appliance.store.records import list_models
+from appliance.store.scrub import verify_store
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,6 @@ def no_bad_chunk_in(store: Path, bundle: Bundle) -> None:
             "WHERE c.done = 1").fetchall()
     finally:
         db.close()
-    from appliance.store import layout
     for r in rows:
         assert r["digest"] in wanted
         path = (layout.published_path(store, r["name"], r["version"], r["path"])
@@ -280,6 +280,30 @@ def test_the_only_peer_dies_then_the_pull_resumes(tmp_path: Path, bundle: Bundle
     [result] = pull(b, [clients(healthy.url)], ["tiny"], options=FAST, now=NOW)
     expect_model(b, bundle)
     assert result.bytes_fetched == result.bytes_total - kept["bytes"]
+
+
+def test_a_peer_refusing_a_chunk_it_advertises_ends_the_pull_in_bounded_time(
+        tmp_path: Path, bundle: Bundle, servers, clients) -> None:
+    """Issue 14 item 3 over real HTTP: 404 for a listed chunk is a failure, not a retry loop."""
+    refused = bundle.manifest.models[0].files[0].chunks[5].digest
+    tampers: list[ChunkTamper] = []
+
+    def refuse(app: Any) -> ChunkTamper:
+        tampers.append(ChunkTamper(app, "refuse", digest=refused))
+        return tampers[0]
+
+    liar = servers(seeded(tmp_path, "liar", bundle), wrap=refuse)
+    b = new_host(tmp_path / "b")
+    start = time.monotonic()
+    with pytest.raises(PeerError, match="resumes") as info:
+        pull(b, [clients(liar.url)], ["tiny"], options=FAST, now=NOW)
+    assert time.monotonic() - start < FAST.wait_for_chunks + 10
+    assert refused[:16] in str(info.value) and "1 chunk(s)" in str(info.value)
+    assert tampers[0].tampered == 1  # asked once: its have-map is not believed for it again
+    no_bad_chunk_in(b, bundle)
+    with layout.writer_lock(b, "check"):  # the pull let go of the store
+        pass
+    assert verify_store(b).ok and audit.verify(b) == len(list(audit.records(b)))
 
 
 def test_a_peer_streaming_forever_is_cut_off_at_the_declared_length(
