@@ -2,7 +2,21 @@
 
 Every error the library raises on purpose is an ``ApplianceError``; third-party errors
 (cryptography, zstandard, yaml, sqlite3, httpx, OSError) are translated at the edge that
-calls them, with ``raise ... from e``. The CLI maps the three families to exit codes:
+calls them, with ``raise ... from e``.
+
+Exit codes follow one rule (docs/CLI.md, "Exit codes", says the same to operators):
+
+    0  ok
+    1  usage: the command cannot run as given. Bad arguments, or something it needs is not
+       there yet: a file named on the command line (recipe, key, root, media), the store, the
+       trust root. The message says what to do first. Each such error is a ``UsageError`` or
+       sets ``exit_code = EXIT_USAGE`` while staying in its family (``MissingKeyFileError`` is
+       a ``KeyFileError``, ``NoTrustRootError`` a ``TrustError``), so callers catch it as before.
+    2  refused: the input was checked and must not be used (``RefusalError``: integrity,
+       signature, trust, rollback, expiry, audit chain). Worth a call to the security officer.
+    3  any other error: I/O, disk full, a peer unreachable, volumes still needed, a bug.
+
+The tree:
 
     ApplianceError                      exit 3 unless a subclass says otherwise
     ├── UsageError                      exit 1: bad arguments, missing files named by the user
@@ -20,16 +34,18 @@ calls them, with ``raise ... from e``. The CLI maps the three families to exit c
     │   │   ├── RotationError           chain gap, version down, missing old/new root signatures
     │   │   ├── FingerprintMismatchError  operator's fingerprint does not match the root
     │   │   ├── ScopeError              a publisher signed a model outside its name patterns
-    │   │   └── NoTrustRootError        nothing installed to verify against
+    │   │   └── NoTrustRootError        nothing installed to verify against (exit 1)
     │   ├── RollbackError               older channel sequence, or same sequence, other bytes
     │   ├── ExpiredError                bundle or root past its expiry (says both clocks)
     │   └── AuditChainError             audit log edited, removed or reordered
     ├── KeyFileError                    unreadable key, wrong passphrase, not Ed25519
+    │   └── MissingKeyFileError         the key file named does not exist (exit 1)
     ├── RecipeError                     a bundle recipe is invalid
     ├── MediaError                      media unreadable or incomplete
     │   └── MissingVolumeError          a volume the operation needs is not present
     ├── StoreError                      store unusable: I/O, disk full, locked, inconsistent
     │   ├── DiskFullError               not enough space (says how much is needed)
+    │   ├── StoreNotFoundError          no store at that path yet (exit 1; never created)
     │   └── ModelNotFoundError          no such model in the store
     ├── PeerError                       a peer is unreachable, misbehaves or lies
     │   └── PeerProtocolError           a peer's response breaks the protocol
@@ -153,7 +169,10 @@ class ScopeError(TrustError):
 
 
 class NoTrustRootError(TrustError):
-    """No trust root is installed in the store."""
+    """No trust root is installed in the store: install one first (a usage error, exit 1,
+    not a refusal; still a TrustError for callers)."""
+
+    exit_code = EXIT_USAGE
 
 
 class RollbackError(RefusalError):
@@ -170,6 +189,12 @@ class AuditChainError(RefusalError):
 
 class KeyFileError(ApplianceError):
     """A key file is unreadable, the passphrase is wrong, or the key is not Ed25519."""
+
+
+class MissingKeyFileError(KeyFileError):
+    """The key file named on the command line does not exist (exit 1, like a missing recipe)."""
+
+    exit_code = EXIT_USAGE
 
 
 class RecipeError(ApplianceError):
@@ -190,6 +215,12 @@ class StoreError(ApplianceError):
 
 class DiskFullError(StoreError):
     """Not enough free space; the message says how much is needed."""
+
+
+class StoreNotFoundError(StoreError):
+    """No store at the path given: a command that only reads does not create one (exit 1)."""
+
+    exit_code = EXIT_USAGE
 
 
 class ModelNotFoundError(StoreError):

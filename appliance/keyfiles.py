@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from appliance import fsutil
-from appliance.errors import KeyFileError, UsageError
+from appliance.errors import KeyFileError, MissingKeyFileError, UsageError
 from appliance.format.signing import public_bytes
 
 PASSPHRASE_ENV = "APPLIANCE_PASSPHRASE"
@@ -99,7 +99,7 @@ def _read(path: Path) -> bytes:
         with path.open("rb") as f:
             data = f.read(MAX_KEY_FILE_BYTES + 1)
     except FileNotFoundError as e:
-        raise KeyFileError(f"{path}: no such key file") from e
+        raise MissingKeyFileError(f"{path}: no such key file") from e
     except OSError as e:
         raise KeyFileError(f"cannot read key file {path}: {e}") from e
     if len(data) > MAX_KEY_FILE_BYTES:
@@ -173,6 +173,31 @@ def new_passphrase_from_env_or_prompt(name: str) -> bytes:
     if first != getpass.getpass("Repeat the passphrase: "):
         raise UsageError("the two passphrases differ; nothing was written")
     return first.encode("utf-8")
+
+
+MIN_PASSPHRASE_CHARS = 12
+_LONGEST_WORD = 24  # longer runs of letters are words written together, not one word
+CEREMONY_ADVICE = (
+    "the signing ceremony asks for a long passphrase, six or more random words "
+    "(keys/README.md): the key file is only as strong as its passphrase"
+)
+
+
+def passphrase_warning(passphrase: bytes) -> str | None:
+    """Why ``passphrase`` is weak (short, or one dictionary-looking word), or None.
+
+    A warning, not a refusal: test keys and site policies differ. What it flags is what a
+    guessing attack tries first: under 12 characters, or a single run of letters no longer
+    than a dictionary word, with no space, digit or other character in it.
+    """
+    text = passphrase.decode("utf-8", "replace")
+    if len(text) < MIN_PASSPHRASE_CHARS:
+        why = f"it is only {len(text)} characters"
+    elif text.isalpha() and len(text) <= _LONGEST_WORD:
+        why = "it is a single word"
+    else:
+        return None
+    return f"weak passphrase: {why}; {CEREMONY_ADVICE}"
 
 
 def load_signing_keys(paths: list[Path]) -> list[Ed25519PrivateKey]:

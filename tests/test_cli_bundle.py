@@ -66,7 +66,8 @@ def test_verify_uses_the_installed_root(site: Path, capsys: pytest.CaptureFixtur
     assert _build(capsys, site)[0] == EXIT_OK
     store = site / "store"
     code, _, err = run(capsys, "bundle", "verify", site / "media", "--store", store)
-    assert code == EXIT_REFUSED and "NoTrustRootError" in err
+    assert code == EXIT_USAGE and "StoreNotFoundError" in err and "trust install" in err
+    assert not store.exists()  # a read-only command creates no store
     fingerprint = run(capsys, "trust", "fingerprint", site / "root-1.yaml")[1].strip()
     assert run(capsys, "trust", "install", site / "root-1.yaml", "--fingerprint", fingerprint,
                "--store", store)[0] == EXIT_OK

@@ -205,8 +205,13 @@ def test_install_expired_root_needs_reason(
 
 
 def test_show_without_root_and_missing_file(tmp_path: Path, capsys: Capsys) -> None:
+    # No store there: said so, nothing created; a store without a root: "do this first".
     code, _, err = _run(capsys, "--store", tmp_path / "empty", "trust", "show")
-    assert code == 2 and "NoTrustRootError" in err and "trust install" in err
+    assert code == 1 and "StoreNotFoundError" in err and "trust install" in err
+    assert not (tmp_path / "empty").exists()
+    trust_state.installed_versions(tmp_path / "store")  # an index with no root in it
+    code, _, err = _run(capsys, "--store", tmp_path / "store", "trust", "show")
+    assert code == 1 and "NoTrustRootError" in err and "appliance trust install" in err
     code, _, err = _run(capsys, "trust", "fingerprint", tmp_path / "nope.yaml")
     assert code == 1
     (tmp_path / "junk.yaml").write_bytes(b"format: something-else\n")

@@ -69,7 +69,7 @@ def test_import_one_volume_then_the_other(
     code, out, err = run(capsys, store, "import", str(volumes[0]), "--json")
     assert code == 0, err
     result = json.loads(out)
-    assert result["complete"] and result["published"] == ["acme/tiny:q4_k_m"]
+    assert result["ok"] and result["published"] == [{"name": "acme/tiny", "version": "q4_k_m"}]
     code, out, _ = run(capsys, store, "models", "list", "--json")
     assert [m["verified"] for m in json.loads(out)] == [True]
     assert tree_digest(media) == before

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 from rich.console import Console
 from rich.table import Table
 
+from appliance.cli.jsonout import print_json
 from appliance.store import audit
+from appliance.store.location import require_existing_store
 
 DESCRIPTION = """\
 The audit log is append-only and hash-chained: every record (imports, refusals, --allow-expired
@@ -81,12 +81,13 @@ def _summary(details: dict[str, object]) -> str:
 
 
 def run_show(args: argparse.Namespace) -> int:
+    require_existing_store(args.store)
     records = [r for r in audit.records(args.store) if not args.kind or r.kind in args.kind]
     if args.last is not None:
         records = records[-args.last :] if args.last > 0 else []
     if args.json:
-        json.dump([r.to_json() for r in records], sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        # Each record as stored: its time is an input of its hash, so it is never rewritten.
+        print_json([r.to_json() for r in records])
         return 0
     console = Console()
     if not records:
@@ -104,6 +105,7 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    require_existing_store(args.store)
     count = audit.verify(args.store)
     Console().print(f"audit log intact: {count} record{'s' if count != 1 else ''}, chain verified")
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,16 +13,17 @@ from rich.console import Console
 from appliance.bundle.builder import add_signature, build_bundle
 from appliance.bundle.reader import Media, VerifyReport, open_media, verify_media
 from appliance.bundle.recipe import parse_size
+from appliance.cli import jsonout
+from appliance.cli.jsonout import print_json
 from appliance.cli.store import byte_progress
-from appliance.cli.trust import read_root_file
 from appliance.errors import MissingVolumeError, UsageError
 from appliance.format.manifest import Manifest, format_timestamp, manifest_to_value
-from appliance.format.signing import fingerprint_words
-from appliance.format.trust import TrustRoot, parse_signed_root, verify_self_signed
+from appliance.format.trust import TrustRoot, verify_self_signed
 from appliance.keyfiles import load_signing_keys
-from appliance.limits import DEFAULT_LIMITS, DEFAULT_PACK_BYTES
+from appliance.limits import DEFAULT_PACK_BYTES
 from appliance.store import trust_state
 from appliance.store.layout import human_bytes
+from appliance.store.location import require_existing_store
 
 BUILD_DESCRIPTION = """\
 Build a signed bundle from a recipe (see bundles/README.md) onto removable media.
@@ -155,11 +155,10 @@ def _now() -> datetime:
 def _trusted_root(path: Path | None, store: Path, now: datetime, allow_expired: bool
                   ) -> TrustRoot:
     if path is None:
+        require_existing_store(store)
         return trust_state.require_root(store)
-    data = read_root_file(path)
-    if len(data) > DEFAULT_LIMITS.max_trust_root_bytes:
-        raise UsageError(f"{path} is too big to be a trust root file")
-    return verify_self_signed(parse_signed_root(data), now, allow_expired=allow_expired)
+    return verify_self_signed(trust_state.read_root_file(path), now,
+                              allow_expired=allow_expired)
 
 
 def _console() -> Console:
@@ -177,13 +176,16 @@ def run_build(args: argparse.Namespace) -> int:
                               volume_size=volume_size, pack_size=pack_size, progress=progress,
                               workers=args.workers)
     if args.json:
-        print(json.dumps({
-            "out": str(result.out_dir), "volumes": [str(v) for v in result.volumes],
-            "manifest_hash": result.manifest_hash, "signers": list(result.signers),
+        carried = [trust_state.read_root_file(p).root for p in args.trust]
+        print_json({
+            "ok": True, "out": str(result.out_dir), "volumes": [str(v) for v in result.volumes],
+            "manifest_hash": result.manifest_hash,
+            "models": [{"name": m.name, "version": m.version} for m in result.manifest.models],
+            "signers": jsonout.signers(result.signers, carried),
             "total_bytes": result.total_bytes, "stored_bytes": result.stored_bytes,
             "chunks": result.chunk_count, "unique_chunks": result.unique_chunk_count,
-            "seconds": round(result.seconds, 3),
-        }, indent=2))
+            "seconds": jsonout.seconds(result.seconds),
+        })
         return 0
     console = _console()
     m = result.manifest
@@ -215,12 +217,13 @@ def _report_json(report: VerifyReport) -> dict[str, Any]:
     return {
         "ok": report.complete, "manifest_hash": b.manifest_hash,
         "channel": b.manifest.channel, "sequence": b.manifest.sequence,
-        "root_version": b.root.version, "signers": sorted(b.signers),
+        "root_version": b.root.version, "signers": jsonout.signers(b.signers, [b.root]),
+        "models": [{"name": m.name, "version": m.version} for m in b.manifest.models],
         "expired_override": b.expired_override,
         "volumes_present": list(report.volumes_present),
         "volumes_missing": list(report.volumes_missing),
         "chunks_verified": report.chunks_verified, "bytes_verified": report.plain_bytes,
-        "seconds": round(report.seconds, 3),
+        "seconds": jsonout.seconds(report.seconds),
     }
 
 
@@ -233,7 +236,7 @@ def run_verify(args: argparse.Namespace) -> int:
         report = verify_media(args.media, root, now, progress=progress, workers=args.workers,
                               allow_expired=args.allow_expired)
     if args.json:
-        print(json.dumps(_report_json(report), indent=2))
+        print_json(_report_json(report))
     else:
         console = _console()
         b = report.bundle
@@ -258,20 +261,9 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def _signer_rows(media: Media) -> list[dict[str, Any]]:
-    keys: dict[str, tuple[str, bytes, int]] = {}
-    for signed in media.chain:
-        for kid, key in signed.root.keys.items():
-            keys[kid] = (key.name, key.public, signed.root.version)
-    rows = []
-    for sig in media.signatures:
-        known = keys.get(sig.key_id)
-        rows.append({
-            "key_id": sig.key_id,
-            "name": known[0] if known else None,
-            "fingerprint": fingerprint_words(known[1]) if known else None,
-            "listed_in_root": known[2] if known else None,
-        })
-    return rows
+    """Each signature's key, named by the newest carried root that lists it (unverified)."""
+    roots = [s.root for s in media.chain]
+    return [jsonout.key(sig.key_id, roots) for sig in media.signatures]
 
 
 def _inspect_json(media: Media, manifest: Manifest, verified: bool) -> dict[str, Any]:
@@ -281,7 +273,7 @@ def _inspect_json(media: Media, manifest: Manifest, verified: bool) -> dict[str,
         for file in model["files"]:
             file["chunks"] = len(file["chunks"])
     return {
-        "verified": verified, "manifest_hash": media.manifest_hash, **value,
+        "ok": True, "verified": verified, "manifest_hash": media.manifest_hash, **value,
         "signers": _signer_rows(media), "carried_roots": [s.root.version for s in media.chain],
         "volumes_present": media.volumes_present, "volumes_missing": media.volumes_missing,
     }
@@ -297,7 +289,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     else:
         manifest = media.parse_unverified()
     if args.json:
-        print(json.dumps(_inspect_json(media, manifest, verified), indent=2))
+        print_json(_inspect_json(media, manifest, verified))
         return 0
     console = _console()
     state = "verified" if verified else "UNVERIFIED (run 'appliance bundle verify')"
@@ -318,7 +310,7 @@ def run_inspect(args: argparse.Namespace) -> int:
             console.print(f"    {file.path}: {human_bytes(file.size)}, {len(file.chunks)} "
                           f"chunks, from {source.source} (sha256 {source.sha256[:16]}...)")
     for row in _signer_rows(media):
-        who = (f"{row['name']} [{row['fingerprint']}]" if row["name"]
+        who = (f"{row['name']} [{row['words']}]" if row["name"]
                else "a key in no carried trust root")
         console.print(f"  signature by {row['key_id']}: {who}")
     carried = ", ".join(f"v{s.root.version}" for s in media.chain) or "none"

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
+from appliance.cli import jsonout
+from appliance.cli.jsonout import print_json
+from appliance.cli.options import override_options
 from appliance.cli.store import byte_progress
-from appliance.errors import MissingVolumeError, UsageError
+from appliance.errors import MissingVolumeError
+from appliance.format.trust import TrustRoot
 from appliance.importer import ImportResult, import_media
+from appliance.store import trust_state
 from appliance.store.layout import human_bytes
 
 DESCRIPTION = """\
@@ -97,21 +101,35 @@ def _summary(console: Console, result: ImportResult) -> None:
         console.print("[yellow]expired bundle accepted by override (audited)[/]")
 
 
+def result_json(result: ImportResult, roots: list[TrustRoot]) -> dict[str, Any]:
+    """The import result in the JSON form every command uses (``ok``, models, signers)."""
+    value = asdict(result)
+    value.pop("complete")
+    return {
+        "ok": result.complete,
+        **value,
+        "signers": jsonout.signers(result.signers, roots),
+        "published": [jsonout.model(r) for r in result.published],
+        "present": [jsonout.model(r) for r in result.present],
+        "pending": [jsonout.model(r) for r in result.pending],
+        "seconds": jsonout.seconds(result.seconds),
+    }
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.reason is not None and not args.allow_expired:
-        raise UsageError("--reason goes with --allow-expired")
+    allow_expired, reason = override_options(args)
     with byte_progress("importing", enabled=not args.json) as progress:
         result = import_media(
             args.store,
             args.media,
             now=datetime.now(UTC),
-            allow_expired=args.allow_expired,
-            reason=args.reason,
+            allow_expired=allow_expired,
+            reason=reason,
             progress=progress,
         )
     if args.json:
-        json.dump(asdict(result), sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        roots = [s.root for s in trust_state.installed_chain(args.store)]
+        print_json(result_json(result, roots))
     else:
         _summary(Console(), result)
     if not result.complete:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict
 from pathlib import Path
 
+from appliance.cli.jsonout import print_json
 from appliance.cli.store import byte_progress
 from appliance.iso import CHECKSUMS_NAME, verify
 from appliance.store.layout import human_bytes
@@ -62,7 +62,7 @@ def run_verify(args: argparse.Namespace) -> int:
     with byte_progress(f"checking {args.image.name}", enabled=not (args.json or args.quiet)) as p:
         report = verify(args.image, progress=p)
     if args.json:
-        print(json.dumps({"ok": True, **asdict(report)}))
+        print_json({"ok": True, **asdict(report)})
     else:
         print(f"ok: {report.files} files ({human_bytes(report.bytes)}) match {CHECKSUMS_NAME}")
         print(f"sha256 of {CHECKSUMS_NAME}: {report.checksums_sha256}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from appliance.format.signing import fingerprint_words, key_id
@@ -11,6 +12,7 @@ from appliance.keyfiles import (
     generate_keypair,
     load_public_key,
     new_passphrase_from_env_or_prompt,
+    passphrase_warning,
 )
 
 DESCRIPTION = f"""\
@@ -76,6 +78,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 def run_generate(args: argparse.Namespace) -> int:
     passphrase = None if args.unencrypted else new_passphrase_from_env_or_prompt(args.name)
+    warning = passphrase_warning(passphrase) if passphrase else None
+    if warning:
+        print(f"appliance: warning: {warning}", file=sys.stderr)
     key_path, pub_path = generate_keypair(args.name, args.out, passphrase)
     public = load_public_key(pub_path)
     print(f"private key: {key_path} ({'UNENCRYPTED' if passphrase is None else 'encrypted'})")

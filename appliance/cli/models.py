@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
+from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from appliance.cli import jsonout
+from appliance.cli.jsonout import print_json
+from appliance.format.trust import TrustRoot
+from appliance.store import trust_state
 from appliance.store.layout import human_bytes, writer_lock
+from appliance.store.location import require_existing_store
 from appliance.store.records import ModelRecord, find_model, list_models
 from appliance.store.store import Store
 
@@ -83,11 +88,24 @@ def _verified(model: ModelRecord) -> str:
     return "[green]yes[/]" if model.verified else "[bold red]NO (quarantined)[/]"
 
 
+def model_json(model: ModelRecord, roots: list[TrustRoot]) -> dict[str, Any]:
+    """A model record in the JSON form every command uses: times with Z, signers as keys."""
+    value = jsonout.times(model.to_json(), "started_at", "imported_at", "verified_at")
+    value["signers"] = jsonout.signers(model.signers, roots)
+    value["files"] = [jsonout.times(f, "verified_at") for f in value["files"]]
+    return value
+
+
+def _roots(store: Path) -> list[TrustRoot]:
+    return [s.root for s in trust_state.installed_chain(store)]
+
+
 def run_list(args: argparse.Namespace) -> int:
+    require_existing_store(args.store)
     models = list_models(args.store)
     if args.json:
-        json.dump([m.to_json() for m in models], sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        roots = _roots(args.store)
+        print_json([model_json(m, roots) for m in models])
         return 0
     console = Console()
     if not models:
@@ -110,10 +128,10 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
+    require_existing_store(args.store)
     model = find_model(args.store, args.name)
     if args.json:
-        json.dump(model.to_json(), sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        print_json(model_json(model, _roots(args.store)))
         return 0
     console = Console(highlight=False)
     console.print(f"[bold]{model.name}[/] {model.version}  ({human_bytes(model.size)})")
@@ -143,6 +161,7 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def run_rm(args: argparse.Namespace) -> int:
+    require_existing_store(args.store)
     with writer_lock(args.store, "models rm"), Store(args.store) as store:
         model = store.remove_model(args.name)
     Console(highlight=False).print(f"removed {model.ref} ({human_bytes(model.size)})")

@@ -7,8 +7,6 @@ peer pull commands share: the library reports ``(done, total)`` bytes through a 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -22,8 +20,11 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from appliance.cli import jsonout
+from appliance.cli.jsonout import print_json
 from appliance.errors import EXIT_REFUSED
 from appliance.store.layout import human_bytes
+from appliance.store.location import require_existing_store
 from appliance.store.scrub import gc, verify_store
 
 VERIFY_DESCRIPTION = """\
@@ -62,7 +63,8 @@ def byte_progress(
     """A ``progress(done, total)`` callback drawing a bar with throughput and ETA on stderr.
 
     Pass the ``console`` other messages go to while the bar runs, so they print above it;
-    ``transient`` removes the bar when done.
+    ``transient`` removes the bar when done. When the work fails the bar is always removed:
+    the error line that follows says what happened, a half-full bar above it would not.
     """
     if not enabled:
         yield lambda done, total: None
@@ -81,8 +83,16 @@ def byte_progress(
     def update(done: int, total: int) -> None:
         progress.update(task, completed=done, total=total)
 
-    with progress:
+    progress.start()
+    try:
         yield update
+    except BaseException:
+        # Progress.stop() would also print a newline on a non-terminal: stop the live view
+        # itself, transient, so nothing of the bar is left above the error line.
+        progress.live.transient = True
+        progress.live.stop()
+        raise
+    progress.stop()
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -121,10 +131,11 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    require_existing_store(args.store)
     with byte_progress("verifying", enabled=not args.json) as progress:
         report = verify_store(args.store, progress=progress)
     if args.json:
-        json.dump(
+        print_json(
             {
                 "ok": report.ok,
                 "files_checked": report.files_checked,
@@ -141,11 +152,8 @@ def run_verify(args: argparse.Namespace) -> int:
                     }
                     for c in report.corrupt
                 ],
-            },
-            sys.stdout,
-            indent=2,
+            }
         )
-        sys.stdout.write("\n")
         return 0 if report.ok else EXIT_REFUSED
     console = Console()
     for c in report.corrupt:
@@ -163,19 +171,18 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_gc(args: argparse.Namespace) -> int:
+    require_existing_store(args.store)
     report = gc(args.store, abandon=args.abandon)
     if args.json:
-        json.dump(
+        print_json(
             {
+                "ok": True,
                 "removed": [str(p) for p in report.removed],
                 "freed_bytes": report.freed_bytes,
-                "abandoned": report.abandoned,
-                "pending": report.pending,
-            },
-            sys.stdout,
-            indent=2,
+                "abandoned": [jsonout.model(r) for r in report.abandoned],
+                "pending": [jsonout.model(r) for r in report.pending],
+            }
         )
-        sys.stdout.write("\n")
         return 0
     console = Console()
     for path in report.removed:

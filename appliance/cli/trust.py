@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
-from appliance.errors import FingerprintMismatchError, FormatError, UsageError
+from appliance.cli.jsonout import print_json
+from appliance.cli.options import override_options
+from appliance.errors import FormatError, UsageError
 from appliance.format.signing import DOMAIN_ROOT, fingerprint_words, key_id
 from appliance.format.trust import (
     ANY_MODEL,
@@ -22,7 +22,6 @@ from appliance.format.trust import (
     TrustRoot,
     encode_envelope,
     format_time,
-    normalize_fingerprint,
     parse_signed_root,
     valid_pattern,
     valid_signers,
@@ -30,7 +29,8 @@ from appliance.format.trust import (
 from appliance.format.trust_build import new_root_body, rotated_body, sign_root_body
 from appliance.keyfiles import PUBLIC_SUFFIX, load_public_key, load_signing_keys, valid_key_name
 from appliance.limits import DEFAULT_LIMITS
-from appliance.store import trust_state
+from appliance.store import trust_state, trust_summary
+from appliance.store.location import require_existing_store
 
 DEFAULT_EXPIRES_DAYS = 365
 
@@ -193,18 +193,8 @@ def _signing_options(parser: argparse.ArgumentParser) -> None:
 # --- helpers -----------------------------------------------------------------------------
 
 
-def read_root_file(path: Path) -> bytes:
-    """The bytes of a trust root file named on the command line (UsageError if unreadable)."""
-    try:
-        return path.read_bytes()
-    except FileNotFoundError as e:
-        raise UsageError(f"{path}: no such trust root file") from e
-    except OSError as e:
-        raise UsageError(f"cannot read {path}: {e}") from e
-
-
 def _read_root(path: Path) -> SignedRoot:
-    return parse_signed_root(read_root_file(path))
+    return trust_state.read_root_file(path)
 
 
 def _write_atomic(path: Path, data: bytes, *, overwrite: bool) -> None:
@@ -372,39 +362,16 @@ def run_sign(args: argparse.Namespace) -> int:
 
 
 def run_install(args: argparse.Namespace) -> int:
-    now = datetime.now(UTC)
-    chain = sorted((_read_root(p) for p in args.roots), key=lambda s: s.root.version)
-    if args.reason and not args.allow_expired:
-        raise UsageError("--reason goes with --allow-expired")
-    options: dict[str, Any] = {"allow_expired": args.allow_expired, "reason": args.reason}
-    before = trust_state.installed_root(args.store)
-    if before is None and not args.fingerprint:
-        raise UsageError(
-            "this store trusts no root yet: pass --fingerprint with the fingerprint read from "
-            "the signing ceremony's paper (not from the file)"
-        )
-    matching: list[SignedRoot] = []
-    if args.fingerprint:
-        wanted = normalize_fingerprint(args.fingerprint)
-        matching = [s for s in chain if s.root.fingerprint == wanted]
-        if not matching:
-            # The actual fingerprints are not shown: an operator must not copy them from here.
-            error = FingerprintMismatchError(
-                f"no root file given has the fingerprint {wanted}: do not install them; get "
-                "the root files and the paper from the signing ceremony again"
-            )
-            trust_state.audit_refusal(args.store, "trust-install", error)
-            raise error
-    if before is None:
-        root = trust_state.install_first_root(
-            args.store, matching[0].to_bytes(), wanted, now, **options
-        )
-        print(f"installed trust root v{root.version} ({root.fingerprint})")
-        chain = [s for s in chain if s.root.version > root.version]
-        if not chain:
-            return 0
-    start = trust_state.require_root(args.store)
-    root = trust_state.update_root(args.store, chain, now, **options)
+    allow_expired, reason = override_options(args)
+    result = trust_state.install_roots(
+        args.store, [_read_root(p) for p in args.roots], args.fingerprint, datetime.now(UTC),
+        allow_expired=allow_expired, reason=reason,
+    )
+    if result.first is not None:
+        print(f"installed trust root v{result.first.version} ({result.first.fingerprint})")
+    root, start = result.root, result.start
+    if start is None:
+        return 0
     if root.version != start.version:
         print(f"trust root updated v{start.version} -> v{root.version} ({root.fingerprint})")
     else:
@@ -417,75 +384,47 @@ def run_fingerprint(args: argparse.Namespace) -> int:
     return 0
 
 
-def describe(root: TrustRoot, body: bytes | None, now: datetime) -> dict[str, Any]:
-    keys = []
-    for kid, key in sorted(root.keys.items(), key=lambda item: item[1].name):
-        roles = [name for name in ROLES if kid in root.roles[name].key_ids]
-        entry: dict[str, Any] = {"id": kid, "name": key.name, "roles": roles,
-                                 "words": fingerprint_words(key.public)}
-        if kid in root.publisher_role.models:
-            entry["models"] = list(root.publisher_role.models[kid])
-        keys.append(entry)
-    return {
-        "version": root.version,
-        "fingerprint": root.fingerprint,
-        "fingerprint_words": fingerprint_words(body) if body is not None else None,
-        "created": format_time(root.created),
-        "expires": format_time(root.expires),
-        "expired": now >= root.expires,
-        "roles": {name: {"threshold": root.roles[name].threshold,
-                         "keys": list(root.roles[name].key_ids)} for name in ROLES},
-        "keys": keys,
-    }
-
-
 def run_show(args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
-    report: dict[str, Any]
     if args.root is not None:
         signed = _read_root(args.root)
-        report = describe(signed.root, signed.body, now)
-        report["source"] = str(args.root)
-        report["signatures"] = _status_lines(signed, None)[0]
+        summary = trust_summary.describe(signed.root, signed.body, now)
+        source = str(args.root)
+        signatures = _status_lines(signed, None)[0]
     else:
-        chain = trust_state.installed_chain(args.store)
-        if not chain:
+        require_existing_store(args.store)
+        found = trust_summary.store_summary(args.store, now)
+        if found is None:
             trust_state.require_root(args.store)
-        report = describe(chain[-1].root, chain[-1].body, now)
-        report["source"] = f"store {args.store}"
-        report["installed"] = [
-            {"version": v, "fingerprint": fp, "installed_at": at}
-            for v, fp, at in trust_state.installed_versions(args.store)
-        ]
-        report["channels"] = [
-            {"channel": name, "sequence": seq, "manifest": digest, "updated_at": at}
-            for name, seq, digest, at in trust_state.channels(args.store)
-        ]
+        assert found is not None
+        summary, source, signatures = found, f"store {args.store}", []
     if args.json:
-        print(json.dumps(report, indent=2))
+        report = {"ok": True, "source": source, **summary.to_json()}
+        if args.root is not None:
+            report["signatures"] = signatures
+        print_json(report)
         return 0
-    _print_report(report, now)
+    _print_report(summary, source, signatures, now)
     return 0
 
 
-def _print_report(report: dict[str, Any], now: datetime) -> None:
-    print(f"trust root v{report['version']} from {report['source']}")
-    print(f"  fingerprint  {report['fingerprint']}")
-    print(f"  words        {report['fingerprint_words']}")
-    print(f"  created      {report['created']}")
+def _print_report(summary: trust_summary.TrustSummary, source: str, signatures: list[str],
+                  now: datetime) -> None:
+    print(f"trust root v{summary.version} from {source}")
+    print(f"  fingerprint  {summary.fingerprint}")
+    print(f"  words        {summary.words}")
+    print(f"  created      {summary.created}")
     expired = " (EXPIRED: this host's clock says " + format_time(now) + ")"
-    print(f"  expires      {report['expires']}{expired if report['expired'] else ''}")
-    for name in ROLES:
-        role = report["roles"][name]
-        print(f"  role {name}: {role['threshold']} of {len(role['keys'])} keys must sign")
-    for key in report["keys"]:
-        models = f"  models {', '.join(key['models'])}" if "models" in key else ""
-        print(f"  key {key['id']}  {key['name']:<20} {'+'.join(key['roles'])}{models}")
-    for line in report.get("signatures", []):
+    print(f"  expires      {summary.expires}{expired if summary.expired else ''}")
+    for name, threshold, count in summary.thresholds:
+        print(f"  role {name}: {threshold} of {count} keys must sign")
+    for key in summary.keys:
+        models = f"  models {', '.join(key.models)}" if key.models else ""
+        print(f"  key {key.key_id}  {key.name:<20} {'+'.join(key.roles)}{models}")
+    for line in signatures:
         print(f"  {line}")
-    for entry in report.get("installed", []):
-        print(f"  installed v{entry['version']}  {entry['fingerprint']}  {entry['installed_at']}")
-    for entry in report.get("channels", []):
-        print(f"  channel {entry['channel']}: sequence {entry['sequence']} "
-              f"(manifest {entry['manifest'][:16]}..., {entry['updated_at']})")
-
+    for entry in summary.installed:
+        print(f"  installed v{entry.version}  {entry.fingerprint}  {entry.installed_at}")
+    for mark in summary.channels:
+        print(f"  channel {mark.channel}: sequence {mark.sequence} "
+              f"(manifest {mark.manifest[:16]}..., {mark.updated_at})")

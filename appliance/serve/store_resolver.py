@@ -11,18 +11,33 @@ or whose files changed size. On top of that, before every load:
 
 Any failure is a ``RefusalError`` (``IntegrityError``/``TruncatedError`` naming the file, and
 the chunk when one differs); the server refuses the model and audits the refusal.
+
+The two other store decisions ``appliance serve`` and the TUI's Serve screen share live here
+too: ``servable_names`` (which models a server starts with) and ``serve_audit`` (the sink the
+server writes its serve-start and refusal records to, with the operating system user).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import blake3
 
-from appliance.errors import IntegrityError, ModelNotFoundError, StoreError
+from appliance.errors import IntegrityError, ModelNotFoundError, StoreError, UsageError
 from appliance.serve.model import ModelResolver, ServableModel
-from appliance.store.records import FileRecord, ModelRecord, file_chunks, get_model
+from appliance.serve.supervisor import Audit
+from appliance.store import audit, trust_state
+from appliance.store.records import (
+    FileRecord,
+    ModelRecord,
+    file_chunks,
+    find_model,
+    get_model,
+    list_models,
+)
 from appliance.store.staging import StoredChunk, verify_chunks
 
 VERIFY_MODES = ("quick", "full")
@@ -46,6 +61,33 @@ def store_resolver(store_dir: Path, *, verify: str = "quick") -> ModelResolver:
         return ServableModel(name=name, path=main.location, size=main.size, identity=main.blake3)
 
     return resolve
+
+
+def servable_names(store_dir: Path, requested: Sequence[str] = ()) -> tuple[str, ...]:
+    """The models a server starts with: ``requested`` (each must resolve to one stored model
+    now, not later in the log), else every verified model, by name, or name:version when
+    a name repeats. UsageError when there is none."""
+    if requested:
+        for ref in requested:
+            find_model(store_dir, ref)
+        return tuple(dict.fromkeys(requested))
+    models = [m for m in list_models(store_dir) if m.verified]
+    if not models:
+        raise UsageError(f"no verified model in the store {store_dir}; import one first "
+                         "(or name one with --model)")
+    names = [m.name for m in models]
+    return tuple(m.name if names.count(m.name) == 1 else m.ref for m in models)
+
+
+def serve_audit(store_dir: Path, *, via: str) -> Audit:
+    """The audit sink a server writes to: each record gets the operating system user (the
+    same ``trust_state.who`` every other record names) and ``via`` (cli, tui)."""
+    user = trust_state.who()
+
+    def record(kind: str, details: dict[str, Any]) -> None:
+        audit.append(store_dir, kind, {**details, "user": user, "via": via})
+
+    return record
 
 
 def _main_file(record: ModelRecord) -> FileRecord:

@@ -10,6 +10,7 @@ import sqlite3
 from pathlib import Path
 
 from appliance.errors import StoreError
+from appliance.store.location import check_store_path
 
 INDEX_NAME = "index.sqlite"
 
@@ -96,6 +97,7 @@ CREATE INDEX IF NOT EXISTS chunks_held ON chunks(digest) WHERE done = 1;
 
 def connect(store_dir: Path) -> sqlite3.Connection:
     """Open the store index, creating the store directory and schema if needed."""
+    check_store_path(store_dir)  # a file where the store should be: say so, not "Errno 17"
     try:
         store_dir.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(store_dir / INDEX_NAME, timeout=30, isolation_level=None)

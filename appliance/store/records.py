@@ -9,6 +9,7 @@ chunk list the server re-hashes before a load.
 
 from __future__ import annotations
 
+import difflib
 import json
 import sqlite3
 from dataclasses import dataclass
@@ -117,6 +118,8 @@ class ModelRecord:
         }
 
 
+_LISTED = 10  # models named in a not-found message; more are counted
+
 _MODEL_QUERY = """
 SELECT m.*, mf.channel, mf.sequence, mf.signers
 FROM models m JOIN manifests mf ON mf.hash = m.manifest
@@ -197,17 +200,28 @@ def find_model(
 ) -> ModelRecord:
     """Resolve ``name`` or ``name:version``; a bare name must match exactly one version."""
     name, version = parse_ref(ref)
-    models = [
-        m
-        for m in list_models(store_dir, include_importing=include_importing, conn=conn)
-        if m.name == name and (version is None or m.version == version)
-    ]
+    held = list_models(store_dir, include_importing=include_importing, conn=conn)
+    models = [m for m in held if m.name == name and (version is None or m.version == version)]
     if not models:
-        raise ModelNotFoundError(f"no model {ref!r} in the store {store_dir}")
+        raise ModelNotFoundError(_not_found(store_dir, ref, held))
     if len(models) > 1:
         versions = ", ".join(f"{m.name}:{m.version}" for m in models)
         raise UsageError(f"{name!r} has several versions in the store ({versions}); name one")
     return models[0]
+
+
+def _not_found(store_dir: Path, ref: str, held: list[ModelRecord]) -> str:
+    """The message for a model that is not there: what is, and the closest name."""
+    if not held:
+        return f"no model {ref!r}: the store {store_dir} holds no models yet"
+    refs = [m.ref for m in held]
+    names = list(dict.fromkeys(m.name for m in held))
+    close = difflib.get_close_matches(ref, refs + names, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    shown = ", ".join(refs[:_LISTED]) + (f" and {len(refs) - _LISTED} more"
+                                          if len(refs) > _LISTED else "")
+    return (f"no model {ref!r} in the store {store_dir}; {hint}it holds {shown} "
+            "('appliance models list' shows them all)")
 
 
 def get_model(store_dir: Path, ref: str) -> ModelRecord:

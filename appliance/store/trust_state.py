@@ -4,9 +4,12 @@ Tables (appliance/store/db.py): ``trust_roots`` holds one row per accepted root 
 its fingerprint and the exact root file bytes, oldest first, so the newest row is the root in
 force; ``channels`` holds, per channel, the highest sequence accepted and the hash of that
 manifest. The first root enters only with the operator's fingerprint; later ones only through
-``appliance.format.trust.walk_chain``. Installs, updates, refusals and overrides go to the
-audit log with the operating system user. ``record_acceptance`` is where an import and a peer
-pull accept an authenticated bundle: roots, high-water mark and manifest in one transaction.
+``appliance.format.trust.walk_chain``; ``install_roots`` is the one way an operator installs
+root files (the CLI and the TUI call it). Installs, updates, refusals and overrides go to the
+audit log with the operating system user (``who``). ``require_override_reason`` is the rule
+that an --allow-expired override needs a reason. ``record_acceptance`` is where an import and
+a peer pull accept an authenticated bundle: roots, high-water mark and manifest in one
+transaction.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import getpass
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,7 @@ from typing import Any
 from appliance.authenticate import AuthenticatedBundle
 from appliance.errors import (
     ApplianceError,
+    FingerprintMismatchError,
     NoTrustRootError,
     RefusalError,
     RotationError,
@@ -35,10 +40,12 @@ from appliance.format.trust import (
     check_fingerprint,
     check_rollback,
     format_time,
+    normalize_fingerprint,
     parse_signed_root,
     verify_self_signed,
     walk_chain,
 )
+from appliance.limits import DEFAULT_LIMITS, Limits
 from appliance.store import audit
 from appliance.store.db import connect
 from appliance.store.store import BundleOrigin, Store
@@ -148,8 +155,7 @@ def audit_override(
     conn: sqlite3.Connection | None = None,
 ) -> None:
     """Record an --allow-expired override: what, its expiry, the host time, who and why."""
-    if not reason.strip():
-        raise UsageError("--allow-expired needs --reason TEXT: the audit log records why")
+    require_override_reason(True, reason)
     details = {
         "action": "allow-expired",
         "subject": subject,
@@ -168,9 +174,17 @@ def audit_refusal(store_dir: Path, action: str, error: ApplianceError, **details
     audit.append(store_dir, "refusal", record)
 
 
+OVERRIDE_NEEDS_REASON = "--allow-expired needs --reason TEXT: the audit log records why"
+
+
+def require_override_reason(allow_expired: bool, reason: str | None) -> None:
+    """An --allow-expired override is accepted only with a reason for the audit log."""
+    if allow_expired and not (reason or "").strip():
+        raise UsageError(OVERRIDE_NEEDS_REASON)
+
+
 def _require_reason(allow_expired: bool, reason: str | None, expired: bool) -> None:
-    if allow_expired and expired and not (reason or "").strip():
-        raise UsageError("--allow-expired needs --reason TEXT: the audit log records why")
+    require_override_reason(allow_expired and expired, reason)
 
 
 def install_first_root(
@@ -290,6 +304,75 @@ def update_root(
     except sqlite3.Error as e:
         raise _sql_error(store_dir, e) from e
     return new
+
+
+@dataclass(frozen=True)
+class RootInstall:
+    """What ``install_roots`` did: ``first`` is the root installed on a fresh store (None when
+    the store already trusted one), ``start`` the root in force before the chain was walked,
+    ``root`` the root in force now."""
+
+    first: TrustRoot | None
+    start: TrustRoot | None
+    root: TrustRoot
+
+
+def read_root_file(path: Path, limits: Limits = DEFAULT_LIMITS) -> SignedRoot:
+    """A trust root file the operator named (UsageError when it cannot be read or is far too
+    big to be one; FormatError when it is not a trust root)."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(limits.max_trust_root_bytes + 1)
+    except FileNotFoundError as e:
+        raise UsageError(f"{path}: no such trust root file") from e
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from e
+    if len(data) > limits.max_trust_root_bytes:
+        raise UsageError(f"{path} is too big to be a trust root file")
+    return parse_signed_root(data, limits)
+
+
+def install_roots(
+    store_dir: Path,
+    roots: Sequence[SignedRoot],
+    fingerprint: str | None,
+    now: datetime,
+    *,
+    allow_expired: bool = False,
+    reason: str | None = None,
+) -> RootInstall:
+    """Install root files given in any order: on a fresh store the one whose fingerprint is
+    ``fingerprint`` (read from the ceremony's paper) becomes the first root; then every newer
+    file is walked as a rotation chain from the root in force."""
+    require_override_reason(allow_expired, reason)
+    chain = sorted(roots, key=lambda s: s.root.version)
+    fresh = installed_root(store_dir) is None
+    first = None
+    if fresh and not (fingerprint or "").strip():
+        raise UsageError(
+            "this store trusts no root yet: give the fingerprint read from the signing "
+            "ceremony's paper (--fingerprint; not from the file)"
+        )
+    if fingerprint and fingerprint.strip():
+        wanted = normalize_fingerprint(fingerprint)
+        matching = [s for s in chain if s.root.fingerprint == wanted]
+        if not matching:
+            # The actual fingerprints are not shown: an operator must not copy them from here.
+            error = FingerprintMismatchError(
+                f"no root file given has the fingerprint {wanted}: do not install them; get "
+                "the root files and the paper from the signing ceremony again"
+            )
+            audit_refusal(store_dir, "trust-install", error)
+            raise error
+        if fresh:
+            first = install_first_root(store_dir, matching[0].to_bytes(), wanted, now,
+                                       allow_expired=allow_expired, reason=reason)
+            chain = [s for s in chain if s.root.version > first.version]
+            if not chain:
+                return RootInstall(first, None, first)
+    start = require_root(store_dir)
+    root = update_root(store_dir, chain, now, allow_expired=allow_expired, reason=reason)
+    return RootInstall(first, start, root)
 
 
 def channel_state(

@@ -159,6 +159,7 @@ class ImportPane(VolumePane):
         )
 
     def _override(self, values: dict[str, str] | None) -> None:
-        if values and values.get("reason", "").strip():
-            self.ctx.override_reason = values["reason"].strip()
+        reason = service.override_reason((values or {}).get("reason"))
+        if reason is not None:
+            self.ctx.override_reason = reason
             self.reload()

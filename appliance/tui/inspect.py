@@ -191,8 +191,9 @@ class InspectPane(VolumePane):
         )
 
     def _override(self, values: dict[str, str] | None) -> None:
-        if not values or not values.get("reason", "").strip():
+        reason = service.override_reason((values or {}).get("reason"))
+        if reason is None:
             return
-        self.ctx.override_reason = values["reason"].strip()
+        self.ctx.override_reason = reason
         self.notify("expiry override armed for this bundle; the reason goes to the audit log")
         self.reload()

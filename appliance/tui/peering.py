@@ -1,9 +1,10 @@
 """The Peers screen's service side: which peers there are, what they hold, pulling from them.
 
-Peers come from the site config's static list (``appliance.peer.discovery``), an mDNS browse,
-and URLs the operator typed. Connections follow the same policy as ``appliance peer``:
-mutual TLS with the site directory (``--tls-dir``, the site config's ``tls_dir``, or
-``STORE/tls``), plaintext only when the operator asked for it. Pulling is
+Which peers, which TLS directory and what each peer holds are decided once, in
+``appliance.peer.site``, for this screen and ``appliance peer`` alike: the site config's
+static list, URLs the operator typed and an mDNS browse; mutual TLS with the site directory
+(``--tls-dir``, the site config's ``tls_dir``, or ``STORE/tls``), plaintext only when the
+operator asked for it. Pulling is
 ``appliance.peer.pull.pull``: the manifest is authenticated against this host's trust root
 and every chunk checked on arrival. All calls block; the screen runs them in workers.
 """
@@ -11,31 +12,18 @@ and every chunk checked on arrival. All calls block; the screen runs them in wor
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from appliance.errors import ApplianceError, PeerError, UsageError
-from appliance.peer import discovery, tls
-from appliance.peer.client import ConnectPolicy, PeerClient, Timeouts, connect_policy
-from appliance.peer.protocol import ManifestSummary
+from appliance.peer import site
+from appliance.peer.client import ConnectPolicy, PeerClient
 from appliance.peer.pull import PullOptions, PullResult, pull
+from appliance.peer.site import PeerView
+from appliance.store.trust_state import require_override_reason
 
 Progress = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class PeerView:
-    url: str
-    source: str  # static | mdns | typed
-    host: str | None
-    holds: tuple[ManifestSummary, ...]
-    problem: str | None  # unreachable or refused: why
-
-    @property
-    def models(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(m.ref for s in self.holds for m in s.models))
+__all__ = ["PeerSettings", "PeerView", "list_peers", "policy_for", "pull_models"]
 
 
 @dataclass(frozen=True)
@@ -47,61 +35,20 @@ class PeerSettings:
     browse_seconds: float = 1.5
 
 
-def tls_dir_for(store_dir: Path, config: discovery.SiteConfig,
-                given: Path | None) -> Path | None:
-    """The site TLS directory: the one given, the site config's, else ``STORE/tls``."""
-    for candidate in (given, config.tls_dir):
-        if candidate is not None:
-            return Path(candidate)
-    default = store_dir / "tls"
-    return default if (default / tls.HOST_CERT).exists() else None
-
-
 def policy_for(store_dir: Path, settings: PeerSettings) -> tuple[ConnectPolicy, str]:
-    """The connection policy and a line saying which it is."""
-    config = discovery.load_site_config(discovery.default_site_config(store_dir))
-    tls_dir = None if settings.insecure else tls_dir_for(store_dir, config, settings.tls_dir)
-    if tls_dir is None and not settings.insecure:
-        raise UsageError(
-            "peers talk mutual TLS, and this host has no site certificate: run 'appliance "
-            f"site enroll' (or put it in {store_dir / 'tls'}), or start the TUI with --insecure "
-            "on a trusted test LAN"
-        )
-    mode = f"mutual TLS ({tls_dir})" if tls_dir else "PLAINTEXT (--insecure)"
-    return connect_policy(tls_dir, settings.insecure), mode
-
-
-def _describe(url: str, source: str, policy: ConnectPolicy) -> PeerView:
-    try:
-        with PeerClient(url, policy, timeouts=Timeouts(connect=3, read=5)) as client:
-            return PeerView(url, source, client.info().host, tuple(client.manifests()), None)
-    except ApplianceError as e:
-        return PeerView(url, source, None, (), f"{type(e).__name__}: {e}")
+    """The connection policy and a line saying which it is (``appliance.peer.site``)."""
+    conn = site.connection(store_dir, site.site_config(store_dir), settings.tls_dir,
+                           settings.insecure)
+    return conn.policy, conn.mode
 
 
 def list_peers(store_dir: Path, settings: PeerSettings) -> tuple[str, list[PeerView]]:
     """(connection mode, every known peer with what it holds)."""
-    policy, mode = policy_for(store_dir, settings)
-    config = discovery.load_site_config(discovery.default_site_config(store_dir))
-    found: dict[str, str] = {p.url: "static" for p in discovery.static_peers(config)}
-    for url in settings.extra_urls:
-        found.setdefault(policy.check(url), "typed")
-    if settings.mdns:
-        try:
-            for p in discovery.browse(settings.browse_seconds):
-                found.setdefault(p.url, "mdns")
-        except (PeerError, OSError):
-            pass  # no multicast here: the static and typed peers still work
-    usable: list[tuple[str, str]] = []
-    views: list[PeerView] = []
-    for url, source in found.items():
-        try:
-            usable.append((policy.check(url), source))
-        except UsageError as e:
-            views.append(PeerView(url, source, None, (), str(e)))
-    with ThreadPoolExecutor(max_workers=max(1, min(8, len(usable)))) as pool:
-        views = list(pool.map(lambda us: _describe(us[0], us[1], policy), usable)) + views
-    return mode, views
+    config = site.site_config(store_dir)
+    conn = site.connection(store_dir, config, settings.tls_dir, settings.insecure)
+    peers = site.known_peers(config, extra=settings.extra_urls, extra_source="typed",
+                             mdns=settings.mdns, browse_seconds=settings.browse_seconds)
+    return conn.mode, site.list_peers(peers, conn.policy)
 
 
 def pull_models(store_dir: Path, settings: PeerSettings, urls: Sequence[str],
@@ -109,6 +56,7 @@ def pull_models(store_dir: Path, settings: PeerSettings, urls: Sequence[str],
                 notify: Callable[[str], None] | None = None, reason: str | None = None,
                 ) -> list[PullResult]:
     """Pull ``refs`` (all offered models when empty) from every peer in ``urls``."""
+    require_override_reason(reason is not None, reason)
     policy, _ = policy_for(store_dir, settings)
     clients = [PeerClient(policy.check(u), policy) for u in dict.fromkeys(urls)]
     options = PullOptions(allow_expired=reason is not None, reason=reason)

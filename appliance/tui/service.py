@@ -29,8 +29,8 @@ from appliance.bundle.reader import (
 from appliance.errors import ApplianceError, AuditChainError, NoTrustRootError, UsageError
 from appliance.format.manifest import Manifest
 from appliance.format.signing import fingerprint_words
-from appliance.format.trust import ROLES, TrustRoot, format_time, parse_signed_root
-from appliance.store import audit, scrub, trust_state
+from appliance.format.trust import TrustRoot
+from appliance.store import audit, scrub, trust_state, trust_summary
 from appliance.store.layout import human_bytes, writer_lock
 from appliance.store.records import ModelRecord, list_models
 from appliance.store.store import Store
@@ -65,67 +65,31 @@ def size(n: int | None) -> str:
 # --- trust -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class KeyView:
-    name: str
-    key_id: str
-    roles: tuple[str, ...]
-    words: str
-    models: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class TrustView:
-    version: int
-    fingerprint: str
-    words: str
-    created: str
-    expires: str
-    expired: bool
-    thresholds: tuple[tuple[str, int, int], ...]  # role, threshold, key count
-    keys: tuple[KeyView, ...]
-    installed: tuple[tuple[int, str, str], ...]  # version, fingerprint, installed at
-    channels: tuple[tuple[str, int, str, str], ...]  # name, sequence, manifest, updated at
+TrustView = trust_summary.TrustSummary  # the same summary `appliance trust show` prints
 
 
 def trust_view(store_dir: Path, now: datetime) -> TrustView | None:
     """The root in force with its keys, every installed version and the channels; None if
     the store trusts nothing yet."""
-    chain = trust_state.installed_chain(store_dir)
-    if not chain:
-        return None
-    signed = chain[-1]
-    root = signed.root
-    keys = []
-    for kid, key in sorted(root.keys.items(), key=lambda item: item[1].name):
-        keys.append(KeyView(
-            name=key.name, key_id=kid,
-            roles=tuple(r for r in ROLES if kid in root.roles[r].key_ids),
-            words=fingerprint_words(key.public),
-            models=tuple(root.publisher_role.models.get(kid, ())),
-        ))
-    return TrustView(
-        version=root.version, fingerprint=root.fingerprint,
-        words=fingerprint_words(signed.body), created=format_time(root.created),
-        expires=format_time(root.expires), expired=now >= root.expires,
-        thresholds=tuple((r, root.roles[r].threshold, len(root.roles[r].key_ids))
-                         for r in ROLES),
-        keys=tuple(keys),
-        installed=tuple(trust_state.installed_versions(store_dir)),
-        channels=tuple(trust_state.channels(store_dir)),
-    )
+    return trust_summary.store_summary(store_dir, now)
 
 
-def install_root(store_dir: Path, root_file: Path, fingerprint: str, now: datetime) -> TrustRoot:
-    """Install a first root matching ``fingerprint`` (as read from paper), or walk a newer
-    one from the installed root (fingerprint may then be empty)."""
+def install_root(store_dir: Path, root_files: Sequence[Path], fingerprint: str,
+                 now: datetime) -> TrustRoot:
+    """Install root files as ``appliance trust install`` does: the first root by the paper
+    fingerprint on a fresh store, then every newer file walked as a rotation chain."""
+    roots = [trust_state.read_root_file(path) for path in root_files]
+    return trust_state.install_roots(store_dir, roots, fingerprint, now).root
+
+
+def override_reason(typed: str | None) -> str | None:
+    """The reason typed for an expiry override, or None when the library's rule
+    (``trust_state.require_override_reason``) would not accept it."""
     try:
-        data = root_file.read_bytes()
-    except OSError as e:
-        raise UsageError(f"cannot read {root_file}: {e.strerror or e}") from e
-    if trust_state.installed_root(store_dir) is None:
-        return trust_state.install_first_root(store_dir, data, fingerprint, now)
-    return trust_state.update_root(store_dir, [parse_signed_root(data)], now)
+        trust_state.require_override_reason(True, typed)
+    except UsageError:
+        return None
+    return (typed or "").strip()
 
 
 # --- audit -------------------------------------------------------------------------------

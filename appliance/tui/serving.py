@@ -23,9 +23,7 @@ from appliance.errors import ServeError, UsageError
 from appliance.serve.app import create_app
 from appliance.serve.model import ServeSettings
 from appliance.serve.server import ServerThread
-from appliance.serve.store_resolver import store_resolver
-from appliance.store import audit, trust_state
-from appliance.store.records import list_models
+from appliance.serve.store_resolver import servable_names, serve_audit, store_resolver
 
 METRICS = {
     "appliance_serve_tokens_generated_total": "tokens generated",
@@ -43,13 +41,6 @@ class ServeStatus:
     state: str  # stopped | loading | ok | unavailable
     models: dict[str, dict[str, Any]]
     metrics: dict[str, float]
-
-
-def servable(store_dir: Path) -> tuple[str, ...]:
-    """Every verified model in the store, by name (name:version when a name repeats)."""
-    models = [m for m in list_models(store_dir) if m.verified]
-    names = [m.name for m in models]
-    return tuple(m.name if names.count(m.name) == 1 else m.ref for m in models)
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -101,18 +92,11 @@ class ServeController:
               cancelled: Callable[[], bool] = lambda: False) -> ServeStatus:
         if self.server is not None:
             raise UsageError(f"the server is already running at {self.server.url}")
-        names = tuple(models) or servable(self.store_dir)
-        if not names:
-            raise UsageError("no verified model in the store: import one first")
+        names = servable_names(self.store_dir, models)
         settings = ServeSettings(models=names, n_threads=self.n_threads, n_ctx=self.n_ctx,
                                  listen=self.listen)
-        user = trust_state.who()
-        store = self.store_dir
-
-        def record(kind: str, details: dict[str, Any]) -> None:
-            audit.append(store, kind, {**details, "user": user, "via": "tui"})
-
-        app = create_app(settings, store_resolver(store), audit=record)
+        app = create_app(settings, store_resolver(self.store_dir),
+                         audit=serve_audit(self.store_dir, via="tui"))
         server = ServerThread(app, self.listen)
         server.__enter__()
         self.server, self.models = server, names

@@ -5,6 +5,7 @@ and installing a root (first one by the paper fingerprint, newer ones by the rot
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import ClassVar
 
@@ -68,14 +69,16 @@ class TrustPane(Pane):
         for key in view.keys:
             add_plain_row(table, key.name, key.key_id, "+".join(key.roles), key.words,
                           ", ".join(key.models) or "-", key=key.key_id)
-        lines = [f"installed v{v} {fp} at {at}" for v, fp, at in view.installed]
-        lines += [f"channel {name}: sequence {seq} (since {at})"
-                  for name, seq, _, at in view.channels]
+        lines = [f"installed v{i.version} {i.fingerprint} at {i.installed_at}"
+                 for i in view.installed]
+        lines += [f"channel {c.channel}: sequence {c.sequence} (since {c.updated_at})"
+                  for c in view.channels]
         history.update("\n".join(lines))
 
     def action_install(self) -> None:
         fields = [
-            Field("path", "Trust root file (root-N.yaml)", "/media/usb/root-1.yaml"),
+            Field("path", "Trust root file(s) (root-N.yaml; several: the rotation chain)",
+                  "/media/usb/root-1.yaml"),
             Field("fingerprint", "Fingerprint from the ceremony's paper (first root only)",
                   "3f2a-9b1c-...", required=False),
         ]
@@ -89,10 +92,10 @@ class TrustPane(Pane):
         if not values:
             return
         store, now = self.ctx.store_dir, self.now()
-        path = Path(values["path"]).expanduser()
+        paths = root_paths(values["path"])
         self.start_job(
             "install trust root",
-            lambda job: service.install_root(store, path, values.get("fingerprint", ""), now),
+            lambda job: service.install_root(store, paths, values.get("fingerprint", ""), now),
             self._installed,
         )
 
@@ -100,3 +103,16 @@ class TrustPane(Pane):
         self.notify(f"trust root v{root.version} in force ({root.fingerprint})")
         self.post_message(StoreChanged())
         self.reload()
+
+
+def root_paths(text: str) -> list[Path]:
+    """The root files typed in the install dialog: one path (spaces allowed), or several
+    separated by spaces (quote one that has spaces)."""
+    whole = Path(text.strip()).expanduser()
+    if whole.exists():
+        return [whole]
+    try:
+        parts = shlex.split(text)
+    except ValueError:  # an unbalanced quote: take the text as one path
+        parts = [text.strip()]
+    return [Path(p).expanduser() for p in parts]
