@@ -14,10 +14,14 @@ from bundle_helpers import (
     flip_byte,
     make_sources,
     rewrite_manifest,
+    trusted,
     write_recipe,
 )
 from importer_helpers import check_consistent, tree_digest, trusting_store
+from trust_helpers import make_root
 
+from appliance.bundle import builder
+from appliance.bundle.reader import verify_media
 from appliance.errors import (
     ExpiredError,
     FormatError,
@@ -35,7 +39,8 @@ from appliance.errors import (
 )
 from appliance.importer import import_media
 from appliance.limits import Limits
-from appliance.store import audit
+from appliance.store import audit, trust_state
+from appliance.store.db import connect
 from appliance.store.records import get_model, list_models
 from appliance.store.scrub import verify_store
 
@@ -154,6 +159,30 @@ def test_expired_bundle_needs_an_audited_override(bundle: Path, store: Path) -> 
     assert audit.verify(store) == len(kinds(store))
 
 
+def test_a_key_revoked_while_the_import_runs_cannot_publish(bundle: Path, store: Path) -> None:
+    """Issue 14 item 6: trust is checked again before publishing, against the root in force."""
+    revoked = make_root(version=2, publishers={"p2": ("*",)})  # p1, the bundle's signer, goes
+    rotated: list[int] = []
+
+    def rotate_midway(done: int, total: int) -> None:
+        if done and not rotated:
+            trust_state.update_root(store, [revoked], NOW)
+            rotated.append(done)
+
+    with pytest.raises(ThresholdError) as info:
+        import_media(store, [bundle / "media"], now=NOW, progress=rotate_midway)
+    assert type(info.value) is ThresholdError
+    assert rotated and rotated[0] < bundle_size(bundle)
+    assert list_models(store) == [] and list((store / "models").iterdir()) == []
+    assert kinds(store)[-2:] == ["trust-update", "refusal"]
+    assert verify_store(store).ok and audit.verify(store) == len(kinds(store))
+    check_consistent(store)
+
+
+def bundle_size(bundle: Path) -> int:
+    return sum(p.stat().st_size for p in (bundle / "models").iterdir())
+
+
 def test_store_without_a_trust_root_refuses(bundle: Path, tmp_path: Path) -> None:
     with pytest.raises(NoTrustRootError):
         import_media(tmp_path / "bare", [bundle / "media"], now=NOW)
@@ -270,6 +299,12 @@ def _truncate_pack(media: Path) -> None:
         f.truncate(pack.stat().st_size - 1)
 
 
+def _pad_pack(media: Path) -> None:
+    pack = sorted((media / "vol-001" / "packs").iterdir())[0]
+    with pack.open("ab") as f:
+        f.write(b"\0" * 10)
+
+
 def _unsafe_path(media: Path) -> None:
     data = (media / "vol-001" / "manifest.yaml").read_bytes()
     rewrite_manifest(media, data.replace(b"path: notes.txt\n", b"path: ../notes.txt\n", 1))
@@ -291,6 +326,7 @@ def _lying_size(media: Path) -> None:
         (_flip_signature, ThresholdError),
         (_flip_index, FormatError),
         (_truncate_pack, TruncatedError),
+        (_pad_pack, FormatError),
         (_unsafe_path, UnsafePathError),
         (_duplicate_path, UnsafePathError),
         (_lying_size, FormatError),
@@ -310,6 +346,52 @@ def test_hostile_media_is_refused_before_any_byte_reaches_the_store(
     assert type(info.value) is error
     assert_nothing_stored(store)
     assert kinds(store)[-1] == "refusal"
+
+
+@pytest.mark.parametrize(("tamper", "error"), [(_pad_pack, FormatError),
+                                               (_truncate_pack, TruncatedError)])
+def test_pack_size_check_is_the_same_in_verify_and_import(
+    bundle: Path, store: Path, tmp_path: Path, tamper: Callable[[Path], None],
+    error: type[Exception],
+) -> None:
+    """One pre-check (``reader.check_pack_sizes``): longer is FormatError, shorter Truncated."""
+    media = copy_media(bundle, tmp_path)
+    tamper(media)
+    with pytest.raises(error) as verified:
+        verify_media([media], trusted(), NOW)
+    with pytest.raises(error) as imported:
+        import_media(store, [media], now=NOW)
+    assert type(verified.value) is type(imported.value) is error
+    assert str(verified.value) == str(imported.value)
+
+
+def test_many_tiny_chunks_are_recorded_every_n_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 14 item 9: with chunks far below ``flush_bytes``, progress still reaches the
+    index every ``flush_chunks`` chunks, so a SIGKILL loses a bounded number of them."""
+    monkeypatch.setattr(builder, "TARGET_CHUNK_BYTES", 4096)
+    base = tmp_path / "tiny-chunks"
+    make_sources(base, random_mib=1)
+    build(base, recipe=write_recipe(base, files=("weights.bin",)))
+    store = trusting_store(tmp_path / "store")
+    lag: list[int] = []  # chunks written but not yet marked done, after each chunk
+
+    def watch(done: int, total: int) -> None:
+        db = connect(store)
+        try:
+            durable = db.execute("SELECT COUNT(*) FROM chunks WHERE done = 1").fetchone()[0]
+        finally:
+            db.close()
+        lag.append(done // 4096 - durable)
+
+    flush_chunks = 16
+    result = import_media(store, [base / "media"], now=NOW, progress=watch,
+                          flush_chunks=flush_chunks)
+    assert result.complete and result.total_bytes == MIB and len(lag) == MIB // 4096 + 1
+    # At most one batch being synced plus one filling: never the whole file (256 chunks).
+    assert max(lag) <= 2 * flush_chunks
+    assert verify_store(store).ok
 
 
 def test_manifest_over_the_size_cap_is_refused(bundle: Path, store: Path) -> None:
