@@ -11,7 +11,7 @@ from store_helpers import model_entry, write_model
 from appliance.errors import StoreError
 from appliance.store import audit, layout
 from appliance.store.records import find_model, get_model, list_models
-from appliance.store.scrub import gc, verify_store
+from appliance.store.scrub import gc, quarantine_damaged, verify_store
 from appliance.store.store import Store
 
 
@@ -157,3 +157,42 @@ def test_verify_while_another_writer_runs_is_refused(store_dir: Path) -> None:
     two_models(store_dir)
     with layout.writer_lock(store_dir, "import"), pytest.raises(StoreError, match="busy"):
         verify_store(store_dir)
+
+
+def test_a_seed_finding_one_damaged_chunk_quarantines_that_file(store_dir: Path) -> None:
+    """Issue 14 item 3, seed side: the file is quarantined as store verify would, audited,
+    and its chunks are no longer advertised; good copies and other models are untouched."""
+    a, b = two_models(store_dir)
+    path = get_model(store_dir, "a").path
+    flip(path, 200_000)
+    bad_chunk = model_entry("a", "v", {"a.gguf": a}).files[0].chunks[3]
+    good_chunk = model_entry("b", "v", {"b.gguf": b}).files[0].chunks[0]
+    assert quarantine_damaged(store_dir, good_chunk.digest) == []
+    (bad,) = quarantine_damaged(store_dir, bad_chunk.digest)
+    assert (bad.model, bad.path, bad.chunk, bad.offset) == ("a", "a.gguf", bad_chunk.digest,
+                                                             196_608)
+    assert bad.quarantined_to is not None and bad.quarantined_to.exists() and not path.exists()
+    with Store(store_dir) as store:
+        held = store.held_digests()
+    assert bad_chunk.digest not in held and good_chunk.digest in held
+    assert {m.name: m.verified for m in list_models(store_dir)} == {"a": False, "b": True}
+    assert [r.kind for r in audit.records(store_dir)] == ["quarantine"]
+    assert verify_store(store_dir).ok and audit.verify(store_dir) == 1
+    assert quarantine_damaged(store_dir, bad_chunk.digest) == []  # nothing left to find
+
+
+def test_a_damaged_staged_chunk_is_forgotten_and_fetched_again(store_dir: Path) -> None:
+    data = payload(300_000)
+    entry = model_entry("a", "v", {"a.gguf": data})
+    with Store(store_dir) as store:
+        write_model(store, entry, {"a.gguf": data}, publish=False, limit_chunks=2)
+    second = entry.files[0].chunks[1]
+    with Store(store_dir) as store:
+        [staged] = store.stage_files(store.conn.execute("SELECT id FROM models").fetchone()[0])
+        flip(staged.staged, second.offset + 7)
+    (reset,) = quarantine_damaged(store_dir, second.digest)
+    assert reset.chunk == second.digest and reset.quarantined_to is None
+    with Store(store_dir) as store:
+        held = store.held_digests()
+    assert second.digest not in held and entry.files[0].chunks[0].digest in held
+    assert [r.kind for r in audit.records(store_dir)] == ["quarantine"]

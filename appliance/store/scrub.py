@@ -1,10 +1,17 @@
-"""Store upkeep: ``verify_store`` (re-hash, quarantine) and ``gc`` (leftovers, orphans).
+"""Store upkeep: ``verify_store`` (re-hash, quarantine), ``quarantine_damaged`` (one chunk
+found bad while serving it) and ``gc`` (leftovers, orphans).
 
 A file that no longer matches its signed chunk list is never deleted: the index is updated
 first (file and model ``quarantined``, its chunks no longer offered to peers, an audit
 "quarantine" record), then the file is moved to ``quarantine/``. A crash between the two is
 finished by ``Store.recover``. A quarantined model is listed as not verified and is never
 served; importing the same bundle again re-fetches it.
+
+``quarantine_damaged`` is the same rule for a seed that re-checks a chunk before sending it and
+finds its own copy damaged: every published file whose copy of that chunk is bad is
+quarantined as ``store verify`` would, a bad staged copy is marked not done (fetched again),
+and both stop being advertised at once. It does not take the writer lock (a serving host may
+be pulling at the same time): each change is one IMMEDIATE transaction on rows it re-reads.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from appliance.chunks import check_chunk
 from appliance.errors import IntegrityError
 from appliance.store import layout
 from appliance.store.staging import verify_chunks
@@ -133,6 +141,65 @@ def _quarantine(
     if target is not None:
         store.recover()  # the index says quarantined: move the file (again after a crash)
     return CorruptFile(name, version, path, reason, chunk, offset, target)
+
+
+def quarantine_damaged(
+    store_dir: Path, digest: str, *, now: datetime | None = None
+) -> list[CorruptFile]:
+    """Re-check every durable local copy of chunk ``digest``; quarantine what is damaged.
+
+    Returns the files quarantined or reset (empty when every copy is good): published ones
+    are quarantined (index first, audited, then moved), a staged one has the chunk marked not
+    done again (audited too), so ``held_digests`` no longer lists it either way.
+    """
+    found: list[CorruptFile] = []
+    with Store(store_dir) as store:
+        store.recover()
+        rows = store.conn.execute(
+            """SELECT f.id, f.path, f.state, c.idx, c.byte_offset, c.length,
+                      m.id AS model_id, m.name, m.version
+               FROM chunks c JOIN files f ON f.id = c.file JOIN models m ON m.id = f.model
+               WHERE c.digest = ? AND c.done = 1 AND f.state IN ('staging', 'published')""",
+            (digest,),
+        ).fetchall()
+        for r in rows:
+            published = r["state"] == "published"
+            path = (layout.published_path(store_dir, r["name"], r["version"], r["path"])
+                    if published else layout.staged_path(store_dir, r["id"]))
+            label = f"{r['name']}:{r['version']}/{r['path']}"
+            reason = _damage(path, digest, r["length"], r["byte_offset"], label)
+            if reason is None:
+                continue
+            if published:
+                found.append(_quarantine(store, r, path, reason, digest, r["byte_offset"], now))
+                continue
+            with store.transaction():
+                store.conn.execute(
+                    "UPDATE chunks SET done = 0 WHERE file = ? AND idx = ?", (r["id"], r["idx"])
+                )
+                store.audit("quarantine", {
+                    "model": r["name"], "version": r["version"], "path": r["path"],
+                    "reason": reason, "chunk": digest, "offset": r["byte_offset"],
+                    "moved_to": None, "staged": True,
+                }, now)
+            found.append(CorruptFile(r["name"], r["version"], r["path"], reason, digest,
+                                     r["byte_offset"], None))
+    return found
+
+
+def _damage(path: Path, digest: str, length: int, offset: int, label: str) -> str | None:
+    """Why the copy at ``path`` is bad, or None when it holds the chunk's signed bytes."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            data = os.pread(f.fileno(), length, offset)
+        check_chunk(data, digest, length, file=label, offset=offset)
+    except FileNotFoundError:
+        return "file is missing"
+    except IntegrityError as e:
+        return str(e)
+    except OSError as e:
+        return f"unreadable: {e}"
+    return None
 
 
 _STAGED_NAME = re.compile(r"^(\d+)" + re.escape(layout.STAGED_SUFFIX) + r"$")
