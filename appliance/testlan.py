@@ -1,4 +1,8 @@
-"""A LAN made by the test: network namespaces on a bridge, optional ``tc`` link caps.
+"""A LAN made by a test or a benchmark: network namespaces on a bridge, optional ``tc`` caps.
+
+It lives in the package (like ``appliance.tiny_model``) so the tests and ``bench/`` import it the
+same way, without editing ``sys.path``.
+
 
 ``Lan(n)`` creates ``n`` host namespaces, each with one veth into a bridge living in a switch
 namespace, addresses 10.<x>.0.1..n/24, loopback up, multicast on (mDNS works across it). Nothing
@@ -18,7 +22,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+import appliance
+
+# Children run ``python -m appliance.cli.main`` from the directory holding this package, so
+# they import the same appliance as the caller (installed, or a checkout).
+PACKAGE_PARENT = Path(appliance.__file__).resolve().parent.parent
 
 
 def _ip(*args: str) -> None:
@@ -94,12 +102,13 @@ class Lan:
 
     def run(self, host: int, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(self.appliance(host, *args), capture_output=True, text=True,
-                              timeout=timeout, cwd=REPO)
+                              timeout=timeout, cwd=PACKAGE_PARENT)
 
     def spawn(self, host: int, argv: Sequence[str]) -> subprocess.Popen[str]:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         return subprocess.Popen(self.command(host, argv), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+                                stderr=subprocess.PIPE, text=True, cwd=PACKAGE_PARENT,
+                                env=env)
 
     def serve(self, host: int, *args: str) -> subprocess.Popen[str]:
         """``appliance ARGS`` started in ``host`` (e.g. a peer server)."""

@@ -2,7 +2,7 @@
 
 Set-up: a generated GGUF (48 MiB, 32 MiB with ``--quick``; 1 MiB tensors, so chunks about as
 big as gemma3-270m's) built into a signed bundle and imported into the seed's store. A
-test-made LAN (``tests/netns_helpers.Lan``: one network namespace per host on a bridge, names
+test-made LAN (``appliance.testlan.Lan``: one network namespace per host on a bridge, names
 ``apfo-<pid>-*``, addresses 10.x.0.y inside them only, deleted afterwards) caps every host's
 veth with a ``tc`` token bucket of ``RATE_MBIT`` in both directions, as a full-duplex link: the
 seed uploads at most that in total and each host downloads at most that. The rate is low
@@ -43,12 +43,9 @@ import numpy as np
 from appliance.importer import import_media
 from appliance.store import trust_state
 from appliance.store.records import get_model
+from appliance.testlan import Lan
 from bench.harness import BenchContext, Comparison
 from bench.signed_bundle import BenchBundle, prepare
-
-# The tests' own LAN helper, imported as the tests import it (bench.run puts tests/ on the path).
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from netns_helpers import Lan
 
 RATE_MBIT = 80  # per link and direction; 9 hosts x 10 MB/s stays well under 2 cores' worth
 QUICK_MIB, FULL_MIB = 32, 48

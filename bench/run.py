@@ -4,6 +4,8 @@ Usage: .venv/bin/python -m bench.run [--quick] [--only NAME] [--out DIR]
 
 Each bench/bench_<area>.py compares appliance with a native tool (zstd, b3sum, cp, curl,
 in-process llama-cpp-python) in this same run; the table shows both figures and the ratio.
+A module with ``costs(ctx)`` instead of ``run(ctx)`` (bench_hostile: what refusing hostile
+input costs) adds its own table, from its ``markdown(rows)``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from appliance.tiny_model import write_tiny_llama
 from bench.harness import BenchContext, Comparison
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -61,10 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
     args = parser.parse_args(argv)
 
-    sys.path.insert(0, str(BENCH_DIR.parent / "tests"))
-    from gguf_fixtures import write_tiny_llama
-
     rows: list[Comparison] = []
+    tables: list[str] = []
+    costs: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory(prefix="appliance-bench-", dir=BENCH_DIR.parent) as tmp:
         work = Path(tmp)
         tiny = write_tiny_llama(work / "tiny.gguf")
@@ -74,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
             module = importlib.import_module(f"bench.{name}")
             start = time.perf_counter()
             print(f"==> {name}", flush=True)
+            if hasattr(module, "costs"):
+                measured = module.costs(ctx)
+                tables.append(module.markdown(measured))
+                costs.extend(c.to_json() for c in measured)
+                print(tables[-1], flush=True)
+                continue
             results = module.run(ctx)
             for r in results:
                 print(f"    {r.name}: {r.ours:.1f} vs {r.native:.1f} {r.unit} "
@@ -90,9 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(
-        json.dumps({"meta": meta, "results": [r.to_json() for r in rows]}, indent=2) + "\n"
+        json.dumps({"meta": meta, "results": [r.to_json() for r in rows], "costs": costs},
+                   indent=2) + "\n"
     )
-    (args.out / "latest.md").write_text(_markdown(rows, meta))
+    (args.out / "latest.md").write_text("\n".join([_markdown(rows, meta), *tables]))
     print(f"\nwrote {args.out / 'latest.md'}")
     return 0
 

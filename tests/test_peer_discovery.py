@@ -10,13 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from netns_helpers import Lan
 from peer_helpers import CHUNK, make_bundle, model_bytes, new_host, published_bytes, seed
 from zeroconf import ServiceInfo
 
 from appliance.errors import PeerError, UsageError
 from appliance.peer import discovery
 from appliance.peer.protocol import SERVICE_TYPE
+from appliance.testlan import Lan
 
 
 def write(tmp_path: Path, text: str) -> Path:

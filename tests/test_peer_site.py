@@ -19,14 +19,15 @@ from pathlib import Path
 
 import pytest
 from bundle_helpers import build, make_sources, write_recipe
-from netns_helpers import REPO, Lan, Loopback, make_lan
 from trust_helpers import NOW, make_root
 
 from appliance.cli.main import main
 from appliance.peer import tls
 from appliance.store import audit, trust_state
 from appliance.store.records import get_model
+from appliance.testlan import Lan, Loopback, make_lan
 
+REPO = Path(__file__).resolve().parent.parent
 PORT = 8765
 
 
