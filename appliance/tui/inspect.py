@@ -1,4 +1,4 @@
-"""Inspect & verify screen: what a bundle holds and who signed it, then every byte checked.
+"""Inspect screen: what a bundle holds and who signed it, then every byte checked.
 
 Opening authenticates the bundle against this host's trust root (signatures over the exact
 manifest bytes, the carried rotation chain, publisher scopes, expiry) before showing anything
