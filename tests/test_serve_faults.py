@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -34,6 +35,7 @@ HOOK = ";".join([
     "SIGSEGV:segv-mid-stream:3",  # crash after three streamed chunks
     "sleep1.5:slow-then-segv",  # hold the worker, then crash, with a request queued behind
     "SIGSEGV:slow-then-segv",
+    "slow0.02:linger-please",  # 20 ms a token: 200 tokens take 4 s
 ])
 
 
@@ -53,6 +55,33 @@ def ask(client: openai.OpenAI, text: str, **kwargs: Any) -> Any:
     kwargs.setdefault("max_tokens", 8)
     return client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": text}], temperature=0, **kwargs)
+
+
+def test_a_client_that_leaves_a_non_streamed_completion_stops_its_generation(
+    server: ServerThread, client: openai.OpenAI,
+) -> None:
+    generated = 'appliance_serve_tokens_generated_total{model="tiny"}'
+    abandoned = 'appliance_serve_requests_total{path="/v1/completions",status="499"}'
+    before, abandoned_before = metric(server.url, generated), metric(server.url, abandoned)
+    body = json.dumps({"model": "tiny", "prompt": "linger-please", "max_tokens": 200,
+                       "temperature": 0, "logit_bias": {"2": -100}}).encode()  # 2 is </s>
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n"
+                     b"content-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        time.sleep(0.5)  # generating by now, seconds from the end
+    left = time.monotonic()
+    # The worker counts a generation's tokens when it ends: here, when it stops.
+    while metric(server.url, generated) == before and time.monotonic() - left < 10:
+        time.sleep(0.02)
+    assert time.monotonic() - left < 1.0
+    spent = metric(server.url, generated) - before
+    assert 0 < spent < 100  # cut short, not run to 200
+    assert metric(server.url, abandoned) == abandoned_before + 1
+    after = client.completions.create(model="tiny", prompt="fine", max_tokens=8, temperature=0,
+                                      logit_bias={"2": -100})
+    assert after.usage is not None and after.usage.completion_tokens == 8
 
 
 def restarts(server: ServerThread) -> float:

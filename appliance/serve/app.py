@@ -12,6 +12,8 @@ ending ``data: [DONE]``), ``GET /health`` (503 until every model is ready; needs
 
 A request for a streaming response is answered with a JSON error (and its status) if it fails
 before the first token; after that, failures arrive as an SSE ``data: {"error": ...}`` event.
+A client that disconnects stops its generation in the worker within a token, streamed or not
+(a non-streamed one is counted with status 499, nginx's "client closed request").
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import logging
 import os
 import struct
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from typing import Any
 
 from starlette.applications import Starlette
@@ -52,6 +54,7 @@ from appliance.serve.supervisor import READY, Audit, Worker
 
 log = logging.getLogger("appliance.serve")
 
+CLIENT_CLOSED = 499  # nginx's status for a request its client abandoned (metrics only)
 PUBLIC_PATHS = frozenset({"/health"})
 KNOWN_PATHS = frozenset({"/health", "/metrics", "/v1/models", "/v1/chat/completions",
                          "/v1/completions", "/v1/embeddings"})
@@ -288,12 +291,15 @@ async def _read_json(request: Request) -> dict[str, Any]:
 
 async def _chat(request: Request) -> Response:
     generation = protocol.parse_chat(await _read_json(request))
-    return await _generate(_state(request), "chat", generation)
+    # Without max_tokens llama.cpp generates until the context is full (minutes, thousands of
+    # tokens for a base model): the server's cap applies instead.
+    generation.params.setdefault("max_tokens", _state(request).settings.max_tokens_default)
+    return await _generate(request, "chat", generation)
 
 
 async def _completions(request: Request) -> Response:
     generation = protocol.parse_completion(await _read_json(request))
-    return await _generate(_state(request), "completion", generation)
+    return await _generate(request, "completion", generation)
 
 
 async def _embeddings(request: Request) -> Response:
@@ -317,23 +323,13 @@ async def _embeddings(request: Request) -> Response:
     return JSONResponse(result)
 
 
-async def _generate(state: ServerState, op: str, req: protocol.GenerationRequest) -> Response:
+async def _generate(request: Request, op: str, req: protocol.GenerationRequest) -> Response:
+    state = _state(request)
     worker = state.worker_for(req.model)
     params = {**req.params, "model": worker.name}
     run = worker.run(op, params)
     if not req.stream:
-        result: dict[str, Any] = {}
-        try:
-            async for message in run:
-                if message[0] == "result":
-                    result = message[2]
-                elif message[0] == "error":
-                    raise _worker_error(message)
-                elif message[0] == "done":
-                    state.metrics.observe_generation(worker.name, message[2])
-        finally:
-            await run.aclose()
-        return JSONResponse(result)
+        return await _unless_disconnected(request, _collect(state, worker.name, run))
     try:
         first = await run.__anext__()
         if first[0] == "error":
@@ -346,6 +342,48 @@ async def _generate(state: ServerState, op: str, req: protocol.GenerationRequest
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+async def _collect(state: ServerState, model: str,
+                   run: AsyncGenerator[tuple[Any, ...], None]) -> Response:
+    result: dict[str, Any] = {}
+    try:
+        async for message in run:
+            if message[0] == "result":
+                result = message[2]
+            elif message[0] == "error":
+                raise _worker_error(message)
+            elif message[0] == "done":
+                state.metrics.observe_generation(model, message[2])
+    finally:
+        await run.aclose()
+    return JSONResponse(result)
+
+
+async def _unless_disconnected(request: Request, answer: Coroutine[Any, Any, Response]
+                               ) -> Response:
+    """Await ``answer`` unless the client leaves first; then cancel it (which cancels the
+    generation in the worker, as for a stream) and answer 499, nginx's "client closed"."""
+    answering = asyncio.ensure_future(answer)
+    leaving = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({answering, leaving}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        leaving.cancel()
+        if not answering.done():
+            answering.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await answering
+    if answering.cancelled():
+        log.info("client left %s before its answer; generation cancelled", request.url.path)
+        return Response(status_code=CLIENT_CLOSED)
+    return answering.result()
+
+
+async def _disconnected(request: Request) -> None:
+    # The body has been read: the next ASGI message can only be the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _event(payload: dict[str, Any]) -> str:

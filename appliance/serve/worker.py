@@ -10,7 +10,9 @@ Pipe protocol (pickled objects over a ``multiprocessing.connection.Connection``)
 
     worker -> server   ("ready", info) | ("load_failed", message)     once, after loading
     server -> worker   ("run", rid, op, params)           op: chat | completion | embedding
-                       ("cancel", rid)                    the client went away
+                       ("cancel", rid)                    the client went away: the worker
+                                                          stops at the next token, streamed
+                                                          or not
                        ("stop",)                          the server is shutting down
     worker -> server   ("chunk", rid, chunk)*             streaming only
                        ("result", rid, response)          non-streaming only
@@ -21,9 +23,10 @@ One request runs at a time; the server sends the next "run" only after "done" or
 
 Test-only fault injection: the worker (and nothing else) reads ``APPLIANCE_SERVE_TEST_HOOK``,
 a ";"-separated list of ``ACTION:TRIGGER[:N]`` rules. ACTION is SIGSEGV (a real native fault:
-a read of address 0), SIGILL, SIGABRT, or ``sleep<seconds>``. TRIGGER is ``@load`` (before the
-model loads) or a marker string: the rule fires for a request whose parameters contain it,
-before generating, or after N streamed chunks when N is given. Example:
+a read of address 0), SIGILL, SIGABRT, ``sleep<seconds>``, or ``slow<seconds>`` (sleep that long
+after every sampled token: a slow model). TRIGGER is ``@load`` (before the model loads) or a
+marker string: the rule fires for a request whose parameters contain it, before generating, or
+after N streamed chunks when N is given. Example:
 ``APPLIANCE_SERVE_TEST_HOOK="SIGSEGV:crash-now;sleep2:slow-please"``. Never set it in production.
 """
 
@@ -37,7 +40,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -129,7 +132,12 @@ class _TokenCounter:
         llm.generate = self._counting_generate
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, cancelled: Callable[[], bool] | None = None,
+              token_delay: float = 0.0) -> None:
+        # Asked after every sampled token: the one place both streamed and non-streamed
+        # generation pass through, so an abandoned request of either kind stops within a token.
+        self.cancelled = cancelled
+        self.token_delay = token_delay  # the test hook's "slow" rule
         self.started = time.perf_counter()
         self.prompt_tokens = 0
         self.completion_tokens = 0
@@ -148,6 +156,10 @@ class _TokenCounter:
                 if not self._is_eog(self._vocab, token):
                     self.completion_tokens += 1
                 yield token
+                if self.token_delay:
+                    time.sleep(self.token_delay)
+                if self.cancelled is not None and self.cancelled():
+                    return  # llama-cpp-python ends the completion as if it were exhausted
         finally:
             inner.close()
 
@@ -242,10 +254,11 @@ def _run(
     conn: Connection, llm: Any, counter: _TokenCounter, hook: FaultHook,
     rid: int, op: str, params: dict[str, Any],
 ) -> None:
-    counter.reset()
     rules = hook.for_request(params)
+    delay = sum(float(r.action[len("slow"):]) for r in rules if r.action.startswith("slow"))
+    counter.reset(cancelled=lambda: _cancel_waiting(conn, rid), token_delay=delay)
     for rule in rules:
-        if rule.after_chunks is None:
+        if rule.after_chunks is None and not rule.action.startswith("slow"):
             _act(rule.action)
     try:
         if op == "embedding":
@@ -280,15 +293,21 @@ def _stream(
             for rule in rules:
                 if rule.after_chunks == sent:
                     _act(rule.action)
-            if conn.poll():
-                message = conn.recv()
-                if message[0] == "stop":
-                    raise SystemExit(0)
-                if message[0] == "cancel" and message[1] == rid:
-                    return
     finally:
         with contextlib.suppress(Exception):
             chunks.close()
+
+
+def _cancel_waiting(conn: Connection, rid: int) -> bool:
+    """Whether the server has cancelled request ``rid`` (a poll: never blocks)."""
+    while conn.poll():
+        message = conn.recv()
+        if message[0] == "stop":
+            raise SystemExit(0)
+        if message[0] == "cancel" and message[1] == rid:
+            return True
+        # A "cancel" for a request that already ended needs nothing.
+    return False
 
 
 def _embed(llm: Any, params: dict[str, Any]) -> dict[str, Any]:
