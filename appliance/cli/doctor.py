@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 from rich.console import Console
 from rich.table import Table
 
+from appliance.cli.jsonout import print_json
 from appliance.doctor import DEFAULT_CHILD_TIMEOUT, Check, failed_essentials, run_checks
 from appliance.errors import DoctorError, UsageError
 
@@ -79,8 +78,7 @@ def run(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     if args.json:
         checks = run_checks(args.store, timeout=args.timeout)
-        sys.stdout.write(json.dumps([c.to_json() for c in checks], indent=2) + "\n")
-        sys.stdout.flush()
+        print_json([c.to_json() for c in checks])
     else:
         with err.status("running checks...") as status:
             checks = run_checks(

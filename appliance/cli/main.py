@@ -38,7 +38,8 @@ COMMAND_MODULES = (
 EPILOG = f"""\
 exit codes:
   0  ok
-  1  usage error (bad arguments, a file named on the command line is missing)
+  1  usage error: bad arguments, or something needed is not there yet (a file named on the
+     command line, the store, the trust root); the message says what to do first
   2  refused: integrity, signature, trust, rollback or expiry check failed
   3  any other error (I/O, disk full, peer unreachable, ...)
 

@@ -55,7 +55,7 @@ else the site config's static list and mDNS.
 """
 PULL_EPILOG = """\
 examples:
-  appliance peer pull gemma-3-270m
+  appliance peer pull gemma3-270m
   appliance peer pull tiny:1 --from https://10.0.0.5:8765 --from https://10.0.0.6:8765
   appliance peer pull --all
 """
@@ -162,7 +162,7 @@ def run_serve(args: argparse.Namespace) -> int:
         host_name=name, rate_limit=args.rate_limit * 1e6 if args.rate_limit else None,
         options=ServerOptions(max_connections=args.max_connections),
     )
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)  # a notice is one line, however long
     print(f"serving {args.store} on {server.url} as {name}, {conn.mode}", flush=True)
     advertiser = None
     if args.advertise:
@@ -196,7 +196,7 @@ def _stopped(signum: int, frame: object) -> None:
 
 def run_list(args: argparse.Namespace) -> int:
     config, conn = _site(args)
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)  # a notice is one line, however long
     views = site.list_peers(_peers(args, config, err), conn.policy)
     if args.json:
         print_json([v.to_json() for v in views])
@@ -230,7 +230,7 @@ def run_pull(args: argparse.Namespace) -> int:
     allow_expired, reason = override_options(args)
     config, conn = _site(args)
     policy = conn.policy
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)  # a notice is one line, however long
     if args.sources:
         urls = [policy.check(u) for u in args.sources]
     else:

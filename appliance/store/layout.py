@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 
 from appliance.errors import DiskFullError, StoreError, UnsafePathError
 from appliance.fsutil import fsync_dir
+from appliance.store.location import check_store_path
 
 MODELS_DIR = "models"
 STAGING_DIR = "staging"
@@ -88,6 +89,7 @@ def quarantine_name(stamp: str, file_id: int, name: str, version: str, path: str
 
 
 def ensure_dirs(store_dir: Path) -> None:
+    check_store_path(store_dir)  # a file where the store should be: say so, not "Errno 20"
     try:
         for sub in (models_dir(store_dir), staging_dir(store_dir), quarantine_dir(store_dir)):
             sub.mkdir(parents=True, exist_ok=True)
