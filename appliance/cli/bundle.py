@@ -13,7 +13,7 @@ from rich.console import Console
 from appliance.bundle.builder import add_signature, build_bundle
 from appliance.bundle.reader import Media, VerifyReport, open_media, verify_media
 from appliance.bundle.recipe import parse_size
-from appliance.cli import jsonout
+from appliance.cli import bundle_reports, jsonout
 from appliance.cli.jsonout import print_json
 from appliance.cli.store import byte_progress
 from appliance.errors import MissingVolumeError, UsageError
@@ -145,7 +145,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     inspect.add_argument("--trust", type=Path, metavar="ROOT",
                          help="verify signatures against this root file first")
     inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.add_argument("--sbom", action="store_true",
+                         help="print a CycloneDX 1.6 ML-BOM instead (as 'bundle sbom')")
     inspect.set_defaults(func=run_inspect)
+    bundle_reports.register(add)
 
 
 def _now() -> datetime:
@@ -288,6 +291,8 @@ def run_inspect(args: argparse.Namespace) -> int:
                                       now).manifest
     else:
         manifest = media.parse_unverified()
+    if args.sbom:
+        return bundle_reports.print_sbom(media, manifest, verified)
     if args.json:
         print_json(_inspect_json(media, manifest, verified))
         return 0
