@@ -102,6 +102,9 @@ def test_one_json_style_from_build_to_models(site: Path,
     assert all(Z_TIME.match(i["installed_at"]) for i in shown["installed"])
     assert all(Z_TIME.match(c["updated_at"]) for c in shown["channels"])
 
+    _, records = run(capsys, "--store", store, "audit", "show", "--json")
+    assert records and all(Z_TIME.match(r["time"]) for r in records)
+
     _, checked = run(capsys, "--store", store, "store", "verify", "--json")
     _, collected = run(capsys, "--store", store, "store", "gc", "--json")
     assert checked["ok"] is True and collected["ok"] is True

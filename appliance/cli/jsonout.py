@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from appliance.format.fields import format_timestamp
 from appliance.format.signing import fingerprint_words
 from appliance.format.trust import TrustRoot
 
@@ -40,7 +41,7 @@ def timestamp(value: str | datetime | None) -> str | None:
     moment = value if isinstance(value, datetime) else datetime.fromisoformat(value)
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)  # the store writes UTC
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return format_timestamp(moment)
 
 
 def model(ref: str) -> dict[str, str]:
