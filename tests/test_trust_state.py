@@ -175,3 +175,35 @@ def test_sqlite_failure_is_store_error(tmp_path: Path) -> None:
         trust_state.channel_state(tmp_path, "site")
     with pytest.raises(StoreError):
         trust_state.record_channel(tmp_path, "site", 1, "h1")
+
+
+def test_install_roots_by_fingerprint_then_the_chain_in_any_order(tmp_path: Path) -> None:
+    v1 = make_root()
+    v2 = make_root(version=2, root_keys=("r1", "r2", "r4"))
+    first = trust_state.install_roots(tmp_path, [v2, v1], v1.root.fingerprint, NOW)
+    assert (first.first, first.start, first.root) == (v1.root, v1.root, v2.root)
+    again = trust_state.install_roots(tmp_path, [v2], None, NOW)  # nothing newer: stays
+    assert again.first is None and again.start == again.root == v2.root
+    assert _kinds(tmp_path) == ["trust-install", "trust-update"]
+
+
+def test_install_roots_refuses_a_fingerprint_no_file_has_and_audits_it(tmp_path: Path) -> None:
+    v1 = make_root()
+    with pytest.raises(FingerprintMismatchError) as refused:
+        trust_state.install_roots(tmp_path, [v1], "0" * 32, NOW)
+    assert v1.root.fingerprint not in str(refused.value)  # never shown to copy from
+    assert _kinds(tmp_path) == ["refusal"] and trust_state.installed_root(tmp_path) is None
+    with pytest.raises(UsageError, match="--allow-expired needs --reason"):
+        trust_state.install_roots(tmp_path, [v1], v1.root.fingerprint, NOW,
+                                  allow_expired=True)
+
+
+def test_read_root_file_names_what_is_wrong(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="no such trust root file"):
+        trust_state.read_root_file(tmp_path / "nope.yaml")
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"#" * (2 << 20))
+    with pytest.raises(UsageError, match="too big to be a trust root file"):
+        trust_state.read_root_file(big)
+    (tmp_path / "root-1.yaml").write_bytes(make_root().to_bytes())
+    assert trust_state.read_root_file(tmp_path / "root-1.yaml").root.version == 1
