@@ -119,14 +119,15 @@ class MediaSource:
         self.volume_paths = {v.name: v.path for v in media.volumes}
 
     def plan(self, needed: Mapping[str, int]) -> list[str]:
-        here = []
+        here: list[tuple[str, Path, int, str]] = []
         for digest in needed:
             try:
                 location = self.media.locations(digest)[0]
             except MissingVolumeError:
                 continue  # on a volume not given: left for a later run
-            here.append((location.volume, str(location.pack), location.offset, digest))
-        return [digest for *_, digest in sorted(here)]
+            here.append((location.volume, location.pack, location.offset, digest))
+        here.sort()
+        return [digest for *_, digest in here]
 
     def read(self, digest: str, length: int) -> bytes | None:
         location = self.media.locations(digest)[0]

@@ -175,7 +175,7 @@ class IngestOutcome:
         return not self.pending
 
 
-@dataclass
+@dataclass(slots=True)
 class _Need:
     length: int
     label: str  # model:version/path of the first file that needs it, for errors

@@ -46,7 +46,7 @@ _READ_BLOCK = 8 * 1024 * 1024
 _HASH_BACKLOG = 4
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StoredChunk:
     """A chunk of a file in the store (staged or published): its place in the file and its
     signed digest. The manifest's side is ``ChunkRef``; media's is ``ChunkLocation``."""
@@ -178,12 +178,17 @@ class StagedFile:
         # its chunks are committed as done only once it has returned.
         self._syncing: tuple[list[int], int, Future[None]] | None = None
         self._sync_pool: ThreadPoolExecutor | None = None
-        self._chunks = {
-            row["idx"]: StoredChunk(row["idx"], row["byte_offset"], row["length"], row["digest"])
+        # Indexed by idx (0, 1, ... in file order): a list, as a manifest may hold hundreds of
+        # thousands of tiny chunks.
+        self._chunks = [
+            StoredChunk(row["idx"], row["byte_offset"], row["length"], row["digest"])
             for row in conn.execute(
-                "SELECT idx, byte_offset, length, digest FROM chunks WHERE file = ?", (file_id,)
+                "SELECT idx, byte_offset, length, digest FROM chunks WHERE file = ? ORDER BY idx",
+                (file_id,),
             )
-        }
+        ]
+        if any(c.idx != i for i, c in enumerate(self._chunks)):
+            raise StoreError(f"the index lists the chunks of {self.label} out of order")
 
     @property
     def label(self) -> str:
@@ -207,7 +212,7 @@ class StagedFile:
         return self._chunks[idx]
 
     def all_chunks(self) -> list[StoredChunk]:
-        return [self._chunks[i] for i in sorted(self._chunks)]
+        return list(self._chunks)
 
     def open(self) -> None:
         """Create (or reopen) the staged file, preallocated to its final size."""
