@@ -87,13 +87,17 @@ def test_store_that_is_a_file_says_so(tmp_path: Path, capsys: pytest.CaptureFixt
                                       ) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_bytes(b"not a store")
+    (tmp_path / "media").mkdir()
+    signed = make_root()
+    (tmp_path / "root-1.yaml").write_bytes(signed.to_bytes())
+    writers = (("import", tmp_path / "media"),
+               ("trust", "install", tmp_path / "root-1.yaml", "--fingerprint",
+                signed.root.fingerprint))
     for store in (blocker, blocker / "store"):
-        for argv in (("models", "list"), ("trust", "install", tmp_path / "r.yaml")):
+        for argv in (("models", "list"), ("audit", "show"), *writers):
             code, _, err = run(capsys, "--store", store, *argv)
-            assert "Errno" not in err, err
-            if argv[0] == "models":
-                assert code == EXIT_ERROR and "StoreError" in err
-                assert "is not a directory" in err and str(store) in err
+            assert code == EXIT_ERROR and "StoreError" in err and "Errno" not in err, err
+            assert "is not a directory" in err and str(store) in err
     with pytest.raises(StoreError, match="is not a directory"):
         Store(blocker)
 
