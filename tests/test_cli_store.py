@@ -92,6 +92,7 @@ def test_store_verify_catches_a_flipped_byte(
     report = json.loads(out)
     assert code == 2 and not report["ok"]
     assert report["corrupt"][0]["offset"] == 65536 * 1
+    assert (report["corrupt"][0]["name"], report["corrupt"][0]["version"]) == ("gemma", "q4")
     assert Path(report["corrupt"][0]["quarantined_to"]).exists()
     code, out, _ = run(capsys, store_dir, "models", "list", "--json")
     assert json.loads(out)[0]["verified"] is False

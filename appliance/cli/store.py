@@ -142,7 +142,7 @@ def run_verify(args: argparse.Namespace) -> int:
                 "bytes_checked": report.bytes_checked,
                 "corrupt": [
                     {
-                        "model": c.model,
+                        "name": c.model,
                         "version": c.version,
                         "path": c.path,
                         "reason": c.reason,
