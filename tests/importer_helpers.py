@@ -10,19 +10,10 @@ from typing import Any
 
 import blake3
 from bundle_helpers import NOW
-from trust_helpers import make_root
 
-from appliance.format.trust import SignedRoot
 from appliance.importer import import_media
-from appliance.store import trust_state
 from appliance.store.db import connect
 from appliance.store.layout import published_path, staged_path
-
-
-def trusting_store(store_dir: Path, signed: SignedRoot | None = None) -> Path:
-    signed = signed or make_root()
-    trust_state.install_first_root(store_dir, signed.to_bytes(), signed.root.fingerprint, NOW)
-    return store_dir
 
 
 def tree_digest(path: Path) -> dict[str, tuple[str, float, int]]:

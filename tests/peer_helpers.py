@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from store_helpers import model_entry
-from trust_helpers import DAY, NOW, make_root, sign_manifest
+from trust_helpers import DAY, NOW, sign_manifest
 
 from appliance.format.manifest import (
     FORMAT_VERSION,
@@ -33,7 +33,6 @@ from appliance.format.manifest import (
     manifest_hash,
 )
 from appliance.format.signing import Signature
-from appliance.format.trust import SignedRoot
 from appliance.peer import server as peer_server
 from appliance.peer.client import ConnectPolicy, PeerClient, Timeouts
 from appliance.peer.pull import PullOptions
@@ -94,17 +93,6 @@ def _entry(name: str, version: str, files: dict[str, bytes], chunk: int) -> Mode
         for path, data in files.items()
     )
     return replace(entry, provenance=Provenance(builder="tests", sources=sources))
-
-
-def site_root() -> SignedRoot:
-    return make_root()
-
-
-def new_host(store_dir: Path, root: SignedRoot | None = None) -> Path:
-    """A store with the site's trust root installed."""
-    signed = root or site_root()
-    trust_state.install_first_root(store_dir, signed.to_bytes(), signed.root.fingerprint, NOW)
-    return store_dir
 
 
 def seed(store_dir: Path, bundle: Bundle, *, partial_chunks: int | None = None) -> None:

@@ -16,10 +16,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from peer_helpers import CHUNK, make_bundle, model_bytes, new_host, seed, start_server
+from peer_helpers import CHUNK, make_bundle, model_bytes, seed, start_server
 from rich.console import Console
 from store_helpers import model_entry, write_model
-from trust_helpers import make_root
+from trust_helpers import make_root, trusted_store
 
 from appliance.cli.main import main
 from appliance.cli.store import byte_progress
@@ -180,7 +180,7 @@ def test_refused_import_prints_only_the_error(tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     media = tmp_path / "media"
     media.mkdir()
-    store = new_host(tmp_path / "store")
+    store = trusted_store(tmp_path / "store")
     code, out, err = run(capsys, "--store", store, "import", media)
     assert code != 0 and out == ""
     assert err.startswith("appliance: ") and len(err.strip().splitlines()) == 1, err
@@ -191,7 +191,7 @@ def test_refused_import_prints_only_the_error(tmp_path: Path,
 
 def test_an_unreachable_peer_is_reported_once(tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    store = new_host(tmp_path / "b")
+    store = trusted_store(tmp_path / "b")
     url = "http://127.0.0.1:9"
     code, _, err = run(capsys, "--store", store, "peer", "pull", "tiny", "--from", url,
                        "--insecure", "--no-mdns")
@@ -203,7 +203,7 @@ def test_an_unreachable_peer_is_reported_once(tmp_path: Path,
 @pytest.fixture
 def seeded_peer(tmp_path: Path) -> Iterator[str]:
     bundle = make_bundle({"tiny": {"model.gguf": model_bytes(7, 40 * CHUNK)}})
-    seed(new_host(tmp_path / "a"), bundle)
+    seed(trusted_store(tmp_path / "a"), bundle)
     server = start_server(tmp_path / "a")
     try:
         yield server.url
@@ -213,7 +213,7 @@ def seeded_peer(tmp_path: Path) -> Iterator[str]:
 
 def test_pull_summary_speaks_mb_and_names_a_dead_peer_once(
         tmp_path: Path, seeded_peer: str, capsys: pytest.CaptureFixture[str]) -> None:
-    store = new_host(tmp_path / "b")
+    store = trusted_store(tmp_path / "b")
     dead = "http://127.0.0.1:9"
     code, out, err = run(capsys, "--store", store, "peer", "pull", "tiny", "--from",
                          seeded_peer, "--from", dead, "--insecure", "--no-mdns")

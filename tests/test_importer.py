@@ -17,8 +17,8 @@ from bundle_helpers import (
     trusted,
     write_recipe,
 )
-from importer_helpers import check_consistent, tree_digest, trusting_store
-from trust_helpers import make_root
+from importer_helpers import check_consistent, tree_digest
+from trust_helpers import make_root, trusted_store
 
 from appliance.bundle import builder
 from appliance.bundle.reader import verify_media
@@ -58,7 +58,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def store(tmp_path: Path) -> Path:
-    return trusting_store(tmp_path / "store")
+    return trusted_store(tmp_path / "store")
 
 
 def kinds(store: Path) -> list[str]:
@@ -374,7 +374,7 @@ def test_many_tiny_chunks_are_recorded_every_n_chunks(
     base = tmp_path / "tiny-chunks"
     make_sources(base, random_mib=1)
     build(base, recipe=write_recipe(base, files=("weights.bin",)))
-    store = trusting_store(tmp_path / "store")
+    store = trusted_store(tmp_path / "store")
     lag: list[int] = []  # chunks written but not yet marked done, after each chunk
 
     def watch(done: int, total: int) -> None:

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from bundle_helpers import NOW, build, make_sources, write_recipe
 from gguf_fixtures import write_many_tensor_gguf
-from importer_helpers import check_consistent, run_import_child, trusting_store
+from importer_helpers import check_consistent, run_import_child
+from trust_helpers import trusted_store
 
 from appliance.importer import import_media
 from appliance.store import audit
@@ -68,8 +69,8 @@ def test_sigkill_at_random_points_then_resume(bundle: Path, tmp_path: Path) -> N
     rng = random.Random(SEED)
 
     # Calibrate: how long one whole child import takes on this machine right now.
-    child(trusting_store(tmp_path / "warm-up"), volumes).join()  # starts the fork server
-    proc = child(trusting_store(tmp_path / "calibration"), volumes)
+    child(trusted_store(tmp_path / "warm-up"), volumes).join()  # starts the fork server
+    proc = child(trusted_store(tmp_path / "calibration"), volumes)
     started = time.perf_counter()
     proc.join()
     assert proc.exitcode == 0
@@ -80,7 +81,7 @@ def test_sigkill_at_random_points_then_resume(bundle: Path, tmp_path: Path) -> N
     runs = 0
     while kills < MIN_KILLS and runs < MAX_RUNS:
         runs += 1
-        store = trusting_store(tmp_path / f"store-{runs}")
+        store = trusted_store(tmp_path / f"store-{runs}")
         order = rng.sample(volumes, len(volumes))  # any volume order
         proc = child(store, order)
         time.sleep(rng.uniform(0.0, whole))

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 from bundle_helpers import NOW, build, make_sources
-from importer_helpers import check_consistent, trusting_store
+from importer_helpers import check_consistent
 from store_helpers import small_tmpfs
+from trust_helpers import trusted_store
 
 from appliance.errors import DiskFullError
 from appliance.importer import import_media
@@ -48,7 +49,7 @@ def grow(mount: Path, size_mb: int) -> None:
 def test_too_small_is_refused_up_front_then_succeeds_with_space(
     bundle: Path, small_fs: Path
 ) -> None:
-    store = trusting_store(small_fs / "store")
+    store = trusted_store(small_fs / "store")
     with pytest.raises(DiskFullError, match=r"needs 17\.\d MB .* free") as info:
         import_media(store, [bundle], now=NOW)
     assert "importing site-models #1" in str(info.value)
@@ -66,7 +67,7 @@ def test_disk_filled_during_the_import_leaves_a_resumable_store(
     bundle: Path, small_fs: Path
 ) -> None:
     grow(small_fs, 40)
-    store = trusting_store(small_fs / "store")
+    store = trusted_store(small_fs / "store")
     filler = small_fs / "filler"
 
     def fill_up(done: int, total: int) -> None:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 from bundle_helpers import NOW, build, write_recipe
-from importer_helpers import check_consistent, run_import_child, trusting_store
+from importer_helpers import check_consistent, run_import_child
+from trust_helpers import trusted_store
 
 from appliance.default_model import MODEL_SHA256
 from appliance.errors import AuditChainError
@@ -45,7 +46,7 @@ def gemma_media(tmp_path_factory: pytest.TempPathFactory, gemma_gguf: Path) -> P
 def test_gemma_two_volumes_reverse_order_sigkill_resume_verify_audit(
     gemma_media: Path, tmp_path: Path
 ) -> None:
-    store = trusting_store(tmp_path / "store")
+    store = trusted_store(tmp_path / "store")
     reverse = sorted(gemma_media.glob("vol-*"), reverse=True)
     # Kill a first import part-way through, as a pulled plug would.
     started = CONTEXT.Event()

@@ -17,10 +17,10 @@ import json, sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from bundle_helpers import NOW
-from importer_helpers import trusting_store
+from trust_helpers import trusted_store
 from appliance.importer import import_media
 from appliance.store.records import get_model
-store = trusting_store(Path({store!r}))
+store = trusted_store(Path({store!r}))
 result = import_media(store, [Path({media!r})], now=NOW)
 model = get_model(store, "acme/tiny")
 # VmHWM, not ru_maxrss: on Linux ru_maxrss carries over the forking pytest process's peak.

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from peer_helpers import CHUNK, Bundle, make_bundle, model_bytes, new_host, published_bytes, seed
+from peer_helpers import CHUNK, Bundle, make_bundle, model_bytes, published_bytes, seed
+from trust_helpers import trusted_store
 
 from appliance.cli.main import main
 from appliance.peer import tls
@@ -65,7 +66,7 @@ class ServeProcess:
 
 @pytest.fixture
 def served(tmp_path: Path, bundle: Bundle) -> Iterator[ServeProcess]:
-    store = new_host(tmp_path / "a")
+    store = trusted_store(tmp_path / "a")
     seed(store, bundle)
     server = ServeProcess(store, "--insecure")
     yield server
@@ -74,7 +75,7 @@ def served(tmp_path: Path, bundle: Bundle) -> Iterator[ServeProcess]:
 
 def test_serve_pull_and_list_plaintext(tmp_path: Path, bundle: Bundle, served: ServeProcess,
                                        capsys: pytest.CaptureFixture[str]) -> None:
-    b = new_host(tmp_path / "b")
+    b = trusted_store(tmp_path / "b")
     assert main(["--store", str(b), "peer", "pull", "tiny", "--from", served.url,
                  "--insecure"]) == 0
     out = capsys.readouterr().out
@@ -91,12 +92,12 @@ def test_serve_pull_and_list_plaintext(tmp_path: Path, bundle: Bundle, served: S
 
 def test_serve_and_pull_over_mutual_tls(tmp_path: Path, bundle: Bundle, site: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
-    a = new_host(tmp_path / "a")
+    a = trusted_store(tmp_path / "a")
     seed(a, bundle)
     server = ServeProcess(a, "--tls-dir", str(site / "a"))
     try:
         assert server.url.startswith("https://")
-        b = new_host(tmp_path / "b")
+        b = trusted_store(tmp_path / "b")
         # The TLS directory found at $STORE/tls without any flag.
         (b / "tls").symlink_to(site / "b")
         assert main(["--store", str(b), "peer", "pull", "--all", "--from", server.url]) == 0
@@ -111,7 +112,7 @@ def test_serve_and_pull_over_mutual_tls(tmp_path: Path, bundle: Bundle, site: Pa
 
 def test_refusals_exit_2_and_usage_errors_exit_1(tmp_path: Path, served: ServeProcess,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    b = new_host(tmp_path / "b")
+    b = trusted_store(tmp_path / "b")
     trust_state.record_channel(b, "main", 7, "e" * 64)
     assert main(["--store", str(b), "peer", "pull", "tiny", "--from", served.url,
                  "--insecure"]) == 2

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from peer_helpers import CHUNK, make_bundle, model_bytes, new_host, published_bytes, seed
+from peer_helpers import CHUNK, make_bundle, model_bytes, published_bytes, seed
+from trust_helpers import trusted_store
 from zeroconf import ServiceInfo
 
 from appliance.errors import PeerError, UsageError
@@ -128,9 +129,9 @@ def stop(proc: subprocess.Popen[str]) -> None:
 def test_advertise_browse_and_pull_across_namespaces(lan: Lan, tmp_path: Path) -> None:
     """Host 0 serves and advertises; host 1 finds it by mDNS alone, lists it and pulls."""
     bundle = make_bundle({"tiny": {"model.gguf": model_bytes(31, 5 * CHUNK)}})
-    a = new_host(tmp_path / "a")
+    a = trusted_store(tmp_path / "a")
     seed(a, bundle)
-    b = new_host(tmp_path / "b")
+    b = trusted_store(tmp_path / "b")
     server = lan.serve(0, "--store", str(a), "peer", "serve", "--insecure",
                        "--listen", "0.0.0.0:8765")
     try:

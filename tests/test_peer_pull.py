@@ -22,12 +22,11 @@ from peer_helpers import (
     client,
     make_bundle,
     model_bytes,
-    new_host,
     published_bytes,
     seed,
     start_server,
 )
-from trust_helpers import DAY, NOW
+from trust_helpers import DAY, NOW, trusted_store
 
 from appliance.errors import (
     ExpiredError,
@@ -74,7 +73,7 @@ def clients() -> Iterator[Callable[..., PeerClient]]:
 
 
 def seeded(tmp_path: Path, name: str, bundle: Bundle) -> Path:
-    store = new_host(tmp_path / name)
+    store = trusted_store(tmp_path / name)
     seed(store, bundle)
     return store
 
@@ -108,7 +107,7 @@ def no_bad_chunk_in(store: Path, bundle: Bundle) -> None:
 def test_pull_from_one_peer_publishes_the_model(tmp_path: Path, bundle: Bundle, servers,
                                                 clients) -> None:
     a = servers(seeded(tmp_path, "a", bundle))
-    b = new_host(tmp_path / "b")
+    b = trusted_store(tmp_path / "b")
     seen: list[tuple[int, int]] = []
     [result] = pull(b, [clients(a.url)], ["tiny"], options=FAST, now=NOW,
                     progress=lambda d, t: seen.append((d, t)))
@@ -127,7 +126,7 @@ def test_pull_from_one_peer_publishes_the_model(tmp_path: Path, bundle: Bundle, 
 def test_chunks_come_from_several_peers_in_parallel(tmp_path: Path, bundle: Bundle, servers,
                                                     clients) -> None:
     peers = [servers(seeded(tmp_path, f"s{i}", bundle)) for i in range(3)]
-    b = new_host(tmp_path / "b")
+    b = trusted_store(tmp_path / "b")
     [result] = pull(b, [clients(p.url) for p in peers], all_models=True, options=FAST, now=NOW)
     expect_model(b, bundle, "tiny")
     expect_model(b, bundle, "other")
@@ -145,7 +144,7 @@ def test_a_lying_peer_is_dropped_and_the_chunk_comes_from_another(
 
     liar = servers(seeded(tmp_path, "liar", bundle), wrap=lie)
     honest = servers(seeded(tmp_path, "honest", bundle))
-    b = new_host(tmp_path / "b")
+    b = trusted_store(tmp_path / "b")
     notes: list[str] = []
     [result] = pull(b, [clients(liar.url), clients(honest.url)], ["tiny"], options=FAST, now=NOW,
                     notify=notes.append)
@@ -164,7 +163,7 @@ def test_only_liars_nothing_bad_reaches_the_store(tmp_path: Path, bundle: Bundle
                                                   clients) -> None:
     liar = servers(seeded(tmp_path, "liar", bundle), wrap=lambda app: ChunkTamper(app, "flip",
                                                                                    honest=3))
-    b = new_host(tmp_path / "b")
+    b = trusted_store(tmp_path / "b")
     with pytest.raises(PeerError, match="every peer was dropped"):
         pull(b, [clients(liar.url)], ["tiny"], options=FAST, now=NOW)
     assert list_models(b) == []
@@ -174,7 +173,7 @@ def test_only_liars_nothing_bad_reaches_the_store(tmp_path: Path, bundle: Bundle
 def test_older_manifest_is_refused_as_rollback(tmp_path: Path, bundle: Bundle, servers,
                                                clients) -> None:
     a = servers(seeded(tmp_path, "a", bundle))
-    b = new_host(tmp_path / "b")
+    b = trusted_store(tmp_path / "b")
     trust_state.record_channel(b, "main", 5, "f" * 64, now=NOW)
     with pytest.raises(RollbackError):
         pull(b, [clients(a.url)], ["tiny"], options=FAST, now=NOW)
@@ -188,7 +187,7 @@ def test_the_newest_manifest_wins_over_an_older_offer(tmp_path: Path, bundle: Bu
                         version="2")
     old = servers(seeded(tmp_path, "old", bundle))
     new = servers(seeded(tmp_path, "new", newer))
-    b = new_host(tmp_path / "b")
+    b = trusted_store(tmp_path / "b")
     trust_state.record_channel(b, "main", 2, "f" * 64, now=NOW)
     [result] = pull(b, [clients(old.url), clients(new.url)], ["tiny"], options=FAST, now=NOW)
     assert (result.sequence, result.models) == (3, ["tiny:2"])
@@ -200,7 +199,7 @@ def test_manifest_signed_by_an_unknown_key_is_refused(tmp_path: Path, servers, c
     forged = make_bundle({"tiny": {"model.gguf": model_bytes(3, 5 * CHUNK)}},
                          signers=("stranger",))
     a = servers(seeded(tmp_path, "a", forged))
-    b = new_host(tmp_path / "b")
+    b = trusted_store(tmp_path / "b")
     with pytest.raises(ThresholdError, match="not a publisher key"):
         pull(b, [clients(a.url)], ["tiny"], options=FAST, now=NOW)
     assert list_models(b, include_importing=True) == []
@@ -214,7 +213,7 @@ def test_a_forged_newer_offer_does_not_block_the_honest_one(
                          signers=("stranger",))
     evil = servers(seeded(tmp_path, "evil", forged))
     honest = servers(seeded(tmp_path, "honest", bundle))
-    b = new_host(tmp_path / "b")
+    b = trusted_store(tmp_path / "b")
     [result] = pull(b, [clients(evil.url), clients(honest.url)], ["tiny"], options=FAST, now=NOW)
     assert result.sequence == 1
     expect_model(b, bundle)
@@ -227,7 +226,7 @@ def test_an_expired_bundle_is_refused_unless_overridden(tmp_path: Path, servers,
     stale = make_bundle({"tiny": {"model.gguf": model_bytes(6, 3 * CHUNK)}},
                         created=NOW - 30 * DAY, expires=NOW - DAY)
     a = servers(seeded(tmp_path, "a", stale))
-    b = new_host(tmp_path / "b")
+    b = trusted_store(tmp_path / "b")
     with pytest.raises(ExpiredError):
         pull(b, [clients(a.url)], ["tiny"], options=FAST, now=NOW)
     opts = replace(FAST, allow_expired=True, reason="air-gapped clock test")
@@ -240,7 +239,7 @@ def test_a_peer_that_dies_mid_transfer(tmp_path: Path, bundle: Bundle, servers, 
     dying = servers(seeded(tmp_path, "dying", bundle),
                     wrap=lambda app: ChunkTamper(app, "die", honest=2))
     honest = servers(seeded(tmp_path, "honest", bundle))
-    b = new_host(tmp_path / "b")
+    b = trusted_store(tmp_path / "b")
     [result] = pull(b, [clients(dying.url), clients(honest.url)], ["tiny"], options=FAST, now=NOW)
     expect_model(b, bundle)
     assert dying.url in result.dropped
@@ -252,7 +251,7 @@ def test_a_peer_that_stalls_mid_transfer(tmp_path: Path, bundle: Bundle, servers
     stalling = servers(seeded(tmp_path, "stall", bundle),
                        wrap=lambda app: ChunkTamper(app, "stall", honest=1))
     honest = servers(seeded(tmp_path, "honest", bundle))
-    b = new_host(tmp_path / "b")
+    b = trusted_store(tmp_path / "b")
     start = time.monotonic()
     [result] = pull(b, [clients(stalling.url), clients(honest.url)], ["tiny"], options=FAST,
                     now=NOW)
@@ -265,7 +264,7 @@ def test_the_only_peer_dies_then_the_pull_resumes(tmp_path: Path, bundle: Bundle
                                                   clients) -> None:
     source = seeded(tmp_path, "a", bundle)
     dying = servers(source, wrap=lambda app: ChunkTamper(app, "die", honest=8))
-    b = new_host(tmp_path / "b")
+    b = trusted_store(tmp_path / "b")
     with pytest.raises(PeerError, match="resumes") as info:
         pull(b, [clients(dying.url)], ["tiny"], options=FAST, now=NOW)
     assert "still missing" in str(info.value)
@@ -293,7 +292,7 @@ def test_a_peer_refusing_a_chunk_it_advertises_ends_the_pull_in_bounded_time(
         return tampers[0]
 
     liar = servers(seeded(tmp_path, "liar", bundle), wrap=refuse)
-    b = new_host(tmp_path / "b")
+    b = trusted_store(tmp_path / "b")
     start = time.monotonic()
     with pytest.raises(PeerError, match="resumes") as info:
         pull(b, [clients(liar.url)], ["tiny"], options=FAST, now=NOW)
@@ -316,7 +315,7 @@ def test_a_peer_streaming_forever_is_cut_off_at_the_declared_length(
             clients(endless.url).chunk(ref.digest, ref.length)
         assert time.monotonic() - start < 5
         honest = servers(seeded(tmp_path, "honest", bundle))
-        b = new_host(tmp_path / "b")
+        b = trusted_store(tmp_path / "b")
         [result] = pull(b, [clients(endless.url), clients(honest.url)], ["tiny"], options=FAST,
                         now=NOW)
         expect_model(b, bundle)
@@ -331,7 +330,7 @@ def test_local_chunks_are_copied_not_fetched(tmp_path: Path, servers, clients) -
     second = make_bundle({"tuned": {"m.gguf": shared[: 5 * CHUNK] + model_bytes(8, CHUNK)}},
                          sequence=2)
     a = servers(seeded(tmp_path, "a", second))
-    b = new_host(tmp_path / "b")
+    b = trusted_store(tmp_path / "b")
     seed(b, first)
     [result] = pull(b, [clients(a.url)], ["tuned"], options=FAST, now=NOW)
     assert result.bytes_local == 5 * CHUNK and result.bytes_fetched == CHUNK
@@ -348,9 +347,9 @@ def test_swarm_a_host_serves_verified_chunks_while_its_pull_runs(
         return gates[0]
 
     seed_host = servers(seeded(tmp_path, "seed", bundle), wrap=gate)
-    b_store = new_host(tmp_path / "b")
+    b_store = trusted_store(tmp_path / "b")
     b_server = servers(b_store)
-    c_store = new_host(tmp_path / "c")
+    c_store = trusted_store(tmp_path / "c")
     b_errors: list[BaseException] = []
     slow = replace(FAST, wait_for_chunks=60)
 
@@ -397,9 +396,9 @@ def test_a_peer_whose_have_map_grows_mid_pull_gets_used(tmp_path: Path, bundle: 
     # can tell this host that it may now fetch from it (the seed always holds every chunk).
     size = bundle.manifest.models[0].size
     slow_seed = servers(seeded(tmp_path, "seed", bundle), rate_limit=size / 8)
-    late_store = new_host(tmp_path / "late")
+    late_store = trusted_store(tmp_path / "late")
     late = servers(late_store)
-    b = new_host(tmp_path / "b")
+    b = trusted_store(tmp_path / "b")
     late_seeded: list[int] = []
 
     def on_progress(done: int, total: int) -> None:
@@ -418,7 +417,7 @@ def test_a_peer_whose_have_map_grows_mid_pull_gets_used(tmp_path: Path, bundle: 
 
 def test_partial_hosts_advertise_what_they_hold(tmp_path: Path, bundle: Bundle, servers,
                                                 clients) -> None:
-    store = new_host(tmp_path / "p")
+    store = trusted_store(tmp_path / "p")
     seed(store, bundle, partial_chunks=5)
     p = servers(store)
     [summary] = clients(p.url).manifests()
@@ -430,7 +429,7 @@ def test_partial_hosts_advertise_what_they_hold(tmp_path: Path, bundle: Bundle, 
 
 def test_pull_arguments(tmp_path: Path, bundle: Bundle, servers, clients) -> None:
     a = servers(seeded(tmp_path, "a", bundle))
-    b = new_host(tmp_path / "b")
+    b = trusted_store(tmp_path / "b")
     with pytest.raises(UsageError):
         pull(b, [clients(a.url)], [], options=FAST, now=NOW)
     with pytest.raises(UsageError):
@@ -459,7 +458,7 @@ class Cancelled(Exception):
 def test_raising_from_progress_cancels_and_the_pull_resumes(
         tmp_path: Path, bundle: Bundle, servers, clients) -> None:
     a = servers(seeded(tmp_path, "a", bundle))
-    b = new_host(tmp_path / "b")
+    b = trusted_store(tmp_path / "b")
     calls = 0
 
     def progress(done: int, total: int) -> None:

@@ -12,17 +12,8 @@ from pathlib import Path
 import blake3
 import httpx
 import pytest
-from peer_helpers import (
-    CHUNK,
-    Bundle,
-    client,
-    make_bundle,
-    model_bytes,
-    new_host,
-    seed,
-    start_server,
-)
-from trust_helpers import NOW
+from peer_helpers import CHUNK, Bundle, client, make_bundle, model_bytes, seed, start_server
+from trust_helpers import NOW, trusted_store
 
 from appliance.errors import PeerError, UsageError
 from appliance.http_server import parse_listen
@@ -48,7 +39,7 @@ def bundle() -> Bundle:
 
 @pytest.fixture
 def store(tmp_path: Path, bundle: Bundle) -> Path:
-    s = new_host(tmp_path / "a")
+    s = trusted_store(tmp_path / "a")
     seed(s, bundle)
     return s
 
@@ -88,7 +79,7 @@ def drain(sock: socket.socket, timeout: float) -> tuple[int, bool]:
 
 @pytest.fixture
 def big_server(tmp_path: Path, big_chunk_bundle: Bundle) -> Iterator[tuple[PeerServer, Bundle]]:
-    s = new_host(tmp_path / "big")
+    s = trusted_store(tmp_path / "big")
     seed(s, big_chunk_bundle)
     server = start_server(s, send_timeout=1.0, max_chunk_streams=4)
     yield server, big_chunk_bundle
@@ -272,7 +263,7 @@ def test_pull_over_ipv6_loopback(tmp_path: Path, store: Path) -> None:
     except PeerError:
         pytest.skip("no IPv6 loopback here")
     try:
-        b = new_host(tmp_path / "b")
+        b = trusted_store(tmp_path / "b")
         with client(server.url) as c:
             [result] = pull(b, [c], ["tiny"], now=NOW)
         assert result.bytes_fetched == result.bytes_total

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from peer_helpers import CHUNK, client, make_bundle, model_bytes, new_host, seed, start_server
+from peer_helpers import CHUNK, client, make_bundle, model_bytes, seed, start_server
+from trust_helpers import trusted_store
 
 from appliance.cli.main import main
 from appliance.errors import PeerError, UsageError
@@ -33,7 +34,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def served(site: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
-    store = new_host(tmp_path_factory.mktemp("store") / "a")
+    store = trusted_store(tmp_path_factory.mktemp("store") / "a")
     bundle = make_bundle({"tiny": {"m.gguf": model_bytes(5, 3 * CHUNK)}})
     seed(store, bundle)
     server = start_server(store, tls_dir=site["a"])
@@ -151,7 +152,7 @@ def test_a_peer_certificate_from_another_ca_is_refused(site: dict[str, Path], se
 
 def test_a_server_with_a_foreign_certificate_is_refused(site: dict[str, Path], tmp_path: Path
                                                         ) -> None:
-    store = new_host(tmp_path / "s")
+    store = trusted_store(tmp_path / "s")
     with start_server(store, tls_dir=site["intruder"]) as server, \
             client(server.url, connect_policy(site["a"], insecure=False)) as c, \
             pytest.raises(PeerError, match="TLS"):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 from textual.widgets import Markdown, TabbedContent
-from tui_helpers import NOW, drive, trusted_store, wait_for
+from trust_helpers import NOW, trusted_store
+from tui_helpers import drive, wait_for
 
 from appliance import errors
 from appliance.errors import ApplianceError, RefusalError

@@ -13,15 +13,14 @@ from pathlib import Path
 import pytest
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Input, RichLog
+from trust_helpers import NOW, trusted_store
 from tui_helpers import (
     MODEL,
-    NOW,
     drive,
     on_screen,
     tamper_raw_chunk,
     text,
     tiny_bundle,
-    trusted_store,
     type_text,
     wait_for,
 )

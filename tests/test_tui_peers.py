@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from textual.widgets import Static
-from tui_helpers import MODEL, NOW, drive, on_screen, tiny_bundle, trusted_store, wait_for
+from trust_helpers import NOW, trusted_store
+from tui_helpers import MODEL, drive, on_screen, tiny_bundle, wait_for
 
 from appliance.errors import UsageError
 from appliance.importer import import_media

@@ -8,16 +8,8 @@ from pathlib import Path
 
 from bundle_helpers import build, make_sources, write_recipe
 from textual.widgets import Static
-from tui_helpers import (
-    MODEL,
-    NOW,
-    drive,
-    on_screen,
-    text,
-    tiny_bundle,
-    trusted_store,
-    wait_for,
-)
+from trust_helpers import NOW, trusted_store
+from tui_helpers import MODEL, drive, on_screen, text, tiny_bundle, wait_for
 
 from appliance.importer import import_media
 from appliance.store import audit

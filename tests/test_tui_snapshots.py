@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 from textual.pilot import Pilot
-from tui_helpers import NOW, tamper_raw_chunk, tiny_bundle, trusted_store, wait_for
+from trust_helpers import NOW, trusted_store
+from tui_helpers import tamper_raw_chunk, tiny_bundle, wait_for
 
 from appliance.importer import import_media
 from appliance.tui.app import ApplianceApp, create_app

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from trust_helpers import make_root
-from tui_helpers import tiny_bundle, trusted_store
+from trust_helpers import make_root, trusted_store
+from tui_helpers import tiny_bundle
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import blake3
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -16,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from appliance.format.signing import DOMAIN_MANIFEST, Signature, key_id, public_bytes, sign
 from appliance.format.trust import SignedRoot, TrustKey, encode_envelope, parse_signed_root
 from appliance.format.trust_build import new_root_body, sign_root_body
+from appliance.store import trust_state
 
 NOW = datetime(2030, 6, 1, 12, 0, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -58,6 +60,14 @@ def make_root(
     )
     signatures = sign_root_body(body, [private(n) for n in sign_with])
     return parse_signed_root(encode_envelope(body, signatures))
+
+
+def trusted_store(store_dir: Path, signed: SignedRoot | None = None) -> Path:
+    """``store_dir`` as a host's store that trusts ``signed`` (default ``make_root()``), installed
+    by its fingerprint at ``NOW``: the one way the tests make a store that imports or pulls."""
+    signed = signed or make_root()
+    trust_state.install_first_root(store_dir, signed.to_bytes(), signed.root.fingerprint, NOW)
+    return store_dir
 
 
 def resign(signed: SignedRoot, sign_with: Sequence[str]) -> SignedRoot:

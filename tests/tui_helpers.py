@@ -1,4 +1,4 @@
-"""Helpers for the TUI tests: a store trusting the test root, real bundles, Pilot waiting.
+"""Helpers for the TUI tests: real bundles, Pilot waiting (stores: ``trust_helpers.trusted_store``).
 
 Bundles are built by the real builder (``bundle_helpers.build``) from the session's tiny
 runnable GGUF, signed by the deterministic publisher key ``p1`` and carrying the root made by
@@ -13,23 +13,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
-from bundle_helpers import NOW, build, write_recipe
+from bundle_helpers import build, write_recipe
 from textual.pilot import Pilot
 from textual.widgets import Input, Static
-from trust_helpers import make_root
 
 from appliance.bundle.media import parse_index
-from appliance.store import trust_state
 from appliance.tui.app import ApplianceApp
 from appliance.tui.base import Pane
 
 MODEL = "acme/tiny"
-
-
-def trusted_store(path: Path) -> Path:
-    signed = make_root()
-    trust_state.install_first_root(path, signed.to_bytes(), signed.root.fingerprint, NOW)
-    return path
 
 
 def tiny_bundle(base: Path, gguf: Path, *, sequence: int = 1, out: str = "media",
