@@ -150,18 +150,17 @@ def read_capped(path: Path, cap: int, what: str, *, error: ErrorClass = MediaErr
         size = os.fstat(fd).st_size
         if size > cap:
             raise LimitExceededError(f"{what} is {size} bytes, over the cap of {cap}")
-        parts: list[bytes] = []
-        total = 0
-        while total <= cap:
-            part = os.read(fd, min(cap + 1 - total, 1 << 20))
-            if not part:
-                break
-            parts.append(part)
-            total += len(part)
+        # One read of the whole file (plus a byte, to see it grow) is the usual case and
+        # holds the bytes once; joining many small reads would hold them twice.
+        parts = [os.read(fd, size + 1)]
+        total = len(parts[0])
+        while parts[-1] and total <= cap:
+            parts.append(os.read(fd, cap + 1 - total))
+            total += len(parts[-1])
     except OSError as e:
         raise error(f"cannot read {what} ({path}): {e}") from e
     finally:
         os.close(fd)
     if total > cap:  # grew while we read it
         raise LimitExceededError(f"{what} is over the cap of {cap}")
-    return b"".join(parts)
+    return parts[0] if len(parts) == 1 or not any(parts[1:]) else b"".join(parts)

@@ -266,3 +266,44 @@ def test_not_a_mapping_and_not_yaml() -> None:
         parse_manifest(b"\xff\xfe not utf-8")
     with pytest.raises(FormatError):
         parse_manifest(b"key: [unclosed\n")
+
+
+@pytest.mark.parametrize("bad_path", [
+    "a" * 256 + ".gguf",  # one segment over NAME_MAX (255 bytes)
+    "dir/" + "é" * 128,  # 256 bytes in 128 characters
+    "models/nul.gguf", "CON", "x/aux.txt",  # names some file systems cannot hold
+    "a/\x01b", "a/\x7f",
+])
+def test_names_a_file_system_cannot_hold_are_refused_at_parse_time(bad_path: str) -> None:
+    def edit(v: dict[str, Any]) -> None:
+        v["models"][0]["files"][1]["path"] = bad_path
+        v["models"][0]["provenance"]["sources"][1]["path"] = bad_path
+
+    with pytest.raises(UnsafePathError) as info:
+        parse_manifest(mutate(edit))
+    assert type(info.value) is UnsafePathError and info.value.exit_code == 2
+
+
+def test_longest_segment_a_file_system_holds_is_fine() -> None:
+    path = "d" * 255 + "/" + "f" * 250 + ".gguf"
+
+    def edit(v: dict[str, Any]) -> None:
+        v["models"][0]["files"][1]["path"] = path
+        v["models"][0]["provenance"]["sources"][1]["path"] = path
+
+    assert parse_manifest(mutate(edit)).models[0].files[1].path == path
+
+
+@pytest.mark.parametrize("field, text", [
+    ("sequence", "0x1F"), ("sequence", "017"), ("sequence", "1:20"), ("sequence", "0o17"),
+])
+def test_yaml_1_1_integers_in_a_manifest_are_refused(field: str, text: str) -> None:
+    data = manifest_bytes(make_manifest()).replace(b"sequence: 7", f"{field}: {text}".encode())
+    with pytest.raises(FormatError, match=r"YAML 1\.1") as info:
+        parse_manifest(data)
+    assert type(info.value) is FormatError
+
+
+def test_byte_order_mark_in_a_manifest_is_refused() -> None:
+    with pytest.raises(FormatError, match="byte-order mark"):
+        parse_manifest(b"\xef\xbb\xbf" + manifest_bytes(make_manifest()))

@@ -58,3 +58,43 @@ def test_not_utf8_refused() -> None:
 def test_syntax_error_is_format_error() -> None:
     with pytest.raises(FormatError):
         yamlsafe.load(b"a: [1, 2\n", max_bytes=100)
+
+
+@pytest.mark.parametrize("scalar", [
+    "yes", "No", "on", "OFF", "Yes", "0x1F", "017", "0o17", "0b101", "1_000", "1:20",
+    "-1:20:30", "+12", "1:20.5", "1_0.5",
+])
+def test_yaml_1_1_oddities_are_refused(scalar: str) -> None:
+    """Values YAML 1.1 (PyYAML) reads as bool or int but YAML 1.2 and JSON readers do not."""
+    for doc in (f"a: {scalar}\n", f"{scalar}: 1\n", f"- {scalar}\n"):
+        with pytest.raises(FormatError, match=r"YAML 1\.1") as info:
+            yamlsafe.load(doc.encode(), max_bytes=100)
+        assert type(info.value) is FormatError
+    # Quoted, each is an ordinary string.
+    assert yamlsafe.load(f'a: "{scalar}"\n'.encode(), max_bytes=100) == {"a": scalar}
+
+
+def test_merge_keys_are_refused() -> None:
+    with pytest.raises(FormatError, match="merge"):
+        yamlsafe.load(b"a:\n  <<: {b: 1}\n  c: 2\n", max_bytes=100)
+
+
+def test_plain_forms_every_reader_shares_still_load() -> None:
+    doc = b"a: 12\nb: -3\nc: 0\nd: true\ne: false\nf: null\ng: 1.5\nh: text\ni: 0.25\n"
+    assert yamlsafe.load(doc, max_bytes=200) == {
+        "a": 12, "b": -3, "c": 0, "d": True, "e": False, "f": None, "g": 1.5, "h": "text",
+        "i": 0.25,
+    }
+
+
+def test_dump_never_writes_an_oddity() -> None:
+    value = {"yes": "no", "n": ["0x1F", "017", "1:20", "on", "<<"], "k": 7}
+    assert yamlsafe.load(yamlsafe.dump(value), max_bytes=1000) == value
+
+
+@pytest.mark.parametrize("where", [0, 5])
+def test_byte_order_mark_is_refused(where: int) -> None:
+    doc = b"a: 1\nb: 2\n"
+    with pytest.raises(FormatError, match="byte-order mark") as info:
+        yamlsafe.load(doc[:where] + b"\xef\xbb\xbf" + doc[where:], max_bytes=100)
+    assert type(info.value) is FormatError

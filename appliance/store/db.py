@@ -10,6 +10,7 @@ import sqlite3
 from pathlib import Path
 
 from appliance.errors import StoreError
+from appliance.store.layout import read_only_reason
 from appliance.store.location import check_store_path
 
 INDEX_NAME = "index.sqlite"
@@ -98,6 +99,8 @@ CREATE INDEX IF NOT EXISTS chunks_held ON chunks(digest) WHERE done = 1;
 def connect(store_dir: Path) -> sqlite3.Connection:
     """Open the store index, creating the store directory and schema if needed."""
     check_store_path(store_dir)  # a file where the store should be: say so, not "Errno 17"
+    if read_only_reason(store_dir) is not None:
+        return _connect_read_only(store_dir)
     try:
         store_dir.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(store_dir / INDEX_NAME, timeout=30, isolation_level=None)
@@ -107,5 +110,23 @@ def connect(store_dir: Path) -> sqlite3.Connection:
         conn.executescript(SCHEMA)
     except (OSError, sqlite3.Error) as e:
         raise StoreError(f"cannot open the store index in {store_dir}: {e}") from e
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def _connect_read_only(store_dir: Path) -> sqlite3.Connection:
+    """The index of a read-only store, for the read-only commands. SQLite cannot open a WAL
+    database read-only without creating its -shm file, so it is opened ``immutable``: nothing
+    can write through a read-only mount, and any write tried here fails as SQLITE_READONLY,
+    which ``layout.os_error`` reports as a read-only store."""
+    index = store_dir / INDEX_NAME
+    if not index.is_file():
+        raise StoreError(f"the store {store_dir} is read-only and holds no index ({index})")
+    try:
+        conn = sqlite3.connect(f"{index.resolve().as_uri()}?immutable=1", uri=True,
+                               isolation_level=None)
+        conn.execute("PRAGMA foreign_keys=ON")
+    except sqlite3.Error as e:
+        raise StoreError(f"cannot open the index of the read-only store {store_dir}: {e}") from e
     conn.row_factory = sqlite3.Row
     return conn

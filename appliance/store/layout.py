@@ -129,6 +129,39 @@ def check_free_space(store_dir: Path, needed: int, what: str) -> None:
         )
 
 
+def read_only_reason(store_dir: Path) -> str | None:
+    """Why nothing can be written to the store, or None: a read-only mount (a write-protected
+    disk, an ISO, ``mount -o ro``) or no write permission for this user. A store that does
+    not exist yet is not read-only."""
+    try:
+        read_only_mount = bool(os.statvfs(store_dir).f_flag & os.ST_RDONLY)
+    except OSError:
+        return None
+    if read_only_mount:
+        return "it is on a read-only file system"
+    index = store_dir / "index.sqlite"
+    if not os.access(store_dir, os.W_OK) or (index.exists() and not os.access(index, os.W_OK)):
+        return "this user may not write to it"
+    return None
+
+
+def read_only_error(store_dir: Path, reason: str, what: str) -> StoreError:
+    return StoreError(
+        f"the store {store_dir} is read-only ({reason}): {what} needs to write to it. The "
+        "read-only commands (models list, audit verify, store verify) still work"
+    )
+
+
+def _is_read_only(e: BaseException) -> bool:
+    if isinstance(e, OSError):
+        return e.errno == errno.EROFS
+    if isinstance(e, sqlite3.Error):
+        return getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_READONLY or (
+            "readonly database" in str(e)
+        )
+    return False
+
+
 def is_disk_full(e: BaseException) -> bool:
     if isinstance(e, OSError):
         return e.errno in (errno.ENOSPC, errno.EDQUOT)
@@ -144,6 +177,8 @@ def os_error(e: BaseException, message: str, *, needed: int | None = None) -> St
     if is_disk_full(e):
         need = f"; {human_bytes(needed)} more is needed" if needed else ""
         return DiskFullError(f"{message}: the disk is full{need} ({e})")
+    if _is_read_only(e):
+        return StoreError(f"{message}: the store is read-only ({e})")
     return StoreError(f"{message}: {e}")
 
 
@@ -157,12 +192,23 @@ def human_bytes(n: int) -> str:
 
 
 @contextmanager
-def writer_lock(store_dir: Path, what: str) -> Iterator[None]:
+def writer_lock(store_dir: Path, what: str, *, read_only_ok: bool = False) -> Iterator[None]:
     """Hold the store's single-writer lock; a second writer gets StoreError, not a wait.
 
     The kernel drops an flock when its process dies, so a SIGKILLed import never leaves the
-    store locked.
+    store locked. On a read-only store a writer gets a StoreError saying so before it starts;
+    with ``read_only_ok`` (``store verify``, which then only reports) a shared lock is taken
+    instead, which still waits for no one and keeps out a writer reaching the same store
+    through another, writable mount.
     """
+    check_store_path(store_dir)  # a file where the store should be: say so, not "Errno 20"
+    reason = read_only_reason(store_dir)
+    if reason is not None:
+        if not read_only_ok:
+            raise read_only_error(store_dir, reason, what)
+        with _shared_lock(store_dir, what):
+            yield
+        return
     store_dir.mkdir(parents=True, exist_ok=True)
     lock_path = store_dir / LOCK_NAME
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -181,6 +227,28 @@ def writer_lock(store_dir: Path, what: str) -> Iterator[None]:
             yield
         finally:
             os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _shared_lock(store_dir: Path, what: str) -> Iterator[None]:
+    try:
+        fd = os.open(store_dir / LOCK_NAME, os.O_RDONLY)
+    except FileNotFoundError:
+        yield  # never written to: no writer to keep out
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise StoreError(
+                f"the store {store_dir} is busy (a writer holds it); wait, then retry {what}"
+            ) from e
+        try:
+            yield
+        finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)

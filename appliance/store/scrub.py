@@ -26,6 +26,7 @@ from pathlib import Path
 
 from appliance.chunks import check_chunk
 from appliance.errors import IntegrityError
+from appliance.format.fields import format_timestamp
 from appliance.store import layout
 from appliance.store.staging import verify_chunks
 from appliance.store.store import Store, prune_empty_dirs, remove_tree
@@ -66,9 +67,16 @@ class GcReport:
 def verify_store(
     store_dir: Path, *, progress: Progress | None = None, now: datetime | None = None
 ) -> VerifyReport:
-    """Re-hash every published file against its chunk list; quarantine those that differ."""
-    with layout.writer_lock(store_dir, "store verify"), Store(store_dir) as store:
-        store.recover()
+    """Re-hash every published file against its chunk list; quarantine those that differ.
+
+    On a read-only store it only reports: nothing is recovered, recorded or quarantined."""
+    read_only = layout.read_only_reason(store_dir) is not None
+    with (
+        layout.writer_lock(store_dir, "store verify", read_only_ok=True),
+        Store(store_dir) as store,
+    ):
+        if not read_only:
+            store.recover()
         rows = store.conn.execute(
             """SELECT f.id, f.path, f.size, f.blake3, m.id AS model_id, m.name, m.version
                FROM files f JOIN models m ON m.id = f.model
@@ -93,11 +101,12 @@ def verify_store(
             except OSError as e:
                 corrupt.append(_quarantine(store, r, final, f"unreadable: {e}", None, None, now))
             else:
-                with store.transaction():
-                    store.conn.execute(
-                        "UPDATE files SET verified_at = ? WHERE id = ?",
-                        ((now or datetime.now(UTC)).isoformat(timespec="seconds"), r["id"]),
-                    )
+                if not read_only:
+                    with store.transaction():
+                        store.conn.execute(
+                            "UPDATE files SET verified_at = ? WHERE id = ?",
+                            (format_timestamp(now or datetime.now(UTC)), r["id"]),
+                        )
             done += r["size"]
             if progress:
                 progress(done, total)
@@ -114,6 +123,8 @@ def _quarantine(
     now: datetime | None,
 ) -> CorruptFile:
     file_id, name, version, path = row["id"], row["name"], row["version"], row["path"]
+    if layout.read_only_reason(store.store_dir) is not None:  # report only: cannot move it
+        return CorruptFile(name, version, path, reason, chunk, offset, None)
     target = store.quarantine_target(file_id, name, version, path, now) if final.exists() else None
     with store.transaction():
         store.conn.execute(
@@ -236,7 +247,7 @@ def gc(store_dir: Path, *, abandon: bool = False, now: datetime | None = None) -
                 store.conn.execute(
                     "UPDATE imports SET state = 'abandoned', updated_at = ? "
                     "WHERE state = 'partial'",
-                    ((now or datetime.now(UTC)).isoformat(timespec="seconds"),),
+                    (format_timestamp(now or datetime.now(UTC)),),
                 )
         staging_ids = {
             r["id"] for r in store.conn.execute("SELECT id FROM files WHERE state = 'staging'")

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import blake3
 
+from appliance.format.fields import format_timestamp
 from appliance.store import layout
 
 
@@ -95,7 +96,7 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [jsonable(v) for v in value]
     if isinstance(value, datetime):
-        return value.isoformat()
+        return format_timestamp(value)
     if value is None or isinstance(value, str | int | float | bool):
         return value
     return str(value)

@@ -36,6 +36,7 @@ import blake3
 
 from appliance.chunks import check_chunk
 from appliance.errors import IntegrityError, StoreError, TruncatedError
+from appliance.format.fields import format_timestamp
 from appliance.store import layout
 
 # Chunks written but not yet marked done are fsynced and committed once they add up to this
@@ -133,7 +134,7 @@ class _RunningHash:
 
 
 def _now(now: datetime | None) -> str:
-    return (now or datetime.now(UTC)).isoformat(timespec="seconds")
+    return format_timestamp(now or datetime.now(UTC))
 
 
 class StagedFile:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import IntegrityError, StoreError
+from appliance.format.fields import format_timestamp
 from appliance.store import audit, layout
 from appliance.store.db import connect
 from appliance.store.records import ModelRecord, find_model, list_models
@@ -58,7 +59,7 @@ __all__ = [
 
 
 def _stamp(now: datetime | None) -> str:
-    return (now or datetime.now(UTC)).isoformat(timespec="seconds")
+    return format_timestamp(now or datetime.now(UTC))
 
 
 def _file_key(files: Sequence[FileLike]) -> set[tuple[str, int, str]]:
