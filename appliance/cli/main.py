@@ -30,6 +30,7 @@ COMMAND_MODULES = (
     "appliance.cli.doctor",
     "appliance.cli.serve",
     "appliance.cli.peer",
+    "appliance.cli.torrent",
     "appliance.cli.site",
     "appliance.cli.tui",
     "appliance.cli.iso",

@@ -1,0 +1,116 @@
+"""libtorrent session settings for appliance swarms, and the small helpers around a handle.
+
+``open_session(options, secure=...)`` makes a session that contacts no one by itself: no UPnP
+or NAT-PMP (they talk to the router), DHT off unless ``dht=True`` (then libtorrent's default
+bootstrap nodes, for swarms across sites), local service discovery (LSD, multicast on the LAN)
+on unless turned off, and the static peers of ``SwarmOptions.peers`` connected by the caller
+(``connect_peers``). With ``secure`` the listen socket is libtorrent's SSL listener (the port
+given): SSL torrents accept only peers presenting a certificate from the torrent's CA (the
+site CA, ``certs``), and a plaintext torrent is not allowed at all without ``--insecure``.
+libtorrent errors are translated here into ``PeerError`` / ``UsageError``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import libtorrent as lt
+
+from appliance.errors import PeerError, UsageError
+from appliance.http_server import parse_listen
+from appliance.torrent.certs import DH_PARAMS, TorrentIdentity
+
+DEFAULT_PORT = 6881
+# Several hosts behind one NAT, or every host of a test on 127.0.0.1, share one address.
+_BASE_SETTINGS: dict[str, Any] = {
+    "enable_upnp": False,
+    "enable_natpmp": False,
+    "allow_multiple_connections_per_ip": True,
+    "user_agent": "appliance",
+    "alert_mask": (lt.alert.category_t.error_notification
+                   | lt.alert.category_t.status_notification
+                   | lt.alert.category_t.storage_notification
+                   | lt.alert.category_t.peer_notification),
+    # A LAN swarm of a few hosts: no reason to wait minutes between reconnects.
+    "min_reconnect_time": 1,
+    "peer_connect_timeout": 5,
+    "announce_to_all_tiers": False,
+}
+
+
+@dataclass(frozen=True)
+class SwarmOptions:
+    listen: str = f"0.0.0.0:{DEFAULT_PORT}"
+    peers: tuple[str, ...] = ()  # HOST:PORT, connected directly (a static peer list)
+    lsd: bool = True  # local service discovery on the LAN
+    dht: bool = False  # the public DHT: only when asked (many sites, WAN)
+    upload_rate: int = 0  # bytes per second, 0 = no cap (benchmarks, tests)
+    download_rate: int = 0
+
+
+def parse_peer(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise UsageError(f"--peer {text!r} must be HOST:PORT")
+    return host, int(port)
+
+
+def open_session(options: SwarmOptions, *, secure: bool) -> lt.session:
+    host, port = parse_listen(options.listen, any_host="0.0.0.0")
+    for peer in options.peers:
+        parse_peer(peer)
+    listen = f"[{host}]" if ":" in host else host
+    settings = dict(_BASE_SETTINGS)
+    settings.update({
+        "listen_interfaces": f"{listen}:{port}{'s' if secure else ''}",
+        "enable_dht": options.dht,
+        "enable_lsd": options.lsd,
+        "upload_rate_limit": options.upload_rate,
+        "download_rate_limit": options.download_rate,
+    })
+    try:
+        session = lt.session(cast(Any, settings))
+    except RuntimeError as e:
+        raise UsageError(f"cannot start libtorrent on {options.listen}: {e}") from e
+    _wait_listening(session, options.listen)
+    return session
+
+
+def _wait_listening(session: lt.session, listen: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for alert in session.pop_alerts():
+            if isinstance(alert, lt.listen_failed_alert):
+                raise UsageError(f"cannot listen on {listen}: {alert.message()}")
+            if isinstance(alert, lt.listen_succeeded_alert):
+                return
+        session.wait_for_alert(100)
+    raise UsageError(f"libtorrent did not start listening on {listen}")
+
+
+def port(session: lt.session, *, secure: bool) -> int:
+    return int(session.ssl_listen_port() if secure else session.listen_port())
+
+
+def connect_peers(handle: lt.torrent_handle, peers: Sequence[str]) -> None:
+    for text in peers:
+        try:
+            handle.connect_peer(parse_peer(text))
+        except RuntimeError as e:
+            raise PeerError(f"cannot connect to torrent peer {text}: {e}") from e
+
+
+def present_certificate(handle: lt.torrent_handle, identity: TorrentIdentity) -> None:
+    handle.set_ssl_certificate_buffer(identity.cert_pem, identity.key_pem, DH_PARAMS)
+
+
+def add_flags(*names: str) -> Any:
+    """``lt.torrent_flags`` by name, or'ed (the bindings give no typed flag constructor)."""
+    value = 0
+    for name in names:
+        value |= getattr(lt.torrent_flags, name)
+    return value

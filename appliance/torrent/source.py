@@ -1,0 +1,179 @@
+"""``TorrentSource``: libtorrent pieces cut into the signed manifest's chunks for the ingest sink.
+
+The ingest session (``appliance.store.ingest``) hands over the digests it still needs. Each
+maps to a byte range of one torrent file, hence to the pieces that cover it (in a v2 torrent
+every file starts on a piece boundary). Pieces that cover no needed chunk get priority 0, so a
+resumed fetch asks the swarm only for what the store lacks. As pieces pass libtorrent's own
+SHA-256 Merkle check (``have_piece``), they are read back (``read_piece``: from libtorrent's
+cache or its scratch files) and held until every piece of a chunk is there; the chunk is then
+cut out and given to ``sink.deliver``, which checks it against the signed BLAKE3 digest and
+length before it is written. Held pieces are dropped as soon as no pending chunk needs them.
+
+The source stops when every needed chunk was delivered, or raises ``PeerError`` when no piece
+arrived for ``wait_for_pieces`` seconds (what was delivered is durable; run again to resume).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import libtorrent as lt
+
+from appliance.errors import PeerError, StoreError
+from appliance.format.manifest import ModelEntry
+from appliance.store.ingest import ChunkSink
+from appliance.torrent import meta
+from appliance.torrent.certs import TorrentIdentity
+from appliance.torrent.session import add_flags, connect_peers, present_certificate
+
+Notify = Callable[[str], None]
+_POLL_MS = 100
+_RECONNECT_S = 2.0
+
+
+class _Span:
+    """Where one needed chunk lies in the torrent's piece space."""
+
+    __slots__ = ("digest", "length", "pieces", "start")
+
+    def __init__(self, digest: str, length: int, start: int, piece_length: int) -> None:
+        self.digest = digest
+        self.length = length
+        self.start = start  # byte offset in the torrent's piece space
+        first = start // piece_length
+        last = (start + max(length, 1) - 1) // piece_length
+        self.pieces = range(first, last + 1)
+
+
+class TorrentSource:
+    """``ChunkSource`` over one libtorrent torrent (added here, or a magnet's handle)."""
+
+    def __init__(self, session: lt.session, ti: lt.torrent_info,
+                 handle: lt.torrent_handle | None, model: ModelEntry, scratch: Path, *,
+                 peers: Sequence[str] = (), identity: TorrentIdentity | None = None,
+                 wait_for_pieces: float = 60.0, notify: Notify | None = None) -> None:
+        self.session = session
+        self.ti = ti
+        self.handle = handle
+        self.model = model
+        self.scratch = scratch
+        self.peers = tuple(peers)
+        self.identity = identity
+        self.wait_for_pieces = wait_for_pieces
+        self.say = notify or (lambda _message: None)
+        self.hash_failures = 0
+        self.banned: set[str] = set()
+
+    # -- planning -----------------------------------------------------------------------------
+
+    def _spans(self, needed: Mapping[str, int]) -> dict[str, _Span]:
+        files = self.ti.layout()
+        index = {path: i for i in range(files.num_files())
+                 if not files.file_flags(i) & lt.file_storage.flag_pad_file
+                 for path in [files.file_path(i).replace("\\", "/")]}
+        piece_length = self.ti.piece_length()
+        spans: dict[str, _Span] = {}
+        for entry in self.model.files:
+            base = files.file_offset(index[meta.torrent_path(self.model, entry)])
+            for chunk in entry.chunks:
+                if chunk.digest in needed and chunk.digest not in spans:
+                    spans[chunk.digest] = _Span(chunk.digest, chunk.length,
+                                                base + chunk.offset, piece_length)
+        return spans
+
+    def _start(self, wanted: set[int]) -> lt.torrent_handle:
+        priorities = [4 if p in wanted else 0 for p in range(self.ti.num_pieces())]
+        if self.handle is None:
+            params = lt.add_torrent_params()
+            params.ti = self.ti
+            params.save_path = str(self.scratch)
+            params.piece_priorities = priorities
+            self.handle = self.session.add_torrent(params)
+        else:  # a magnet's: held in upload mode until the manifest was trusted
+            self.handle.prioritize_pieces(priorities)
+            self.handle.unset_flags(add_flags("upload_mode"))
+        if self.identity is not None:
+            present_certificate(self.handle, self.identity)
+        return self.handle
+
+    # -- the transfer -------------------------------------------------------------------------
+
+    def run(self, needed: Mapping[str, int], sink: ChunkSink) -> None:
+        spans = self._spans(needed)
+        users: dict[int, int] = {}  # piece -> pending chunks that need it
+        for span in spans.values():
+            for piece in span.pieces:
+                users[piece] = users.get(piece, 0) + 1
+        if not spans:
+            return
+        handle = self._start(set(users))
+        held: dict[int, bytes] = {}
+        asked: set[int] = set()
+        last_piece = time.monotonic()
+        last_connect = 0.0
+        while spans:
+            now = time.monotonic()
+            if now - last_connect > _RECONNECT_S:
+                connect_peers(handle, self.peers)
+                last_connect = now
+            status = handle.status(lt.status_flags_t.query_pieces)
+            have = status.pieces
+            for piece in users:
+                if piece not in asked and piece < len(have) and have[piece]:
+                    handle.read_piece(piece)
+                    asked.add(piece)
+            self.session.wait_for_alert(_POLL_MS)
+            if self._alerts(held, asked):
+                last_piece = time.monotonic()
+            for span in [s for s in spans.values() if all(p in held for p in s.pieces)]:
+                sink.deliver(span.digest, self._cut(span, held))
+                del spans[span.digest]
+                for piece in span.pieces:
+                    users[piece] -= 1
+                    if not users[piece]:
+                        del users[piece]
+                        held.pop(piece, None)
+            if spans and time.monotonic() - last_piece > self.wait_for_pieces:
+                raise PeerError(
+                    f"no torrent peer delivered a piece for {self.wait_for_pieces:g} s; "
+                    f"{len(spans)} chunks of {self.model.name}:{self.model.version} still "
+                    f"needed ({status.num_peers} peers connected); what arrived is kept: "
+                    "run the same fetch again to resume"
+                )
+
+    def _alerts(self, held: dict[int, bytes], asked: set[int]) -> bool:
+        """Take libtorrent's news; True when a piece arrived."""
+        arrived = False
+        for alert in self.session.pop_alerts():
+            if isinstance(alert, lt.read_piece_alert):
+                if alert.error.value():
+                    asked.discard(alert.piece)  # asked again on the next round
+                else:
+                    held[alert.piece] = bytes(alert.buffer)
+                    arrived = True
+            elif isinstance(alert, lt.hash_failed_alert):
+                self.hash_failures += 1
+                self.say(f"piece {alert.piece_index} failed libtorrent's hash check; the peer "
+                         "that sent it is banned")
+            elif isinstance(alert, lt.peer_ban_alert):
+                peer = f"{alert.endpoint[0]}:{alert.endpoint[1]}"
+                if peer not in self.banned:
+                    self.banned.add(peer)
+                    self.say(f"banned torrent peer {peer} (sent data that failed the hash)")
+            elif isinstance(alert, lt.piece_finished_alert):
+                arrived = True
+            elif isinstance(alert, lt.file_error_alert | lt.torrent_error_alert):
+                raise StoreError(f"torrent scratch {self.scratch}: {alert.message()}")
+        return arrived
+
+    def _cut(self, span: _Span, held: dict[int, bytes]) -> bytes:
+        piece_length = self.ti.piece_length()
+        parts = []
+        for piece in span.pieces:
+            base = piece * piece_length
+            lo = max(span.start, base) - base
+            hi = min(span.start + span.length, base + piece_length) - base
+            parts.append(held[piece][lo:hi])
+        return b"".join(parts)

@@ -1,0 +1,183 @@
+"""Torrent make/seed/fetch with real libtorrent sessions on loopback (appliance.torrent)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import libtorrent as lt
+import pytest
+from peer_helpers import published_bytes
+from torrent_helpers import (
+    LOOPBACK,
+    MODEL,
+    fetch_from,
+    member,
+    new_host,
+    seeded_host,
+    tiny_bundle,
+)
+from trust_helpers import NOW, make_root
+
+from appliance.errors import (
+    IntegrityError,
+    ModelNotFoundError,
+    PeerError,
+    ThresholdError,
+    UsageError,
+)
+from appliance.format.manifest import parse_manifest
+from appliance.peer import tls
+from appliance.store import audit, layout, trust_state
+from appliance.store.records import find_model, list_models
+from appliance.store.scrub import verify_store
+from appliance.torrent import meta
+from appliance.torrent.certs import TorrentIdentity, load_torrent_identity
+from appliance.torrent.make import build_torrent, model_torrent
+from appliance.torrent.seed import Seeder
+
+
+def _carried(store: Path) -> tuple[meta.Carried, dict[bytes, object]]:
+    data, _ = model_torrent(store, MODEL, root_cert=None)
+    info = lt.bdecode(data)[b"info"]
+    return meta.decode(lt.bencode(info)), info[meta.KEY]
+
+
+def test_make_is_deterministic_v2_and_lists_the_signed_files(tmp_path: Path) -> None:
+    bundle = tiny_bundle()
+    store = seeded_host(tmp_path / "a", bundle)
+    first, ref = model_torrent(store, MODEL, root_cert=None)
+    again, _ = model_torrent(store, MODEL, root_cert=None)
+    # A second store holding the same model and root makes the very same torrent.
+    other, _ = model_torrent(seeded_host(tmp_path / "b", bundle), MODEL, root_cert=None)
+    assert ref == f"{MODEL}:1" and first == again == other
+    decoded = lt.bdecode(first)
+    assert set(decoded) == {b"info", b"piece layers"}  # no creation date, no creator
+    info = decoded[b"info"]
+    assert info[b"meta version"] == 2 and b"pieces" not in info  # v2 only
+    ti = lt.torrent_info(first)
+    model = bundle.manifest.models[0]
+    assert meta.listed_files(ti) == meta.torrent_files(model) == sorted(
+        [("org~tiny/1/weights.bin", 300_000), ("org~tiny/1/notes/readme.txt", 29 * 40)])
+    carried = meta.decode(ti.info_section())
+    assert carried.manifest == bundle.body and (carried.name, carried.version) == (MODEL, "1")
+    assert parse_manifest(carried.manifest).models[0] == model
+    assert set(carried.signatures) == set(bundle.signatures)
+
+
+def test_fetch_from_a_seeder_publishes_a_verified_model(tmp_path: Path) -> None:
+    bundle = tiny_bundle()
+    seed_store = seeded_host(tmp_path / "seed", bundle)
+    before = {p: p.read_bytes() for p in layout.models_dir(seed_store).rglob("*") if p.is_file()}
+    data, _ = model_torrent(seed_store, MODEL, root_cert=None)
+    with Seeder(seed_store, LOOPBACK, identity=None) as seeder:
+        seeder.add_published()
+        store = new_host(tmp_path / "fetcher")
+        result = fetch_from(store, data, [seeder])
+        again = fetch_from(store, data, [seeder])
+    assert result.complete and not result.present
+    assert result.bytes_fetched == bundle.size and result.hash_failures == 0
+    assert again.present and again.bytes_fetched == 0
+    for path, contents in bundle.contents[MODEL].items():
+        assert published_bytes(store, MODEL, path) == contents
+    report = verify_store(store)
+    assert report.ok and report.files_checked == 2
+    assert not (store / "torrent-scratch" / result.infohash).exists()
+    # The seeder's published files were only read.
+    assert {p: p.read_bytes() for p in before} == before
+    kinds = [r.kind for r in audit.records(store)]
+    assert kinds.count("torrent") == 2
+
+
+def test_torrent_whose_bytes_differ_from_the_manifest_is_refused(tmp_path: Path) -> None:
+    """A seeder whose torrent hashes other bytes (libtorrent is satisfied) lands nothing:
+    the sink's check against the signed manifest refuses the first bad chunk."""
+    bundle = tiny_bundle()
+    honest = seeded_host(tmp_path / "honest", bundle)
+    _, carried = _carried(honest)
+    model = bundle.manifest.models[0]
+    lying = tmp_path / "lying"
+    for path, contents in bundle.contents[MODEL].items():
+        target = lying / "org~tiny" / "1" / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        bad = bytearray(contents)
+        bad[len(bad) // 2] ^= 0x01
+        target.write_bytes(bytes(bad))
+    data = build_torrent(lying, model, carried, root_cert=None)
+    with Seeder(honest, LOOPBACK, identity=None) as seeder:
+        seeder.add(data, f"{MODEL}:1", lying)
+        store = new_host(tmp_path / "fetcher")
+        with pytest.raises(IntegrityError):
+            fetch_from(store, data, [seeder])
+    with pytest.raises(ModelNotFoundError):
+        find_model(store, MODEL, include_importing=False)
+    refusals = [r for r in audit.records(store) if r.kind == "refusal"]
+    assert refusals and refusals[-1].details["error"] == "IntegrityError"
+
+
+def test_torrent_listing_other_files_than_the_manifest_is_refused_before_download(
+        tmp_path: Path) -> None:
+    bundle = tiny_bundle()
+    honest = seeded_host(tmp_path / "honest", bundle)
+    _, carried = _carried(honest)
+    model = bundle.manifest.models[0]
+    fewer = replace(model, files=model.files[:1])  # one signed file left out
+    data = build_torrent(layout.models_dir(honest), fewer, carried, root_cert=None)
+    store = new_host(tmp_path / "fetcher")
+    with pytest.raises(IntegrityError, match="do not match signed model"):
+        fetch_from(store, data, [], wait=30.0)  # no seeder: refused before asking anyone
+    assert not (store / "torrent-scratch").exists()
+    assert list_models(store, include_importing=True) == []
+
+
+def test_manifest_this_host_does_not_trust_is_refused(tmp_path: Path) -> None:
+    bundle = tiny_bundle()
+    data, _ = model_torrent(seeded_host(tmp_path / "seed", bundle), MODEL, root_cert=None)
+    stranger = tmp_path / "stranger"
+    other = make_root(root_keys=("r7", "r8", "r9"), sign_with=("r7", "r8"),
+                      publishers={"p9": ("*",)})
+    trust_state.install_first_root(stranger, other.to_bytes(), other.root.fingerprint, NOW)
+    with pytest.raises(ThresholdError):
+        fetch_from(stranger, data, [])
+    assert list_models(stranger, include_importing=True) == []
+
+
+def test_ssl_torrent_members_fetch_and_a_non_member_is_refused(tmp_path: Path) -> None:
+    ca = tmp_path / "ca"
+    tls.init_site(ca)
+    seeder_id = member(tmp_path, ca, "seeder")
+    fetcher_id = member(tmp_path, ca, "fetcher")
+    bundle = tiny_bundle()
+    seed_store = seeded_host(tmp_path / "seed", bundle)
+    data, _ = model_torrent(seed_store, MODEL, root_cert=seeder_id.ca_pem)
+    assert lt.torrent_info(data).ssl_cert()
+    # Another site's CA: a certificate that does not chain to ours.
+    other_ca = tmp_path / "other-ca"
+    tls.init_site(other_ca)
+    outsider = member(tmp_path, other_ca, "outsider")
+    # The outsider knows our (public) CA certificate, but has no certificate from it.
+    impostor = TorrentIdentity(outsider.cert_pem, outsider.key_pem, seeder_id.ca_pem)
+    with Seeder(seed_store, replace(LOOPBACK), identity=seeder_id) as seeder:
+        seeder.add_published()
+        refused = new_host(tmp_path / "outsider-store")
+        with pytest.raises(PeerError, match="no torrent peer delivered"):
+            fetch_from(refused, data, [seeder], identity=impostor, wait=3.0)
+        assert list_models(refused) == []
+        with pytest.raises(UsageError, match="SSL torrent"):
+            fetch_from(refused, data, [seeder], identity=None)
+        with pytest.raises(UsageError, match="another site's CA"):
+            fetch_from(refused, data, [seeder], identity=load_torrent_identity(
+                tmp_path / "tls-outsider"))
+        store = new_host(tmp_path / "member-store")
+        result = fetch_from(store, data, [seeder], identity=fetcher_id)
+    assert result.complete and verify_store(store).ok
+
+
+def test_plaintext_torrent_needs_insecure(tmp_path: Path) -> None:
+    ca = tmp_path / "ca"
+    tls.init_site(ca)
+    identity = member(tmp_path, ca, "host")
+    data, _ = model_torrent(seeded_host(tmp_path / "seed", tiny_bundle()), MODEL,
+                            root_cert=None)
+    with pytest.raises(UsageError, match="plaintext"):
+        fetch_from(new_host(tmp_path / "f"), data, [], identity=identity)
