@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from appliance import fsutil
 from appliance.cli.jsonout import print_json
 from appliance.cli.options import override_options
 from appliance.errors import FormatError, UsageError
@@ -200,19 +199,8 @@ def _read_root(path: Path) -> SignedRoot:
 def _write_atomic(path: Path, data: bytes, *, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise UsageError(f"{path} exists; pass --force to overwrite it")
-    directory = path.parent if str(path.parent) else Path(".")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        fsutil.write_atomic(path, data, mode=0o644)
     except OSError as e:
         raise UsageError(f"cannot write {path}: {e}") from e
 
