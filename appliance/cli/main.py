@@ -31,6 +31,7 @@ COMMAND_MODULES = (
     "appliance.cli.serve",
     "appliance.cli.peer",
     "appliance.cli.torrent",
+    "appliance.cli.oci",
     "appliance.cli.site",
     "appliance.cli.tui",
     "appliance.cli.iso",
