@@ -28,8 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from appliance.authenticate import AuthenticatedBundle
-from appliance.bundle.reader import Media, check_pack_sizes, open_media, read_chunk
-from appliance.errors import IntegrityError, MediaError, MissingVolumeError
+from appliance.bundle.reader import (
+    ChunkLocation,
+    Media,
+    check_pack_sizes,
+    open_media,
+    read_chunk,
+)
+from appliance.errors import ApplianceError, IntegrityError, MediaError, MissingVolumeError
 from appliance.format.manifest import ChunkRef
 from appliance.format.trust import TrustRoot
 from appliance.limits import DEFAULT_LIMITS, Limits
@@ -59,6 +65,7 @@ class ImportResult:
     local_bytes: int  # plain bytes copied from chunks the store already held
     seconds: float
     expired_override: bool
+    rebuilt: tuple[str, ...] = ()  # volumes rebuilt from parity (bundle.parity)
 
 
 def import_media(
@@ -74,7 +81,6 @@ def import_media(
     flush_chunks: int = DEFAULT_FLUSH_CHUNKS,
 ) -> ImportResult:
     """Authenticate the bundle on ``volume_dirs`` and import what they hold into the store."""
-    trust_state.require_override_reason(allow_expired, reason)
     media_names = [str(p) for p in volume_dirs]
     opened: list[Media] = []
 
@@ -135,13 +141,18 @@ class MediaSource:
         try:
             return read_chunk(location, ref, self.media.limits, file=self.labels.get(digest))
         except (IntegrityError, MediaError) as e:
-            volume_dir = self.volume_paths.get(location.volume)
-            if volume_dir is not None and not (volume_dir / "manifest.yaml").exists():
-                raise MissingVolumeError(
-                    f"{location.volume} ({volume_dir}) went away during the import; what was "
-                    "written so far is kept: put it back and run the same import again"
-                ) from e
+            self._went_away(location, e)
             raise
+
+    def _went_away(self, location: ChunkLocation, e: ApplianceError) -> None:
+        """MissingVolumeError when the volume was pulled out mid-import (the read failing is
+        then no sign of bad media)."""
+        volume_dir = self.volume_paths.get(location.volume)
+        if volume_dir is not None and not (volume_dir / "manifest.yaml").exists():
+            raise MissingVolumeError(
+                f"{location.volume} ({volume_dir}) went away during the import; what was "
+                "written so far is kept: put it back and run the same import again"
+            ) from e
 
 
 def _result(outcome: IngestOutcome, media: Media) -> ImportResult:

@@ -175,11 +175,30 @@ class IngestOutcome:
         return not self.pending
 
 
-@dataclass(slots=True)
 class _Need:
-    length: int
-    label: str  # model:version/path of the first file that needs it, for errors
-    targets: list[tuple[StagedFile, int]]
+    """One distinct chunk still needed and every place it goes (kept small: a manifest may
+    hold hundreds of thousands of chunks, most of them going to one place)."""
+
+    __slots__ = ("file", "idx", "length", "more")
+
+    def __init__(self, length: int, file: StagedFile, idx: int) -> None:
+        self.length = length
+        self.file = file
+        self.idx = idx
+        self.more: list[tuple[StagedFile, int]] | None = None
+
+    @property
+    def label(self) -> str:
+        return self.file.label
+
+    def add(self, file: StagedFile, idx: int) -> None:
+        if self.more is None:
+            self.more = []
+        self.more.append((file, idx))
+
+    @property
+    def targets(self) -> list[tuple[StagedFile, int]]:
+        return [(self.file, self.idx), *(self.more or ())]
 
 
 class IngestSession:
@@ -310,8 +329,9 @@ class IngestSession:
             for chunk in sf.pending():
                 need = self._need.get(chunk.digest)
                 if need is None:
-                    need = self._need[chunk.digest] = _Need(chunk.length, sf.label, [])
-                need.targets.append((sf, chunk.idx))
+                    self._need[chunk.digest] = _Need(chunk.length, sf, chunk.idx)
+                else:
+                    need.add(sf, chunk.idx)
         # Files a crash left fully written (or just recovered) count as done.
         self.outcome.already_done_bytes = self._done = sum(
             f.size if f.is_published else f.done_bytes() for f in self._staged

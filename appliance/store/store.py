@@ -372,7 +372,7 @@ class Store:
                 self.conn.executemany(
                     """INSERT INTO chunks (file, idx, byte_offset, length, digest)
                        VALUES (?, ?, ?, ?, ?)""",
-                    [(file_id, i, c.offset, c.length, c.digest) for i, c in enumerate(f.chunks)],
+                    ((file_id, i, c.offset, c.length, c.digest) for i, c in enumerate(f.chunks)),
                 )
         for file_id in stale_files:
             layout.staged_path(self.store_dir, file_id).unlink(missing_ok=True)
