@@ -19,19 +19,19 @@ from pathlib import Path
 
 import blake3
 import pytest
-from bundle_helpers import NOW, build, make_sources, trusted
+from bundle_helpers import NOW, build, make_sources, rewrite_manifest, root_file, trusted
 from trust_helpers import kid, make_root
 
 from appliance.bundle.media import INDEX_MAGIC
 from appliance.bundle.reader import find_volume_dirs, open_media, verify_media
 from appliance.cli.main import main
-from appliance.errors import EXIT_REFUSED, SpecialFileError, ThresholdError
+from appliance.errors import EXIT_REFUSED, SpecialFileError, ThresholdError, UnsafePathError
 from appliance.importer import import_media
 from appliance.store import audit, trust_state
 from appliance.tui import service
 
-# func_only: the bundle is built once per module, outside the limit; the reader gets 3 s.
-quick = pytest.mark.timeout(3, func_only=True)
+# func_only: the bundle is built once per module, outside the limit; the reader gets 2 s.
+quick = pytest.mark.timeout(2, func_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +112,9 @@ def test_inspect_and_the_tui_scan_refuse_a_fifo(media: Path, target: str,
         open_media([media]).parse_unverified()
     assert main(["bundle", "inspect", str(media)]) == EXIT_REFUSED
     assert "SpecialFileError" in capsys.readouterr().err
+    assert main(["bundle", "verify", str(media), "--trust", str(root_file(media.parent))]
+                ) == EXIT_REFUSED
+    assert "SpecialFileError" in capsys.readouterr().err
     problem = service.describe_media(media).problem
     assert problem is not None and problem.startswith("SpecialFileError")
 
@@ -191,3 +194,20 @@ def _trusting_store(store_dir: Path) -> Path:
     signed = make_root()
     trust_state.install_first_root(store_dir, signed.to_bytes(), signed.root.fingerprint, NOW)
     return store_dir
+
+
+@pytest.mark.parametrize("bad", ["w" * 256 + ".bin", "nul.txt"])
+def test_a_signed_path_no_file_system_holds_is_refused_before_any_copy(
+        media: Path, tmp_path: Path, bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Signed by a trusted publisher, yet a name the store could not create: refused when
+    the manifest is parsed (exit 2), with nothing staged and the refusal audited."""
+    data = (media / "manifest.yaml").read_bytes().replace(b"notes.txt", bad.encode())
+    rewrite_manifest(media, data)
+    store = _trusting_store(tmp_path / "store")
+    with pytest.raises(UnsafePathError) as info:
+        import_media(store, [media], now=NOW)
+    assert type(info.value) is UnsafePathError
+    assert not any((store / "staging").iterdir()) and not any((store / "models").iterdir())
+    assert [r.kind for r in audit.records(store)][-1] == "refusal"
+    assert main(["bundle", "inspect", str(media)]) == EXIT_REFUSED
+    assert "UnsafePathError" in capsys.readouterr().err
