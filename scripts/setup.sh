@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(xorriso b3sum zstd iproute2 tmux curl)
+APT_PACKAGES=(xorriso b3sum zstd iproute2 tmux curl docker-registry skopeo)
 # The default native llama.cpp build enables AMX and crashes in ggml_backend_amx_mul_mat on the
 # first decode on these VMs; -march=native binaries also SIGILL on older hosts. Build portable.
 export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAVA_BUILD=OFF"
