@@ -48,8 +48,9 @@ MIB = 1 << 20
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One bundle split over two volumes: weights (16 MiB), notes, in acme/tiny:q4_k_m."""
+def two_volumes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A build directory: ``models/`` (weights 16 MiB, notes) and ``media/``, the bundle of
+    acme/tiny:q4_k_m split over two volumes."""
     base = tmp_path_factory.mktemp("bundle")
     make_sources(base, random_mib=16)
     build(base, volume_size=14 * MIB)
@@ -65,16 +66,17 @@ def kinds(store: Path) -> list[str]:
     return [r.kind for r in audit.records(store)]
 
 
-def test_import_publishes_verified_files_and_never_touches_media(bundle: Path, store: Path) -> None:
-    before = tree_digest(bundle / "media")
-    result = import_media(store, [bundle / "media"], now=NOW)
-    assert tree_digest(bundle / "media") == before
+def test_import_publishes_verified_files_and_never_touches_media(two_volumes: Path,
+                                                                  store: Path) -> None:
+    before = tree_digest(two_volumes / "media")
+    result = import_media(store, [two_volumes / "media"], now=NOW)
+    assert tree_digest(two_volumes / "media") == before
     assert result.complete and result.published == ("acme/tiny:q4_k_m",)
     assert result.volumes_used == ("vol-001", "vol-002")
     assert result.media_bytes == result.total_bytes and result.local_bytes == 0
     model = get_model(store, "acme/tiny")
     for f in model.files:
-        assert f.location.read_bytes() == (bundle / "models" / f.path).read_bytes()
+        assert f.location.read_bytes() == (two_volumes / "models" / f.path).read_bytes()
     assert model.channel == "site-models" and model.sequence == 1 and model.signers
     assert kinds(store) == ["trust-install", "import"]
     assert audit.verify(store) == 2
@@ -82,8 +84,8 @@ def test_import_publishes_verified_files_and_never_touches_media(bundle: Path, s
     check_consistent(store)
 
 
-def test_volumes_one_at_a_time_last_first(bundle: Path, store: Path) -> None:
-    volumes = sorted((bundle / "media").glob("vol-*"))
+def test_volumes_one_at_a_time_last_first(two_volumes: Path, store: Path) -> None:
+    volumes = sorted((two_volumes / "media").glob("vol-*"))
     assert len(volumes) == 2
     first = import_media(store, [volumes[1]], now=NOW)
     assert not first.complete and first.pending == ("acme/tiny:q4_k_m",)
@@ -98,19 +100,19 @@ def test_volumes_one_at_a_time_last_first(bundle: Path, store: Path) -> None:
     check_consistent(store)
 
 
-def test_importing_again_reads_nothing(bundle: Path, store: Path) -> None:
-    import_media(store, [bundle / "media"], now=NOW)
-    again = import_media(store, [bundle / "media"], now=NOW)
+def test_importing_again_reads_nothing(two_volumes: Path, store: Path) -> None:
+    import_media(store, [two_volumes / "media"], now=NOW)
+    again = import_media(store, [two_volumes / "media"], now=NOW)
     assert again.complete and again.present == ("acme/tiny:q4_k_m",)
     assert again.media_bytes == 0 and again.published == ()
 
 
 def test_chunks_held_by_another_model_are_copied_locally(
-    bundle: Path, store: Path, tmp_path: Path
+    two_volumes: Path, store: Path, tmp_path: Path
 ) -> None:
-    import_media(store, [bundle / "media"], now=NOW)
+    import_media(store, [two_volumes / "media"], now=NOW)
     base = tmp_path / "second"
-    shutil.copytree(bundle / "models", base / "models")
+    shutil.copytree(two_volumes / "models", base / "models")
     recipe = write_recipe(base, name="acme/tiny-copy", sequence=2)
     build(base, recipe=recipe)
     result = import_media(store, [base / "media"], now=NOW)
@@ -120,21 +122,22 @@ def test_chunks_held_by_another_model_are_copied_locally(
     assert copy.path.read_bytes() == get_model(store, "acme/tiny").path.read_bytes()
 
 
-def test_older_sequence_is_refused_and_audited(bundle: Path, store: Path, tmp_path: Path) -> None:
+def test_older_sequence_is_refused_and_audited(two_volumes: Path, store: Path,
+                                               tmp_path: Path) -> None:
     base = tmp_path / "newer"
     make_sources(base, random_mib=1)
     build(base, recipe=write_recipe(base, sequence=5))
     import_media(store, [base / "media"], now=NOW)
     with pytest.raises(RollbackError, match="older"):
-        import_media(store, [bundle / "media"], now=NOW)
+        import_media(store, [two_volumes / "media"], now=NOW)
     assert kinds(store)[-1] == "refusal"
     assert [m.sequence for m in list_models(store)] == [5]
 
 
 def test_same_sequence_with_other_bytes_is_refused(
-    bundle: Path, store: Path, tmp_path: Path
+    two_volumes: Path, store: Path, tmp_path: Path
 ) -> None:
-    import_media(store, [bundle / "media"], now=NOW)
+    import_media(store, [two_volumes / "media"], now=NOW)
     base = tmp_path / "other"
     make_sources(base, random_mib=1)
     build(base, recipe=write_recipe(base, name="acme/other", sequence=1))
@@ -143,15 +146,15 @@ def test_same_sequence_with_other_bytes_is_refused(
     assert [m.name for m in list_models(store)] == ["acme/tiny"]
 
 
-def test_expired_bundle_needs_an_audited_override(bundle: Path, store: Path) -> None:
+def test_expired_bundle_needs_an_audited_override(two_volumes: Path, store: Path) -> None:
     later = NOW + timedelta(days=31)
     with pytest.raises(ExpiredError):
-        import_media(store, [bundle / "media"], now=later)
+        import_media(store, [two_volumes / "media"], now=later)
     assert kinds(store)[-1] == "refusal"
     with pytest.raises(UsageError, match="--reason"):
-        import_media(store, [bundle / "media"], now=later, allow_expired=True)
+        import_media(store, [two_volumes / "media"], now=later, allow_expired=True)
     result = import_media(
-        store, [bundle / "media"], now=later, allow_expired=True, reason="clock is right, ok"
+        store, [two_volumes / "media"], now=later, allow_expired=True, reason="clock is right, ok"
     )
     assert result.complete and result.expired_override
     override = [r for r in audit.records(store) if r.kind == "override"]
@@ -159,7 +162,7 @@ def test_expired_bundle_needs_an_audited_override(bundle: Path, store: Path) -> 
     assert audit.verify(store) == len(kinds(store))
 
 
-def test_a_key_revoked_while_the_import_runs_cannot_publish(bundle: Path, store: Path) -> None:
+def test_a_key_revoked_while_the_import_runs_cannot_publish(two_volumes: Path, store: Path) -> None:
     """Issue 14 item 6: trust is checked again before publishing, against the root in force."""
     revoked = make_root(version=2, publishers={"p2": ("*",)})  # p1, the bundle's signer, goes
     rotated: list[int] = []
@@ -170,27 +173,27 @@ def test_a_key_revoked_while_the_import_runs_cannot_publish(bundle: Path, store:
             rotated.append(done)
 
     with pytest.raises(ThresholdError) as info:
-        import_media(store, [bundle / "media"], now=NOW, progress=rotate_midway)
+        import_media(store, [two_volumes / "media"], now=NOW, progress=rotate_midway)
     assert type(info.value) is ThresholdError
-    assert rotated and rotated[0] < bundle_size(bundle)
+    assert rotated and rotated[0] < bundle_size(two_volumes)
     assert list_models(store) == [] and list((store / "models").iterdir()) == []
     assert kinds(store)[-2:] == ["trust-update", "refusal"]
     assert verify_store(store).ok and audit.verify(store) == len(kinds(store))
     check_consistent(store)
 
 
-def bundle_size(bundle: Path) -> int:
-    return sum(p.stat().st_size for p in (bundle / "models").iterdir())
+def bundle_size(build_dir: Path) -> int:
+    return sum(p.stat().st_size for p in (build_dir / "models").iterdir())
 
 
-def test_store_without_a_trust_root_refuses(bundle: Path, tmp_path: Path) -> None:
+def test_store_without_a_trust_root_refuses(two_volumes: Path, tmp_path: Path) -> None:
     with pytest.raises(NoTrustRootError):
-        import_media(tmp_path / "bare", [bundle / "media"], now=NOW)
+        import_media(tmp_path / "bare", [two_volumes / "media"], now=NOW)
 
 
-def copy_media(bundle: Path, tmp_path: Path) -> Path:
+def copy_media(build_dir: Path, tmp_path: Path) -> Path:
     media = tmp_path / "media"
-    shutil.copytree(bundle / "media", media)
+    shutil.copytree(build_dir / "media", media)
     return media
 
 
@@ -201,9 +204,9 @@ def assert_nothing_stored(store: Path) -> None:
 
 
 def test_tampered_manifest_is_refused_before_any_byte(
-    bundle: Path, store: Path, tmp_path: Path
+    two_volumes: Path, store: Path, tmp_path: Path
 ) -> None:
-    media = copy_media(bundle, tmp_path)
+    media = copy_media(two_volumes, tmp_path)
     for volume in media.glob("vol-*"):
         flip_byte(volume / "manifest.yaml", 40)
     with pytest.raises(SignatureError):
@@ -213,9 +216,9 @@ def test_tampered_manifest_is_refused_before_any_byte(
 
 
 def test_bundle_signed_by_an_unknown_key_is_refused(
-    bundle: Path, store: Path, tmp_path: Path
+    two_volumes: Path, store: Path, tmp_path: Path
 ) -> None:
-    media = copy_media(bundle, tmp_path)
+    media = copy_media(two_volumes, tmp_path)
     data = (media / "vol-001" / "manifest.yaml").read_bytes()
     rewrite_manifest(media, data, signers=("stranger",))
     with pytest.raises(ThresholdError):
@@ -224,9 +227,9 @@ def test_bundle_signed_by_an_unknown_key_is_refused(
 
 
 def test_flipped_chunk_is_refused_and_the_import_resumes_from_good_media(
-    bundle: Path, store: Path, tmp_path: Path
+    two_volumes: Path, store: Path, tmp_path: Path
 ) -> None:
-    media = copy_media(bundle, tmp_path)
+    media = copy_media(two_volumes, tmp_path)
     pack = sorted((media / "vol-002" / "packs").iterdir())[0]
     flip_byte(pack, 1000)
     with pytest.raises(IntegrityError) as info:
@@ -235,7 +238,7 @@ def test_flipped_chunk_is_refused_and_the_import_resumes_from_good_media(
     assert list_models(store) == []
     assert kinds(store)[-1] == "refusal"
     check_consistent(store)
-    result = import_media(store, [bundle / "media"], now=NOW)
+    result = import_media(store, [two_volumes / "media"], now=NOW)
     assert result.complete and result.already_done_bytes > 0
     assert verify_store(store).ok
 
@@ -272,9 +275,9 @@ def test_volume_pulled_mid_import_is_resumable(wide: Path, store: Path, tmp_path
 
 
 def test_conflicting_model_is_refused_before_anything_changes(
-    bundle: Path, store: Path, tmp_path: Path
+    two_volumes: Path, store: Path, tmp_path: Path
 ) -> None:
-    import_media(store, [bundle / "media"], now=NOW)
+    import_media(store, [two_volumes / "media"], now=NOW)
     base = tmp_path / "changed"
     make_sources(base, random_mib=2)
     build(base, recipe=write_recipe(base, sequence=2))
@@ -333,13 +336,13 @@ def _lying_size(media: Path) -> None:
     ],
 )
 def test_hostile_media_is_refused_before_any_byte_reaches_the_store(
-    bundle: Path,
+    two_volumes: Path,
     store: Path,
     tmp_path: Path,
     tamper: Callable[[Path], None],
     error: type[Exception],
 ) -> None:
-    media = copy_media(bundle, tmp_path)
+    media = copy_media(two_volumes, tmp_path)
     tamper(media)
     with pytest.raises(error) as info:
         import_media(store, [media], now=NOW)
@@ -351,11 +354,11 @@ def test_hostile_media_is_refused_before_any_byte_reaches_the_store(
 @pytest.mark.parametrize(("tamper", "error"), [(_pad_pack, FormatError),
                                                (_truncate_pack, TruncatedError)])
 def test_pack_size_check_is_the_same_in_verify_and_import(
-    bundle: Path, store: Path, tmp_path: Path, tamper: Callable[[Path], None],
+    two_volumes: Path, store: Path, tmp_path: Path, tamper: Callable[[Path], None],
     error: type[Exception],
 ) -> None:
     """One pre-check (``reader.check_pack_sizes``): longer is FormatError, shorter Truncated."""
-    media = copy_media(bundle, tmp_path)
+    media = copy_media(two_volumes, tmp_path)
     tamper(media)
     with pytest.raises(error) as verified:
         verify_media([media], trusted(), NOW)
@@ -394,7 +397,8 @@ def test_many_tiny_chunks_are_recorded_every_n_chunks(
     assert verify_store(store).ok
 
 
-def test_manifest_over_the_size_cap_is_refused(bundle: Path, store: Path) -> None:
+def test_manifest_over_the_size_cap_is_refused(two_volumes: Path, store: Path) -> None:
     with pytest.raises(LimitExceededError):
-        import_media(store, [bundle / "media"], now=NOW, limits=Limits(max_manifest_bytes=1000))
+        import_media(store, [two_volumes / "media"], now=NOW,
+                     limits=Limits(max_manifest_bytes=1000))
     assert_nothing_stored(store)

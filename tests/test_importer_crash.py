@@ -35,8 +35,9 @@ PAUSE = 0.006  # seconds the child waits after each chunk, so kills spread over 
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A ~25 MB many-tensor GGUF (~50 tensor-aligned chunks) over several volumes."""
+def many_tensor_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A build directory: a ~25 MB many-tensor GGUF (~50 tensor-aligned chunks) in ``models/``,
+    its bundle over several volumes in ``media/``."""
     base = tmp_path_factory.mktemp("crash-bundle")
     gguf = write_many_tensor_gguf(base / "many.gguf", n_tensors=90)
     make_sources(base, gguf, random_mib=1)
@@ -62,9 +63,9 @@ def child(store: Path, media: list[Path]) -> multiprocessing.process.BaseProcess
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_points_then_resume(bundle: Path, tmp_path: Path) -> None:
-    source = hashlib.sha256((bundle / "models" / "tiny.gguf").read_bytes()).hexdigest()
-    volumes = sorted((bundle / "media").glob("vol-*"))
+def test_sigkill_at_random_points_then_resume(many_tensor_build: Path, tmp_path: Path) -> None:
+    source = hashlib.sha256((many_tensor_build / "models" / "tiny.gguf").read_bytes()).hexdigest()
+    volumes = sorted((many_tensor_build / "media").glob("vol-*"))
     assert len(volumes) >= 2
     rng = random.Random(SEED)
 

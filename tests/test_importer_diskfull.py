@@ -26,7 +26,7 @@ MIB = 1 << 20
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def signed_media(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("bundle")
     make_sources(base, random_mib=16)
     build(base)
@@ -47,24 +47,24 @@ def grow(mount: Path, size_mb: int) -> None:
 
 
 def test_too_small_is_refused_up_front_then_succeeds_with_space(
-    bundle: Path, small_fs: Path
+    signed_media: Path, small_fs: Path
 ) -> None:
     store = trusted_store(small_fs / "store")
     with pytest.raises(DiskFullError, match=r"needs 17\.\d MB .* free") as info:
-        import_media(store, [bundle], now=NOW)
+        import_media(store, [signed_media], now=NOW)
     assert "importing site-models #1" in str(info.value)
     assert list_models(store, include_importing=True) == []
     assert list((store / "staging").iterdir()) == []
     assert channel_state(store, "site-models") is None  # nothing accepted yet
     check_consistent(store)
     grow(small_fs, 40)
-    result = import_media(store, [bundle], now=NOW)
+    result = import_media(store, [signed_media], now=NOW)
     assert result.complete
     assert get_model(store, "acme/tiny").verified
 
 
 def test_disk_filled_during_the_import_leaves_a_resumable_store(
-    bundle: Path, small_fs: Path
+    signed_media: Path, small_fs: Path
 ) -> None:
     grow(small_fs, 40)
     store = trusted_store(small_fs / "store")
@@ -76,10 +76,10 @@ def test_disk_filled_during_the_import_leaves_a_resumable_store(
                 f.write(b"\0" * max(0, layout.free_bytes(small_fs)))
 
     with pytest.raises(DiskFullError):
-        import_media(store, [bundle], now=NOW, progress=fill_up, flush_bytes=1)
+        import_media(store, [signed_media], now=NOW, progress=fill_up, flush_bytes=1)
     check_consistent(store)
     assert list_models(store) == []
     filler.unlink()
-    result = import_media(store, [bundle], now=NOW)
+    result = import_media(store, [signed_media], now=NOW)
     assert result.complete
     assert check_consistent(store)["published_files"] == 2

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def bundle() -> Bundle:
+def tiny_manifest() -> Bundle:
     return make_bundle({"tiny": {"model.gguf": model_bytes(21, 6 * CHUNK)}})
 
 
@@ -65,35 +65,35 @@ class ServeProcess:
 
 
 @pytest.fixture
-def served(tmp_path: Path, bundle: Bundle) -> Iterator[ServeProcess]:
+def served(tmp_path: Path, tiny_manifest: Bundle) -> Iterator[ServeProcess]:
     store = trusted_store(tmp_path / "a")
-    seed(store, bundle)
+    seed(store, tiny_manifest)
     server = ServeProcess(store, "--insecure")
     yield server
     server.stop()
 
 
-def test_serve_pull_and_list_plaintext(tmp_path: Path, bundle: Bundle, served: ServeProcess,
+def test_serve_pull_and_list_plaintext(tmp_path: Path, tiny_manifest: Bundle, served: ServeProcess,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     b = trusted_store(tmp_path / "b")
     assert main(["--store", str(b), "peer", "pull", "tiny", "--from", served.url,
                  "--insecure"]) == 0
     out = capsys.readouterr().out
     assert "pulled tiny:1" in out and served.url in out
-    assert published_bytes(b, "tiny", "model.gguf") == bundle.contents["tiny"]["model.gguf"]
+    assert published_bytes(b, "tiny", "model.gguf") == tiny_manifest.contents["tiny"]["model.gguf"]
     (b / "site.yaml").write_text(f"peers:\n  - {served.url}\n")
     assert main(["--store", str(b), "peer", "list", "--no-mdns", "--insecure", "--json"]) == 0
     [entry] = json.loads(capsys.readouterr().out)
-    assert entry["source"] == "static" and entry["manifests"][0]["hash"] == bundle.hash
+    assert entry["source"] == "static" and entry["manifests"][0]["hash"] == tiny_manifest.hash
     assert main(["--store", str(b), "peer", "list", "--no-mdns", "--insecure"]) == 0
     assert "main #1: tiny:1" in capsys.readouterr().out
     assert served.stop() == 0  # SIGTERM ends the server cleanly
 
 
-def test_serve_and_pull_over_mutual_tls(tmp_path: Path, bundle: Bundle, site: Path,
+def test_serve_and_pull_over_mutual_tls(tmp_path: Path, tiny_manifest: Bundle, site: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     a = trusted_store(tmp_path / "a")
-    seed(a, bundle)
+    seed(a, tiny_manifest)
     server = ServeProcess(a, "--tls-dir", str(site / "a"))
     try:
         assert server.url.startswith("https://")

@@ -47,7 +47,7 @@ from appliance.store.scrub import verify_store
 
 
 @pytest.fixture(scope="module")
-def bundle() -> Bundle:
+def two_models() -> Bundle:
     return make_bundle({
         "tiny": {"model.gguf": model_bytes(1, 20 * CHUNK + 123)},
         "other": {"weights.bin": model_bytes(2, 4 * CHUNK)},
@@ -104,75 +104,75 @@ def no_bad_chunk_in(store: Path, bundle: Bundle) -> None:
             assert blake3.blake3(f.read(r["length"])).hexdigest() == r["digest"]
 
 
-def test_pull_from_one_peer_publishes_the_model(tmp_path: Path, bundle: Bundle, servers,
+def test_pull_from_one_peer_publishes_the_model(tmp_path: Path, two_models: Bundle, servers,
                                                 clients) -> None:
-    a = servers(seeded(tmp_path, "a", bundle))
+    a = servers(seeded(tmp_path, "a", two_models))
     b = trusted_store(tmp_path / "b")
     seen: list[tuple[int, int]] = []
     [result] = pull(b, [clients(a.url)], ["tiny"], options=FAST, now=NOW,
                     progress=lambda d, t: seen.append((d, t)))
-    expect_model(b, bundle)
+    expect_model(b, two_models)
     assert result.models == ["tiny:1"]
-    assert result.bytes_fetched == bundle.manifest.models[0].size
+    assert result.bytes_fetched == two_models.manifest.models[0].size
     assert seen[-1] == (result.bytes_total, result.bytes_total)
     assert not [m for m in list_models(b) if m.name == "other"]
-    assert trust_state.channel_state(b, "main") == (1, bundle.hash)
+    assert trust_state.channel_state(b, "main") == (1, two_models.hash)
     assert [r.kind for r in audit.records(b)][-1] == "pull"
     # A second pull finds it present and fetches nothing.
     [again] = pull(b, [clients(a.url)], ["tiny"], options=FAST, now=NOW)
     assert again.present == ["tiny:1"] and again.bytes_fetched == 0
 
 
-def test_chunks_come_from_several_peers_in_parallel(tmp_path: Path, bundle: Bundle, servers,
+def test_chunks_come_from_several_peers_in_parallel(tmp_path: Path, two_models: Bundle, servers,
                                                     clients) -> None:
-    peers = [servers(seeded(tmp_path, f"s{i}", bundle)) for i in range(3)]
+    peers = [servers(seeded(tmp_path, f"s{i}", two_models)) for i in range(3)]
     b = trusted_store(tmp_path / "b")
     [result] = pull(b, [clients(p.url) for p in peers], all_models=True, options=FAST, now=NOW)
-    expect_model(b, bundle, "tiny")
-    expect_model(b, bundle, "other")
+    expect_model(b, two_models, "tiny")
+    expect_model(b, two_models, "other")
     assert len([n for n in result.by_peer.values() if n > 0]) >= 2
-    assert sum(result.by_peer.values()) == bundle.size
+    assert sum(result.by_peer.values()) == two_models.size
 
 
 def test_a_lying_peer_is_dropped_and_the_chunk_comes_from_another(
-        tmp_path: Path, bundle: Bundle, servers, clients) -> None:
+        tmp_path: Path, two_models: Bundle, servers, clients) -> None:
     liar_app: list[ChunkTamper] = []
 
     def lie(app: Any) -> ChunkTamper:
         liar_app.append(ChunkTamper(app, "flip"))
         return liar_app[0]
 
-    liar = servers(seeded(tmp_path, "liar", bundle), wrap=lie)
-    honest = servers(seeded(tmp_path, "honest", bundle))
+    liar = servers(seeded(tmp_path, "liar", two_models), wrap=lie)
+    honest = servers(seeded(tmp_path, "honest", two_models))
     b = trusted_store(tmp_path / "b")
     notes: list[str] = []
     [result] = pull(b, [clients(liar.url), clients(honest.url)], ["tiny"], options=FAST, now=NOW,
                     notify=notes.append)
-    expect_model(b, bundle)
+    expect_model(b, two_models)
     assert liar_app[0].tampered >= 1
     assert "IntegrityError" in result.dropped[liar.url]
     assert result.by_peer.get(liar.url, 0) == 0
     assert result.by_peer[honest.url] == result.bytes_total
     assert any("dropped peer" in n for n in notes)
-    no_bad_chunk_in(b, bundle)
+    no_bad_chunk_in(b, two_models)
     [refusal] = [r for r in audit.records(b) if r.kind == "refusal"]
     assert refusal.details["peer"] == liar.url and "IntegrityError" in str(refusal.details)
 
 
-def test_only_liars_nothing_bad_reaches_the_store(tmp_path: Path, bundle: Bundle, servers,
+def test_only_liars_nothing_bad_reaches_the_store(tmp_path: Path, two_models: Bundle, servers,
                                                   clients) -> None:
-    liar = servers(seeded(tmp_path, "liar", bundle), wrap=lambda app: ChunkTamper(app, "flip",
+    liar = servers(seeded(tmp_path, "liar", two_models), wrap=lambda app: ChunkTamper(app, "flip",
                                                                                    honest=3))
     b = trusted_store(tmp_path / "b")
     with pytest.raises(PeerError, match="every peer was dropped"):
         pull(b, [clients(liar.url)], ["tiny"], options=FAST, now=NOW)
     assert list_models(b) == []
-    no_bad_chunk_in(b, bundle)
+    no_bad_chunk_in(b, two_models)
 
 
-def test_older_manifest_is_refused_as_rollback(tmp_path: Path, bundle: Bundle, servers,
+def test_older_manifest_is_refused_as_rollback(tmp_path: Path, two_models: Bundle, servers,
                                                clients) -> None:
-    a = servers(seeded(tmp_path, "a", bundle))
+    a = servers(seeded(tmp_path, "a", two_models))
     b = trusted_store(tmp_path / "b")
     trust_state.record_channel(b, "main", 5, "f" * 64, now=NOW)
     with pytest.raises(RollbackError):
@@ -181,11 +181,11 @@ def test_older_manifest_is_refused_as_rollback(tmp_path: Path, bundle: Bundle, s
     assert [r.kind for r in audit.records(b)][-1] == "refusal"
 
 
-def test_the_newest_manifest_wins_over_an_older_offer(tmp_path: Path, bundle: Bundle, servers,
+def test_the_newest_manifest_wins_over_an_older_offer(tmp_path: Path, two_models: Bundle, servers,
                                                      clients) -> None:
     newer = make_bundle({"tiny": {"model.gguf": model_bytes(9, 6 * CHUNK)}}, sequence=3,
                         version="2")
-    old = servers(seeded(tmp_path, "old", bundle))
+    old = servers(seeded(tmp_path, "old", two_models))
     new = servers(seeded(tmp_path, "new", newer))
     b = trusted_store(tmp_path / "b")
     trust_state.record_channel(b, "main", 2, "f" * 64, now=NOW)
@@ -208,17 +208,17 @@ def test_manifest_signed_by_an_unknown_key_is_refused(tmp_path: Path, servers, c
 
 
 def test_a_forged_newer_offer_does_not_block_the_honest_one(
-        tmp_path: Path, bundle: Bundle, servers, clients) -> None:
+        tmp_path: Path, two_models: Bundle, servers, clients) -> None:
     forged = make_bundle({"tiny": {"model.gguf": model_bytes(4, 5 * CHUNK)}}, sequence=99,
                          signers=("stranger",))
     evil = servers(seeded(tmp_path, "evil", forged))
-    honest = servers(seeded(tmp_path, "honest", bundle))
+    honest = servers(seeded(tmp_path, "honest", two_models))
     b = trusted_store(tmp_path / "b")
     [result] = pull(b, [clients(evil.url), clients(honest.url)], ["tiny"], options=FAST, now=NOW)
     assert result.sequence == 1
-    expect_model(b, bundle)
+    expect_model(b, two_models)
     assert "ThresholdError" in result.dropped[evil.url]
-    assert trust_state.channel_state(b, "main") == (1, bundle.hash)
+    assert trust_state.channel_state(b, "main") == (1, two_models.hash)
 
 
 def test_an_expired_bundle_is_refused_unless_overridden(tmp_path: Path, servers, clients
@@ -235,41 +235,42 @@ def test_an_expired_bundle_is_refused_unless_overridden(tmp_path: Path, servers,
     assert "override" in [r.kind for r in audit.records(b)]
 
 
-def test_a_peer_that_dies_mid_transfer(tmp_path: Path, bundle: Bundle, servers, clients) -> None:
-    dying = servers(seeded(tmp_path, "dying", bundle),
+def test_a_peer_that_dies_mid_transfer(tmp_path: Path, two_models: Bundle, servers,
+                                       clients) -> None:
+    dying = servers(seeded(tmp_path, "dying", two_models),
                     wrap=lambda app: ChunkTamper(app, "die", honest=2))
-    honest = servers(seeded(tmp_path, "honest", bundle))
+    honest = servers(seeded(tmp_path, "honest", two_models))
     b = trusted_store(tmp_path / "b")
     [result] = pull(b, [clients(dying.url), clients(honest.url)], ["tiny"], options=FAST, now=NOW)
-    expect_model(b, bundle)
+    expect_model(b, two_models)
     assert dying.url in result.dropped
 
 
 @pytest.mark.slow
-def test_a_peer_that_stalls_mid_transfer(tmp_path: Path, bundle: Bundle, servers, clients
+def test_a_peer_that_stalls_mid_transfer(tmp_path: Path, two_models: Bundle, servers, clients
                                          ) -> None:
-    stalling = servers(seeded(tmp_path, "stall", bundle),
+    stalling = servers(seeded(tmp_path, "stall", two_models),
                        wrap=lambda app: ChunkTamper(app, "stall", honest=1))
-    honest = servers(seeded(tmp_path, "honest", bundle))
+    honest = servers(seeded(tmp_path, "honest", two_models))
     b = trusted_store(tmp_path / "b")
     start = time.monotonic()
     [result] = pull(b, [clients(stalling.url), clients(honest.url)], ["tiny"], options=FAST,
                     now=NOW)
-    expect_model(b, bundle)
+    expect_model(b, two_models)
     assert stalling.url in result.dropped and "timed out" in result.dropped[stalling.url]
     assert time.monotonic() - start < 20
 
 
-def test_the_only_peer_dies_then_the_pull_resumes(tmp_path: Path, bundle: Bundle, servers,
+def test_the_only_peer_dies_then_the_pull_resumes(tmp_path: Path, two_models: Bundle, servers,
                                                   clients) -> None:
-    source = seeded(tmp_path, "a", bundle)
+    source = seeded(tmp_path, "a", two_models)
     dying = servers(source, wrap=lambda app: ChunkTamper(app, "die", honest=8))
     b = trusted_store(tmp_path / "b")
     with pytest.raises(PeerError, match="resumes") as info:
         pull(b, [clients(dying.url)], ["tiny"], options=FAST, now=NOW)
     assert "still missing" in str(info.value)
     assert list_models(b) == []  # nothing half-written is listed
-    no_bad_chunk_in(b, bundle)
+    no_bad_chunk_in(b, two_models)
     db = connect(b)
     kept = db.execute("SELECT COUNT(*) AS n, SUM(length) AS bytes FROM chunks WHERE done = 1"
                       ).fetchone()
@@ -277,21 +278,21 @@ def test_the_only_peer_dies_then_the_pull_resumes(tmp_path: Path, bundle: Bundle
     assert kept["n"] == 8  # every chunk the dying peer sent before dying was kept
     healthy = servers(source)
     [result] = pull(b, [clients(healthy.url)], ["tiny"], options=FAST, now=NOW)
-    expect_model(b, bundle)
+    expect_model(b, two_models)
     assert result.bytes_fetched == result.bytes_total - kept["bytes"]
 
 
 def test_a_peer_refusing_a_chunk_it_advertises_ends_the_pull_in_bounded_time(
-        tmp_path: Path, bundle: Bundle, servers, clients) -> None:
+        tmp_path: Path, two_models: Bundle, servers, clients) -> None:
     """Issue 14 item 3 over real HTTP: 404 for a listed chunk is a failure, not a retry loop."""
-    refused = bundle.manifest.models[0].files[0].chunks[5].digest
+    refused = two_models.manifest.models[0].files[0].chunks[5].digest
     tampers: list[ChunkTamper] = []
 
     def refuse(app: Any) -> ChunkTamper:
         tampers.append(ChunkTamper(app, "refuse", digest=refused))
         return tampers[0]
 
-    liar = servers(seeded(tmp_path, "liar", bundle), wrap=refuse)
+    liar = servers(seeded(tmp_path, "liar", two_models), wrap=refuse)
     b = trusted_store(tmp_path / "b")
     start = time.monotonic()
     with pytest.raises(PeerError, match="resumes") as info:
@@ -299,26 +300,26 @@ def test_a_peer_refusing_a_chunk_it_advertises_ends_the_pull_in_bounded_time(
     assert time.monotonic() - start < FAST.wait_for_chunks + 10
     assert refused[:16] in str(info.value) and "1 chunk(s)" in str(info.value)
     assert tampers[0].tampered == 1  # asked once: its have-map is not believed for it again
-    no_bad_chunk_in(b, bundle)
+    no_bad_chunk_in(b, two_models)
     with layout.writer_lock(b, "check"):  # the pull let go of the store
         pass
     assert verify_store(b).ok and audit.verify(b) == len(list(audit.records(b)))
 
 
 def test_a_peer_streaming_forever_is_cut_off_at_the_declared_length(
-        tmp_path: Path, bundle: Bundle, servers, clients) -> None:
+        tmp_path: Path, two_models: Bundle, servers, clients) -> None:
     endless = EndlessPeer()
     try:
-        ref = bundle.manifest.models[0].files[0].chunks[0]
+        ref = two_models.manifest.models[0].files[0].chunks[0]
         start = time.monotonic()
         with pytest.raises(PeerProtocolError, match="cut off"):
             clients(endless.url).chunk(ref.digest, ref.length)
         assert time.monotonic() - start < 5
-        honest = servers(seeded(tmp_path, "honest", bundle))
+        honest = servers(seeded(tmp_path, "honest", two_models))
         b = trusted_store(tmp_path / "b")
         [result] = pull(b, [clients(endless.url), clients(honest.url)], ["tiny"], options=FAST,
                         now=NOW)
-        expect_model(b, bundle)
+        expect_model(b, two_models)
         assert result.by_peer == {honest.url: result.bytes_total}
     finally:
         endless.close()
@@ -338,15 +339,15 @@ def test_local_chunks_are_copied_not_fetched(tmp_path: Path, servers, clients) -
 
 
 def test_swarm_a_host_serves_verified_chunks_while_its_pull_runs(
-        tmp_path: Path, bundle: Bundle, servers, clients) -> None:
-    held_back = bundle.manifest.models[0].files[0].chunks[-1].digest
+        tmp_path: Path, two_models: Bundle, servers, clients) -> None:
+    held_back = two_models.manifest.models[0].files[0].chunks[-1].digest
     gates: list[ChunkTamper] = []
 
     def gate(app: Any) -> ChunkTamper:
         gates.append(ChunkTamper(app, "gate", digest=held_back))
         return gates[0]
 
-    seed_host = servers(seeded(tmp_path, "seed", bundle), wrap=gate)
+    seed_host = servers(seeded(tmp_path, "seed", two_models), wrap=gate)
     b_store = trusted_store(tmp_path / "b")
     b_server = servers(b_store)
     c_store = trusted_store(tmp_path / "c")
@@ -366,9 +367,10 @@ def test_swarm_a_host_serves_verified_chunks_while_its_pull_runs(
     try:
         # C knows only B. B holds everything but the gated chunk, still mid-pull.
         deadline = time.monotonic() + 20
-        total = len(bundle.manifest.models[0].files[0].chunks)
+        total = len(two_models.manifest.models[0].files[0].chunks)
         while time.monotonic() < deadline:
-            flags = clients(b_server.url).have(bundle.hash, len(bundle.manifest.unique_chunks()))
+            flags = clients(b_server.url).have(two_models.hash,
+                                               len(two_models.manifest.unique_chunks()))
             if flags is not None and sum(flags) >= total - 1:
                 break
             time.sleep(0.05)
@@ -376,7 +378,7 @@ def test_swarm_a_host_serves_verified_chunks_while_its_pull_runs(
         with pytest.raises(PeerError, match="still missing"):
             pull(c_store, [patient], ["tiny"], options=replace(FAST, max_failures=10), now=NOW)
         assert b_thread.is_alive()  # B's own pull is still running
-        no_bad_chunk_in(c_store, bundle)
+        no_bad_chunk_in(c_store, two_models)
         done = connect(c_store).execute("SELECT COUNT(*) AS n FROM chunks WHERE done = 1"
                                         ).fetchone()["n"]
         assert done == total - 1
@@ -385,17 +387,17 @@ def test_swarm_a_host_serves_verified_chunks_while_its_pull_runs(
         b_thread.join(30)
     assert not b_errors
     [result] = pull(c_store, [clients(b_server.url)], ["tiny"], options=FAST, now=NOW)
-    assert result.bytes_fetched == bundle.manifest.models[0].files[0].chunks[-1].length
-    expect_model(c_store, bundle)
+    assert result.bytes_fetched == two_models.manifest.models[0].files[0].chunks[-1].length
+    expect_model(c_store, two_models)
 
 
-def test_a_peer_whose_have_map_grows_mid_pull_gets_used(tmp_path: Path, bundle: Bundle,
+def test_a_peer_whose_have_map_grows_mid_pull_gets_used(tmp_path: Path, two_models: Bundle,
                                                         servers, clients) -> None:
     # The seed holds everything but is slow; the other host starts empty and gets the model
     # once the first chunk has landed here. Only a refresh of its have-map during the pull
     # can tell this host that it may now fetch from it (the seed always holds every chunk).
-    size = bundle.manifest.models[0].size
-    slow_seed = servers(seeded(tmp_path, "seed", bundle), rate_limit=size / 8)
+    size = two_models.manifest.models[0].size
+    slow_seed = servers(seeded(tmp_path, "seed", two_models), rate_limit=size / 8)
     late_store = trusted_store(tmp_path / "late")
     late = servers(late_store)
     b = trusted_store(tmp_path / "b")
@@ -403,32 +405,32 @@ def test_a_peer_whose_have_map_grows_mid_pull_gets_used(tmp_path: Path, bundle: 
 
     def on_progress(done: int, total: int) -> None:
         if done and not late_seeded:
-            seed(late_store, bundle)
+            seed(late_store, two_models)
             late_seeded.append(done)
 
     [result] = pull(b, [clients(slow_seed.url), clients(late.url)], ["tiny"], options=FAST,
                     now=NOW, progress=on_progress)
-    expect_model(b, bundle)
+    expect_model(b, two_models)
     assert late_seeded and late_seeded[0] < size
     assert result.by_peer.get(late.url, 0) > 0
     assert sum(result.by_peer.values()) == result.bytes_fetched == size
     assert not result.dropped
 
 
-def test_partial_hosts_advertise_what_they_hold(tmp_path: Path, bundle: Bundle, servers,
+def test_partial_hosts_advertise_what_they_hold(tmp_path: Path, two_models: Bundle, servers,
                                                 clients) -> None:
     store = trusted_store(tmp_path / "p")
-    seed(store, bundle, partial_chunks=5)
+    seed(store, two_models, partial_chunks=5)
     p = servers(store)
     [summary] = clients(p.url).manifests()
-    assert summary.hash == bundle.hash and not summary.complete
-    flags = clients(p.url).have(bundle.hash, len(bundle.manifest.unique_chunks()))
+    assert summary.hash == two_models.hash and not summary.complete
+    flags = clients(p.url).have(two_models.hash, len(two_models.manifest.unique_chunks()))
     assert flags is not None and sum(flags) == 5
     assert clients(p.url).have("0" * 64, 3) is None
 
 
-def test_pull_arguments(tmp_path: Path, bundle: Bundle, servers, clients) -> None:
-    a = servers(seeded(tmp_path, "a", bundle))
+def test_pull_arguments(tmp_path: Path, two_models: Bundle, servers, clients) -> None:
+    a = servers(seeded(tmp_path, "a", two_models))
     b = trusted_store(tmp_path / "b")
     with pytest.raises(UsageError):
         pull(b, [clients(a.url)], [], options=FAST, now=NOW)
@@ -440,10 +442,10 @@ def test_pull_arguments(tmp_path: Path, bundle: Bundle, servers, clients) -> Non
         pull(b, [clients("http://127.0.0.1:9")], ["tiny"], options=FAST, now=NOW)
 
 
-def test_chunk_from_a_peer_is_checked_on_arrival(tmp_path: Path, bundle: Bundle, servers,
+def test_chunk_from_a_peer_is_checked_on_arrival(tmp_path: Path, two_models: Bundle, servers,
                                                  clients) -> None:
-    liar = servers(seeded(tmp_path, "liar", bundle), wrap=lambda app: ChunkTamper(app, "flip"))
-    ref = bundle.manifest.models[0].files[0].chunks[2]
+    liar = servers(seeded(tmp_path, "liar", two_models), wrap=lambda app: ChunkTamper(app, "flip"))
+    ref = two_models.manifest.models[0].files[0].chunks[2]
     with pytest.raises(IntegrityError) as info:
         clients(liar.url).chunk(ref.digest, ref.length)
     assert info.value.chunk == ref.digest
@@ -456,8 +458,8 @@ class Cancelled(Exception):
 
 
 def test_raising_from_progress_cancels_and_the_pull_resumes(
-        tmp_path: Path, bundle: Bundle, servers, clients) -> None:
-    a = servers(seeded(tmp_path, "a", bundle))
+        tmp_path: Path, two_models: Bundle, servers, clients) -> None:
+    a = servers(seeded(tmp_path, "a", two_models))
     b = trusted_store(tmp_path / "b")
     calls = 0
 
@@ -470,7 +472,7 @@ def test_raising_from_progress_cancels_and_the_pull_resumes(
     with pytest.raises(Cancelled):
         pull(b, [clients(a.url)], ["tiny"], options=FAST, now=NOW, progress=progress)
     assert list_models(b) == []
-    no_bad_chunk_in(b, bundle)
+    no_bad_chunk_in(b, two_models)
     [result] = pull(b, [clients(a.url)], ["tiny"], options=FAST, now=NOW)
-    expect_model(b, bundle)
+    expect_model(b, two_models)
     assert 0 < result.bytes_fetched < result.bytes_total

@@ -30,7 +30,7 @@ BIG = 4 * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def bundle() -> Bundle:
+def tiny_and_big() -> Bundle:
     return make_bundle({
         "tiny": {"model.gguf": model_bytes(11, 12 * CHUNK)},
         "big": {"big.bin": model_bytes(12, 2 * BIG)},
@@ -38,9 +38,9 @@ def bundle() -> Bundle:
 
 
 @pytest.fixture
-def store(tmp_path: Path, bundle: Bundle) -> Path:
+def store(tmp_path: Path, tiny_and_big: Bundle) -> Path:
     s = trusted_store(tmp_path / "a")
-    seed(s, bundle)
+    seed(s, tiny_and_big)
     return s
 
 
@@ -88,7 +88,7 @@ def big_server(tmp_path: Path, big_chunk_bundle: Bundle) -> Iterator[tuple[PeerS
 
 @pytest.mark.slow
 def test_50_concurrent_pullers_and_stalled_readers(big_server, tmp_path: Path, store: Path,
-                                                   bundle: Bundle) -> None:
+                                                   tiny_and_big: Bundle) -> None:
     server, big = big_server
     big_ref = big.manifest.models[0].files[0].chunks[0]
     baseline = open_fds()
@@ -158,8 +158,8 @@ def test_a_stalled_reader_frees_its_slot(big_server) -> None:
             sock.close()
 
 
-def test_rate_limit_caps_the_upload(tmp_path: Path, store: Path, bundle: Bundle) -> None:
-    refs = list(bundle.manifest.models[0].files[0].chunks)
+def test_rate_limit_caps_the_upload(tmp_path: Path, store: Path, tiny_and_big: Bundle) -> None:
+    refs = list(tiny_and_big.manifest.models[0].files[0].chunks)
     nbytes = sum(r.length for r in refs)  # 196 KB
     rate = nbytes / 4  # one second of burst, then three more seconds at the cap
 
@@ -200,7 +200,7 @@ def test_connections_beyond_the_limit_get_busy(store: Path) -> None:
         server.stop()
 
 
-def test_bad_and_unknown_requests(store: Path, bundle: Bundle) -> None:
+def test_bad_and_unknown_requests(store: Path, tiny_and_big: Bundle) -> None:
     server = start_server(store)
     try:
         raw = httpx.get(f"{server.url}/v1/chunks/not-a-digest")
@@ -210,8 +210,8 @@ def test_bad_and_unknown_requests(store: Path, bundle: Bundle) -> None:
             assert c.chunk("0" * 64, 10) is None
             assert c.manifest_bytes("0" * 64) is None
             assert c.have("0" * 64, 1) is None
-            assert c.manifest_bytes(bundle.hash) == bundle.body
-            assert c.signatures(bundle.hash) == bundle.signatures
+            assert c.manifest_bytes(tiny_and_big.hash) == tiny_and_big.body
+            assert c.signatures(tiny_and_big.hash) == tiny_and_big.signatures
             assert c.trust_versions() == [1]
             root = c.trust_root(1)
             assert root is not None
@@ -221,8 +221,8 @@ def test_bad_and_unknown_requests(store: Path, bundle: Bundle) -> None:
         server.stop()
 
 
-def test_a_rotten_chunk_in_the_store_is_not_served(store: Path, bundle: Bundle) -> None:
-    ref = bundle.manifest.models[0].files[0].chunks[3]
+def test_a_rotten_chunk_in_the_store_is_not_served(store: Path, tiny_and_big: Bundle) -> None:
+    ref = tiny_and_big.manifest.models[0].files[0].chunks[3]
     path = layout.published_path(store, "tiny", "1", "model.gguf")
     os.chmod(path, 0o644)
     with open(path, "r+b") as f:
@@ -234,7 +234,7 @@ def test_a_rotten_chunk_in_the_store_is_not_served(store: Path, bundle: Bundle) 
     try:
         with client(server.url) as c:
             assert c.chunk(ref.digest, ref.length) is None
-            other = bundle.manifest.models[0].files[0].chunks[4]
+            other = tiny_and_big.manifest.models[0].files[0].chunks[4]
             assert c.chunk(other.digest, other.length) is not None
     finally:
         server.stop()
