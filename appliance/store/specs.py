@@ -16,8 +16,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-import blake3
-
+from appliance.chunks import check_chunk
+from appliance.errors import IntegrityError
 from appliance.format.fields import format_timestamp
 from appliance.store import layout
 
@@ -115,9 +115,11 @@ def read_local_copy(loc: LocalChunk) -> bytes | None:
         raise
     except OSError:
         return None
-    if len(data) == loc.length and blake3.blake3(data).hexdigest() == loc.digest:
-        return data
-    return None
+    try:
+        check_chunk(data, loc.digest, loc.length)
+    except IntegrityError:
+        return None
+    return data
 
 
 def remove_tree(path: Path) -> None:
