@@ -49,6 +49,7 @@ from appliance.bundle.media import (
     root_file_name,
     volume_name,
 )
+from appliance.bundle.parity import finish_parity, write_parity
 from appliance.bundle.reader import find_volume_dirs
 from appliance.bundle.recipe import Recipe, load_recipe
 from appliance.bundle.sources import ResolvedSource, resolve_source
@@ -74,6 +75,7 @@ from appliance.format.manifest import (
     parse_manifest,
 )
 from appliance.format.merkle import merkle_root
+from appliance.format.parity_field import ParitySection
 from appliance.format.signing import DOMAIN_MANIFEST, Signature, key_id, public_bytes, sign
 from appliance.format.trust import SignedRoot, parse_signed_root
 from appliance.gguf_layout import GgufFacts
@@ -109,6 +111,7 @@ class BuildResult:
     chunk_count: int
     unique_chunk_count: int
     seconds: float
+    parity_volumes: tuple[Path, ...] = ()  # par-NNN, with --parity
 
 
 @dataclass
@@ -260,6 +263,7 @@ def build_bundle(
     workers: int | None = None,
     compression_level: int = COMPRESSION_LEVEL,
     limits: Limits = DEFAULT_LIMITS,
+    parity: int = 0,
 ) -> BuildResult:
     """Build the bundle described by ``recipe_path`` into ``out_dir``, signed by ``keys``.
 
@@ -278,6 +282,8 @@ def build_bundle(
             f"pack size must be between {MAX_CHUNK_BYTES} and {limits.max_pack_bytes} bytes "
             "(FAT32 cannot hold 4 GiB files)"
         )
+    if parity and volume_size is None:
+        raise UsageError("--parity needs --volume-size: parity volumes rebuild split volumes")
     recipe = load_recipe(recipe_path, limits)
     chain = _load_chain([*recipe.trust, *trust_chain], limits)
     _check_keys_against_root(keys, chain)
@@ -302,7 +308,16 @@ def build_bundle(
     try:
         models, counts = _write_packs(recipe, planned, state, pack_size, budget, total,
                                       progress, workers, compression_level)
+        section: ParitySection | None = None
+        parity_dirs: list[Path] = []
+        if parity:
+            parity_staging = out_dir / f"{STAGING_PREFIX}parity-{secrets.token_hex(4)}"
+            parity_staging.mkdir()
+            state.moved.append(parity_staging)  # removed by _cleanup if the build fails
+            section, parity_dirs = write_parity([v.path for v in state.volumes],
+                                                parity_staging, parity)
         manifest = Manifest(
+            parity=section,
             format_version=FORMAT_VERSION, channel=recipe.channel, sequence=recipe.sequence,
             created=moment, expires=moment + timedelta(days=recipe.expires_days),
             models=tuple(models),
@@ -315,6 +330,10 @@ def build_bundle(
         signatures = [sign(k, DOMAIN_MANIFEST, data) for k in keys]
         final = _finish(state, data, signatures, chain, counts["unique"],
                         split=volume_size is not None)
+        parity_final = finish_parity(parity_dirs, out_dir, final, data, signatures, chain,
+                                     state.moved) if parity else []
+        if parity:
+            parity_staging.rmdir()
     except BaseException:
         _cleanup(state)
         raise
@@ -324,7 +343,7 @@ def build_bundle(
         signers=tuple(dict.fromkeys(s.key_id for s in signatures)), total_bytes=total,
         unique_bytes=counts["unique_bytes"], stored_bytes=counts["stored"],
         chunk_count=counts["chunks"], unique_chunk_count=counts["unique"],
-        seconds=time.perf_counter() - started,
+        seconds=time.perf_counter() - started, parity_volumes=tuple(parity_final),
     )
 
 

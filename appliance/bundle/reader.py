@@ -323,9 +323,11 @@ class Media:
         self._ordinals = {c.digest: i for i, c in enumerate(unique)}
         self._where = {}
         for volume in self.volumes:
+            packs: dict[int, Path] = {}  # one Path per pack, not per chunk (memory)
             for e in volume.index.entries:
+                pack = packs.get(e.pack) or packs.setdefault(e.pack, volume.pack_path(e.pack))
                 self._where.setdefault(e.digest, []).append(ChunkLocation(
-                    volume=volume.name, pack=volume.pack_path(e.pack), offset=e.offset,
+                    volume=volume.name, pack=pack, offset=e.offset,
                     stored_length=e.stored_length, compressed=e.compressed))
 
     def holder(self, digest: str) -> str | None:
@@ -429,6 +431,7 @@ class VerifyReport:
     plain_bytes: int  # bytes of chunk content verified
     stored_bytes: int  # bytes read from packs
     seconds: float
+    rebuilt: tuple[str, ...] = ()  # volumes rebuilt from parity (bundle.parity)
 
     @property
     def complete(self) -> bool:

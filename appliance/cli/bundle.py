@@ -11,7 +11,8 @@ from typing import Any
 from rich.console import Console
 
 from appliance.bundle.builder import add_signature, build_bundle
-from appliance.bundle.reader import Media, VerifyReport, open_media, verify_media
+from appliance.bundle.parity import verify_media_with_parity
+from appliance.bundle.reader import Media, VerifyReport, open_media
 from appliance.bundle.recipe import parse_size
 from appliance.cli import bundle_reports, jsonout
 from appliance.cli.jsonout import print_json
@@ -116,6 +117,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                        help="largest pack file (default 2GiB; at most 4GiB-1 for FAT32)")
     build.add_argument("--workers", type=int, metavar="N",
                        help="compression threads (default: one per CPU)")
+    build.add_argument("--parity", type=int, default=0, metavar="K",
+                       help="add K parity volumes par-NNN: any K lost or damaged volumes are "
+                       "rebuilt on import and verify (needs --volume-size)")
     build.add_argument("--json", action="store_true", help="print the result as JSON")
     build.set_defaults(func=run_build)
 
@@ -177,7 +181,7 @@ def run_build(args: argparse.Namespace) -> int:
     with byte_progress("building", enabled=sys.stderr.isatty()) as progress:
         result = build_bundle(args.recipe, keys, args.out, trust_chain=args.trust,
                               volume_size=volume_size, pack_size=pack_size, progress=progress,
-                              workers=args.workers)
+                              workers=args.workers, parity=args.parity)
     if args.json:
         carried = [trust_state.read_root_file(p).root for p in args.trust]
         print_json({
@@ -205,6 +209,8 @@ def run_build(args: argparse.Namespace) -> int:
     )
     console.print(f"  signed by {', '.join(result.signers)}; expires "
                   f"{format_timestamp(m.expires)}")
+    if result.parity_volumes:
+        console.print(f"  parity volumes: {', '.join(p.name for p in result.parity_volumes)}")
     return 0
 
 
@@ -236,8 +242,9 @@ def run_verify(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise UsageError("--workers must be at least 1")
     with byte_progress("verifying", enabled=sys.stderr.isatty()) as progress:
-        report = verify_media(args.media, root, now, progress=progress, workers=args.workers,
-                              allow_expired=args.allow_expired)
+        report = verify_media_with_parity(args.media, root, now, progress=progress,
+                                          workers=args.workers,
+                                          allow_expired=args.allow_expired)
     if args.json:
         print_json(_report_json(report))
     else:
@@ -255,6 +262,8 @@ def run_verify(args: argparse.Namespace) -> int:
         console.print(f"  volumes present: {', '.join(report.volumes_present)}")
         if report.volumes_missing:
             console.print(f"  volumes missing: {', '.join(report.volumes_missing)}")
+        if report.rebuilt:
+            console.print(f"  rebuilt from parity: {', '.join(report.rebuilt)}")
     if report.volumes_missing and not args.allow_partial:
         raise MissingVolumeError(
             f"volumes {', '.join(report.volumes_missing)} were not given; the volumes given "

@@ -10,13 +10,14 @@ from typing import Any
 
 from rich.console import Console
 
+from appliance.bundle.parity import import_media_with_parity
 from appliance.cli import jsonout
 from appliance.cli.jsonout import print_json
 from appliance.cli.options import override_options
 from appliance.cli.store import byte_progress
 from appliance.errors import MissingVolumeError
 from appliance.format.trust import TrustRoot
-from appliance.importer import ImportResult, import_media
+from appliance.importer import ImportResult
 from appliance.store import trust_state
 from appliance.store.layout import human_bytes
 
@@ -99,6 +100,8 @@ def _summary(console: Console, result: ImportResult) -> None:
     )
     if result.expired_override:
         console.print("[yellow]expired bundle accepted by override (audited)[/]")
+    if result.rebuilt:
+        console.print(f"rebuilt from parity: {', '.join(result.rebuilt)}", highlight=False)
 
 
 def result_json(result: ImportResult, roots: list[TrustRoot]) -> dict[str, Any]:
@@ -119,7 +122,7 @@ def result_json(result: ImportResult, roots: list[TrustRoot]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     allow_expired, reason = override_options(args)
     with byte_progress("importing", enabled=not args.json) as progress:
-        result = import_media(
+        result = import_media_with_parity(
             args.store,
             args.media,
             now=datetime.now(UTC),

@@ -36,6 +36,7 @@ from appliance.errors import FormatError, LimitExceededError, UnsafePathError
 from appliance.format import fields, yamlsafe
 from appliance.format.fields import format_timestamp, parse_timestamp
 from appliance.format.merkle import merkle_root
+from appliance.format.parity_field import ParitySection, parity_to_value, parse_parity
 from appliance.limits import DEFAULT_LIMITS, Limits
 
 FORMAT_VERSION = 1
@@ -114,6 +115,7 @@ class Manifest:
     created: datetime
     expires: datetime
     models: tuple[ModelEntry, ...]
+    parity: ParitySection | None = None  # optional: bundles built with --parity
 
     @property
     def total_bytes(self) -> int:
@@ -193,6 +195,7 @@ def manifest_to_value(manifest: Manifest) -> dict[str, Any]:
             }
             for m in manifest.models
         ],
+        **({"parity": parity_to_value(manifest.parity)} if manifest.parity else {}),
     }
 
 
@@ -231,7 +234,7 @@ def parse_manifest(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Manifest:
             f"{FORMAT_VERSION})"
         )
     fields.keys(root, {"format_version", "channel", "sequence", "created", "expires", "models"},
-                set(), "manifest")
+                {"parity"}, "manifest")
     channel = fields.name(root["channel"], "manifest channel", limits.max_name_bytes)
     sequence = fields.sequence_number(root["sequence"], "manifest sequence")
     created = parse_timestamp(root["created"], "manifest created")
@@ -250,6 +253,7 @@ def parse_manifest(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Manifest:
     return Manifest(
         format_version=version, channel=channel, sequence=sequence, created=created,
         expires=expires, models=models,
+        parity=parse_parity(root["parity"]) if "parity" in root else None,
     )
 
 

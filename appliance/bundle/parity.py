@@ -1,0 +1,599 @@
+"""Parity volumes: erasure coding (zfec) over a bundle's data volumes, and rebuilding them.
+
+``bundle build --parity K`` adds K parity volumes ``par-001`` .. ``par-K`` next to the data
+volumes ``vol-001`` .. ``vol-C``. Any K data volumes that are missing or damaged are rebuilt
+from the others during import and verify, into a scratch directory, and then read like any
+volume: every chunk of a rebuilt volume is still checked against the signed manifest.
+
+The code: each data volume's **stream** is its packs concatenated in order (the index is not
+coded: it names the manifest, which is written after the parity, so each parity volume
+carries a copy of every data volume's index instead; a reader checks an index copy against
+the signed manifest like the original). Streams are zero-padded to ``stripes * block_size``;
+stripe j is block j of each of the C streams, coded by zfec (k = C, m = C + K) into K parity
+blocks, one per parity volume. Memory is ``(C + K) * block_size`` whatever the bundle's size.
+The manifest's ``parity`` section (``appliance.format.parity_field``) holds each parity
+file's size and BLAKE3, so the publisher's signature covers the parity volumes: a parity file
+that does not hash to the signed value is refused (``IntegrityError``), after a rebuild that
+used it and before the rebuilt volume is used. The layout is in docs/FORMAT.md, "Parity
+volumes".
+
+Public API:
+
+- ``write_parity(data_dirs, staging, count)`` / ``finish_parity(...)``: the builder's side;
+- ``split_volumes(paths)``: data volume dirs and parity volume dirs among the paths given;
+- ``restore(paths, root, now, scratch, *, rebuild=())``: authenticate, then rebuild the data
+  volumes that are missing (or named in ``rebuild``) into ``scratch``;
+- ``import_media_with_parity`` / ``verify_media_with_parity``: drop-in for
+  ``importer.import_media`` / ``reader.verify_media`` that rebuild when a volume is missing
+  or a chunk read from one fails its check, and say which volumes were rebuilt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import blake3
+import zfec
+
+from appliance import fsutil
+from appliance.authenticate import AuthenticatedBundle, authenticate_manifest
+from appliance.bundle.media import (
+    INDEX_NAME,
+    MANIFEST_NAME,
+    PACKS_DIR,
+    SIGNATURE_SUFFIX,
+    SIGNATURES_DIR,
+    TRUST_DIR,
+    pack_name,
+    parse_index_head,
+    root_file_name,
+    volume_name,
+)
+from appliance.bundle.reader import (
+    VerifyReport,
+    _read_chain,
+    _read_signatures,
+    open_volume,
+    verify_media,
+)
+from appliance.errors import (
+    FormatError,
+    IntegrityError,
+    MediaError,
+    MissingVolumeError,
+    TruncatedError,
+    UsageError,
+)
+from appliance.format.parity_field import (
+    MAX_SHARES,
+    PARITY_SCHEME,
+    ParitySection,
+    ParityVolume,
+)
+from appliance.format.signing import Signature
+from appliance.format.trust import SignedRoot, TrustRoot
+from appliance.importer import ImportResult, import_media
+from appliance.limits import DEFAULT_LIMITS, Limits, MiB
+from appliance.store import trust_state
+
+PARITY_NAME = "parity.bin"
+INDEXES_DIR = "indexes"
+BLOCK_BYTES = 1 * MiB
+PARITY_MAGIC = b"APPLPAR\x00"
+PARITY_VERSION = 1
+# magic, version, share, k (data volumes), m (all shares), block size, stripes
+_HEADER = struct.Struct("<8sIIIIQQ")
+_U64 = struct.Struct("<Q")
+
+
+def parity_volume_name(number: int) -> str:
+    """``par-001`` ...: not ``vol-NNN``, so readers that know no parity never open one."""
+    return f"par-{number:03d}"
+
+
+def is_parity_volume(path: Path) -> bool:
+    return os.path.lexists(path / PARITY_NAME) and os.path.lexists(path / MANIFEST_NAME)
+
+
+@dataclass(frozen=True)
+class ParityHeader:
+    share: int
+    data_volumes: int
+    total_shares: int
+    block_size: int
+    stripes: int
+    stream_lengths: tuple[int, ...]  # of each data volume, 1..k
+
+    @property
+    def size(self) -> int:
+        return _HEADER.size + _U64.size * self.data_volumes
+
+    def encode(self) -> bytes:
+        return _HEADER.pack(PARITY_MAGIC, PARITY_VERSION, self.share, self.data_volumes,
+                            self.total_shares, self.block_size, self.stripes) + b"".join(
+            _U64.pack(n) for n in self.stream_lengths)
+
+
+def parse_parity_header(data: bytes, where: str) -> ParityHeader:
+    if len(data) < _HEADER.size:
+        raise FormatError(f"{where}: parity header is cut short")
+    magic, version, share, k, m, block, stripes = _HEADER.unpack_from(data)
+    if magic != PARITY_MAGIC or version != PARITY_VERSION:
+        raise FormatError(f"{where}: not an appliance parity file (version {version})")
+    if not 1 <= k < m <= MAX_SHARES or not k <= share < m or block < 1:
+        raise FormatError(f"{where}: parity header out of range (k={k}, m={m}, share={share})")
+    if len(data) < _HEADER.size + _U64.size * k:
+        raise FormatError(f"{where}: parity header is cut short")
+    lengths = tuple(_U64.unpack_from(data, _HEADER.size + _U64.size * i)[0] for i in range(k))
+    if any(n > block * stripes for n in lengths):
+        raise FormatError(f"{where}: a stream is longer than the stripes hold")
+    return ParityHeader(share, k, m, block, stripes, lengths)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streams: a data volume's packs read (or written) as one byte sequence
+
+
+def _pack_files(volume_dir: Path) -> list[Path]:
+    packs = volume_dir / PACKS_DIR
+    return sorted(p for p in packs.iterdir() if p.name.startswith("pack-")) if packs.is_dir() \
+        else []
+
+
+class _StreamReader:
+    """Block after block of the packs given, in order; zeros after the end."""
+
+    def __init__(self, packs: Sequence[tuple[Path, int]], volume: str) -> None:
+        self.packs = list(packs)
+        self.volume = volume
+        self._file: BinaryIO | None = None
+        self._left = 0
+
+    def read(self, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            if self._left == 0:
+                if self._file is not None:
+                    self._file.close()
+                    self._file = None
+                if not self.packs:
+                    out += bytes(n - len(out))
+                    break
+                path, self._left = self.packs.pop(0)
+                try:
+                    self._file = path.open("rb")
+                except FileNotFoundError as e:
+                    raise TruncatedError(f"{path.name} is missing", volume=self.volume) from e
+                except OSError as e:
+                    raise MediaError(f"cannot read {path}: {e}") from e
+                continue
+            assert self._file is not None
+            try:
+                data = self._file.read(min(n - len(out), self._left))
+            except OSError as e:
+                raise MediaError(f"{self.volume}: cannot read {self._file.name}: {e}") from e
+            if not data:
+                raise TruncatedError(f"{Path(self._file.name).name} ends early",
+                                     volume=self.volume)
+            out += data
+            self._left -= len(data)
+        return bytes(out)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+class _StreamWriter:
+    """Writes a rebuilt stream back into pack files of the sizes the index gives."""
+
+    def __init__(self, volume_dir: Path, pack_sizes: Sequence[int]) -> None:
+        (volume_dir / PACKS_DIR).mkdir(parents=True)
+        self.packs = [(volume_dir / PACKS_DIR / pack_name(i), size)
+                      for i, size in enumerate(pack_sizes, start=1)]
+        self._file: BinaryIO | None = None
+        self._left = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            if self._left == 0:
+                self._close()
+                if not self.packs:
+                    return  # the padding after the stream's end
+                path, self._left = self.packs.pop(0)
+                self._file = path.open("xb")
+            assert self._file is not None
+            n = min(len(view), self._left)
+            self._file.write(view[:n])
+            self._left -= n
+            view = view[n:]
+
+    def _close(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+    def close(self) -> None:
+        self._close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+
+
+def write_parity(data_dirs: Sequence[Path], staging: Path, count: int, *,
+                 block_size: int = BLOCK_BYTES) -> tuple[ParitySection, list[Path]]:
+    """Code the packs of ``data_dirs`` (volume 1..k, in order) into ``count`` parity files in
+    ``staging/par-NNN/``; returns the manifest section and the parity volume dirs."""
+    k = len(data_dirs)
+    if count < 1 or k + count > MAX_SHARES:
+        raise UsageError(f"--parity must be 1 to {MAX_SHARES - k} for {k} data volume(s)")
+    packs = [[(p, p.stat().st_size) for p in _pack_files(d)] for d in data_dirs]
+    lengths = tuple(sum(size for _, size in v) for v in packs)
+    stripes = max(1, -(-max(lengths) // block_size))
+    m = k + count
+    headers = [ParityHeader(k + i, k, m, block_size, stripes, lengths) for i in range(count)]
+    dirs = [staging / parity_volume_name(i + 1) for i in range(count)]
+    readers = [_StreamReader(p, volume_name(n)) for n, p in enumerate(packs, start=1)]
+    hashes = [blake3.blake3() for _ in range(count)]
+    files: list[BinaryIO] = []
+    try:
+        for path, header in zip(dirs, headers, strict=True):
+            path.mkdir()
+            files.append((path / PARITY_NAME).open("xb"))
+            files[-1].write(header.encode())
+        for h, header in zip(hashes, headers, strict=True):
+            h.update(header.encode())
+        encoder = zfec.Encoder(k, m)
+        wanted = tuple(range(k, m))
+        for _ in range(stripes):
+            blocks = tuple(r.read(block_size) for r in readers)
+            for out, h, block in zip(files, hashes, encoder.encode(blocks, wanted),
+                                     strict=True):
+                out.write(block)
+                h.update(block)
+        for out in files:
+            out.flush()
+            os.fsync(out.fileno())
+    finally:
+        for out in files:
+            out.close()
+        for r in readers:
+            r.close()
+    volumes = tuple(ParityVolume(h.share, h.size + stripes * block_size, d.hexdigest())
+                    for h, d in zip(headers, hashes, strict=True))
+    return ParitySection(PARITY_SCHEME, block_size, k, stripes, volumes), dirs
+
+
+def finish_parity(parity_dirs: Sequence[Path], out_dir: Path, data_volumes: Sequence[Path],
+                  manifest: bytes, signatures: Sequence[Signature],
+                  chain: Sequence[tuple[SignedRoot, bytes]], moved: list[Path]) -> list[Path]:
+    """Index copies and trust chain into each parity volume, move it into ``out_dir``, then
+    its signatures and, last, its manifest (as the builder does for data volumes)."""
+    finals = []
+    for staged in parity_dirs:
+        (staged / INDEXES_DIR).mkdir()
+        for number, volume in enumerate(data_volumes, start=1):
+            shutil.copyfile(volume / INDEX_NAME,
+                            staged / INDEXES_DIR / f"{volume_name(number)}.bin")
+        (staged / TRUST_DIR).mkdir()
+        for signed, raw in chain:
+            fsutil.write_atomic(staged / TRUST_DIR / root_file_name(signed.root.version), raw,
+                                sync_dir=False)
+        (staged / SIGNATURES_DIR).mkdir()
+        target = out_dir / staged.name
+        os.rename(staged, target)
+        moved.append(target)
+        finals.append(target)
+    fsutil.fsync_dir(out_dir, strict=False)
+    for target in finals:
+        for sig in signatures:
+            fsutil.write_atomic(target / SIGNATURES_DIR / f"{sig.key_id}{SIGNATURE_SUFFIX}",
+                                sig.to_bytes(), sync_dir=False)
+        fsutil.write_atomic(target / MANIFEST_NAME, manifest, sync_dir=False)
+    return finals
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading: which volumes are there, and rebuilding the ones that are not
+
+
+def split_volumes(paths: Sequence[Path]) -> tuple[list[Path], list[Path]]:
+    """(data volume dirs, parity volume dirs) among ``paths`` (volumes or media dirs)."""
+    data: list[Path] = []
+    parity: list[Path] = []
+    for path in paths:
+        if not path.is_dir():
+            raise UsageError(f"{path} is not a directory" if path.exists()
+                             else f"{path} does not exist")
+        if is_parity_volume(path):
+            parity.append(path)
+        elif os.path.lexists(path / MANIFEST_NAME):
+            data.append(path)
+        else:
+            data += sorted(p for p in path.glob("vol-*")
+                           if p.is_dir() and os.path.lexists(p / MANIFEST_NAME))
+            parity += sorted(p for p in path.glob("par-*") if p.is_dir() and is_parity_volume(p))
+            if not data and not parity:
+                raise MediaError(f"{path} holds no bundle: no {MANIFEST_NAME} in it or in any "
+                                 "vol-NNN folder")
+    return data, parity
+
+
+@dataclass(frozen=True)
+class Restored:
+    """The data volume dirs to read (rebuilt ones in scratch) and what was rebuilt."""
+
+    dirs: tuple[Path, ...]
+    rebuilt: tuple[str, ...]
+    bundle: AuthenticatedBundle | None  # None when no parity volume was given
+    parity_dirs: tuple[Path, ...]
+
+
+def _authenticate(dirs: Sequence[Path], root: TrustRoot, now: datetime, allow_expired: bool,
+                  limits: Limits) -> AuthenticatedBundle:
+    manifests = {fsutil.read_capped(d / MANIFEST_NAME, limits.max_manifest_bytes,
+                                    f"manifest of {d}") for d in dirs}
+    if len(manifests) != 1:
+        raise FormatError("the volumes given carry different manifests")
+    data = manifests.pop()
+    signatures: dict[Signature, None] = {}
+    chain: dict[int, SignedRoot] = {}
+    for d in dirs:
+        signatures.update(dict.fromkeys(_read_signatures(d, limits)))
+        for signed in _read_chain(d, limits):
+            if chain.setdefault(signed.root.version, signed).body != signed.body:
+                raise FormatError(f"volumes carry two different trust roots v{signed.root.version}")
+    return authenticate_manifest(data, tuple(signatures), [chain[v] for v in sorted(chain)],
+                                 root, now, allow_expired=allow_expired, limits=limits)
+
+
+def _parity_header(path: Path, section: ParitySection) -> ParityHeader:
+    where = f"parity volume {path}"
+    fd = fsutil.open_regular(path / PARITY_NAME, where)
+    try:
+        size = os.fstat(fd).st_size
+        head = fsutil.pread_exact(fd, min(size, _HEADER.size + _U64.size * MAX_SHARES), 0)
+    finally:
+        os.close(fd)
+    header = parse_parity_header(head, where)
+    if (header.data_volumes, header.block_size, header.stripes, header.total_shares) != (
+            section.data_volumes, section.block_size, section.stripes, section.total_shares):
+        raise FormatError(f"{where}: its header disagrees with the signed manifest")
+    signed = section.volumes[header.share - section.data_volumes]
+    if size != signed.size:
+        raise IntegrityError(f"{PARITY_NAME} is {size} bytes, the manifest says {signed.size}",
+                             volume=path.name)
+    return header
+
+
+def _data_volumes(dirs: Sequence[Path], limits: Limits) -> dict[int, tuple[Path, tuple[int, ...]]]:
+    """Readable data volumes by number, with their pack sizes. A volume whose index cannot be
+    read counts as missing: its number is unknown, and parity rebuilds it like a lost one."""
+    found: dict[int, tuple[Path, tuple[int, ...]]] = {}
+    for d in dirs:
+        try:
+            _, volume = open_volume(d, limits)
+        except (FormatError, MediaError, IntegrityError):
+            continue
+        found.setdefault(volume.index.volume, (d, volume.index.pack_sizes))
+    return found
+
+
+def restore(paths: Sequence[Path], root: TrustRoot, now: datetime, scratch: Path, *,
+            rebuild: Sequence[str] = (), allow_expired: bool = False,
+            limits: Limits = DEFAULT_LIMITS) -> Restored:
+    """Authenticate the bundle, then rebuild into ``scratch`` every data volume that is
+    missing or named in ``rebuild`` (``MissingVolumeError`` when too few volumes remain)."""
+    data_dirs, parity_dirs = split_volumes(paths)
+    if not parity_dirs:
+        return Restored(tuple(data_dirs), (), None, ())
+    bundle = _authenticate([*data_dirs, *parity_dirs], root, now, allow_expired, limits)
+    section = bundle.manifest.parity
+    if section is None:
+        raise FormatError("parity volumes were given, but the signed manifest has no parity")
+    k = section.data_volumes
+    present = _data_volumes(data_dirs, limits)
+    wanted = sorted({n for n in range(1, k + 1) if n not in present}
+                    | {int(name.removeprefix("vol-")) for name in rebuild})
+    keep = [present[n][0] for n in sorted(present) if n not in wanted]
+    if not wanted:
+        return Restored(tuple(keep), (), bundle, tuple(parity_dirs))
+    shares: dict[int, Path] = {}
+    for path in parity_dirs:
+        shares.setdefault(_parity_header(path, section).share, path)
+    usable = [n for n in sorted(present) if n not in wanted]
+    if len(usable) + len(shares) < k:
+        raise MissingVolumeError(
+            f"{', '.join(volume_name(n) for n in wanted)} cannot be rebuilt: "
+            f"{k - len(usable) - len(shares)} more volume(s) of this bundle are needed")
+    rebuilt = _rebuild(bundle, section, {n: present[n] for n in usable}, shares, wanted,
+                       scratch, limits)
+    dirs = sorted([*keep, *rebuilt], key=lambda p: p.name)
+    return Restored(tuple(dirs), tuple(volume_name(n) for n in wanted), bundle,
+                    tuple(parity_dirs))
+
+
+def _read_index_copy(parity: Path, number: int, bundle: AuthenticatedBundle,
+                     limits: Limits) -> tuple[bytes, tuple[int, ...]]:
+    where = f"index copy of {volume_name(number)} on {parity.name}"
+    data = fsutil.read_capped(parity / INDEXES_DIR / f"{volume_name(number)}.bin",
+                              limits.max_volume_index_bytes, where)
+    head = parse_index_head(data, len(data), limits, where=where)
+    if head.volume != number or head.manifest_hash.hex() != bundle.manifest_hash:
+        raise FormatError(f"{where} belongs to another volume or manifest")
+    return data, head.pack_sizes
+
+
+def _rebuild(bundle: AuthenticatedBundle, section: ParitySection,
+             usable: dict[int, tuple[Path, tuple[int, ...]]], shares: dict[int, Path],
+             wanted: Sequence[int], scratch: Path, limits: Limits) -> list[Path]:
+    k, block = section.data_volumes, section.block_size
+    chosen_data = sorted(usable)[:k]
+    chosen_parity = sorted(shares)[:k - len(chosen_data)]
+    any_parity = shares[chosen_parity[0]] if chosen_parity else next(iter(shares.values()))
+    targets: dict[int, tuple[Path, _StreamWriter, int]] = {}
+    readers: list[_StreamReader] = []
+    parity_files: list[tuple[BinaryIO, Any, ParityVolume, str]] = []
+    try:
+        for n in wanted:
+            index, pack_sizes = _read_index_copy(any_parity, n, bundle, limits)
+            target = scratch / volume_name(n)
+            if target.exists():
+                shutil.rmtree(target)
+            target.mkdir(parents=True)
+            fsutil.write_atomic(target / INDEX_NAME, index, sync_dir=False)
+            (target / SIGNATURES_DIR).mkdir()
+            for sig in bundle.signatures:
+                (target / SIGNATURES_DIR / f"{sig.key_id}{SIGNATURE_SUFFIX}").write_bytes(
+                    sig.to_bytes())
+            (target / TRUST_DIR).mkdir()
+            for signed in bundle.chain:
+                (target / TRUST_DIR / root_file_name(signed.root.version)).write_bytes(
+                    signed.to_bytes())
+            targets[n] = (target, _StreamWriter(target, pack_sizes), sum(pack_sizes))
+        for n in chosen_data:
+            path, sizes = usable[n]
+            readers.append(_StreamReader(
+                [(path / PACKS_DIR / pack_name(i), s) for i, s in enumerate(sizes, start=1)],
+                volume_name(n)))
+        for share in chosen_parity:
+            path = shares[share]
+            handle: BinaryIO = (path / PARITY_NAME).open("rb")
+            parity_files.append((handle, blake3.blake3(handle.read(_HEADER.size + _U64.size * k)),
+                                 section.volumes[share - k], path.name))
+        decoder = zfec.Decoder(k, section.total_shares)
+        numbers = tuple([n - 1 for n in chosen_data] + chosen_parity)
+        for _ in range(section.stripes):
+            blocks = [r.read(block) for r in readers]
+            for handle, h, _, name in parity_files:
+                data = handle.read(block)
+                if len(data) != block:
+                    raise TruncatedError(f"{PARITY_NAME} ends early", volume=name)
+                h.update(data)
+                blocks.append(data)
+            primary = decoder.decode(tuple(blocks), numbers)
+            for n, (_, writer, _) in targets.items():
+                writer.write(primary[n - 1])
+        for _, h, expected, name in parity_files:
+            if h.hexdigest() != expected.blake3:
+                raise IntegrityError(f"{PARITY_NAME} does not match the signed manifest",
+                                     volume=name)
+        for target, writer, _ in targets.values():
+            writer.close()
+            # The manifest goes last, as on real media: a half-rebuilt volume is no volume.
+            fsutil.write_atomic(target / MANIFEST_NAME, bundle.manifest_bytes, sync_dir=False)
+    except BaseException:
+        for target, writer, _ in targets.values():
+            writer.close()
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    finally:
+        for r in readers:
+            r.close()
+        for handle, *_ in parity_files:
+            handle.close()
+    return [t for t, _, _ in targets.values()]
+
+
+def check_parity_volumes(parity_dirs: Sequence[Path], section: ParitySection,
+                         data_dirs: Sequence[Path], limits: Limits = DEFAULT_LIMITS) -> int:
+    """Every byte of each parity volume against the signed manifest, and its index copies
+    against the data volumes given. Returns the bytes read."""
+    read = 0
+    indexes = {}
+    for d in data_dirs:
+        data = fsutil.read_capped(d / INDEX_NAME, limits.max_volume_index_bytes, f"index of {d}")
+        indexes[parse_index_head(data, len(data), limits).volume] = data
+    for path in parity_dirs:
+        header = _parity_header(path, section)
+        signed = section.volumes[header.share - section.data_volumes]
+        h = blake3.blake3()
+        with (path / PARITY_NAME).open("rb") as f:
+            while data := f.read(BLOCK_BYTES):
+                h.update(data)
+                read += len(data)
+        if h.hexdigest() != signed.blake3:
+            raise IntegrityError(f"{PARITY_NAME} does not match the signed manifest",
+                                 volume=path.name)
+        for number, index in indexes.items():
+            copy = path / INDEXES_DIR / f"{volume_name(number)}.bin"
+            if fsutil.read_capped(copy, limits.max_volume_index_bytes, str(copy)) != index:
+                raise FormatError(f"{path.name}: its copy of the {volume_name(number)} index "
+                                  "differs from the volume's own")
+    return read
+
+
+# ---------------------------------------------------------------------------------------------
+# Import and verify that rebuild
+
+
+def _with_rebuilds(paths: Sequence[Path], root: TrustRoot, now: datetime, scratch: Path,
+                   allow_expired: bool, limits: Limits,
+                   attempt: Callable[[Restored], Any]) -> tuple[Any, Restored]:
+    """Run ``attempt`` on the restored volumes; when a chunk of a data volume fails its check,
+    rebuild that volume from parity and run again (at most once per volume)."""
+    damaged: list[str] = []
+    while True:
+        restored = restore(paths, root, now, scratch, rebuild=damaged,
+                           allow_expired=allow_expired, limits=limits)
+        try:
+            return attempt(restored), restored
+        except IntegrityError as e:
+            section = restored.bundle.manifest.parity if restored.bundle else None
+            if (section is None or e.volume is None or not e.volume.startswith("vol-")
+                    or e.volume in restored.rebuilt or e.volume in damaged
+                    or len(damaged) >= len(section.volumes)):
+                raise
+            damaged.append(e.volume)
+
+
+def import_media_with_parity(store_dir: Path, volume_dirs: Sequence[Path], *, now: datetime,
+                             **kwargs: Any) -> ImportResult:
+    """``import_media`` that rebuilds missing or damaged volumes from parity volumes given
+    (scratch space on the store's filesystem, removed afterwards)."""
+    _, parity_dirs = split_volumes(volume_dirs)
+    if not parity_dirs:
+        return import_media(store_dir, volume_dirs, now=now, **kwargs)
+    root = trust_state.require_root(store_dir)
+    limits = kwargs.get("limits", DEFAULT_LIMITS)
+    with tempfile.TemporaryDirectory(prefix=".parity-rebuild-", dir=store_dir) as scratch:
+        result, restored = _with_rebuilds(
+            volume_dirs, root, now, Path(scratch), kwargs.get("allow_expired", False), limits,
+            lambda r: import_media(store_dir, list(r.dirs), now=now, **kwargs))
+    return dataclasses.replace(result, rebuilt=restored.rebuilt)
+
+
+def verify_media_with_parity(volume_dirs: Sequence[Path], trusted_root: TrustRoot,
+                             now: datetime, **kwargs: Any) -> VerifyReport:
+    """``verify_media`` over the data volumes (rebuilt from parity where missing or damaged,
+    in a temporary directory) plus every byte of the parity volumes given."""
+    _, parity_dirs = split_volumes(volume_dirs)
+    if not parity_dirs:
+        return verify_media(volume_dirs, trusted_root, now, **kwargs)
+    limits = kwargs.get("limits", DEFAULT_LIMITS)
+
+    def attempt(restored: Restored) -> VerifyReport:
+        report = verify_media(list(restored.dirs), trusted_root, now, **kwargs)
+        section = report.bundle.manifest.parity
+        assert section is not None  # restore() refused parity volumes without a section
+        extra = check_parity_volumes(restored.parity_dirs, section, restored.dirs, limits)
+        return dataclasses.replace(report, stored_bytes=report.stored_bytes + extra)
+
+    with tempfile.TemporaryDirectory(prefix="appliance-parity-") as scratch:
+        report, restored = _with_rebuilds(volume_dirs, trusted_root, now, Path(scratch),
+                                          kwargs.get("allow_expired", False), limits, attempt)
+    return dataclasses.replace(report, rebuilt=restored.rebuilt)
+
