@@ -4,8 +4,15 @@
 - ``many_tensor_gguf``: a non-runnable GGUF with 200 tensors of mixed types, ~40 MB.
 - ``gemma_gguf``: the real gemma-3-270m Q4_K_M file (253 MB), assembled once per machine
   into ``~/.cache/appliance-test/``; the test is skipped when the model package is absent.
+- ``two_signer_media``: a bundle on media (per test, in ``tmp_path``) holding acme/tiny: the
+  tiny GGUF and a text file, signed by publishers p1 and p2, carrying ``make_root()``.
 
 Treat the session files as read-only: copy one to tmp_path before editing it.
+
+Every bundle on media is made by ``bundle_helpers.build`` (the real builder, deterministic
+keys); a signed manifest without media, to seed stores and peers, by
+``peer_helpers.make_bundle``; a store that trusts the test root by
+``trust_helpers.trusted_store``.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from bundle_helpers import build, make_sources, write_recipe
 from gguf_fixtures import write_many_tensor_gguf, write_tiny_llama
 
 from appliance.errors import UsageError
@@ -43,3 +51,11 @@ def gemma_gguf() -> Path:
         return default_model_path(GEMMA_CACHE)
     except UsageError as e:
         pytest.skip(f"real default model unavailable: {e}")
+
+
+@pytest.fixture()
+def two_signer_media(tmp_path: Path, tiny_gguf: Path) -> Path:
+    make_sources(tmp_path, tiny_gguf, random_mib=1)
+    recipe = write_recipe(tmp_path, files=("tiny.gguf", "notes.txt"))
+    build(tmp_path, keys=("p1", "p2"), recipe=recipe)
+    return tmp_path / "media"

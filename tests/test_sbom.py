@@ -23,17 +23,9 @@ def _validate(text: str) -> None:
     assert errors is None, errors
 
 
-@pytest.fixture()
-def media(tmp_path: Path, tiny_gguf: Path) -> Path:
-    make_sources(tmp_path, tiny_gguf, random_mib=1)
-    recipe = write_recipe(tmp_path, files=("tiny.gguf", "notes.txt"))
-    build(tmp_path, keys=("p1", "p2"), recipe=recipe)
-    return tmp_path / "media"
-
-
-def test_bom_is_valid_cyclonedx_with_models_files_and_signers(media: Path,
+def test_bom_is_valid_cyclonedx_with_models_files_and_signers(two_signer_media: Path,
                                                               tmp_path: Path) -> None:
-    opened = open_media([media])
+    opened = open_media([two_signer_media])
     manifest = opened.parse_unverified()
     text = bundle_sbom(opened, manifest, verified=False)
     _validate(text)
@@ -63,7 +55,7 @@ def test_bom_is_valid_cyclonedx_with_models_files_and_signers(media: Path,
     assert ("appliance:manifest-blake3", opened.manifest_hash) in bundle_props
     assert ("appliance:signer", f"{kid('p1')} p1") in bundle_props
     # Deterministic: the same manifest gives the same BOM on any host.
-    assert bundle_sbom(open_media([media]), manifest, verified=False) == text
+    assert bundle_sbom(open_media([two_signer_media]), manifest, verified=False) == text
 
 
 def test_licence_that_is_no_spdx_id_is_a_named_licence(tmp_path: Path) -> None:
@@ -78,27 +70,28 @@ def test_licence_that_is_no_spdx_id_is_a_named_licence(tmp_path: Path) -> None:
     assert model["licenses"] == [{"license": {"name": "gemma"}}]
 
 
-def test_cli_sbom_and_inspect_sbom(media: Path, tmp_path: Path,
+def test_cli_sbom_and_inspect_sbom(two_signer_media: Path, tmp_path: Path,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     root = root_file(tmp_path)
     out = tmp_path / "bom.json"
-    assert main(["bundle", "sbom", str(media), "--trust", str(root), "-o", str(out)]) == EXIT_OK
+    assert main(["bundle", "sbom", str(two_signer_media), "--trust", str(root),
+                 "-o", str(out)]) == EXIT_OK
     text = out.read_text()
     _validate(text)
     props = json.loads(text)["metadata"]["component"]["properties"]
     assert {"name": "appliance:verified", "value": "true"} in props
     capsys.readouterr()
-    assert main(["bundle", "inspect", str(media), "--sbom"]) == EXIT_OK
+    assert main(["bundle", "inspect", str(two_signer_media), "--sbom"]) == EXIT_OK
     printed = capsys.readouterr().out
     _validate(printed)
     assert json.loads(printed)["components"][0]["name"] == "acme/tiny"
 
 
-def test_cli_sbom_refuses_a_tampered_manifest_when_verifying(media: Path, tmp_path: Path,
+def test_cli_sbom_refuses_a_tampered_manifest_when_verifying(two_signer_media: Path, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]
                                                              ) -> None:
-    manifest = media / "manifest.yaml"
+    manifest = two_signer_media / "manifest.yaml"
     manifest.write_bytes(manifest.read_bytes().replace(b"apache-2.0", b"apache-2.1"))
-    code = main(["bundle", "sbom", str(media), "--trust", str(root_file(tmp_path))])
+    code = main(["bundle", "sbom", str(two_signer_media), "--trust", str(root_file(tmp_path))])
     assert code == EXIT_REFUSED
     assert "bomFormat" not in capsys.readouterr().out

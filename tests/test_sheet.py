@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-from bundle_helpers import build, make_sources, root_file, write_recipe
+from bundle_helpers import root_file
 from trust_helpers import kid, private
 
 from appliance.bundle.reader import open_media
@@ -15,16 +14,8 @@ from appliance.errors import EXIT_OK
 from appliance.format.signing import fingerprint_words, public_bytes
 
 
-@pytest.fixture()
-def media(tmp_path: Path, tiny_gguf: Path) -> Path:
-    make_sources(tmp_path, tiny_gguf, random_mib=1)
-    recipe = write_recipe(tmp_path, files=("tiny.gguf", "notes.txt"))
-    build(tmp_path, keys=("p1", "p2"), recipe=recipe)
-    return tmp_path / "media"
-
-
-def test_sheet_names_models_signers_and_manifest_words(media: Path) -> None:
-    opened = open_media([media])
+def test_sheet_names_models_signers_and_manifest_words(two_signer_media: Path) -> None:
+    opened = open_media([two_signer_media])
     manifest = opened.parse_unverified()
     text = approval_sheet(opened, manifest, verified=False)
     assert text.startswith("# Approval sheet: bundle site-models #1\n")
@@ -43,21 +34,22 @@ def test_sheet_names_models_signers_and_manifest_words(media: Path) -> None:
     assert len(text.splitlines()) < 60  # one page
 
 
-def test_sheet_cli_markdown_and_html(media: Path, tmp_path: Path) -> None:
+def test_sheet_cli_markdown_and_html(two_signer_media: Path, tmp_path: Path) -> None:
     root = root_file(tmp_path)
     out = tmp_path / "sheet.md"
-    assert main(["bundle", "sheet", str(media), "--trust", str(root), "-o", str(out)]) == EXIT_OK
+    assert main(["bundle", "sheet", str(two_signer_media), "--trust", str(root),
+                 "-o", str(out)]) == EXIT_OK
     text = out.read_text()
     assert "Signatures **verified**" in text and "UNVERIFIED" not in text
     page = tmp_path / "sheet.html"
-    assert main(["bundle", "sheet", str(media), "--html", "-o", str(page)]) == EXIT_OK
+    assert main(["bundle", "sheet", str(two_signer_media), "--html", "-o", str(page)]) == EXIT_OK
     html = page.read_text()
     assert html.startswith("<!DOCTYPE html>") and "<table>" in html
     assert f"<code>{kid('p1')}</code>" in html
 
 
-def test_table_cells_cannot_be_split_by_a_pipe(media: Path) -> None:
-    opened = open_media([media])
+def test_table_cells_cannot_be_split_by_a_pipe(two_signer_media: Path) -> None:
+    opened = open_media([two_signer_media])
     manifest = opened.parse_unverified()
     odd = manifest.models[0].__class__(**{**manifest.models[0].__dict__,
                                           "license": "MIT | evil"})
