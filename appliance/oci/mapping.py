@@ -31,7 +31,7 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_EMPTY = "application/vnd.oci.empty.v1+json"
 EMPTY_JSON = b"{}"
 
-# CNCF ModelPack model-spec v1 (docs/spec.md, docs/config.md of modelpack/model-spec).
+# CNCF ModelPack model-spec v1 (github.com/modelpack/model-spec: the spec and config pages).
 MODEL_ARTIFACT = "application/vnd.cncf.model.manifest.v1+json"
 MODEL_CONFIG = "application/vnd.cncf.model.config.v1+json"
 WEIGHT_RAW = "application/vnd.cncf.model.weight.v1.raw"
