@@ -11,18 +11,28 @@ the binaries are missing.
 
 from __future__ import annotations
 
+import base64
+import json
+import secrets
 import shutil
 import socket
+import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlparse
 
 import httpx
 import pytest
 from bundle_helpers import NOW, build, make_sources, write_recipe
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from trust_helpers import make_root
 
 from appliance.format.trust import SignedRoot
@@ -64,7 +74,9 @@ class RunningRegistry:
             self.process.wait()
 
 
-def start_registry(base: Path, *, auth_yaml: str = "") -> RunningRegistry:
+def start_registry(base: Path, *, auth_yaml: str = "",
+                   tls: tuple[Path, Path, Path] | None = None) -> RunningRegistry:
+    """``tls``: (certificate, key, CA file the probe verifies against)."""
     assert REGISTRY_BIN is not None
     base.mkdir(parents=True, exist_ok=True)
     storage = base / "storage"
@@ -77,6 +89,7 @@ def start_registry(base: Path, *, auth_yaml: str = "") -> RunningRegistry:
         "  delete:\n    enabled: true\n"
         "  cache:\n    blobdescriptor: inmemory\n"
         f"http:\n  addr: 127.0.0.1:{port}\n  secret: test-secret\n"
+        + (f"  tls:\n    certificate: {tls[0]}\n    key: {tls[1]}\n" if tls else "")
         + auth_yaml
     )
     log = (base / "registry.log").open("wb")
@@ -86,7 +99,9 @@ def start_registry(base: Path, *, auth_yaml: str = "") -> RunningRegistry:
     deadline = time.monotonic() + 10
     while True:
         try:
-            status = httpx.get(f"http://{host}/v2/", timeout=1).status_code
+            status = httpx.get(f"{'https' if tls else 'http'}://{host}/v2/", timeout=1,
+                               verify=ssl.create_default_context(cafile=str(tls[2]))
+                               if tls else True).status_code
             if status in (200, 401):
                 break
         except httpx.HTTPError:
@@ -159,3 +174,75 @@ def run_pull_child(store: str, host: str, tag: str, landed: Any) -> None:
 
     with Registry(parse_reference(f"{host}/acme/tiny:{tag}"), plain_http=True) as registry:
         pull(Path(store), registry, tag, now=NOW, progress=progress, flush_bytes=1, workers=1)
+
+
+# -- a token server Distribution trusts (the bearer flow end to end) --------------------------
+
+
+@dataclass
+class TokenServer:
+    """``GET /token``: basic credentials in, an ES256 JWT the registry verifies out."""
+
+    url: str
+    server: ThreadingHTTPServer
+    issued: list[str]  # scopes a token was issued for
+
+    def registry_yaml(self, ca_cert: Path) -> str:
+        return ("auth:\n  token:\n"
+                f"    realm: {self.url}\n    service: test-registry\n"
+                f"    issuer: test-issuer\n    rootcertbundle: {ca_cert}\n")
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def start_token_server(ca_dir: Path, username: str, password: str) -> TokenServer:
+    """Signs with the site CA's key, the CA certificate in ``x5c`` (Distribution checks the
+    chain against its ``rootcertbundle``)."""
+    from appliance.peer import tls
+
+    ca_cert, ca_key = tls.load_ca(ca_dir)
+    x5c = [base64.b64encode(ca_cert.public_bytes(serialization.Encoding.DER)).decode()]
+    expected = "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+    issued: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            if self.headers.get("Authorization") != expected:
+                self.send_response(401)
+                self.end_headers()
+                return
+            query = parse_qs(urlparse(self.path).query)
+            access = []
+            for scope in query.get("scope", []):
+                kind, name, actions = scope.split(":")
+                access.append({"type": kind, "name": name, "actions": actions.split(",")})
+                issued.append(scope)
+            now = int(time.time())
+            header = {"typ": "JWT", "alg": "ES256", "x5c": x5c}
+            claims = {"iss": "test-issuer", "sub": username, "aud": "test-registry",
+                      "exp": now + 300, "nbf": now - 10, "iat": now,
+                      "jti": secrets.token_hex(8), "access": access}
+            signing_input = (_b64url(json.dumps(header).encode()) + "."
+                             + _b64url(json.dumps(claims).encode()))
+            der = ca_key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
+            r, s = decode_dss_signature(der)
+            token = signing_input + "." + _b64url(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
+            body = json.dumps({"token": token}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return TokenServer(f"http://127.0.0.1:{server.server_address[1]}/token", server, issued)
