@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 
 import blake3
@@ -69,13 +70,17 @@ def trusted(signed: SignedRoot | None = None) -> TrustRoot:
 
 
 def build(base: Path, *, keys: Sequence[str] = ("p1",), out: str = "media",
-          recipe: Path | None = None, root: SignedRoot | None = None, **kwargs: object
+          recipe: Path | None = None, root: SignedRoot | None = None,
+          chain: Sequence[SignedRoot] = (), now: datetime | None = NOW, **kwargs: object
           ) -> BuildResult:
-    """Build ``recipe`` (default: ``write_recipe(base)``) carrying ``root`` into base/out."""
+    """The one way the tests make a bundle on media: build ``recipe`` (default
+    ``write_recipe(base)``) into base/out, signed by ``keys``, carrying ``root`` (default
+    ``make_root()``) or the versions in ``chain``, oldest first; ``now=None`` is the real clock.
+    """
     recipe = recipe or write_recipe(base)
-    chain = [root_file(base, root)]
-    return build_bundle(recipe, [private(k) for k in keys], base / out, trust_chain=chain,
-                        now=NOW, **kwargs)  # type: ignore[arg-type]
+    roots = [root_file(base, signed) for signed in chain] or [root_file(base, root)]
+    return build_bundle(recipe, [private(k) for k in keys], base / out, trust_chain=roots,
+                        now=now, **kwargs)  # type: ignore[arg-type]
 
 
 def rewrite_manifest(media: Path, data: bytes, signers: Sequence[str] = ("p1",)) -> None:

@@ -10,13 +10,11 @@ from bundle_helpers import (
     NOW,
     build,
     make_sources,
-    root_file,
     trusted,
-    write_recipe,
 )
 from trust_helpers import DAY, kid, make_root, private
 
-from appliance.bundle.builder import add_signature, build_bundle
+from appliance.bundle.builder import add_signature
 from appliance.bundle.reader import open_media, read_chunk, verify_media
 from appliance.bundle.recipe import parse_size
 from appliance.errors import (
@@ -126,9 +124,7 @@ def test_carried_rotation_reaches_a_new_publisher(tmp_path: Path) -> None:
     make_sources(tmp_path)
     v1 = make_root()
     v2 = make_root(version=2, publishers={"p3": ("acme/*",)})
-    chain = [root_file(tmp_path, v1), root_file(tmp_path, v2)]
-    build_bundle(write_recipe(tmp_path), [private("p3")], tmp_path / "media",
-                 trust_chain=chain, now=NOW)
+    build(tmp_path, keys=("p3",), chain=[v1, v2])
     report = verify_media([tmp_path / "media"], trusted(v1), NOW)
     assert report.bundle.root.version == 2
     assert len(report.bundle.chain) == 2

@@ -7,11 +7,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from bundle_helpers import make_sources, root_file, write_recipe
+from bundle_helpers import build, make_sources, write_recipe
 from importer_helpers import tree_digest
-from trust_helpers import make_root, private
+from trust_helpers import make_root
 
-from appliance.bundle.builder import build_bundle
 from appliance.cli.main import main
 from appliance.format.trust import SignedRoot
 from appliance.store import trust_state
@@ -29,14 +28,9 @@ def signed_root() -> SignedRoot:
 def media(tmp_path_factory: pytest.TempPathFactory, signed_root: SignedRoot) -> Path:
     base = tmp_path_factory.mktemp("cli-bundle")
     make_sources(base, random_mib=9)
-    recipe = write_recipe(base, expires_days=10)
-    build_bundle(
-        recipe,
-        [private("p1")],
-        base / "media",
-        trust_chain=[root_file(base, signed_root)],
-        volume_size=12 * MIB,
-    )
+    # The real clock: the CLI checks expiry against it.
+    build(base, recipe=write_recipe(base, expires_days=10), root=signed_root, now=None,
+          volume_size=12 * MIB)
     return base / "media"
 
 
