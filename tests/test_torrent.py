@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import libtorrent as lt
 import pytest
-from peer_helpers import published_bytes
+from peer_helpers import make_bundle, model_bytes, published_bytes
 from torrent_helpers import (
     LOOPBACK,
     MODEL,
+    LyingPeer,
     fetch_from,
+    held,
     member,
     new_host,
     seeded_host,
@@ -37,9 +45,13 @@ from appliance.torrent.make import build_torrent, model_torrent
 from appliance.torrent.seed import Seeder
 
 
+def _decoded(data: bytes) -> Any:
+    return lt.bdecode(data)
+
+
 def _carried(store: Path) -> tuple[meta.Carried, dict[bytes, object]]:
     data, _ = model_torrent(store, MODEL, root_cert=None)
-    info = lt.bdecode(data)[b"info"]
+    info = _decoded(data)[b"info"]
     return meta.decode(lt.bencode(info)), info[meta.KEY]
 
 
@@ -51,7 +63,7 @@ def test_make_is_deterministic_v2_and_lists_the_signed_files(tmp_path: Path) -> 
     # A second store holding the same model and root makes the very same torrent.
     other, _ = model_torrent(seeded_host(tmp_path / "b", bundle), MODEL, root_cert=None)
     assert ref == f"{MODEL}:1" and first == again == other
-    decoded = lt.bdecode(first)
+    decoded = _decoded(first)
     assert set(decoded) == {b"info", b"piece layers"}  # no creation date, no creator
     info = decoded[b"info"]
     assert info[b"meta version"] == 2 and b"pieces" not in info  # v2 only
@@ -181,3 +193,68 @@ def test_plaintext_torrent_needs_insecure(tmp_path: Path) -> None:
                             root_cert=None)
     with pytest.raises(UsageError, match="plaintext"):
         fetch_from(new_host(tmp_path / "f"), data, [], identity=identity)
+
+
+def test_a_peer_sending_corrupt_pieces_is_banned_and_nothing_lands(tmp_path: Path) -> None:
+    bundle = tiny_bundle()
+    seed_store = seeded_host(tmp_path / "seed", bundle)
+    data, _ = model_torrent(seed_store, MODEL, root_cert=None)
+    store = new_host(tmp_path / "fetcher")
+    notes: list[str] = []
+    with LyingPeer(lt.torrent_info(data)) as liar:
+        with pytest.raises(PeerError, match="no torrent peer delivered"):
+            fetch_from(store, data, [liar], wait=8.0, notes=notes)
+        assert liar.blocks_sent > 0
+    assert f"banned torrent peer 127.0.0.1:{liar.port} (sent data that failed the hash)" in notes
+    assert any("failed libtorrent's hash check" in n for n in notes)
+    assert held(store) == 0 and list_models(store) == []
+    with Seeder(seed_store, LOOPBACK, identity=None) as seeder:
+        seeder.add_published()
+        result = fetch_from(store, data, [seeder])
+    assert result.complete and verify_store(store).ok
+
+
+def test_fetch_by_magnet_gets_the_signed_manifest_from_the_swarm(tmp_path: Path) -> None:
+    bundle = tiny_bundle()
+    seed_store = seeded_host(tmp_path / "seed", bundle)
+    with Seeder(seed_store, LOOPBACK, identity=None) as seeder:
+        (seeded,) = seeder.add_published()
+        store = new_host(tmp_path / "fetcher")
+        result = fetch_from(store, seeded.magnet, [seeder])
+    assert result.complete and result.infohash == seeded.infohash
+    assert verify_store(store).ok
+
+
+def test_fetch_killed_with_sigkill_resumes(tmp_path: Path) -> None:
+    """The real CLI in a child, killed once chunks are durable; the next fetch asks the swarm
+    only for the rest (clock: the CLI's, so the bundle is signed for today)."""
+    today = datetime.now(UTC)
+    bundle = make_bundle({MODEL: {"weights.bin": model_bytes(3, 3_000_000)}},
+                         created=today - timedelta(days=1), expires=today + timedelta(days=30))
+    seed_store = seeded_host(tmp_path / "seed", bundle)
+    data, _ = model_torrent(seed_store, MODEL, root_cert=None)
+    torrent_file = tmp_path / "tiny.torrent"
+    torrent_file.write_bytes(data)
+    store = new_host(tmp_path / "fetcher")
+    with Seeder(seed_store, LOOPBACK, identity=None) as seeder:
+        seeder.add_published()
+        seeder.set_upload_rate(600_000)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "appliance.cli.main", "--store", str(store), "torrent",
+             "fetch", str(torrent_file), "--insecure", "--no-lsd", "--listen", "127.0.0.1:0",
+             "--peer", f"127.0.0.1:{seeder.port}"],
+            cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 15
+        while held(store) < 5 and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        child.kill()
+        _, stderr = child.communicate()
+        assert child.returncode == -signal.SIGKILL, stderr.decode()
+        durable = held(store)
+        assert durable >= 5
+        seeder.set_upload_rate(0)
+        result = fetch_from(store, data, [seeder], now=today)
+    assert result.complete and result.already_done_bytes > 0
+    assert result.bytes_fetched < bundle.size
+    assert verify_store(store).ok

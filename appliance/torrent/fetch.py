@@ -81,6 +81,7 @@ class FetchResult:
     bytes_local: int = 0  # copied from chunks the store already held
     already_done_bytes: int = 0  # durable before this run (a resumed fetch)
     hash_failures: int = 0  # pieces libtorrent refused (bad data from a peer)
+    banned: list[str] = field(default_factory=list)  # HOST:PORT of peers libtorrent banned
     seconds: float = 0.0
 
 
@@ -220,6 +221,7 @@ def _ingest(store_dir: Path, session: lt.session, ti: lt.torrent_info,
             "bytes_fetched": outcome.source_bytes,
             "bytes_local": outcome.local_bytes,
             "hash_failures": src.hash_failures if src else 0,
+            "banned": sorted(src.banned) if src else [],
             "user": trust_state.who(),
         }
 
@@ -242,5 +244,6 @@ def _ingest(store_dir: Path, session: lt.session, ti: lt.torrent_info,
         present=bool(outcome.present), bytes_total=outcome.total_bytes,
         bytes_fetched=outcome.source_bytes, bytes_local=outcome.local_bytes,
         already_done_bytes=outcome.already_done_bytes,
-        hash_failures=src.hash_failures if src else 0, seconds=outcome.seconds,
+        hash_failures=src.hash_failures if src else 0,
+        banned=sorted(src.banned) if src else [], seconds=outcome.seconds,
     )

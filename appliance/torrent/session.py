@@ -38,6 +38,8 @@ _BASE_SETTINGS: dict[str, Any] = {
     "min_reconnect_time": 1,
     "peer_connect_timeout": 5,
     "announce_to_all_tiers": False,
+    # --upload-rate means what it says on a LAN too (libtorrent exempts local peers).
+    "ignore_limits_on_local_network": False,
 }
 
 

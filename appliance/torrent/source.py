@@ -30,7 +30,7 @@ from appliance.torrent.session import add_flags, connect_peers, present_certific
 
 Notify = Callable[[str], None]
 _POLL_MS = 100
-_RECONNECT_S = 2.0
+_RECONNECT_S = 10.0
 
 
 class _Span:
