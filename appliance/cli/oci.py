@@ -20,6 +20,7 @@ from appliance.oci.pull import pull
 from appliance.oci.push import media_model, push, store_model
 from appliance.oci.registry import Credentials, Registry, authfile_credentials, parse_reference
 from appliance.oci.targets import Target
+from appliance.store import trust_state
 from appliance.store.layout import human_bytes
 
 DESCRIPTION = """\
@@ -147,7 +148,8 @@ def run_push(args: argparse.Namespace) -> int:
     finally:
         target.close()
     if args.json:
-        print_json({"ok": True, **asdict(result), "seconds": jsonout.seconds(result.seconds)})
+        print_json({"ok": True, **asdict(result), "model": jsonout.model(result.model),
+                    "seconds": jsonout.seconds(result.seconds)})
     else:
         Console().print(
             f"pushed {result.model} to {result.target} as {result.tag} "
@@ -173,8 +175,12 @@ def run_pull(args: argparse.Namespace) -> int:
     finally:
         target.close()
     if args.json:
+        roots = [signed.root for signed in trust_state.installed_chain(args.store)]
         value = asdict(result)
+        value.pop("complete")  # "ok" is the one success flag
         print_json({"ok": result.complete, **value,
+                    "model": jsonout.model(result.model),
+                    "signers": jsonout.signers(result.signers, roots),
                     "published": [jsonout.model(r) for r in result.published],
                     "present": [jsonout.model(r) for r in result.present],
                     "seconds": jsonout.seconds(result.seconds)})
