@@ -23,8 +23,9 @@ REPO_PATH = re.compile(
 )
 # A document named alone (DESIGN.md): it lives in docs/ or at the top.
 BARE_DOC = re.compile(r"(?<![\w./-])([A-Z][A-Z_]*\.md)\b")
-# Names that are not repository files: the guide as the ISO image carries it.
+# Names that are not repository files: the guide as the ISO image carries it, run outputs.
 NOT_REPO_FILES = {"OPERATOR.md"}
+OUTPUT_DIRS = ("bench/results/",)
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "keys" / "README.md",
         REPO / "bundles" / "README.md", REPO / "bench" / "README.md"]
 MD_LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
@@ -42,12 +43,24 @@ def _docstrings_and_comments(source: str) -> list[tuple[int, str]]:
     return found
 
 
+def _shell_comments(source: str) -> list[tuple[int, str]]:
+    return [(number, line) for number, line in enumerate(source.splitlines(), start=1)
+            if line.lstrip().startswith("#")]
+
+
 def _named_files() -> list[tuple[str, str]]:
+    """(where, path) for every repository path named in appliance/ and bench/ docstrings and
+    comments, and in the comments of the shell scripts."""
+    sources = [(m, _docstrings_and_comments) for m in sorted((REPO / "appliance").rglob("*.py"))]
+    sources += [(m, _docstrings_and_comments) for m in sorted((REPO / "bench").glob("*.py"))]
+    sources += [(s, _shell_comments) for s in [*sorted((REPO / "scripts").glob("*.sh")),
+                                               REPO / "build_iso.sh"]]
     named = []
-    for module in sorted((REPO / "appliance").rglob("*.py")):
-        where = str(module.relative_to(REPO))
-        for line, text in _docstrings_and_comments(module.read_text()):
-            named += [(f"{where}:{line}", path) for path in REPO_PATH.findall(text)]
+    for source, texts in sources:
+        where = str(source.relative_to(REPO))
+        for line, text in texts(source.read_text()):
+            named += [(f"{where}:{line}", path) for path in REPO_PATH.findall(text)
+                      if not path.startswith(OUTPUT_DIRS)]
             named += [(f"{where}:{line}", name) for name in BARE_DOC.findall(text)
                       if name not in NOT_REPO_FILES]
     return named
