@@ -18,19 +18,27 @@ that header is complete, the way OpenSSH's ``MaxStartups`` treats unauthenticate
   ``header_timeout`` of its first byte; idle time between requests is uvicorn's keep-alive;
 - at most ``max_pending`` pending connections in all and ``max_pending_per_address`` from one
   address: over a cap, the oldest pending one is closed, a silent one first (a real client
-  speaks at once, so it is the cheapest to drop and the likeliest attacker);
+  speaks at once, so it is the cheapest to drop and the likeliest attacker); of those, at most
+  ``max_handshakes`` hold TLS state (the oldest goes first); a newcomer is never the one
+  dropped, it has had no time to speak;
 - past its first header a connection counts toward ``max_connections`` (uvicorn's
   ``limit_concurrency``: a request beyond it gets 503 and the connection is closed).
 
-So descriptors stay under ``max_pending + max_connections`` (plus the listening socket), and
-what a closed connection held is freed with it.
+So descriptors stay under ``max_pending + max_connections`` (plus the listening socket).
+What a closed connection held is freed and handed back to the system: shortly after TLS
+connections end, a collection frees their buffers (asyncio's TLS protocol and transport form a
+cycle) and glibc's ``malloc_trim`` returns the free pages, which glibc would otherwise keep
+(without both, a burst of stalled handshakes left RSS ~80 MB up for good).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import errno
+import gc
 import logging
 import socket
 import ssl
@@ -47,8 +55,11 @@ from appliance.errors import ApplianceError, UsageError
 log = logging.getLogger("appliance.http")
 
 LISTEN_BACKLOG = 512
+TRIM_DELAY = 0.25  # seconds from a TLS connection's end to the trim that returns its memory
 # accept() fails with these when the process or host runs out; back off instead of spinning.
 _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_HEADER_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                     b"content-length: 0\r\nconnection: close\r\n\r\n")
 
 
 def parse_listen(text: str, *, any_host: str | None = None) -> tuple[str, int]:
@@ -93,13 +104,15 @@ class ServerOptions:
     max_connections: int = 128
     max_pending: int = 256
     max_pending_per_address: int = 64
+    max_handshakes: int = 32  # ~300 KiB each: asyncio's TLS buffers
     header_timeout: float = 10.0
     max_header_bytes: int = 16 * 1024  # h11's own default
     keep_alive: int = 5
     graceful_shutdown: float = 2.0
 
     def __post_init__(self) -> None:
-        if min(self.max_connections, self.max_pending, self.max_pending_per_address) < 1:
+        if min(self.max_connections, self.max_pending, self.max_pending_per_address,
+               self.max_handshakes) < 1:
             raise UsageError("connection limits must be at least 1")
         if self.header_timeout <= 0:
             raise UsageError("the header timeout must be positive")
@@ -113,6 +126,7 @@ class ConnectionStats:
     admitted: int = 0  # reached the end of their first header
     evicted: int = 0  # closed to make room under a pending cap
     timed_out: int = 0  # handshake or header not done in time
+    refused: int = 0  # a first header over max_header_bytes (431)
 
 
 class _Pending:
@@ -166,9 +180,11 @@ class _Gate(asyncio.Protocol):
         if self.inner is None:
             start = max(0, len(self.buffer) - 3)
             self.buffer += data
-            done = self.buffer.find(b"\r\n\r\n", start) >= 0
-            # Past the cap uvicorn sees it and answers 400 (h11 enforces the same cap).
-            if done or len(self.buffer) > self.gatekeeper.options.max_header_bytes:
+            end = self.buffer.find(b"\r\n\r\n", start)
+            limit = self.gatekeeper.options.max_header_bytes
+            if (end < 0 and len(self.buffer) > limit) or end + 4 > limit:
+                self._refuse_large_header()
+            elif end >= 0:
                 self._admit()
             return
         before = self.inner.cycle
@@ -195,6 +211,13 @@ class _Gate(asyncio.Protocol):
             self.admitted.set_result(None)
         self.inner.data_received(data)
 
+    def _refuse_large_header(self) -> None:
+        assert self.transport is not None
+        self.gatekeeper.stats.refused += 1
+        self.transport.write(_HEADER_TOO_LARGE)
+        self.transport.close()
+        self.buffer = bytearray()
+
     def _header_late(self) -> None:
         self.timer = None
         cycle = self.inner.cycle
@@ -211,6 +234,8 @@ class _Gate(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
             self.timer.cancel()
+        if self.gatekeeper.ssl_context is not None:
+            self.gatekeeper.tls_ended()
         if not self.admitted.done():
             self.admitted.set_exception(ConnectionResetError("closed before its first header"))
             self.admitted.exception()  # retrieved: the admitting task may be gone already
@@ -238,7 +263,9 @@ class _Gatekeeper:
         self.stats = ConnectionStats()
         self.pending: dict[_Pending, None] = {}  # insertion order = age
         self.by_address: dict[str, dict[_Pending, None]] = {}
+        self.in_tls: dict[_Pending, None] = {}  # pending ones holding TLS state, by age
         self.tasks: set[asyncio.Task[None]] = set()
+        self._trim: asyncio.TimerHandle | None = None
 
     def start(self, sockets: Sequence[socket.socket]) -> None:
         loop = asyncio.get_running_loop()
@@ -249,6 +276,8 @@ class _Gatekeeper:
             task.add_done_callback(self.tasks.discard)
 
     def close(self) -> None:
+        if self._trim is not None:
+            self._trim.cancel()
         for task in list(self.tasks):
             task.cancel()
         for pending in list(self.pending):
@@ -276,30 +305,58 @@ class _Gatekeeper:
     def _track(self, sock: socket.socket, peer: str) -> None:
         sock.setblocking(False)
         pending = _Pending(sock, peer)
+        # Room is made among the connections already waiting, never by dropping the newcomer:
+        # it has had no time to speak yet.
         same = self.by_address.setdefault(peer, {})
-        same[pending] = None
-        self.pending[pending] = None
-        if len(same) > self.options.max_pending_per_address:
+        if len(same) >= self.options.max_pending_per_address:
             self._evict(same)
-        if len(self.pending) > self.options.max_pending:
+        if len(self.pending) >= self.options.max_pending:
             self._evict(self.pending)
-        if pending.closed:
-            return
+        self.by_address.setdefault(peer, {})[pending] = None
+        self.pending[pending] = None
         pending.task = asyncio.get_running_loop().create_task(self._admit(pending))
 
     def _evict(self, among: dict[_Pending, None]) -> None:
         victim = next((p for p in among if p.silent), None) or next(iter(among))
         self.stats.evicted += 1
+        if victim in self.in_tls:
+            self.tls_ended()
         self.forget(victim)
         victim.close()
 
     def forget(self, pending: _Pending) -> None:
         self.pending.pop(pending, None)
+        self.in_tls.pop(pending, None)
         same = self.by_address.get(pending.address)
         if same is not None:
             same.pop(pending, None)
             if not same:
                 del self.by_address[pending.address]
+
+    def tls_ended(self) -> None:
+        """A TLS connection is gone: give its buffers back to the system soon. One trim
+        covers a burst, and a flood costs at most four full collections a second."""
+        if self._trim is None:
+            self._trim = asyncio.get_running_loop().call_later(TRIM_DELAY, self._trim_now)
+
+    def _trim_now(self) -> None:
+        self._trim = None
+        # asyncio's TLS protocol and transport refer to each other: only the cycle collector
+        # frees a closed connection's buffers, and it may not run for a long while.
+        gc.collect()
+        if _malloc_trim is not None:
+            _malloc_trim(0)
+
+    def _worth_a_handshake(self, sock: socket.socket) -> bool:
+        """Peek at the first byte: a client that left (EOF), or one that does not start a TLS
+        handshake record (0x16) on a TLS port, costs no TLS state; it is just closed."""
+        try:
+            first = sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        return bool(first) and (self.ssl_context is None or first == b"\x16")
 
     async def _admit(self, pending: _Pending) -> None:
         loop = asyncio.get_running_loop()
@@ -313,6 +370,13 @@ class _Gatekeeper:
                     if not pending.closed:
                         loop.remove_reader(pending.sock)
                 pending.silent = False
+                if not self._worth_a_handshake(pending.sock):
+                    pending.close()
+                    return
+                if self.ssl_context is not None:
+                    if len(self.in_tls) >= self.options.max_handshakes:
+                        self._evict(self.in_tls)
+                    self.in_tls[pending] = None
                 gate = _Gate(self, pending)
                 await loop.connect_accepted_socket(
                     lambda: gate, pending.sock, ssl=self.ssl_context,
@@ -330,7 +394,25 @@ class _Gatekeeper:
             pending.close()
             raise
         finally:
+            if pending in self.in_tls and pending.closed:
+                self.tls_ended()
             self.forget(pending)
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim`` (None elsewhere: other allocators give memory back themselves
+    or offer no such call)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return trim
+
+
+_malloc_trim = _find_malloc_trim()
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
