@@ -1,8 +1,8 @@
 """The one ingest session: an authenticated manifest into the store, from any chunk source.
 
-Media import (``appliance.importer``) and peer pull (``appliance.peer.pull``) are the same
-session; only where the bytes come from differs. ``IngestSession.run`` does, holding the
-caller's writer lock and open ``Store``:
+Media import (``appliance.importer``), peer pull (``appliance.peer.pull``) and the OCI and
+torrent fetches are this one session with different sources. ``IngestSession.run`` does,
+holding the caller's writer lock and open ``Store``:
 
 1. authenticate once: the caller hands over an ``AuthenticatedBundle`` or a callback that
    authenticates against the installed root (``NoTrustRootError`` if there is none);
@@ -25,21 +25,19 @@ caller's writer lock and open ``Store``:
 A ``RefusalError`` anywhere is audited once as a "refusal" of ``action`` with the caller's
 context (``media=...``, ``peer=...``). Any other error leaves what is durable for the next run.
 
-The source interface is deliberately narrow so that media volumes, LAN peers, an OCI registry
-(blobs by HTTP range) or a BitTorrent client (pieces from libtorrent) all fit:
-``ChunkSource.run(needed, sink)`` gets the digests still needed (with their lengths) and
-returns when it has nothing more to give (what is left stays pending) or raises. Bytes go to
-the ``ChunkSink``: ``write`` (any thread: check, then pwrite into every place the chunk goes),
-then ``record`` (only on the thread that called ``run``: the index writes stay on the session's
-thread), or ``deliver`` for both at once. A source that reads one chunk at a time implements
-``ChunkReader`` and is wrapped in ``ReadAhead`` (a few reader threads, a bounded window).
+The source interface is narrow so that media, LAN peers, an OCI registry (blobs by range) and
+a BitTorrent client all fit: ``ChunkSource.run(needed, sink)`` gets the digests still needed
+(with their lengths) and returns when it has nothing more to give (the rest stays pending) or
+raises. Bytes go to the ``ChunkSink``: ``write`` (any thread: check, then pwrite wherever the
+chunk goes), then ``record`` (only on the thread that called ``run``: index writes stay on the
+session's thread), or ``deliver`` for both. A source reading one chunk at a time is a
+``ChunkReader`` wrapped in ``ReadAhead`` (a few reader threads, a bounded window).
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -56,7 +54,7 @@ from appliance.format.trust import TrustRoot
 from appliance.limits import DEFAULT_LIMITS, Limits
 from appliance.store import layout, trust_state
 from appliance.store.specs import LocalChunk, ModelPlan, read_local_copy
-from appliance.store.staging import StagedFile
+from appliance.store.staging import StagedFile, WriteGate
 from appliance.store.store import Store
 
 Progress = Callable[[int, int], None]
@@ -187,10 +185,6 @@ class _Need:
         self.idx = idx
         self.more: list[tuple[StagedFile, int]] | None = None
 
-    @property
-    def label(self) -> str:
-        return self.file.label
-
     def add(self, file: StagedFile, idx: int) -> None:
         if self.more is None:
             self.more = []
@@ -231,7 +225,7 @@ class IngestSession:
         self._need: dict[str, _Need] = {}
         self._chosen: list[ModelEntry] = []
         self._done = 0  # bytes durable or written, for progress
-        self._gate = _WriteGate()
+        self._gate = WriteGate()
         self.outcome: IngestOutcome | None = None
 
     # -- the whole session -----------------------------------------------------------------
@@ -387,12 +381,11 @@ class IngestSession:
 
     def _close(self, *, quietly: bool) -> None:
         for sf in self._staged:
-            if not quietly:
-                sf.close()
-                continue
             try:  # keep what is durable; a failing flush must not hide the first error
                 sf.close()
             except ApplianceError:
+                if not quietly:
+                    raise
                 sf.abort()
 
 
@@ -437,7 +430,7 @@ class _SessionSink:
         session._report()
 
     def _check(self, data: bytes, digest: str, need: _Need) -> None:
-        check_chunk(data, digest, need.length, file=need.label)
+        check_chunk(data, digest, need.length, file=need.file.label)
 
     def deliver(self, digest: str, data: bytes) -> None:
         if self.write(digest, data):
@@ -462,7 +455,7 @@ class _LocalSink(_SessionSink):
 
     def _check(self, data: bytes, digest: str, need: _Need) -> None:
         if len(data) != need.length:
-            check_chunk(data, digest, need.length, file=need.label)
+            check_chunk(data, digest, need.length, file=need.file.label)
 
 
 class _LocalCopies:
@@ -490,33 +483,3 @@ class _LocalCopies:
             if data is not None:
                 return data
         return None  # every copy went bad: left for the source
-
-
-class _WriteGate:
-    """Fetch threads pwrite into the staged files; once the transfer stops (done, failed or
-    interrupted) ``close`` waits for writes in progress and refuses new ones, so nothing is
-    written through a descriptor the session is about to close (and the kernel may reuse)."""
-
-    def __init__(self) -> None:
-        self._cv = threading.Condition()
-        self._active = 0
-        self._closed = False
-
-    def enter(self) -> bool:
-        with self._cv:
-            if self._closed:
-                return False
-            self._active += 1
-            return True
-
-    def leave(self) -> None:
-        with self._cv:
-            self._active -= 1
-            self._cv.notify_all()
-
-    def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            while self._active:
-                self._cv.wait()
-

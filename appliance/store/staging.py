@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -453,3 +454,33 @@ class StagedFile:
                 )
         self.state = "published"
         return not left
+
+
+class WriteGate:
+    """Reader and fetch threads pwrite into staged files (``pwrite_chunk``); once the transfer
+    stops (done, failed or interrupted) ``close`` waits for writes in progress and refuses new
+    ones, so nothing is written through a descriptor about to be closed (and the kernel may
+    reuse). The ingest session holds one."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._active = 0
+        self._closed = False
+
+    def enter(self) -> bool:
+        with self._cv:
+            if self._closed:
+                return False
+            self._active += 1
+            return True
+
+    def leave(self) -> None:
+        with self._cv:
+            self._active -= 1
+            self._cv.notify_all()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            while self._active:
+                self._cv.wait()
