@@ -24,7 +24,8 @@ from appliance.peer.server import (
     RateLimiter,
     ServerOptions,
 )
-from appliance.store import layout, trust_state
+from appliance.store import audit, layout, trust_state
+from appliance.store.records import list_models
 
 BIG = 4 * 1024 * 1024
 
@@ -221,23 +222,48 @@ def test_bad_and_unknown_requests(store: Path, tiny_and_big: Bundle) -> None:
         server.stop()
 
 
-def test_a_rotten_chunk_in_the_store_is_not_served(store: Path, tiny_and_big: Bundle) -> None:
-    ref = tiny_and_big.manifest.models[0].files[0].chunks[3]
+def test_a_seed_that_finds_its_copy_rotten_quarantines_the_file(
+    store: Path, tiny_and_big: Bundle,
+) -> None:
+    tiny, big = tiny_and_big.manifest.models
+    ref = tiny.files[0].chunks[3]
     path = layout.published_path(store, "tiny", "1", "model.gguf")
-    os.chmod(path, 0o644)
-    with open(path, "r+b") as f:
-        f.seek(ref.offset + 5)
-        byte = f.read(1)
-        f.seek(ref.offset + 5)
-        f.write(bytes([byte[0] ^ 1]))
     server = start_server(store)
     try:
         with client(server.url) as c:
-            assert c.chunk(ref.digest, ref.length) is None
-            other = tiny_and_big.manifest.models[0].files[0].chunks[4]
-            assert c.chunk(other.digest, other.length) is not None
+            count = len(tiny_and_big.manifest.unique_chunks())
+            assert c.have(tiny_and_big.hash, count) == [True] * count
+            [summary] = c.manifests()
+            assert summary.complete
+            os.chmod(path, 0o644)  # the disk rots under the running server
+            with open(path, "r+b") as f:
+                f.seek(ref.offset + 5)
+                byte = f.read(1)
+                f.seek(ref.offset + 5)
+                f.write(bytes([byte[0] ^ 1]))
+            assert c.chunk(ref.digest, ref.length) is None  # a refusal, never the bad bytes
+            # The file is quarantined: none of its chunks is offered any more, the other
+            # model's still are, and the manifest is no longer offered as complete.
+            tiny_digests = {chunk.digest for chunk in tiny.files[0].chunks}
+            assert c.have(tiny_and_big.hash, count) == [
+                chunk.digest not in tiny_digests for chunk in tiny_and_big.manifest.unique_chunks()
+            ]
+            other = tiny.files[0].chunks[4]
+            assert c.chunk(other.digest, other.length) is None
+            kept = big.files[0].chunks[0]
+            assert c.chunk(kept.digest, kept.length) is not None
+            [summary] = c.manifests()
+            assert not summary.complete
     finally:
         server.stop()
+    assert not path.exists()
+    [moved] = list(layout.quarantine_dir(store).iterdir())
+    assert moved.read_bytes()[ref.offset + 5] == byte[0] ^ 1
+    [record] = [r for r in audit.records(store) if r.kind == "quarantine"]
+    assert record.details["chunk"] == ref.digest and record.details["model"] == "tiny"
+    assert audit.verify(store) >= 1
+    [model] = [m for m in list_models(store) if m.name == "tiny"]
+    assert not model.verified
 
 
 def test_server_needs_tls_or_insecure_and_a_valid_listen(store: Path) -> None:

@@ -4,7 +4,9 @@
 import or pull time, the installed trust chain, and every chunk the store holds verified and
 durable, in published files and in the staged files of imports and pulls still running, so a
 host re-serves chunks while its own pull goes on (swarm). Each chunk is re-hashed before it is
-sent; a store that rotted since never passes bad bytes on.
+sent; a store that rotted since never passes bad bytes on: the request gets 404, and the file
+holding the bad copy is quarantined as ``store verify`` would (``scrub.quarantine_damaged``:
+audited, dropped from the have-map, its manifest no longer offered as complete).
 
 ``create_app`` builds the Starlette app (protocol in ``appliance.peer.protocol``);
 ``PeerServer`` runs it with ``appliance.http_server`` on a socket it binds itself (port 0
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import socket
 import threading
 import time
@@ -43,8 +46,10 @@ from appliance.format.manifest import Manifest, parse_manifest
 from appliance.http_server import HTTPServer, ServerOptions, bind
 from appliance.limits import DEFAULT_LIMITS, Limits
 from appliance.peer import protocol, tls
-from appliance.store import trust_state
+from appliance.store import scrub, trust_state
 from appliance.store.store import Store
+
+log = logging.getLogger("appliance.peer")
 
 # Body pieces: small enough for a smooth rate cap and a prompt stall check, large enough that
 # the per-send overhead stays small at loopback speeds.
@@ -66,6 +71,7 @@ class StoreSource:
         self.limits = limits
         self._local = threading.local()
         self._lock = threading.Lock()
+        self._quarantining = threading.Lock()
         self._parsed: OrderedDict[str, Manifest] = OrderedDict()
         # Store reads run on a few long-lived threads: a bounded number of index
         # connections (descriptors) and of disk reads at once, whatever the load.
@@ -137,7 +143,27 @@ class StoreSource:
         return [c.digest in held for c in manifest.unique_chunks()]
 
     def chunk(self, digest: str) -> bytes | None:
-        return self._store().read_local_chunk(digest)
+        store = self._store()
+        data = store.read_local_chunk(digest)
+        if data is None and store.find_chunk(digest):
+            self._quarantine(digest)  # held, yet no copy passes its hash
+        return data
+
+    def _quarantine(self, digest: str) -> None:
+        # One at a time: many pullers asking for the same rotten chunk quarantine it once
+        # (the scrub re-checks every copy, so a later call finds nothing left to do).
+        with self._quarantining:
+            try:
+                damaged = scrub.quarantine_damaged(self.store_dir, digest)
+            except ApplianceError as e:
+                log.error("chunk %s failed its check here, and quarantining its file failed: "
+                          "%s", digest, e)
+                return
+        for f in damaged:
+            log.error("chunk %s of %s:%s/%s is damaged in this store (%s); %s", digest,
+                      f.model, f.version, f.path, f.reason,
+                      f"file quarantined to {f.quarantined_to}" if f.quarantined_to
+                      else "it will be fetched again")
 
 
 class RateLimiter:
