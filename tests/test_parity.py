@@ -66,6 +66,12 @@ def test_import_with_a_damaged_volume_rebuilds_it(bundle: Path, damaged: str) ->
     _store_matches_sources(store, bundle)
 
 
+def test_a_volume_with_a_damaged_index_counts_as_missing(bundle: Path) -> None:
+    flip_byte(bundle / "media/vol-002/index.bin", 100)
+    report = verify_media_with_parity([bundle / "media"], trusted(), NOW)
+    assert report.complete and report.rebuilt == ("vol-002",)
+
+
 def test_verify_rebuilds_and_reads_every_parity_byte(bundle: Path) -> None:
     report = verify_media_with_parity([bundle / "media"], trusted(), NOW)
     assert report.complete and report.rebuilt == ()

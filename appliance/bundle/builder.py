@@ -24,7 +24,7 @@ import secrets
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -49,6 +49,7 @@ from appliance.bundle.media import (
     root_file_name,
     volume_name,
 )
+from appliance.bundle.oms import carry_signatures, sign_recipe
 from appliance.bundle.parity import finish_parity, write_parity
 from appliance.bundle.reader import find_volume_dirs
 from appliance.bundle.recipe import Recipe, load_recipe
@@ -264,6 +265,8 @@ def build_bundle(
     compression_level: int = COMPRESSION_LEVEL,
     limits: Limits = DEFAULT_LIMITS,
     parity: int = 0,
+    oms_key: Path | None = None,
+    oms_signatures: Mapping[str, Path] | None = None,
 ) -> BuildResult:
     """Build the bundle described by ``recipe_path`` into ``out_dir``, signed by ``keys``.
 
@@ -285,6 +288,12 @@ def build_bundle(
     if parity and volume_size is None:
         raise UsageError("--parity needs --volume-size: parity volumes rebuild split volumes")
     recipe = load_recipe(recipe_path, limits)
+    if oms_key is not None and oms_signatures:
+        raise UsageError("give --oms-key (sign now) or --oms-signature (carry one), not both")
+    if oms_signatures:
+        recipe = carry_signatures(recipe, oms_signatures)
+    # OMS signatures made now stay in a temporary directory until this function returns.
+    recipe, _oms_work = sign_recipe(recipe, oms_key) if oms_key is not None else (recipe, None)
     chain = _load_chain([*recipe.trust, *trust_chain], limits)
     _check_keys_against_root(keys, chain)
     planned = _plan(recipe, limits)

@@ -58,16 +58,11 @@ from appliance.bundle.media import (
     root_file_name,
     volume_name,
 )
-from appliance.bundle.reader import (
-    VerifyReport,
-    _read_chain,
-    _read_signatures,
-    open_volume,
-    verify_media,
-)
+from appliance.bundle.reader import VerifyReport, open_media, verify_media
 from appliance.errors import (
     FormatError,
     IntegrityError,
+    LimitExceededError,
     MediaError,
     MissingVolumeError,
     TruncatedError,
@@ -80,7 +75,7 @@ from appliance.format.parity_field import (
     ParityVolume,
 )
 from appliance.format.signing import Signature
-from appliance.format.trust import SignedRoot, TrustRoot
+from appliance.format.trust import SignedRoot, TrustRoot, parse_signed_root
 from appliance.importer import ImportResult, import_media
 from appliance.limits import DEFAULT_LIMITS, Limits, MiB
 from appliance.store import trust_state
@@ -342,22 +337,60 @@ class Restored:
     parity_dirs: tuple[Path, ...]
 
 
-def _authenticate(dirs: Sequence[Path], root: TrustRoot, now: datetime, allow_expired: bool,
-                  limits: Limits) -> AuthenticatedBundle:
-    manifests = {fsutil.read_capped(d / MANIFEST_NAME, limits.max_manifest_bytes,
-                                    f"manifest of {d}") for d in dirs}
-    if len(manifests) != 1:
-        raise FormatError("the volumes given carry different manifests")
-    data = manifests.pop()
-    signatures: dict[Signature, None] = {}
-    chain: dict[int, SignedRoot] = {}
-    for d in dirs:
-        signatures.update(dict.fromkeys(_read_signatures(d, limits)))
-        for signed in _read_chain(d, limits):
-            if chain.setdefault(signed.root.version, signed).body != signed.body:
-                raise FormatError(f"volumes carry two different trust roots v{signed.root.version}")
-    return authenticate_manifest(data, tuple(signatures), [chain[v] for v in sorted(chain)],
-                                 root, now, allow_expired=allow_expired, limits=limits)
+def _read_claims(volume: Path, limits: Limits
+                 ) -> tuple[bytes, tuple[Signature, ...], list[SignedRoot]]:
+    """Manifest bytes, signatures and carried roots of a parity volume, with the media caps."""
+    manifest = fsutil.read_capped(volume / MANIFEST_NAME, limits.max_manifest_bytes,
+                                  f"manifest of {volume}")
+    found = []
+    for folder, suffix, cap, count in (
+            (SIGNATURES_DIR, SIGNATURE_SUFFIX, limits.max_signature_bytes, limits.max_signatures),
+            (TRUST_DIR, ".yaml", limits.max_trust_root_bytes, limits.max_trust_chain_length)):
+        try:
+            names = sorted(n for n in os.listdir(volume / folder)
+                           if n.endswith(suffix) and not n.startswith("."))
+        except FileNotFoundError:
+            names = []
+        if len(names) > count:
+            raise LimitExceededError(f"{volume / folder} holds {len(names)} files, over the cap")
+        found.append([fsutil.read_capped(volume / folder / n, cap, f"{folder}/{n}")
+                      for n in names])
+    signatures = tuple(Signature.from_bytes(data, limits) for data in found[0])
+    roots = sorted((parse_signed_root(data, limits) for data in found[1]),
+                   key=lambda r: r.root.version)
+    return manifest, signatures, roots
+
+
+def _authenticate(data_dirs: Sequence[Path], parity_dirs: Sequence[Path], root: TrustRoot,
+                  now: datetime, allow_expired: bool, limits: Limits
+                  ) -> tuple[AuthenticatedBundle, dict[int, tuple[Path, tuple[int, ...]]]]:
+    """The bundle, authenticated, and the data volumes that passed the reader's checks (by
+    number, with pack sizes). A data volume whose index is unreadable or disagrees with the
+    signed manifest counts as missing, to be rebuilt; a signature or trust failure stops.
+    With no data volume left, a parity volume's own manifest, signatures and roots are used."""
+    bundle: AuthenticatedBundle | None = None
+    good: dict[int, tuple[Path, tuple[int, ...]]] = {}
+    for d in data_dirs:
+        try:
+            media = open_media([d], limits)
+            this = media.authenticate(root, now, allow_expired=allow_expired)
+        except (FormatError, IntegrityError, MediaError):
+            continue
+        if bundle is not None and this.manifest_hash != bundle.manifest_hash:
+            raise FormatError(f"{d} belongs to another bundle than the other volumes given")
+        bundle = this
+        (volume,) = media.volumes
+        good.setdefault(volume.index.volume, (d, volume.index.pack_sizes))
+    if bundle is None:
+        manifest, signatures, chain = _read_claims(parity_dirs[0], limits)
+        bundle = authenticate_manifest(manifest, signatures, chain, root, now,
+                                       allow_expired=allow_expired, limits=limits)
+    for p in parity_dirs:
+        data = fsutil.read_capped(p / MANIFEST_NAME, limits.max_manifest_bytes,
+                                  f"manifest of {p}")
+        if data != bundle.manifest_bytes:
+            raise FormatError(f"{p} carries a different manifest than the data volumes")
+    return bundle, good
 
 
 def _parity_header(path: Path, section: ParitySection) -> ParityHeader:
@@ -379,19 +412,6 @@ def _parity_header(path: Path, section: ParitySection) -> ParityHeader:
     return header
 
 
-def _data_volumes(dirs: Sequence[Path], limits: Limits) -> dict[int, tuple[Path, tuple[int, ...]]]:
-    """Readable data volumes by number, with their pack sizes. A volume whose index cannot be
-    read counts as missing: its number is unknown, and parity rebuilds it like a lost one."""
-    found: dict[int, tuple[Path, tuple[int, ...]]] = {}
-    for d in dirs:
-        try:
-            _, volume = open_volume(d, limits)
-        except (FormatError, MediaError, IntegrityError):
-            continue
-        found.setdefault(volume.index.volume, (d, volume.index.pack_sizes))
-    return found
-
-
 def restore(paths: Sequence[Path], root: TrustRoot, now: datetime, scratch: Path, *,
             rebuild: Sequence[str] = (), allow_expired: bool = False,
             limits: Limits = DEFAULT_LIMITS) -> Restored:
@@ -400,12 +420,11 @@ def restore(paths: Sequence[Path], root: TrustRoot, now: datetime, scratch: Path
     data_dirs, parity_dirs = split_volumes(paths)
     if not parity_dirs:
         return Restored(tuple(data_dirs), (), None, ())
-    bundle = _authenticate([*data_dirs, *parity_dirs], root, now, allow_expired, limits)
+    bundle, present = _authenticate(data_dirs, parity_dirs, root, now, allow_expired, limits)
     section = bundle.manifest.parity
     if section is None:
         raise FormatError("parity volumes were given, but the signed manifest has no parity")
     k = section.data_volumes
-    present = _data_volumes(data_dirs, limits)
     wanted = sorted({n for n in range(1, k + 1) if n not in present}
                     | {int(name.removeprefix("vol-")) for name in rebuild})
     keep = [present[n][0] for n in sorted(present) if n not in wanted]

@@ -120,6 +120,11 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     build.add_argument("--parity", type=int, default=0, metavar="K",
                        help="add K parity volumes par-NNN: any K lost or damaged volumes are "
                        "rebuilt on import and verify (needs --volume-size)")
+    build.add_argument("--oms-key", type=Path, metavar="KEY.pem",
+                       help="also sign each model with OpenSSF model signing (P-256 key) and "
+                       "carry the signature as the model's model.sig file")
+    build.add_argument("--oms-signature", action="append", default=[], metavar="NAME=FILE",
+                       help="carry an OMS signature made elsewhere as model NAME's model.sig")
     build.add_argument("--json", action="store_true", help="print the result as JSON")
     build.set_defaults(func=run_build)
 
@@ -181,7 +186,9 @@ def run_build(args: argparse.Namespace) -> int:
     with byte_progress("building", enabled=sys.stderr.isatty()) as progress:
         result = build_bundle(args.recipe, keys, args.out, trust_chain=args.trust,
                               volume_size=volume_size, pack_size=pack_size, progress=progress,
-                              workers=args.workers, parity=args.parity)
+                              workers=args.workers, parity=args.parity,
+                              oms_key=args.oms_key,
+                              oms_signatures=bundle_reports.oms_signatures(args.oms_signature))
     if args.json:
         carried = [trust_state.read_root_file(p).root for p in args.trust]
         print_json({

@@ -17,7 +17,7 @@ from appliance import fsutil
 from appliance.bundle.reader import Media, open_media
 from appliance.bundle.sbom import bundle_sbom
 from appliance.bundle.sheet import approval_sheet, sheet_html
-from appliance.errors import MediaError
+from appliance.errors import MediaError, UsageError
 from appliance.format.manifest import Manifest
 from appliance.format.trust import verify_self_signed
 from appliance.store import trust_state
@@ -91,6 +91,19 @@ def print_sbom(media: Media, manifest: Manifest, verified: bool) -> int:
     """``bundle inspect --sbom``: the BOM on stdout."""
     _emit(bundle_sbom(media, manifest, verified=verified), None)
     return 0
+
+
+def oms_signatures(values: Sequence[str]) -> dict[str, Path]:
+    """``bundle build --oms-signature NAME=FILE`` values as model name -> file."""
+    out: dict[str, Path] = {}
+    for value in values:
+        name, sep, file = value.partition("=")
+        if not sep or not name or not file:
+            raise UsageError(f"--oms-signature wants NAME=FILE, got {value!r}")
+        if name in out:
+            raise UsageError(f"--oms-signature for {name} given twice")
+        out[name] = Path(file)
+    return out
 
 
 def run_sbom(args: argparse.Namespace) -> int:
