@@ -159,20 +159,30 @@ def push(source: PushSource, target: Target, tag: str, *,
     total = model.size
     done = uploaded = 0
     layers = []
+    def report(pieces: Iterator[bytes]) -> Iterator[bytes]:
+        nonlocal done
+        for piece in pieces:
+            yield piece
+            done += len(piece)
+            if progress is not None:
+                progress(done, total)
+
     for file in model.files:
         digest, size = _sha256(source.read_file(file))
         if size != file.size:
             raise FormatError(f"{source.origin}: {file.path} is {size} bytes, the signed "
                               f"manifest says {file.size}")
-        if not target.has_blob(digest):
-            target.put_blob(digest, size, lambda file=file: source.read_file(file))  # type: ignore[misc]
+        if target.has_blob(digest):
+            done += size
+            if progress is not None:
+                progress(done, total)
+        else:
+            target.put_blob(digest, size,
+                            lambda file=file: report(source.read_file(file)))  # type: ignore[misc]
             uploaded += size
         layers.append(Descriptor(mapping.layer_media_type(file.path), digest, size,
                                  {mapping.FILEPATH: file.path,
                                   mapping.TITLE: file.path.rsplit("/", 1)[-1]}))
-        done += size
-        if progress is not None:
-            progress(done, total)
     config_bytes = mapping.model_config(source.manifest, model, [d.digest for d in layers])
     config = mapping.blob_descriptor(mapping.MODEL_CONFIG, config_bytes)
     _put(target, config, config_bytes)

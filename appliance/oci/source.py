@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from appliance.format.manifest import ChunkRef, ModelEntry
@@ -31,7 +31,7 @@ WORKERS = 4
 SPAN_BYTES = 32 << 20
 # Chunks cut but not yet recorded by the session's thread (bounds memory).
 QUEUE_CHUNKS = 8
-_DONE = ("", b"")
+_Item = tuple[str | None, bytes | BaseException | None]
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,6 @@ class LayerSource:
         self.layers = layers
         self.workers = max(1, workers)
         self.span_bytes = max(1, span_bytes)
-        self.spans_fetched = 0
 
     def plan(self, needed: Mapping[str, int]) -> list[Span]:
         spans: list[Span] = []
@@ -89,10 +88,12 @@ class LayerSource:
         spans = self.plan(needed)
         if not spans:
             return
-        cut: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=QUEUE_CHUNKS)
+        # (digest, bytes) to record; (None, None) when a span is done; (None, error) when
+        # a span failed: the session's thread raises it at once.
+        cut: queue.Queue[_Item] = queue.Queue(maxsize=QUEUE_CHUNKS)
         stop = threading.Event()
 
-        def hand_over(item: tuple[str, bytes]) -> None:
+        def hand_over(item: _Item) -> None:
             while not stop.is_set():
                 try:
                     cut.put(item, timeout=0.2)
@@ -103,32 +104,29 @@ class LayerSource:
         def fetch(span: Span) -> None:
             try:
                 self._fetch(span, sink, hand_over, stop)
-            finally:
-                hand_over(_DONE)
+            except BaseException as e:  # handed to the session's thread, raised there
+                hand_over((None, e))
+                return
+            hand_over((None, None))
 
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="oci-fetch") as pool:
-            futures: list[Future[None]] = [pool.submit(fetch, span) for span in spans]
+            for span in spans:
+                pool.submit(fetch, span)
             finished = 0
             try:
-                while finished < len(futures):
-                    digest, data = cut.get()
-                    if (digest, data) == _DONE:
+                while finished < len(spans):
+                    digest, payload = cut.get()
+                    if isinstance(payload, BaseException):
+                        raise payload
+                    if digest is None:
                         finished += 1
-                        for future in futures:
-                            if future.done() and future.exception() is not None:
-                                raise future.exception()  # type: ignore[misc]
-                        continue
-                    sink.record(digest, data)
+                    elif isinstance(payload, bytes):
+                        sink.record(digest, payload)
             finally:
-                stop.set()
-                for future in futures:
-                    future.cancel()
-        for future in futures:
-            future.result()  # a failure after the last hand-over
+                stop.set()  # the other fetchers stop at their next piece
 
-    def _fetch(self, span: Span, sink: ChunkSink, hand_over: object, stop: threading.Event
-               ) -> None:
-        assert callable(hand_over)
+    def _fetch(self, span: Span, sink: ChunkSink, hand_over: Callable[[_Item], None],
+               stop: threading.Event) -> None:
         chunks = span.chunks
         position = 0
         buf = bytearray()
@@ -144,8 +142,6 @@ class LayerSource:
                     position += 1
                     if sink.write(chunk.digest, data):
                         hand_over((chunk.digest, data))
-        if position < len(chunks):
-            # The far side stopped short: the sink's check names the chunk (TruncatedError
-            # would say the same; the session's one check decides).
+        if position < len(chunks) and not stop.is_set():
+            # The far side stopped short: the sink's one check names the chunk.
             sink.write(chunks[position].digest, bytes(buf))
-        self.spans_fetched += 1
