@@ -33,11 +33,9 @@ from bundle_helpers import NOW, build, make_sources, write_recipe
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from trust_helpers import make_root
+from trust_helpers import trusted_store
 
-from appliance.format.trust import SignedRoot
 from appliance.importer import import_media
-from appliance.store import trust_state
 
 REGISTRY_BIN = shutil.which("docker-registry")
 SKOPEO_BIN = shutil.which("skopeo")
@@ -125,12 +123,6 @@ def running_registry(base: Path) -> Iterator[RunningRegistry]:
         running.stop()
 
 
-def trusting_store(store_dir: Path, signed: SignedRoot | None = None) -> Path:
-    signed = signed or make_root()
-    trust_state.install_first_root(store_dir, signed.to_bytes(), signed.root.fingerprint, NOW)
-    return store_dir
-
-
 @dataclass(frozen=True)
 class Site:
     media: Path
@@ -144,9 +136,9 @@ def make_site(base: Path, gguf: Path, *, sequence: int = 1, random_mib: int = 2,
     recipe = write_recipe(base, files=("tiny.gguf", "weights.bin"), sequence=sequence,
                           expires_days=expires_days)
     build(base, recipe=recipe, out=f"media-{sequence}")
-    publisher = trusting_store(base / "publisher")
+    publisher = trusted_store(base / "publisher")
     import_media(publisher, [base / f"media-{sequence}"], now=NOW)
-    receiver = trusting_store(base / "receiver")
+    receiver = trusted_store(base / "receiver")
     return Site(base / f"media-{sequence}", publisher, receiver)
 
 

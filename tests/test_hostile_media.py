@@ -20,14 +20,14 @@ from pathlib import Path
 import blake3
 import pytest
 from bundle_helpers import NOW, build, make_sources, rewrite_manifest, root_file, trusted
-from trust_helpers import kid, make_root
+from trust_helpers import kid, trusted_store
 
 from appliance.bundle.media import INDEX_MAGIC
 from appliance.bundle.reader import find_volume_dirs, open_media, verify_media
 from appliance.cli.main import main
 from appliance.errors import EXIT_REFUSED, SpecialFileError, ThresholdError, UnsafePathError
 from appliance.importer import import_media
-from appliance.store import audit, trust_state
+from appliance.store import audit
 from appliance.tui import service
 
 # func_only: the bundle is built once per module, outside the limit; the reader gets 2 s.
@@ -139,7 +139,7 @@ def test_a_mount_root_with_a_fifo_named_manifest(tmp_path: Path) -> None:
 @pytest.mark.parametrize("target", ["manifest", "pack"])
 def test_import_refuses_a_fifo_and_leaves_the_store_intact(media: Path, tmp_path: Path,
                                                            target: str) -> None:
-    store = _trusting_store(tmp_path / "store")
+    store = trusted_store(tmp_path / "store")
     before = audit.verify(store)
     replace_with(media, TARGETS[target], "fifo")
     with pytest.raises(SpecialFileError):
@@ -190,12 +190,6 @@ def test_an_unsigned_huge_index_is_never_parsed(media: Path) -> None:
     assert opened.volumes[0].index.entries == ()
 
 
-def _trusting_store(store_dir: Path) -> Path:
-    signed = make_root()
-    trust_state.install_first_root(store_dir, signed.to_bytes(), signed.root.fingerprint, NOW)
-    return store_dir
-
-
 @pytest.mark.parametrize("bad", ["w" * 256 + ".bin", "nul.txt"])
 def test_a_signed_path_no_file_system_holds_is_refused_before_any_copy(
         media: Path, tmp_path: Path, bad: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -203,7 +197,7 @@ def test_a_signed_path_no_file_system_holds_is_refused_before_any_copy(
     the manifest is parsed (exit 2), with nothing staged and the refusal audited."""
     data = (media / "manifest.yaml").read_bytes().replace(b"notes.txt", bad.encode())
     rewrite_manifest(media, data)
-    store = _trusting_store(tmp_path / "store")
+    store = trusted_store(tmp_path / "store")
     with pytest.raises(UnsafePathError) as info:
         import_media(store, [media], now=NOW)
     assert type(info.value) is UnsafePathError
@@ -211,3 +205,21 @@ def test_a_signed_path_no_file_system_holds_is_refused_before_any_copy(
     assert [r.kind for r in audit.records(store)][-1] == "refusal"
     assert main(["bundle", "inspect", str(media)]) == EXIT_REFUSED
     assert "UnsafePathError" in capsys.readouterr().err
+
+
+@quick
+def test_carried_roots_are_checked_for_signatures_before_they_are_parsed(
+        media: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A carried v2 whose body is not even a trust root, signed by no trusted key, is a
+    RotationError (its signatures were checked first), not the FormatError parsing its body
+    would give; v3 after it is never read. ``bundle inspect``, which shows every carried
+    root unverified, still parses them and says FormatError."""
+    body = b"keys: [this is not a trust root\n"
+    signature = sign(private("r3"), DOMAIN_ROOT, body).to_bytes().decode().strip()
+    (media / "trust" / "root-2.yaml").write_bytes(raw_envelope(body, [signature]))
+    (media / "trust" / "root-3.yaml").write_bytes(b"\x00 not even an envelope")
+    with pytest.raises(RotationError, match="v2 has 0 valid signature") as info:
+        verify_media([media], trusted(make_root(root_keys=("r1", "r2"))), NOW)
+    assert type(info.value) is RotationError
+    assert main(["bundle", "inspect", str(media)]) == EXIT_REFUSED
+    assert "FormatError" in capsys.readouterr().err

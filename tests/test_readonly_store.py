@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from bundle_helpers import NOW, build, make_sources
 from importer_helpers import tree_digest
-from trust_helpers import make_root
+from trust_helpers import trusted_store
 
 from appliance.cli.main import main
 from appliance.errors import EXIT_ERROR, StoreError
 from appliance.importer import import_media
-from appliance.store import audit, layout, trust_state
+from appliance.store import audit, layout
 from appliance.store.records import list_models
 from appliance.store.scrub import verify_store
 
@@ -56,7 +56,7 @@ def populated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("ro")
     make_sources(base, random_mib=1)
     build(base)
-    store = _trusting_store(base / "store")
+    store = trusted_store(base / "store")
     import_media(store, [base / "media"], now=NOW)
     return store, base / "media"
 
@@ -101,7 +101,3 @@ def test_a_writable_store_is_not_read_only(tmp_path: Path) -> None:
     assert layout.read_only_reason(tmp_path / "not-yet") is None
 
 
-def _trusting_store(store_dir: Path) -> Path:
-    signed = make_root()
-    trust_state.install_first_root(store_dir, signed.to_bytes(), signed.root.fingerprint, NOW)
-    return store_dir

@@ -21,11 +21,10 @@ from torrent_helpers import (
     fetch_from,
     held,
     member,
-    new_host,
     seeded_host,
     tiny_bundle,
 )
-from trust_helpers import NOW, make_root
+from trust_helpers import NOW, make_root, trusted_store
 
 from appliance.errors import (
     IntegrityError,
@@ -84,7 +83,7 @@ def test_fetch_from_a_seeder_publishes_a_verified_model(tmp_path: Path) -> None:
     data, _ = model_torrent(seed_store, MODEL, root_cert=None)
     with Seeder(seed_store, LOOPBACK, identity=None) as seeder:
         seeder.add_published()
-        store = new_host(tmp_path / "fetcher")
+        store = trusted_store(tmp_path / "fetcher")
         result = fetch_from(store, data, [seeder])
         again = fetch_from(store, data, [seeder])
     assert result.complete and not result.present
@@ -118,7 +117,7 @@ def test_torrent_whose_bytes_differ_from_the_manifest_is_refused(tmp_path: Path)
     data = build_torrent(lying, model, carried, root_cert=None)
     with Seeder(honest, LOOPBACK, identity=None) as seeder:
         seeder.add(data, f"{MODEL}:1", lying)
-        store = new_host(tmp_path / "fetcher")
+        store = trusted_store(tmp_path / "fetcher")
         with pytest.raises(IntegrityError):
             fetch_from(store, data, [seeder])
     with pytest.raises(ModelNotFoundError):
@@ -135,7 +134,7 @@ def test_torrent_listing_other_files_than_the_manifest_is_refused_before_downloa
     model = bundle.manifest.models[0]
     fewer = replace(model, files=model.files[:1])  # one signed file left out
     data = build_torrent(layout.models_dir(honest), fewer, carried, root_cert=None)
-    store = new_host(tmp_path / "fetcher")
+    store = trusted_store(tmp_path / "fetcher")
     with pytest.raises(IntegrityError, match="do not match signed model"):
         fetch_from(store, data, [], wait=30.0)  # no seeder: refused before asking anyone
     assert not (store / "torrent-scratch").exists()
@@ -171,7 +170,7 @@ def test_ssl_torrent_members_fetch_and_a_non_member_is_refused(tmp_path: Path) -
     impostor = TorrentIdentity(outsider.cert_pem, outsider.key_pem, seeder_id.ca_pem)
     with Seeder(seed_store, replace(LOOPBACK), identity=seeder_id) as seeder:
         seeder.add_published()
-        refused = new_host(tmp_path / "outsider-store")
+        refused = trusted_store(tmp_path / "outsider-store")
         with pytest.raises(PeerError, match="no torrent peer delivered"):
             fetch_from(refused, data, [seeder], identity=impostor, wait=3.0)
         assert list_models(refused) == []
@@ -180,7 +179,7 @@ def test_ssl_torrent_members_fetch_and_a_non_member_is_refused(tmp_path: Path) -
         with pytest.raises(UsageError, match="another site's CA"):
             fetch_from(refused, data, [seeder], identity=load_torrent_identity(
                 tmp_path / "tls-outsider"))
-        store = new_host(tmp_path / "member-store")
+        store = trusted_store(tmp_path / "member-store")
         result = fetch_from(store, data, [seeder], identity=fetcher_id)
     assert result.complete and verify_store(store).ok
 
@@ -192,14 +191,14 @@ def test_plaintext_torrent_needs_insecure(tmp_path: Path) -> None:
     data, _ = model_torrent(seeded_host(tmp_path / "seed", tiny_bundle()), MODEL,
                             root_cert=None)
     with pytest.raises(UsageError, match="plaintext"):
-        fetch_from(new_host(tmp_path / "f"), data, [], identity=identity)
+        fetch_from(trusted_store(tmp_path / "f"), data, [], identity=identity)
 
 
 def test_a_peer_sending_corrupt_pieces_is_banned_and_nothing_lands(tmp_path: Path) -> None:
     bundle = tiny_bundle()
     seed_store = seeded_host(tmp_path / "seed", bundle)
     data, _ = model_torrent(seed_store, MODEL, root_cert=None)
-    store = new_host(tmp_path / "fetcher")
+    store = trusted_store(tmp_path / "fetcher")
     notes: list[str] = []
     with LyingPeer(lt.torrent_info(data)) as liar:
         with pytest.raises(PeerError, match="no torrent peer delivered"):
@@ -219,7 +218,7 @@ def test_fetch_by_magnet_gets_the_signed_manifest_from_the_swarm(tmp_path: Path)
     seed_store = seeded_host(tmp_path / "seed", bundle)
     with Seeder(seed_store, LOOPBACK, identity=None) as seeder:
         (seeded,) = seeder.add_published()
-        store = new_host(tmp_path / "fetcher")
+        store = trusted_store(tmp_path / "fetcher")
         result = fetch_from(store, seeded.magnet, [seeder])
     assert result.complete and result.infohash == seeded.infohash
     assert verify_store(store).ok
@@ -235,7 +234,7 @@ def test_fetch_killed_with_sigkill_resumes(tmp_path: Path) -> None:
     data, _ = model_torrent(seed_store, MODEL, root_cert=None)
     torrent_file = tmp_path / "tiny.torrent"
     torrent_file.write_bytes(data)
-    store = new_host(tmp_path / "fetcher")
+    store = trusted_store(tmp_path / "fetcher")
     with Seeder(seed_store, LOOPBACK, identity=None) as seeder:
         seeder.add_published()
         seeder.set_upload_rate(600_000)

@@ -1,6 +1,6 @@
 """Helpers for the torrent tests: a site's stores, a seeder on loopback, a fetch to it.
 
-Hosts are real stores with the site's trust root (``new_host``), seeded the way an
+Hosts are real stores with the site's trust root (``trusted_store``), seeded the way an
 import does (``peer_helpers.seed``); swarms are real libtorrent sessions on 127.0.0.1 with LSD
 and DHT off (a test contacts no other address), peers given as a static list.
 """
@@ -18,10 +18,9 @@ from typing import Protocol
 
 import libtorrent as lt
 from peer_helpers import Bundle, make_bundle, model_bytes, seed
-from trust_helpers import NOW, make_root
+from trust_helpers import NOW, trusted_store
 
 from appliance.peer import tls
-from appliance.store import trust_state
 from appliance.store.store import Store
 from appliance.torrent.certs import TorrentIdentity, enroll_torrent, load_torrent_identity
 from appliance.torrent.fetch import FetchOptions, FetchResult, fetch
@@ -37,15 +36,8 @@ def tiny_bundle(size: int = 300_000, *, seed_value: int = 1) -> Bundle:
                                 "notes/readme.txt": b"tiny model for torrent tests\n" * 40}})
 
 
-def new_host(store_dir: Path) -> Path:
-    """A store trusting the site's root (``make_root()``), installed at ``NOW``."""
-    signed = make_root()
-    trust_state.install_first_root(store_dir, signed.to_bytes(), signed.root.fingerprint, NOW)
-    return store_dir
-
-
 def seeded_host(base: Path, bundle: Bundle) -> Path:
-    store = new_host(base)
+    store = trusted_store(base)
     seed(store, bundle)
     return store
 
