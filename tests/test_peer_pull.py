@@ -26,7 +26,7 @@ from peer_helpers import (
     seed,
     start_server,
 )
-from trust_helpers import DAY, NOW, trusted_store
+from trust_helpers import DAY, NOW, make_root, trusted_store
 
 from appliance.errors import (
     ExpiredError,
@@ -476,3 +476,25 @@ def test_raising_from_progress_cancels_and_the_pull_resumes(
     [result] = pull(b, [clients(a.url)], ["tiny"], options=FAST, now=NOW)
     expect_model(b, two_models)
     assert 0 < result.bytes_fetched < result.bytes_total
+
+
+def test_a_key_revoked_while_the_pull_runs_cannot_publish(
+        tmp_path: Path, two_models: Bundle, servers, clients) -> None:
+    """Issue 14 item 6: the pull checks trust again before publishing, as an import does."""
+    a = servers(seeded(tmp_path, "a", two_models))
+    b = trusted_store(tmp_path / "b")
+    revoked = make_root(version=2, publishers={"p2": ("*",)})  # the manifest's p1 is gone
+    rotated: list[int] = []
+
+    def rotate_midway(done: int, total: int) -> None:
+        if done and not rotated:
+            trust_state.update_root(b, [revoked], NOW)
+            rotated.append(done)
+
+    with pytest.raises(ThresholdError) as info:
+        pull(b, [clients(a.url)], ["tiny"], options=FAST, now=NOW, progress=rotate_midway)
+    assert type(info.value) is ThresholdError and rotated
+    assert list_models(b) == []
+    assert [r.kind for r in audit.records(b)][-2:] == ["trust-update", "refusal"]
+    assert verify_store(b).ok
+    no_bad_chunk_in(b, two_models)
