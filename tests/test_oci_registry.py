@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import signal
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -32,13 +33,20 @@ from oci_helpers import (
 from trust_helpers import sign_manifest
 
 from appliance.cli.main import main
-from appliance.errors import IntegrityError, RollbackError, SignatureError, ThresholdError
+from appliance.errors import (
+    ExpiredError,
+    IntegrityError,
+    RollbackError,
+    SignatureError,
+    ThresholdError,
+)
 from appliance.importer import import_media
 from appliance.oci import mapping
 from appliance.oci.layout import OciLayout
 from appliance.oci.pull import pull
 from appliance.oci.push import PushResult, media_model, push, store_model
 from appliance.oci.registry import Registry, parse_reference
+from appliance.store import audit
 from appliance.store.records import list_models
 
 pytestmark = needs_registry
@@ -214,3 +222,34 @@ def test_layout_written_by_push_is_a_valid_layout_for_skopeo(
         return
     raw = json.loads(skopeo("inspect", "--raw", f"oci:{tmp_path / 'layout'}:q4").stdout)
     assert raw["artifactType"] == mapping.MODEL_ARTIFACT
+
+
+def test_a_forged_referrer_beside_the_honest_one_does_not_block_the_pull(
+        tmp_path: Path, tiny_gguf: Path, registry: RunningRegistry) -> None:
+    site = make_site(tmp_path, tiny_gguf)
+    honest = store_model(site.publisher, MODEL)
+    forged = dataclasses.replace(honest, signatures=tuple(
+        sign_manifest(honest.manifest_bytes, "mallory")))
+    with _registry(registry) as target:
+        first = push(forged, target, "q4")
+        second = push(honest, target, "q4")
+        assert first.manifest_digest == second.manifest_digest
+        assert first.signature_digest != second.signature_digest
+        result = pull(site.receiver, target, "q4", now=NOW)
+    assert result.signature_digest == second.signature_digest
+    assert _published(site.receiver) == [MODEL]
+
+
+def test_an_expired_bundle_needs_the_audited_override(
+        tmp_path: Path, tiny_gguf: Path, registry: RunningRegistry) -> None:
+    site = make_site(tmp_path, tiny_gguf, expires_days=30)
+    _push_store(site.publisher, registry)
+    later = NOW + timedelta(days=60)
+    with _registry(registry) as target:
+        with pytest.raises(ExpiredError):
+            pull(site.receiver, target, "q4", now=later)
+        result = pull(site.receiver, target, "q4", now=later, allow_expired=True,
+                      reason="site clock test")
+    assert result.expired_override and result.complete
+    kinds = [r.kind for r in audit.records(site.receiver)]
+    assert "override" in kinds and "refusal" in kinds
