@@ -18,7 +18,7 @@ from typing import Protocol
 
 import libtorrent as lt
 from peer_helpers import Bundle, make_bundle, model_bytes, seed
-from trust_helpers import NOW, trusted_store
+from trust_helpers import DAY, NOW, trusted_store
 
 from appliance.peer import tls
 from appliance.store.store import Store
@@ -30,10 +30,12 @@ LOOPBACK = SwarmOptions(listen="127.0.0.1:0", lsd=False, dht=False)
 MODEL = "org/tiny"
 
 
-def tiny_bundle(size: int = 300_000, *, seed_value: int = 1) -> Bundle:
-    """One model, two files (one spans several pieces and chunks, one is small)."""
+def tiny_bundle(size: int = 300_000, *, seed_value: int = 1, now: datetime = NOW) -> Bundle:
+    """One model, two files (one spans several pieces and chunks, one is small), signed at
+    ``now`` (the CLI's real clock when a test runs the CLI)."""
     return make_bundle({MODEL: {"weights.bin": model_bytes(seed_value, size),
-                                "notes/readme.txt": b"tiny model for torrent tests\n" * 40}})
+                                "notes/readme.txt": b"tiny model for torrent tests\n" * 40}},
+                       created=now - DAY, expires=now + 30 * DAY)
 
 
 def seeded_host(base: Path, bundle: Bundle) -> Path:

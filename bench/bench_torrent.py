@@ -1,0 +1,154 @@
+"""Site fan-out over BitTorrent v2: libtorrent swarm vs our peer swarm vs one central server.
+
+The same set-up as ``bench_fanout`` and its helpers (one seed and N hosts in test-made network
+namespaces, every veth capped with ``tc`` at ``RATE_MBIT`` both ways, a generated 1 MiB-tensor
+GGUF imported into the seed's store, real ``appliance`` CLI processes, plaintext, no mDNS, no
+LSD, no DHT: nothing leaves the namespaces). Measured from the first process start to the last
+process exit, every host ending with the model verified and published in its store:
+
+- T1: one host pulls the model from the seed alone (``peer pull``): one transfer.
+- Tc: N hosts pull at once from the seed only (one central server).
+- Ts: our peer swarm (``peer serve`` on every host, ``peer pull`` from all of them).
+- Tt: the torrent swarm: the seed runs ``torrent seed``, the N hosts run ``torrent fetch`` at
+  once with the seed and every other host as static peers. A host stops uploading when its
+  fetch exits (a leecher leaving), so the last hosts lean on the seed more.
+
+Aim: Tt <= 1.3 x T1 at N = 8.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from appliance.importer import import_media
+from appliance.store import trust_state
+from appliance.store.records import get_model
+from appliance.testlan import Lan
+from bench.bench_fanout import (
+    APPLIANCE,
+    FULL_MIB,
+    MODEL,
+    QUICK_MIB,
+    RATE_MBIT,
+    Phase,
+    _central,
+    _single,
+    _Site,
+    _swarm,
+    _weights_gguf,
+)
+from bench.harness import BenchContext, Comparison
+from bench.signed_bundle import prepare
+
+TORRENT_PORT = 6881
+
+
+def _torrent(site: _Site, seed: Path, torrent: Path, n: int) -> Phase:
+    lan = site.lan
+    seeder = subprocess.Popen(
+        lan.command(0, [APPLIANCE, "--store", str(seed), "torrent", "seed", "--insecure",
+                        "--no-lsd", "--listen", f"{lan.addresses[0]}:{TORRENT_PORT}"]),
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    site.procs.append(seeder)
+    stores = {h: site.new_store(f"torrent-{h}") for h in range(1, n + 1)}
+    try:
+        assert seeder.stdout is not None
+        for line in seeder.stdout:
+            if line.startswith("listening"):
+                break
+        else:
+            raise RuntimeError("torrent seed did not start")
+        start = time.perf_counter()
+        running = {}
+        for host, store in stores.items():
+            peers = [arg for other in (0, *stores) if other != host
+                     for arg in ("--peer", f"{lan.addresses[other]}:{TORRENT_PORT}")]
+            log = (site.work / f"torrent-{host}.log").open("w")
+            running[host] = subprocess.Popen(
+                lan.command(host, [APPLIANCE, "--store", str(store), "torrent", "fetch",
+                                   str(torrent), "--insecure", "--no-lsd", "--timeout", "60",
+                                   "--listen", f"{lan.addresses[host]}:{TORRENT_PORT}",
+                                   *peers]),
+                stdout=log, stderr=subprocess.STDOUT, text=True,
+            )
+            log.close()
+            site.procs.append(running[host])
+        for proc in running.values():
+            proc.wait(timeout=600)
+        seconds = time.perf_counter() - start
+        for host, proc in running.items():
+            site.procs.remove(proc)
+            if proc.returncode != 0:
+                out = (site.work / f"torrent-{host}.log").read_text()
+                raise RuntimeError(f"torrent fetch in {lan.hosts[host]} failed: {out[-2000:]}")
+            model = get_model(stores[host], MODEL)
+            if sum(f.size for f in model.files) != site.setup.size:
+                raise RuntimeError(f"{lan.hosts[host]} holds the wrong size")
+        return Phase(seconds, 0, 0)
+    finally:
+        site.stop(seeder)
+        for store in stores.values():
+            shutil.rmtree(store, ignore_errors=True)
+
+
+def run(ctx: BenchContext) -> list[Comparison]:
+    why = Lan.available()
+    if why is not None:
+        print(f"    skipped: {why}", flush=True)
+        return []
+    work = ctx.workdir / "bench_torrent"
+    work.mkdir(parents=True, exist_ok=True)
+    weights = _weights_gguf(work / "weights.gguf", QUICK_MIB if ctx.quick else FULL_MIB)
+    setup = prepare(dataclasses.replace(ctx, model_path=weights), work, generated_mib=(0, 0),
+                    model_when_quick=True)
+    media = work / "media"
+    setup.build(media)
+    seed = work / "seed"
+    trust_state.install_first_root(seed, setup.root_bytes, setup.fingerprint, setup.now)
+    import_media(seed, [media], now=setup.now)
+    shutil.rmtree(media)
+    torrent = work / "bench.torrent"
+    subprocess.run([APPLIANCE, "--store", str(seed), "torrent", "make", MODEL, "--insecure",
+                    "-o", str(torrent)], check=True, capture_output=True)
+    sizes = (4,) if ctx.quick else (4, 8)
+    lan = Lan(1 + max(sizes), rate=f"{RATE_MBIT}mbit", both_ways=True,
+              prefix=f"aptt-{os.getpid()}-")
+    site = _Site(lan, setup, work)
+    try:
+        site.serve(0, seed)
+        single = _single(site)
+        phases = {n: (_central(site, n), _swarm(site, n), _torrent(site, seed, torrent, n))
+                  for n in sizes}
+    finally:
+        site.close()
+        lan.close()
+    t1 = single.seconds
+    mb = setup.size / 1e6
+    link = f"{RATE_MBIT} Mbit/s per link each way (tc tbf), plaintext"
+    print(f"    T1 = {t1:.1f} s (single transfer, {mb:.0f} MB, {link})", flush=True)
+    rows = []
+    for n, (central, swarm, tor) in phases.items():
+        tc, ts, tt = central.seconds, swarm.seconds, tor.seconds
+        print(f"    N={n}: Tt (torrent) = {tt:.1f} s ({tt / t1:.2f}x T1), Ts (peer swarm) = "
+              f"{ts:.1f} s ({ts / t1:.2f}x T1), Tc (central) = {tc:.1f} s "
+              f"({tc / t1:.2f}x T1)", flush=True)
+        times = f"T1 {t1:.1f} s, Tt {tt:.1f} s, Ts {ts:.1f} s, Tc {tc:.1f} s; {link}"
+        rows.append(Comparison(
+            f"torrent fan-out N={n} time / single transfer (generated, {mb:.0f} MB)",
+            "MB/s per host", mb / tt, mb / t1,
+            "one host alone: appliance peer pull --from SEED",
+            f"Tt/T1 = {tt / t1:.2f} (aim <= 1.3), peer swarm Ts/T1 = {ts / t1:.2f}, "
+            f"central Tc/T1 = {tc / t1:.2f}; {times}",
+        ))
+        rows.append(Comparison(
+            f"torrent vs peer swarm, fan-out N={n} (generated, {mb:.0f} MB)",
+            "MB/s delivered", n * mb / tt, n * mb / ts,
+            "appliance peer serve + peer pull on every host (our swarm)", times,
+        ))
+    return rows
