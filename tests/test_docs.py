@@ -9,12 +9,8 @@ from __future__ import annotations
 import ast
 import io
 import re
-import shutil
-import subprocess
 import tokenize
 from pathlib import Path
-
-import pytest
 
 from appliance.limits import MIN_COMPRESSION_SAVING
 from appliance.peer.protocol import DEFAULT_PORT
@@ -134,11 +130,3 @@ def test_tui_help_names_each_step_by_its_screen_key() -> None:
     assert [title for _, title in steps] == ["Media", "Inspect", "Import", "Models", "Serve"]
     assert [(key, PANES[int(key) - 1].TITLE) for key, _ in steps] == steps
 
-
-def test_build_outputs_are_not_tracked() -> None:
-    """Issue 13: appliance.egg-info (pip's build output) was committed and went stale."""
-    if shutil.which("git") is None or not (REPO / ".git").exists():
-        pytest.skip("not a git checkout")
-    tracked = subprocess.run(["git", "ls-files", "--", "*.egg-info/*", "build", "dist"],
-                             cwd=REPO, capture_output=True, text=True, check=True).stdout
-    assert tracked == ""
