@@ -22,7 +22,7 @@ are never imported.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -35,6 +35,7 @@ from appliance.errors import (
     LimitExceededError,
     RefusalError,
     SignatureError,
+    StoreError,
     UsageError,
 )
 from appliance.format.manifest import ModelEntry
@@ -210,7 +211,7 @@ def pull(
 
     # The session builds the source (step 2 of appliance.store.ingest) before it reads
     # ``models`` (step 3), so the model the signed manifest holds lands here in time.
-    chosen: list[ModelEntry] = []
+    chosen = _ChosenAfterSource()
     result: list[OciPullResult] = []
 
     def summary(outcome: IngestOutcome) -> dict[str, Any]:
@@ -234,6 +235,17 @@ def pull(
                     summary=summary)
     return result[0]
 
+
+
+class _ChosenAfterSource(list[ModelEntry]):
+    """The models to ingest, known only once the session authenticated the manifest; read
+    before that (a session that planned before building its source), it refuses rather than
+    ingest nothing and call it complete."""
+
+    def __iter__(self) -> Iterator[ModelEntry]:
+        if not len(self):
+            raise StoreError("the ingest session read the models before building the source")
+        return super().__iter__()
 
 
 def _result(target: Target, outcome: IngestOutcome, digest: str, referrer: str,
