@@ -17,8 +17,9 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import ProgressBar, Static
 
+from appliance.bundle.parity import import_media_with_parity
 from appliance.errors import ExpiredError
-from appliance.importer import ImportResult, import_media
+from appliance.importer import ImportResult
 from appliance.tui import service
 from appliance.tui.base import Field, PromptScreen, StoreChanged, TuiContext, VolumePane
 from appliance.tui.explain import explain
@@ -84,7 +85,7 @@ class ImportPane(VolumePane):
         self.query_one("#import-rate", Static).update("")
         self.start_job(
             "import",
-            lambda job: import_media(store, list(paths), now=now,
+            lambda job: import_media_with_parity(store, list(paths), now=now,
                                      allow_expired=reason is not None, reason=reason,
                                      progress=job.progress),
             self._done, failed=self._failed,
@@ -127,6 +128,8 @@ class ImportPane(VolumePane):
             lines.append("next: Models (4) lists it; Serve (6) starts it and lets you try it")
         if result.expired_override:
             lines.append("expired bundle accepted: your reason is in the audit log")
+        if result.rebuilt:
+            lines.append(f"rebuilt from parity: {', '.join(result.rebuilt)}")
         self.query_one("#import-result", Static).update("\n".join(lines))
         self.notify("import finished" if result.complete else "import partial")
         self.post_message(StoreChanged())

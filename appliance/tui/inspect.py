@@ -155,6 +155,8 @@ class InspectPane(VolumePane):
     def _verified(self, report: VerifyReport) -> None:
         self.verified = report
         self._show_volumes(report.stored_bytes)
+        if report.rebuilt:
+            self.notify(f"rebuilt from parity: {', '.join(report.rebuilt)}")
         if report.complete:
             self.notify("every byte verified: press i to import")
         else:

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from appliance.bundle.media import MANIFEST_NAME
+from appliance.bundle.parity import verify_media_with_parity
 from appliance.bundle.reader import (
     AuthenticatedBundle,
     Media,
     VerifyReport,
     open_media,
-    verify_media,
 )
 from appliance.errors import ApplianceError, AuditChainError, NoTrustRootError, UsageError
 from appliance.format.manifest import Manifest
@@ -266,7 +266,8 @@ def verify(store_dir: Path, paths: Sequence[Path], now: datetime, *,
            progress: Progress | None = None, allow_expired: bool = False) -> VerifyReport:
     """Every byte of the volumes given, against the store's trust root."""
     root = trust_state.require_root(store_dir)
-    return verify_media(list(paths), root, now, progress=progress, allow_expired=allow_expired)
+    return verify_media_with_parity(list(paths), root, now, progress=progress,
+                                    allow_expired=allow_expired)
 
 
 def per_volume(done: int, sizes: Sequence[tuple[str, int]]) -> list[tuple[str, int, int]]:
