@@ -28,7 +28,9 @@ import blake3
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.bundle.media import INDEX_NAME, MANIFEST_NAME, SIGNATURES_DIR, TRUST_DIR
-from appliance.format.signing import DOMAIN_MANIFEST, sign
+from appliance.format import yamlsafe
+from appliance.format.signing import DOMAIN_MANIFEST, DOMAIN_ROOT, key_id, public_bytes, sign
+from appliance.format.trust import ROOT_FORMAT
 from appliance.limits import DEFAULT_LIMITS, MiB
 from bench.harness import BenchContext
 from bench.signed_bundle import prepare
@@ -138,6 +140,33 @@ def _many_signatures(volume: Path) -> str:
     return f"{count} signature files, none valid"
 
 
+def _forged_roots(volume: Path) -> str:
+    """Carried roots v2..v33, each a well-formed 1 MiB root (256 keys, 60 patterns per
+    publisher key) signed by keys nobody trusts. Parsing one costs about a second, so a
+    reader that parsed them before checking who signed them would spend half a minute."""
+    keys = [Ed25519PrivateKey.generate() for _ in range(256)]
+    ids = [key_id(public_bytes(k)) for k in keys]
+    patterns = [f"org-{j:02d}/model-family-{j:02d}-*-quantized-variant-{j:02d}" for j in range(60)]
+    body = yamlsafe.dump({
+        "format": ROOT_FORMAT, "version": 2, "created": "2026-01-01T00:00:00Z",
+        "expires": "2099-01-01T00:00:00Z",
+        "keys": {kid: {"name": f"key-{i}", "public": public_bytes(k).hex()}
+                 for i, (kid, k) in enumerate(zip(ids, keys, strict=True))},
+        "roles": {"root": {"threshold": 1, "keys": sorted(ids[:4])},
+                  "publisher": {"threshold": 1, "keys": sorted(ids[4:]),
+                                "models": {kid: patterns for kid in ids[4:]}}},
+    })
+    for version in range(2, 34):
+        text = body.replace(b"version: 2\n", f"version: {version}\n".encode())
+        sig = sign(keys[0], DOMAIN_ROOT, text).to_bytes().decode().strip()
+        lines = ["format: appliance-signed-root/1", "signed: |",
+                 *(f"  {line}" for line in text.decode().rstrip("\n").split("\n")),
+                 "signatures:", f"- {sig}"]
+        (volume / TRUST_DIR / f"root-{version}.yaml").write_text("\n".join(lines) + "\n")
+    size = (volume / TRUST_DIR / "root-2.yaml").stat().st_size
+    return f"32 carried roots of {size / MiB:.1f} MiB each, signed by keys nobody trusts"
+
+
 def _deep_trust_root(volume: Path) -> str:
     size = DEFAULT_LIMITS.max_trust_root_bytes
     (volume / TRUST_DIR / "root-2.yaml").write_bytes(b"[" * size)
@@ -166,6 +195,7 @@ _CASES = (
     (_huge_index, "verify"),
     (_huge_manifest, "verify"),
     (_many_signatures, "verify"),
+    (_forged_roots, "verify"),
     (_deep_trust_root, "verify"),
     (_deep_manifest, "inspect"),
     (_fifo_manifest, "verify"),

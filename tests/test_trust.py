@@ -40,8 +40,11 @@ from appliance.format.trust import (
     check_fingerprint,
     check_publisher_scope,
     check_rollback,
+    check_same_root,
     encode_envelope,
+    next_root,
     normalize_fingerprint,
+    parse_envelope,
     parse_root_body,
     parse_signed_root,
     pattern_matches,
@@ -276,6 +279,35 @@ def test_walk_refuses_fork_at_trusted_version() -> None:
     other_v1 = make_root(publishers={"p1": ("*",)})
     with pytest.raises(RotationError):
         walk_chain(v1.root, [other_v1], NOW)
+
+
+def test_next_root_checks_signatures_before_it_parses_the_body() -> None:
+    v1 = make_root()
+    v2 = make_root(version=2, root_keys=("r1", "r2", "r4"), sign_with=("r1", "r2", "r4"))
+    assert next_root(v1.root, v2.to_bytes(), 2) == v2
+    # A body that is not even a trust root, signed by no key of v1: refused for the
+    # signatures (RotationError), never parsed (which would be a FormatError).
+    junk = b"keys: [not a root\n"
+    forged = raw_envelope(junk, [sign(private("x9"), DOMAIN_ROOT, junk).to_bytes().decode()])
+    with pytest.raises(RotationError, match="v2 has 0 valid signature") as info:
+        next_root(v1.root, forged, 2)
+    assert type(info.value) is RotationError
+    assert parse_envelope(forged)[0] == junk  # the envelope alone is fine
+    with pytest.raises(FormatError):
+        parse_signed_root(forged)
+    # Signed by v1's keys, but not by a threshold of its own: still refused by rotate_to.
+    v2_short = make_root(version=2, root_keys=("r4", "r5", "r6"), sign_with=("r1", "r2", "r4"))
+    with pytest.raises(RotationError):
+        next_root(v1.root, v2_short.to_bytes(), 2)
+    with pytest.raises(RotationError, match="v2 is missing"):
+        next_root(v1.root, v2.to_bytes(), 3)
+
+
+def test_check_same_root_catches_a_fork_from_the_body_alone() -> None:
+    v1 = make_root()
+    check_same_root(v1.root, 1, v1.body)
+    with pytest.raises(RotationError, match="differs from the trusted v1"):
+        check_same_root(v1.root, 1, make_root(publishers={"p1": ("*",)}).body)
 
 
 def test_intermediate_expired_roots_are_fine_newest_must_not_be() -> None:

@@ -7,10 +7,10 @@ chunk list. Chunks are only ever returned after their BLAKE3 matched the manifes
 
 Public API (used by the importer, peers and the CLI):
 
-- ``open_media(volume_dirs, limits) -> Media``: reads manifest, signatures, carried chain and
-  the head of each volume's index (``parse_index_head``); no trust decision, no index entry
-  and no chunk read yet. A directory may be a volume or a media directory holding ``vol-NNN``
-  volumes.
+- ``open_media(volume_dirs, limits) -> Media``: reads manifest, signatures and the head of
+  each volume's index (``parse_index_head``), and lists the carried trust roots; no trust
+  decision, no root body, no index entry and no chunk read yet. A directory may be a
+  volume or a media directory holding ``vol-NNN`` volumes.
 - ``Media.authenticate(trusted_root, now, *, allow_expired=False) -> AuthenticatedBundle``:
   ``appliance.authenticate.authenticate_manifest`` over what the volumes carry, then each
   volume's full index, read and parsed only now, against the signed chunk list
@@ -24,20 +24,24 @@ Public API (used by the importer, peers and the CLI):
 
 Work before authentication is bounded whatever the media holds: files are read with caps,
 every file is refused unless it is a regular file (``SpecialFileError``: a FIFO cannot block,
-/dev/zero cannot be read without end), and an index's entries, which may be millions, are not
-read until the signatures met their threshold and the signed manifest says how many to expect.
+/dev/zero cannot be read without end), a carried root's body is parsed only once a trusted
+root's keys signed it (``walk_carried_roots``), and an index's entries, which may be millions,
+are not read until the signatures met their threshold and the signed manifest says how many
+to expect.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import re
 import stat
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
@@ -78,12 +82,21 @@ from appliance.format.manifest import (
     parse_manifest,
 )
 from appliance.format.signing import Signature
-from appliance.format.trust import SignedRoot, TrustRoot, parse_signed_root
+from appliance.format.trust import (
+    SignedRoot,
+    TrustRoot,
+    check_same_root,
+    next_root,
+    parse_envelope,
+    parse_signed_root,
+)
 from appliance.fsutil import open_regular, pread_exact, read_capped
 from appliance.limits import DEFAULT_LIMITS, Limits
 
+_ROOT_FILE = re.compile(r"root-([1-9][0-9]{0,17})\.yaml")
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, slots=True)
 class ChunkLocation:
     """Where a stored chunk sits: volume name, pack file, offset, stored bytes, compressed."""
 
@@ -96,12 +109,20 @@ class ChunkLocation:
 
 @dataclass(frozen=True)
 class Volume:
-    """One volume. Until ``Media.authenticate``, ``index`` is the head only (no entries)."""
+    """One volume. Until ``Media.authenticate``, ``index`` is the head only (no entries), and
+    the carried roots are only listed (``root_files``: version, path)."""
 
     path: Path
     index: VolumeIndex
     signatures: tuple[Signature, ...]
-    chain: tuple[SignedRoot, ...]
+    root_files: tuple[tuple[int, Path], ...]
+    limits: Limits = field(default=DEFAULT_LIMITS, compare=False)
+
+    @functools.cached_property
+    def chain(self) -> tuple[SignedRoot, ...]:
+        """Every carried root, read and parsed (no trust implied): for showing what the
+        media says and for use after authentication, which walks them lazily instead."""
+        return _read_chain(self.path, self.limits)
 
     @property
     def name(self) -> str:
@@ -155,7 +176,8 @@ def _read_signatures(volume_dir: Path, limits: Limits) -> tuple[Signature, ...]:
     return tuple(signatures)
 
 
-def _read_chain(volume_dir: Path, limits: Limits) -> tuple[SignedRoot, ...]:
+def _list_chain(volume_dir: Path, limits: Limits) -> tuple[tuple[int, Path], ...]:
+    """(version, path) of each carried root, from the names alone: nothing is read yet."""
     trust_dir = volume_dir / TRUST_DIR
     try:
         names = [n for n in os.listdir(trust_dir) if n.endswith(".yaml") and n[0] != "."]
@@ -165,14 +187,60 @@ def _read_chain(volume_dir: Path, limits: Limits) -> tuple[SignedRoot, ...]:
         raise MediaError(f"cannot list {trust_dir}: {e}") from e
     if len(names) > limits.max_trust_chain_length:
         raise LimitExceededError(f"{trust_dir} holds {len(names)} roots, over the cap")
-    roots = []
+    files = []
     for name in names:
-        data = read_capped(trust_dir / name, limits.max_trust_root_bytes, f"trust root {name}")
-        signed = parse_signed_root(data, limits)
-        if name != f"root-{signed.root.version}.yaml":
-            raise FormatError(f"{trust_dir / name} holds trust root v{signed.root.version}")
-        roots.append(signed)
-    return tuple(sorted(roots, key=lambda r: r.root.version))
+        match = _ROOT_FILE.fullmatch(name)
+        if match is None:
+            raise FormatError(f"{trust_dir / name} is not named root-<version>.yaml")
+        files.append((int(match.group(1)), trust_dir / name))
+    _refuse_special([path for _, path in files], f"{volume_dir.name}: a carried trust root")
+    return tuple(sorted(files))
+
+
+def _read_root(path: Path, limits: Limits) -> bytes:
+    return read_capped(path, limits.max_trust_root_bytes, f"trust root {path.name}")
+
+
+def _parse_root(path: Path, version: int, data: bytes, limits: Limits) -> SignedRoot:
+    signed = parse_signed_root(data, limits)
+    if signed.root.version != version:
+        raise FormatError(f"{path} holds trust root v{signed.root.version}")
+    return signed
+
+
+def _read_chain(volume_dir: Path, limits: Limits) -> tuple[SignedRoot, ...]:
+    """Every root one volume carries, read and parsed, ascending (no trust implied)."""
+    return tuple(_parse_root(path, version, _read_root(path, limits), limits)
+                 for version, path in _list_chain(volume_dir, limits))
+
+
+def walk_carried_roots(root_files: Iterable[tuple[int, Path]], trusted: TrustRoot,
+                       limits: Limits = DEFAULT_LIMITS) -> tuple[SignedRoot, ...]:
+    """The carried roots (``(version, path)`` from any number of volumes) from ``trusted``'s
+    version up, each read and parsed only once the one before it is trusted and a threshold
+    of that one's root keys signed its body (``next_root``): roots no trusted key signed cost
+    a signature check, not a parse, and older versions are not read at all. Copies of one
+    version must be byte-identical. ``authenticate_manifest`` walks the result again (expiry,
+    the same rules), so this only bounds the work done before trust is established."""
+    by_version: dict[int, list[Path]] = {}
+    for version, path in root_files:
+        by_version.setdefault(version, []).append(path)
+    chain: list[SignedRoot] = []
+    current = trusted
+    for version in sorted(v for v in by_version if v >= trusted.version):
+        paths = by_version[version]
+        data = _read_root(paths[0], limits)
+        for other in paths[1:]:
+            if _read_root(other, limits) != data:
+                raise FormatError(f"volumes carry two different trust roots v{version}")
+        if version == trusted.version:
+            check_same_root(trusted, version, parse_envelope(data, limits)[0])
+            chain.append(_parse_root(paths[0], version, data, limits))
+            continue
+        signed = next_root(current, data, version, limits)
+        chain.append(signed)
+        current = signed.root
+    return tuple(chain)
 
 
 def _read_index_head(volume_dir: Path, limits: Limits) -> VolumeIndex:
@@ -189,10 +257,11 @@ def _read_index_head(volume_dir: Path, limits: Limits) -> VolumeIndex:
     return parse_index_head(head, size, limits, where=what)
 
 
-def _check_packs_are_files(volume: Volume) -> None:
-    """A pack that exists must be a regular file: refused before anything opens it."""
-    for number in range(1, len(volume.index.pack_sizes) + 1):
-        path = volume.pack_path(number)
+def _refuse_special(paths: Iterable[Path], what: str) -> None:
+    """Each of ``paths`` that exists must be a regular file: ``SpecialFileError`` otherwise,
+    decided by ``stat`` alone (a FIFO is never opened). Files read later are checked again
+    when opened (``fsutil.open_regular``); this makes ``open_media`` refuse them up front."""
+    for path in paths:
         try:
             mode = os.stat(path).st_mode
         except FileNotFoundError:
@@ -200,7 +269,12 @@ def _check_packs_are_files(volume: Volume) -> None:
         except OSError as e:
             raise MediaError(f"cannot stat {path}: {e}") from e
         if not stat.S_ISREG(mode):
-            raise SpecialFileError(f"{volume.name}: {path} is not a regular file")
+            raise SpecialFileError(f"{what} ({path}) is not a regular file")
+
+
+def _check_packs_are_files(volume: Volume) -> None:
+    _refuse_special((volume.pack_path(n) for n in range(1, len(volume.index.pack_sizes) + 1)),
+                    f"{volume.name}: a pack")
 
 
 def open_volume(volume_dir: Path, limits: Limits = DEFAULT_LIMITS) -> tuple[bytes, Volume]:
@@ -209,7 +283,7 @@ def open_volume(volume_dir: Path, limits: Limits = DEFAULT_LIMITS) -> tuple[byte
                            f"manifest of {volume_dir}")
     volume = Volume(path=volume_dir, index=_read_index_head(volume_dir, limits),
                     signatures=_read_signatures(volume_dir, limits),
-                    chain=_read_chain(volume_dir, limits))
+                    root_files=_list_chain(volume_dir, limits), limits=limits)
     _check_packs_are_files(volume)
     return manifest, volume
 
@@ -283,7 +357,9 @@ class Media:
         Raises RotationError, ExpiredError, ThresholdError, ScopeError, FormatError (also
         when a volume's index disagrees with the signed chunk list).
         """
-        bundle = authenticate_manifest(self.manifest_bytes, self.signatures, self.chain,
+        chain = walk_carried_roots((f for v in self.volumes for f in v.root_files),
+                                   trusted_root, self.limits)
+        bundle = authenticate_manifest(self.manifest_bytes, self.signatures, chain,
                                        trusted_root, now, allow_expired=allow_expired,
                                        limits=self.limits)
         self._check_indexes(bundle.manifest)

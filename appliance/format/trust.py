@@ -276,8 +276,14 @@ def parse_root_body(body: bytes, limits: Limits = DEFAULT_LIMITS) -> TrustRoot:
     )
 
 
-def parse_signed_root(data: bytes, limits: Limits = DEFAULT_LIMITS) -> SignedRoot:
-    """A trust root file -> SignedRoot (FormatError, SignatureError). No trust implied."""
+def parse_envelope(data: bytes, limits: Limits = DEFAULT_LIMITS
+                   ) -> tuple[bytes, tuple[Signature, ...]]:
+    """A trust root file's exact signed body and its signatures; the body is not parsed.
+
+    The envelope is a few YAML events (one literal block, a list of signature lines), so
+    this is cheap whatever the body holds: a chain walk checks the signatures over the body
+    with it before paying for the body's parse (``next_root``).
+    """
     value = yamlsafe.load(
         data, max_bytes=limits.max_trust_root_bytes, max_depth=limits.max_yaml_depth,
         what="trust root file",
@@ -297,7 +303,12 @@ def parse_signed_root(data: bytes, limits: Limits = DEFAULT_LIMITS) -> SignedRoo
     if not all(isinstance(s, str) for s in raw_sigs):
         raise FormatError("trust root file: each signature must be one line of text")
     signatures = tuple(Signature.from_bytes(s.encode("utf-8"), limits) for s in raw_sigs)
-    body = value["signed"].encode("utf-8")
+    return value["signed"].encode("utf-8"), signatures
+
+
+def parse_signed_root(data: bytes, limits: Limits = DEFAULT_LIMITS) -> SignedRoot:
+    """A trust root file -> SignedRoot (FormatError, SignatureError). No trust implied."""
+    body, signatures = parse_envelope(data, limits)
     return SignedRoot(parse_root_body(body, limits), body, signatures)
 
 
@@ -380,16 +391,47 @@ def verify_self_signed(
     return root
 
 
+def check_next_version(current: int, version: int) -> None:
+    """A rotation goes from version N to N+1 exactly (RotationError naming the gap)."""
+    if version != current + 1:
+        raise RotationError(
+            f"trust chain jumps from v{current} to v{version}; v{current + 1} is missing"
+            if version > current
+            else f"trust chain goes down from v{current} to v{version}"
+        )
+
+
+def check_same_root(trusted: TrustRoot, version: int, body: bytes) -> None:
+    """The chain's copy of the trusted version must be the trusted root itself (else a fork)."""
+    fingerprint = fingerprint_of_body(body)
+    if fingerprint != trusted.fingerprint:
+        raise RotationError(
+            f"trust chain's v{version} (fingerprint {fingerprint}) differs "
+            f"from the trusted v{version} ({trusted.fingerprint})"
+        )
+
+
+def next_root(current: TrustRoot, data: bytes, version: int, limits: Limits = DEFAULT_LIMITS
+              ) -> SignedRoot:
+    """Root ``version`` (= N+1) from its file bytes, checked as ``rotate_to`` checks it, but
+    with ``current``'s threshold over the body verified BEFORE the body is parsed: a root no
+    trusted key signed costs an envelope parse and a few signature checks, never the parse
+    of up to ``max_trust_root_bytes`` of keys and patterns (hostile media, issue 14)."""
+    check_next_version(current.version, version)
+    body, signatures = parse_envelope(data, limits)
+    valid = valid_signers(current, ROLE_ROOT, DOMAIN_ROOT, body, signatures)
+    problem = _short(current, ROLE_ROOT, f"trust root v{version}", valid, signatures)
+    if problem:
+        raise RotationError(problem)
+    signed = SignedRoot(parse_root_body(body, limits), body, signatures)
+    rotate_to(current, signed)
+    return signed
+
+
 def rotate_to(current: TrustRoot, signed: SignedRoot) -> TrustRoot:
     """One rotation step N -> N+1 (RotationError); expiry is left to the caller."""
     new = signed.root
-    if new.version != current.version + 1:
-        raise RotationError(
-            f"trust chain jumps from v{current.version} to v{new.version}; "
-            f"v{current.version + 1} is missing"
-            if new.version > current.version
-            else f"trust chain goes down from v{current.version} to v{new.version}"
-        )
+    check_next_version(current.version, new.version)
     what = f"trust root v{new.version}"
     for authority in (current, new):
         valid = valid_signers(authority, ROLE_ROOT, DOMAIN_ROOT, signed.body, signed.signatures)
@@ -428,11 +470,7 @@ def walk_chain(
         if version < current.version:
             continue
         if version == current.version:
-            if signed.root.fingerprint != current.fingerprint:
-                raise RotationError(
-                    f"trust chain's v{version} (fingerprint {signed.root.fingerprint}) differs "
-                    f"from the trusted v{version} ({current.fingerprint})"
-                )
+            check_same_root(current, version, signed.body)
             continue
         current = rotate_to(current, signed)
     check_expiry(f"trust root v{current.version}", current.expires, now, allow_expired,
