@@ -113,6 +113,9 @@ def import_media(
 class MediaSource:
     """``ChunkReader`` over the volumes given: chunks in volume/pack/offset order."""
 
+    # read_chunk runs check_chunk itself, naming the volume, pack and offset of a bad chunk.
+    runs_check_chunk = True
+
     def __init__(self, media: Media, bundle: AuthenticatedBundle) -> None:
         self.media = media
         self.refs = {c.digest: c for c in bundle.manifest.unique_chunks()}

@@ -97,7 +97,13 @@ class ChunkSource(Protocol):
 
 
 class ChunkReader(Protocol):
-    """A source that reads one chunk at a time (media, local copies, a registry by range)."""
+    """A source that reads one chunk at a time (media, local copies, a registry by range).
+
+    ``runs_check_chunk``: True only for readers that return nothing but bytes that just passed
+    ``appliance.chunks.check_chunk`` against the signed digest and length (so the session
+    does not hash them twice); every other reader says False and the session checks."""
+
+    runs_check_chunk: bool
 
     def plan(self, needed: Mapping[str, int]) -> list[str]:
         """The digests of ``needed`` this reader can give now, in the order to read them."""
@@ -335,13 +341,15 @@ class IngestSession:
             sf.open()  # preallocate every file now: a full disk shows up before copying
 
     def _transfer(self, source: ChunkSource) -> None:
-        sink = _SessionSink(self)
         try:
             if self._need:
-                local = _LocalSink(self)
+                local = _SessionSink(self, local=True, prechecked=True)
                 ReadAhead(_LocalCopies(self.store), workers=READERS).run(self._needed(), local)
             if self._need:
-                source.run(self._needed(), sink)
+                # Readers of this package that run ``check_chunk`` themselves (the media
+                # reader, naming volume and offset) are not hashed twice; any other source is.
+                prechecked = isinstance(source, ReadAhead) and source.reader.runs_check_chunk
+                source.run(self._needed(), _SessionSink(self, prechecked=prechecked))
         finally:
             self._gate.close()  # no fetch thread writes once the files may be closed
         assert self.outcome is not None
@@ -390,12 +398,17 @@ class IngestSession:
 
 
 class _SessionSink:
-    """The session's ``ChunkSink``: the one place chunk bytes are checked and written."""
+    """The session's ``ChunkSink``: the one place chunk bytes are checked and written.
 
-    local = False  # bytes from the source, not from the store's own copies
+    ``local``: the bytes come from the store's own copies, not from the source. ``prechecked``:
+    the reader has just run ``check_chunk`` on them against this chunk (``read_local_copy``,
+    the media reader), so only the length is checked again, not the hash."""
 
-    def __init__(self, session: IngestSession) -> None:
+    def __init__(self, session: IngestSession, *, local: bool = False,
+                 prechecked: bool = False) -> None:
         self.session = session
+        self.local = local
+        self.prechecked = prechecked
 
     def write(self, digest: str, data: bytes) -> bool:
         need = self.session._need.get(digest)
@@ -430,7 +443,8 @@ class _SessionSink:
         session._report()
 
     def _check(self, data: bytes, digest: str, need: _Need) -> None:
-        check_chunk(data, digest, need.length, file=need.file.label)
+        if not self.prechecked or len(data) != need.length:
+            check_chunk(data, digest, need.length, file=need.file.label)
 
     def deliver(self, digest: str, data: bytes) -> None:
         if self.write(digest, data):
@@ -447,19 +461,10 @@ class _SessionSink:
                                   **details, **extra)
 
 
-class _LocalSink(_SessionSink):
-    """The session's own pass over local copies: ``read_local_copy`` has just run
-    ``check_chunk`` on every byte it returns, so the hash is not taken twice."""
-
-    local = True
-
-    def _check(self, data: bytes, digest: str, need: _Need) -> None:
-        if len(data) != need.length:
-            check_chunk(data, digest, need.length, file=need.file.label)
-
-
 class _LocalCopies:
     """``ChunkReader`` over the verified copies the store already holds."""
+
+    runs_check_chunk = True  # read_local_copy returns only bytes check_chunk passed
 
     def __init__(self, store: Store) -> None:
         self.store = store
