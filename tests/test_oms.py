@@ -21,7 +21,9 @@ from appliance.bundle.oms import (
     statement_paths,
     verify_directory,
 )
+from appliance.bundle.reader import open_media
 from appliance.bundle.recipe import load_recipe
+from appliance.bundle.sheet import approval_sheet
 from appliance.errors import RecipeError, SignatureError, UsageError
 from appliance.importer import import_media
 from appliance.store.layout import model_dir
@@ -67,6 +69,9 @@ def test_model_signing_cli_verifies_the_imported_model_and_fails_on_a_changed_by
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "Verification succeeded" in ok.stdout + ok.stderr
     verify_directory(directory, public)  # the library's own verifier agrees
+    media = open_media([directory.parents[3] / "media"])
+    sheet = approval_sheet(media, media.parse_unverified(), verified=False)
+    assert "| 3 (OMS-signed) |" in sheet
 
     weights = directory / "weights.bin"
     os.chmod(weights, 0o644)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import shutil
 import tracemalloc
 from pathlib import Path
@@ -19,7 +20,8 @@ from appliance.bundle.parity import (
     restore,
     verify_media_with_parity,
 )
-from appliance.bundle.reader import verify_media
+from appliance.bundle.reader import open_media, verify_media
+from appliance.bundle.sheet import approval_sheet
 from appliance.cli.main import main
 from appliance.errors import EXIT_OK, IntegrityError, MissingVolumeError, UsageError
 from appliance.limits import DEFAULT_LIMITS
@@ -150,3 +152,14 @@ def test_cli_build_parity_and_verify_says_rebuilt(bundle: Path,
     out = capsys.readouterr().out
     assert code == EXIT_OK
     assert "rebuilt from parity: vol-003" in out
+    code = main(["bundle", "verify", str(bundle / "media"), "--trust", str(root_file(bundle)),
+                 "--json"])
+    assert code == EXIT_OK
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["rebuilt"] == ["vol-003"]
+
+
+def test_sheet_tells_of_parity(bundle: Path) -> None:
+    media = open_media([bundle / "media"])
+    sheet = approval_sheet(media, media.parse_unverified(), verified=False)
+    assert "on 3 volume(s) + 1 parity volume(s): any 1 lost can be rebuilt" in sheet

@@ -18,6 +18,7 @@ import html
 
 from markdown_it import MarkdownIt
 
+from appliance.bundle.oms import OMS_SIGNATURE_NAME
 from appliance.bundle.reader import Media
 from appliance.bundle.sbom import signer_names
 from appliance.format.manifest import Manifest, format_timestamp
@@ -50,7 +51,9 @@ def approval_sheet(media: Media, manifest: Manifest, *, verified: bool) -> str:
         f"- Created {format_timestamp(manifest.created)}, expires "
         f"{format_timestamp(manifest.expires)}",
         f"- {len(manifest.models)} model(s), {human_bytes(manifest.total_bytes)} in all, on "
-        f"{media.volume_count} volume(s)",
+        f"{media.volume_count} volume(s)"
+        + (f" + {len(manifest.parity.volumes)} parity volume(s): any "
+           f"{len(manifest.parity.volumes)} lost can be rebuilt" if manifest.parity else ""),
         "",
         "## Models",
         "",
@@ -60,11 +63,12 @@ def approval_sheet(media: Media, manifest: Manifest, *, verified: bool) -> str:
     for model in manifest.models:
         g = model.gguf
         params = f"{g.parameter_count:,}" if g and g.parameter_count is not None else "-"
+        oms = any(f.path == OMS_SIGNATURE_NAME for f in model.files)
         lines.append("| " + " | ".join(_cell(v) for v in (
             model.name, model.version, model.license,
             f"{human_bytes(model.size)} ({model.size:,} bytes)",
             g.architecture if g else "-", (g.quantization or "-") if g else "-", params,
-            len(model.files))) + " |")
+            f"{len(model.files)}" + (" (OMS-signed)" if oms else ""))) + " |")
     lines += ["", "## Signers", "", "| name | key id | key words |", "|---|---|---|"]
     by_id = {kid: r.keys[kid] for r in sorted(roots, key=lambda r: r.version) for kid in r.keys}
     for kid, name in signer_names((s.key_id for s in media.signatures), roots):

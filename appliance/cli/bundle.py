@@ -239,6 +239,7 @@ def _report_json(report: VerifyReport) -> dict[str, Any]:
         "volumes_present": list(report.volumes_present),
         "volumes_missing": list(report.volumes_missing),
         "chunks_verified": report.chunks_verified, "bytes_verified": report.plain_bytes,
+        "rebuilt": list(report.rebuilt),
         "seconds": jsonout.seconds(report.seconds),
     }
 
