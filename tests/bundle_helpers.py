@@ -1,4 +1,9 @@
-"""Test helpers for bundles: recipes in tmp dirs, a trusted root, builds, hostile rewrites.
+"""Test helpers for bundles: every test bundle is made here, one way for each form.
+
+- On media: ``build(base, ...)`` runs the real builder on a recipe (``write_recipe``) over
+  sources in ``base/models`` (``make_sources``) into ``base/media``.
+- Without media: ``make_bundle(models)`` is a signed manifest with the bytes it describes
+  (``Bundle``), for seeding stores and peers (``peer_helpers.seed``).
 
 Keys come from ``trust_helpers`` (deterministic by name: publishers ``p1``/``p2``, root keys
 ``r1``..``r3``). ``rewrite_manifest`` plays a publisher gone bad (or a stolen key): it
@@ -8,23 +13,39 @@ so tests can show that the parser still refuses what the signatures allow.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import random
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
 import blake3
-from trust_helpers import NOW, make_root, private, sign_manifest
+from store_helpers import model_entry
+from trust_helpers import DAY, NOW, make_root, private, sign_manifest
 
 from appliance.bundle.builder import BuildResult, build_bundle
 from appliance.bundle.media import INDEX_NAME, MANIFEST_NAME, SIGNATURES_DIR
 from appliance.bundle.reader import find_volume_dirs
+from appliance.format.manifest import (
+    FORMAT_VERSION,
+    Manifest,
+    ModelEntry,
+    Provenance,
+    SourceRecord,
+    manifest_bytes,
+    manifest_hash,
+)
+from appliance.format.signing import Signature
 from appliance.format.trust import SignedRoot, TrustRoot, verify_self_signed
 
-__all__ = ["NOW", "build", "make_sources", "rewrite_manifest", "trusted", "write_recipe"]
+__all__ = ["CHUNK", "NOW", "Bundle", "build", "make_bundle", "make_sources", "model_bytes",
+           "rewrite_manifest", "trusted", "write_recipe"]
 
 MIB = 1 << 20
+CHUNK = 16 * 1024  # make_bundle's chunk size: small, so a few KiB of data make many chunks
 
 
 def make_sources(base: Path, gguf: Path | None = None, *, random_mib: int = 9) -> Path:
@@ -124,3 +145,55 @@ def sparse_file(path: Path, size: int, *, stride: int = 4 * MIB, noise: int = 64
             length = min(noise, size - offset)
             f.write(blake3.blake3(offset.to_bytes(8, "little")).digest(length=length))
     os.sync()
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A signed manifest and the bytes it describes, without media: what an import or a pull
+    would have authenticated. ``peer_helpers.seed`` writes it into a store."""
+
+    manifest: Manifest
+    body: bytes
+    signatures: tuple[Signature, ...]
+    contents: dict[str, dict[str, bytes]]  # model name -> path -> bytes
+
+    @property
+    def hash(self) -> str:
+        return manifest_hash(self.body)
+
+    @property
+    def size(self) -> int:
+        return self.manifest.total_bytes
+
+
+def model_bytes(seed: int, size: int) -> bytes:
+    """Deterministic, incompressible-ish bytes (distinct per seed)."""
+    return random.Random(seed).randbytes(size)
+
+
+def make_bundle(
+    models: dict[str, dict[str, bytes]],
+    *,
+    channel: str = "main",
+    sequence: int = 1,
+    signers: tuple[str, ...] = ("p1",),
+    version: str = "1",
+    created: datetime = NOW - DAY,
+    expires: datetime = NOW + 30 * DAY,
+    chunk: int = CHUNK,
+) -> Bundle:
+    """The one way to a signed bundle without media: ``models`` maps a name to its files'
+    bytes, cut into fixed ``chunk``-sized chunks, signed by the publisher keys ``signers``."""
+    entries = tuple(_entry(name, version, files, chunk) for name, files in models.items())
+    manifest = Manifest(FORMAT_VERSION, channel, sequence, created, expires, entries)
+    body = manifest_bytes(manifest)
+    return Bundle(manifest, body, tuple(sign_manifest(body, *signers)), models)
+
+
+def _entry(name: str, version: str, files: dict[str, bytes], chunk: int) -> ModelEntry:
+    entry = model_entry(name, version, files, chunk)
+    sources = tuple(
+        SourceRecord(path, f"test:{name}/{path}", hashlib.sha256(data).hexdigest())
+        for path, data in files.items()
+    )
+    return replace(entry, provenance=Provenance(builder="tests", sources=sources))

@@ -10,89 +10,26 @@ real app wrapped in ASGI middleware that lies, dies or stalls on chunk requests.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from store_helpers import model_entry
-from trust_helpers import DAY, NOW, sign_manifest
+from bundle_helpers import Bundle
+from trust_helpers import NOW
 
-from appliance.format.manifest import (
-    FORMAT_VERSION,
-    Manifest,
-    ModelEntry,
-    Provenance,
-    SourceRecord,
-    manifest_bytes,
-    manifest_hash,
-)
-from appliance.format.signing import Signature
 from appliance.peer import server as peer_server
 from appliance.peer.client import ConnectPolicy, PeerClient, Timeouts
 from appliance.peer.pull import PullOptions
 from appliance.store import trust_state
 from appliance.store.store import BundleOrigin, Store
 
-CHUNK = 16 * 1024
 INSECURE = ConnectPolicy(None, insecure=True)
 FAST = PullOptions(per_peer=2, workers=8, max_failures=2, refresh=0.1, wait_for_chunks=2.0,
                    flush_bytes=1)
 QUICK = Timeouts(connect=2.0, read=2.0, chunk_deadline=5.0)
-
-
-@dataclass(frozen=True)
-class Bundle:
-    manifest: Manifest
-    body: bytes
-    signatures: tuple[Signature, ...]
-    contents: dict[str, dict[str, bytes]]  # model name -> path -> bytes
-
-    @property
-    def hash(self) -> str:
-        return manifest_hash(self.body)
-
-    @property
-    def size(self) -> int:
-        return self.manifest.total_bytes
-
-
-def model_bytes(seed: int, size: int) -> bytes:
-    """Deterministic, incompressible-ish bytes (distinct per seed)."""
-    import random
-
-    return random.Random(seed).randbytes(size)
-
-
-def make_bundle(
-    models: dict[str, dict[str, bytes]],
-    *,
-    channel: str = "main",
-    sequence: int = 1,
-    signers: tuple[str, ...] = ("p1",),
-    version: str = "1",
-    created: datetime = NOW - DAY,
-    expires: datetime = NOW + 30 * DAY,
-    chunk: int = CHUNK,
-) -> Bundle:
-    entries = tuple(_entry(name, version, files, chunk) for name, files in models.items())
-    manifest = Manifest(FORMAT_VERSION, channel, sequence, created, expires, entries)
-    body = manifest_bytes(manifest)
-    return Bundle(manifest, body, tuple(sign_manifest(body, *signers)), models)
-
-
-def _entry(name: str, version: str, files: dict[str, bytes], chunk: int) -> ModelEntry:
-    entry = model_entry(name, version, files, chunk)
-    sources = tuple(
-        SourceRecord(path, f"test:{name}/{path}", hashlib.sha256(data).hexdigest())
-        for path, data in files.items()
-    )
-    return replace(entry, provenance=Provenance(builder="tests", sources=sources))
 
 
 def seed(store_dir: Path, bundle: Bundle, *, partial_chunks: int | None = None) -> None:

@@ -16,7 +16,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from peer_helpers import CHUNK, make_bundle, model_bytes, seed, start_server
+from bundle_helpers import CHUNK, make_bundle, model_bytes
+from peer_helpers import seed, start_server
 from rich.console import Console
 from store_helpers import model_entry, write_model
 from trust_helpers import make_root, trusted_store

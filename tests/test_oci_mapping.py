@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from peer_helpers import make_bundle
+from bundle_helpers import make_bundle
 from store_helpers import model_entry
 
 from appliance.errors import FormatError, LimitExceededError, PeerError, UsageError

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from peer_helpers import CHUNK, Bundle, make_bundle, model_bytes, published_bytes, seed
+from bundle_helpers import CHUNK, Bundle, make_bundle, model_bytes
+from peer_helpers import published_bytes, seed
 from trust_helpers import trusted_store
 
 from appliance.cli.main import main

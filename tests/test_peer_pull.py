@@ -12,16 +12,13 @@ from typing import Any
 
 import blake3
 import pytest
+from bundle_helpers import CHUNK, Bundle, make_bundle, model_bytes
 from peer_helpers import (
-    CHUNK,
     FAST,
     QUICK,
-    Bundle,
     ChunkTamper,
     EndlessPeer,
     client,
-    make_bundle,
-    model_bytes,
     published_bytes,
     seed,
     start_server,

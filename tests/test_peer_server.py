@@ -12,7 +12,8 @@ from pathlib import Path
 import blake3
 import httpx
 import pytest
-from peer_helpers import CHUNK, Bundle, client, make_bundle, model_bytes, seed, start_server
+from bundle_helpers import CHUNK, Bundle, make_bundle, model_bytes
+from peer_helpers import client, seed, start_server
 from trust_helpers import NOW, trusted_store
 
 from appliance.errors import PeerError, UsageError

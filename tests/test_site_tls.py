@@ -10,8 +10,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from bundle_helpers import CHUNK, make_bundle, model_bytes
 from cryptography import x509
-from peer_helpers import CHUNK, client, make_bundle, model_bytes, seed, start_server
+from peer_helpers import client, seed, start_server
 from trust_helpers import trusted_store
 
 from appliance.cli.main import main

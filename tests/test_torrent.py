@@ -13,7 +13,8 @@ from typing import Any
 
 import libtorrent as lt
 import pytest
-from peer_helpers import make_bundle, model_bytes, published_bytes
+from bundle_helpers import make_bundle, model_bytes
+from peer_helpers import published_bytes
 from torrent_helpers import (
     LOOPBACK,
     MODEL,

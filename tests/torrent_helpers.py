@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Protocol
 
 import libtorrent as lt
-from peer_helpers import Bundle, make_bundle, model_bytes, seed
+from bundle_helpers import Bundle, make_bundle, model_bytes
+from peer_helpers import seed
 from trust_helpers import DAY, NOW, trusted_store
 
 from appliance.peer import tls
