@@ -9,10 +9,10 @@
 
 Treat the session files as read-only: copy one to tmp_path before editing it.
 
-Every bundle on media is made by ``bundle_helpers.build`` (the real builder, deterministic
-keys); a signed manifest without media, to seed stores and peers, by
-``peer_helpers.make_bundle``; a store that trusts the test root by
-``trust_helpers.trusted_store``.
+Every test bundle is made by ``bundle_helpers``: on media by ``build`` (the real builder,
+deterministic keys), as a signed manifest without media, to seed stores and peers, by
+``make_bundle`` (``peer_helpers.seed`` writes it into a store). A store that trusts the test
+root is made by ``trust_helpers.trusted_store``.
 """
 
 from __future__ import annotations
