@@ -1,7 +1,7 @@
-"""Helpers for the peer tests: signed manifests, seeded stores, servers and hostile peers.
+"""Helpers for the peer tests: seeded stores, servers and hostile peers.
 
-A *site* here is a trust root installed in each host's store (``trust_helpers``), a manifest
-built from real bytes with the real dataclasses and signed by a publisher key, and hosts that
+A *site* here is a trust root installed in each host's store (``trust_helpers.trusted_store``),
+a signed manifest built from real bytes (``bundle_helpers.make_bundle``), and hosts that
 are real stores served by real ``PeerServer``s on 127.0.0.1. ``seed`` writes a manifest's
 models into a store through the store's own API, as an import does. Hostile peers are the
 real app wrapped in ASGI middleware that lies, dies or stalls on chunk requests.
