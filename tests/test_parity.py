@@ -19,8 +19,10 @@ from appliance.bundle.parity import (
     import_media_with_parity,
     restore,
     verify_media_with_parity,
+    write_parity,
 )
 from appliance.bundle.reader import open_media, verify_media
+from appliance.bundle.sbom import bundle_sbom
 from appliance.bundle.sheet import approval_sheet
 from appliance.cli.main import main
 from appliance.errors import EXIT_OK, IntegrityError, MissingVolumeError, UsageError
@@ -31,7 +33,7 @@ VOLUME = 12 * MIB  # the builder keeps ~6 MiB per volume for metadata: one 4 MiB
 
 
 @pytest.fixture()
-def bundle(tmp_path: Path) -> Path:
+def parity_build(tmp_path: Path) -> Path:
     make_sources(tmp_path, random_mib=12)
     result = build(tmp_path, volume_size=VOLUME, parity=1)
     assert [v.name for v in result.volumes] == ["vol-001", "vol-002", "vol-003"]
@@ -48,69 +50,69 @@ def _store_matches_sources(store: Path, base: Path) -> None:
 
 
 @pytest.mark.parametrize("lost", ["vol-001", "vol-002", "vol-003"])
-def test_import_with_any_one_volume_absent(bundle: Path, lost: str) -> None:
-    shutil.move(bundle / "media" / lost, bundle / "elsewhere")
-    store = trusted_store(bundle / "store")
-    result = import_media_with_parity(store, [bundle / "media"], now=NOW)
+def test_import_with_any_one_volume_absent(parity_build: Path, lost: str) -> None:
+    shutil.move(parity_build / "media" / lost, parity_build / "elsewhere")
+    store = trusted_store(parity_build / "store")
+    result = import_media_with_parity(store, [parity_build / "media"], now=NOW)
     assert result.complete and result.rebuilt == (lost,)
-    _store_matches_sources(store, bundle)
+    _store_matches_sources(store, parity_build)
     assert not list(store.glob(".parity-rebuild-*"))  # scratch removed
 
 
 @pytest.mark.parametrize("damaged", ["vol-001", "vol-003"])
-def test_import_with_a_damaged_volume_rebuilds_it(bundle: Path, damaged: str) -> None:
-    flip_byte(bundle / "media" / damaged / "packs" / "pack-0001.zst", 1000)
-    store = trusted_store(bundle / "store")
+def test_import_with_a_damaged_volume_rebuilds_it(parity_build: Path, damaged: str) -> None:
+    flip_byte(parity_build / "media" / damaged / "packs" / "pack-0001.zst", 1000)
+    store = trusted_store(parity_build / "store")
     with pytest.raises(IntegrityError):  # without parity the damage stops the import
-        verify_media([bundle / "media"], trusted(), NOW)
-    result = import_media_with_parity(store, [bundle / "media"], now=NOW)
+        verify_media([parity_build / "media"], trusted(), NOW)
+    result = import_media_with_parity(store, [parity_build / "media"], now=NOW)
     assert result.complete and result.rebuilt == (damaged,)
-    _store_matches_sources(store, bundle)
+    _store_matches_sources(store, parity_build)
 
 
-def test_a_volume_with_a_damaged_index_counts_as_missing(bundle: Path) -> None:
-    flip_byte(bundle / "media/vol-002/index.bin", 100)
-    report = verify_media_with_parity([bundle / "media"], trusted(), NOW)
+def test_a_volume_with_a_damaged_index_counts_as_missing(parity_build: Path) -> None:
+    flip_byte(parity_build / "media/vol-002/index.bin", 100)
+    report = verify_media_with_parity([parity_build / "media"], trusted(), NOW)
     assert report.complete and report.rebuilt == ("vol-002",)
 
 
-def test_verify_rebuilds_and_reads_every_parity_byte(bundle: Path) -> None:
-    report = verify_media_with_parity([bundle / "media"], trusted(), NOW)
+def test_verify_rebuilds_and_reads_every_parity_byte(parity_build: Path) -> None:
+    report = verify_media_with_parity([parity_build / "media"], trusted(), NOW)
     assert report.complete and report.rebuilt == ()
-    parity_bytes = (bundle / "media/par-001" / PARITY_NAME).stat().st_size
+    parity_bytes = (parity_build / "media/par-001" / PARITY_NAME).stat().st_size
     assert report.stored_bytes >= parity_bytes
-    shutil.rmtree(bundle / "media/vol-002")
-    report = verify_media_with_parity([bundle / "media"], trusted(), NOW)
+    shutil.rmtree(parity_build / "media/vol-002")
+    report = verify_media_with_parity([parity_build / "media"], trusted(), NOW)
     assert report.complete and report.rebuilt == ("vol-002",)
 
 
-def test_tampered_parity_volume_is_refused(bundle: Path) -> None:
-    parity = bundle / "media/par-001" / PARITY_NAME
+def test_tampered_parity_volume_is_refused(parity_build: Path) -> None:
+    parity = parity_build / "media/par-001" / PARITY_NAME
     flip_byte(parity, parity.stat().st_size - 10)
     with pytest.raises(IntegrityError, match="par-001"):
-        verify_media_with_parity([bundle / "media"], trusted(), NOW)
-    shutil.rmtree(bundle / "media/vol-001")
-    store = trusted_store(bundle / "store")
+        verify_media_with_parity([parity_build / "media"], trusted(), NOW)
+    shutil.rmtree(parity_build / "media/vol-001")
+    store = trusted_store(parity_build / "store")
     with pytest.raises(IntegrityError, match="par-001"):
-        import_media_with_parity(store, [bundle / "media"], now=NOW)
+        import_media_with_parity(store, [parity_build / "media"], now=NOW)
 
 
-def test_two_volumes_lost_with_one_parity_is_missing_volume(bundle: Path) -> None:
-    shutil.rmtree(bundle / "media/vol-001")
-    shutil.rmtree(bundle / "media/vol-003")
+def test_two_volumes_lost_with_one_parity_is_missing_volume(parity_build: Path) -> None:
+    shutil.rmtree(parity_build / "media/vol-001")
+    shutil.rmtree(parity_build / "media/vol-003")
     with pytest.raises(MissingVolumeError, match="1 more volume"):
-        restore([bundle / "media"], trusted(), NOW, bundle / "scratch")
+        restore([parity_build / "media"], trusted(), NOW, parity_build / "scratch")
 
 
-def test_parity_volume_alone_carries_what_authenticates(bundle: Path) -> None:
+def test_parity_volume_alone_carries_what_authenticates(parity_build: Path) -> None:
     """A parity volume is self-describing: manifest, signatures, trust chain, index copies."""
-    par = bundle / "media/par-001"
-    assert (par / MANIFEST_NAME).read_bytes() == (bundle / "media/vol-001" / MANIFEST_NAME
+    par = parity_build / "media/par-001"
+    assert (par / MANIFEST_NAME).read_bytes() == (parity_build / "media/vol-001" / MANIFEST_NAME
                                                   ).read_bytes()
     assert sorted(p.name for p in (par / "indexes").iterdir()) == [
         "vol-001.bin", "vol-002.bin", "vol-003.bin"]
-    restored = restore([bundle / "media/vol-001", bundle / "media/vol-003", par], trusted(),
-                       NOW, bundle / "scratch")
+    restored = restore([parity_build / "media/vol-001", parity_build / "media/vol-003", par],
+                       trusted(), NOW, parity_build / "scratch")
     assert restored.rebuilt == ("vol-002",)
     assert [p.name for p in restored.dirs] == ["vol-001", "vol-002", "vol-003"]
 
@@ -131,6 +133,17 @@ def test_rebuild_memory_stays_flat(tmp_path: Path) -> None:
     finally:
         tracemalloc.stop()
     assert restored.rebuilt == ("vol-001",)
+    # Encoding is as flat: parity over the three volumes (one rebuilt) again.
+    staging = tmp_path / "again"
+    staging.mkdir()
+    data = [tmp_path / "scratch/vol-001", tmp_path / "media/vol-002"]
+    tracemalloc.start()
+    try:
+        section, _ = write_parity(data, staging, 1)
+        _, encode_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert section.stripes >= 20 and encode_peak < 8 * MIB
     rebuilt = sum(p.stat().st_size for p in (tmp_path / "scratch/vol-001").rglob("*"))
     assert rebuilt > 20 * MIB
     assert peak < 8 * MIB  # a few 1 MiB blocks, not the volume
@@ -145,21 +158,25 @@ def test_bundle_without_parity_has_no_parity_field(tmp_path: Path) -> None:
         build(tmp_path, out="media2", parity=1)
 
 
-def test_cli_build_parity_and_verify_says_rebuilt(bundle: Path,
+def test_cli_build_parity_and_verify_says_rebuilt(parity_build: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    shutil.rmtree(bundle / "media/vol-003")
-    code = main(["bundle", "verify", str(bundle / "media"), "--trust", str(root_file(bundle))])
+    shutil.rmtree(parity_build / "media/vol-003")
+    code = main(["bundle", "verify", str(parity_build / "media"),
+                 "--trust", str(root_file(parity_build))])
     out = capsys.readouterr().out
     assert code == EXIT_OK
     assert "rebuilt from parity: vol-003" in out
-    code = main(["bundle", "verify", str(bundle / "media"), "--trust", str(root_file(bundle)),
-                 "--json"])
+    code = main(["bundle", "verify", str(parity_build / "media"),
+                 "--trust", str(root_file(parity_build)), "--json"])
     assert code == EXIT_OK
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] and report["rebuilt"] == ["vol-003"]
 
 
-def test_sheet_tells_of_parity(bundle: Path) -> None:
-    media = open_media([bundle / "media"])
+def test_sheet_and_bom_tell_of_parity(parity_build: Path) -> None:
+    media = open_media([parity_build / "media"])
     sheet = approval_sheet(media, media.parse_unverified(), verified=False)
     assert "on 3 volume(s) + 1 parity volume(s): any 1 lost can be rebuilt" in sheet
+    bom = json.loads(bundle_sbom(media, media.parse_unverified(), verified=False))
+    assert {"name": "appliance:parity-volumes", "value": "1"} in bom["metadata"]["component"][
+        "properties"]

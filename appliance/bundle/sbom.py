@@ -103,6 +103,8 @@ def bundle_sbom(media: Media, manifest: Manifest, *, verified: bool) -> str:
             _prop("expires", format_timestamp(manifest.expires)),
             _prop("verified", "true" if verified else "false"),
             _prop("volumes", media.volume_count),
+            *([_prop("parity-volumes", len(manifest.parity.volumes))] if manifest.parity
+              else []),
             *[_prop("signer", f"{kid} {name or '(in no carried trust root)'}")
               for kid, name in signers],
         ],
