@@ -21,7 +21,7 @@ from pathlib import Path
 from appliance.authenticate import AuthenticatedBundle, authenticate_manifest
 from appliance.errors import ApplianceError, PeerError, PeerProtocolError, UsageError
 from appliance.format.manifest import Manifest, ModelEntry
-from appliance.format.trust import SignedRoot, TrustRoot, parse_signed_root
+from appliance.format.trust import SignedRoot, TrustRoot, next_root
 from appliance.peer.client import PeerClient
 from appliance.peer.protocol import ManifestSummary
 from appliance.store import trust_state
@@ -130,20 +130,20 @@ def select_models(manifest: Manifest, refs: Sequence[str]) -> tuple[ModelEntry, 
 
 
 def fetch_chain(client: PeerClient, trusted: TrustRoot) -> tuple[SignedRoot, ...]:
-    """The peer's roots newer than ``trusted`` (walk_chain checks each step)."""
+    """The peer's roots newer than ``trusted``, fetched one at a time and each parsed only
+    after the one before it signed it (``next_root``: signatures before parsing, so a lying
+    peer's roots cost a signature check each, not a parse); walk_chain checks them again."""
     chain = []
+    current = trusted
     for version in client.trust_versions():
         if version <= trusted.version:
             continue
         data = client.trust_root(version)
         if data is None:
             raise PeerProtocolError(f"{client.url} lists trust root v{version} but has none")
-        signed = parse_signed_root(data, client.limits)
-        if signed.root.version != version:
-            raise PeerProtocolError(
-                f"{client.url} sent trust root v{signed.root.version} when asked for v{version}"
-            )
+        signed = next_root(current, data, version, client.limits)
         chain.append(signed)
+        current = signed.root
     return tuple(chain)
 
 
