@@ -180,3 +180,16 @@ def test_sheet_and_bom_tell_of_parity(parity_build: Path) -> None:
     bom = json.loads(bundle_sbom(media, media.parse_unverified(), verified=False))
     assert {"name": "appliance:parity-volumes", "value": "1"} in bom["metadata"]["component"][
         "properties"]
+
+
+def test_two_parity_volumes_rebuild_two_lost_volumes(tmp_path: Path) -> None:
+    make_sources(tmp_path, random_mib=12)
+    result = build(tmp_path, volume_size=VOLUME, parity=2)
+    assert [p.name for p in result.parity_volumes] == ["par-001", "par-002"]
+    shutil.rmtree(tmp_path / "media/vol-001")
+    shutil.rmtree(tmp_path / "media/vol-003")
+    report = verify_media_with_parity([tmp_path / "media"], trusted(), NOW)
+    assert report.complete and report.rebuilt == ("vol-001", "vol-003")
+    shutil.rmtree(tmp_path / "media/par-002")
+    with pytest.raises(MissingVolumeError):
+        verify_media_with_parity([tmp_path / "media"], trusted(), NOW)
