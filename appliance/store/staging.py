@@ -18,6 +18,9 @@ The ordering that keeps the index and the files agreeing after a SIGKILL or powe
    A crash between the rename and the commit leaves a staging row whose staged file is gone
    and whose final file exists: ``Store.stage_file`` and ``gc`` finish that publish after
    re-verifying the file.
+
+``WriteGate`` lets reader threads pwrite while the index thread records, and closes before the
+files do. ``StoredChunk`` names a chunk of a stored file, staged or published.
 """
 
 from __future__ import annotations
