@@ -130,3 +130,14 @@ def test_tui_help_names_each_step_by_its_screen_key() -> None:
     assert [title for _, title in steps] == ["Media", "Inspect", "Import", "Models", "Serve"]
     assert [(key, PANES[int(key) - 1].TITLE) for key, _ in steps] == steps
 
+
+
+def test_help_examples_name_the_default_model_as_the_store_does() -> None:
+    """Issue 21 item 18: a --help example pulled "gemma-3-270m"; the store calls it gemma3-270m
+    (the file is gemma-3-270m-q4_k_m.gguf)."""
+    from appliance.cli import reference
+    from appliance.default_model import MODEL_FILE
+
+    text = reference.reference()
+    assert "gemma3-270m" in text
+    assert re.findall(r"gemma-3-270m\S*", text.replace(MODEL_FILE, "")) == []
