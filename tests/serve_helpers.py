@@ -25,9 +25,10 @@ import gguf
 import httpx
 
 from appliance.errors import ModelNotFoundError
+from appliance.http_server import ServerOptions
 from appliance.serve.app import create_app
 from appliance.serve.model import ServableModel, ServeSettings
-from appliance.serve.server import ServerThread
+from appliance.serve.server import SERVE_OPTIONS, ServerThread
 from appliance.serve.worker import TEST_HOOK_ENV
 
 Audit = Callable[[str, dict[str, Any]], None]
@@ -63,9 +64,11 @@ def running_server(
     audit: Audit | None = None,
     wait: bool = True,
     resolver: Callable[[str], ServableModel] | None = None,
+    options: ServerOptions = SERVE_OPTIONS,
     **settings: Any,
 ) -> Iterator[ServerThread]:
-    """The app on an ephemeral loopback port; ``hook`` sets the worker's test hook."""
+    """The app on an ephemeral loopback port; ``hook`` sets the worker's test hook, ``options``
+    the connection limits."""
     settings.setdefault("n_threads", 2)
     settings.setdefault("n_ctx", 256)
     app = create_app(
@@ -77,7 +80,7 @@ def running_server(
     if hook is not None:
         os.environ[TEST_HOOK_ENV] = hook
     try:
-        with ServerThread(app) as server:
+        with ServerThread(app, options=options) as server:
             # Spawned workers read the environment when they start: keep it set meanwhile.
             if wait:
                 wait_health(server.url)

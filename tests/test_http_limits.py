@@ -1,5 +1,6 @@
-"""Connections that never finish (``appliance.http_server``): header deadlines, pending caps,
-stalled TLS handshakes, and what thousands of idle connections cost a mutual-TLS peer server.
+"""Connections that never finish (``appliance.http_server``, under both ``peer serve`` and
+``serve``): header deadlines, pending caps, stalled TLS handshakes, and what thousands of idle
+connections cost a mutual-TLS peer server.
 
 Clients are raw sockets on loopback: silent ones, slowloris ones that drip a header a byte at a
 time, and TLS ones that stop inside the handshake. Several source addresses come from
@@ -20,8 +21,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
-from peer_helpers import CHUNK, Bundle, client, make_bundle, model_bytes, seed
+from bundle_helpers import CHUNK, Bundle, make_bundle, model_bytes
+from peer_helpers import client, seed
+from serve_helpers import running_server
 from trust_helpers import NOW, trusted_store
 
 from appliance.errors import UsageError
@@ -37,14 +41,14 @@ REQUEST = b"GET /v1/info HTTP/1.1\r\nhost: test\r\nuser-agent: slow-client\r\n\r
 
 
 @pytest.fixture(scope="module")
-def bundle() -> Bundle:
+def tiny_manifest() -> Bundle:
     return make_bundle({"tiny": {"model.gguf": model_bytes(31, 8 * CHUNK)}})
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory, bundle: Bundle) -> Path:
+def store(tmp_path_factory: pytest.TempPathFactory, tiny_manifest: Bundle) -> Path:
     s = trusted_store(tmp_path_factory.mktemp("limits") / "a")
-    seed(s, bundle)
+    seed(s, tiny_manifest)
     return s
 
 
@@ -190,6 +194,18 @@ def test_a_header_over_the_cap_is_refused(store: Path) -> None:
         assert read_response(sock).startswith(b"HTTP/1.1 431")
         assert closed_by_server(sock, 2.0)
         assert server.stats.refused == 1 and server.stats.admitted == 0
+
+
+def test_the_inference_server_cuts_a_slow_header_too(tiny_gguf: Path) -> None:
+    with running_server({"tiny": tiny_gguf}, options=ServerOptions(header_timeout=1.0)) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            start = time.monotonic()
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n")
+            assert closed_by_server(sock, 5.0)
+            assert 1.0 <= time.monotonic() - start < 3.0
+        assert server.stats.timed_out == 1
+        assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
 
 
 def test_limits_are_checked() -> None:

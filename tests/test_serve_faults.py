@@ -35,7 +35,7 @@ HOOK = ";".join([
     "SIGSEGV:segv-mid-stream:3",  # crash after three streamed chunks
     "sleep1.5:slow-then-segv",  # hold the worker, then crash, with a request queued behind
     "SIGSEGV:slow-then-segv",
-    "slow0.02:linger-please",  # 20 ms a token: 200 tokens take 4 s
+    "slow0.05:linger-please",  # 50 ms a token: 200 tokens take 10 s
 ])
 
 
@@ -75,9 +75,10 @@ def test_a_client_that_leaves_a_non_streamed_completion_stops_its_generation(
     # The worker counts a generation's tokens when it ends: here, when it stops.
     while metric(server.url, generated) == before and time.monotonic() - left < 10:
         time.sleep(0.02)
-    assert time.monotonic() - left < 1.0
+    # Typically ~0.1 s; the margin is for a loaded CI host (the full answer takes 10 s).
+    assert time.monotonic() - left < 2.0
     spent = metric(server.url, generated) - before
-    assert 0 < spent < 100  # cut short, not run to 200
+    assert 0 < spent < 60  # cut short, not run to 200
     assert metric(server.url, abandoned) == abandoned_before + 1
     after = client.completions.create(model="tiny", prompt="fine", max_tokens=8, temperature=0,
                                       logit_bias={"2": -100})
