@@ -63,6 +63,8 @@ def _swarm(parser: argparse.ArgumentParser, listen: str) -> None:
                         help="no local service discovery on the LAN")
     parser.add_argument("--dht", action="store_true",
                         help="use the public DHT (off by default)")
+    parser.add_argument("--utp", action="store_true",
+                        help="also use uTP (yields to other traffic; default: TCP only)")
     parser.add_argument("--upload-rate", type=float, metavar="MB/S",
                         help="cap the upload rate in megabytes per second")
 
@@ -128,7 +130,7 @@ def _identity(args: argparse.Namespace) -> TorrentIdentity | None:
 def _options(args: argparse.Namespace) -> SwarmOptions:
     rate = int(args.upload_rate * 1e6) if args.upload_rate else 0
     return SwarmOptions(listen=args.listen, peers=tuple(args.peers), lsd=args.lsd,
-                        dht=args.dht, upload_rate=rate)
+                        dht=args.dht, utp=args.utp, upload_rate=rate)
 
 
 def run_make(args: argparse.Namespace) -> int:

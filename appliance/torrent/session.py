@@ -1,13 +1,14 @@
 """libtorrent session settings for appliance swarms, and the small helpers around a handle.
 
 ``open_session(options, secure=...)`` makes a session that contacts no one by itself: no UPnP
-or NAT-PMP (they talk to the router), DHT off unless ``dht=True`` (then libtorrent's default
-bootstrap nodes, for swarms across sites), local service discovery (LSD, multicast on the LAN)
-on unless turned off, and the static peers of ``SwarmOptions.peers`` connected by the caller
-(``connect_peers``). With ``secure`` the listen socket is libtorrent's SSL listener (the port
-given): SSL torrents accept only peers presenting a certificate from the torrent's CA (the
-site CA, ``certs``), and a plaintext torrent is not allowed at all without ``--insecure``.
-libtorrent errors are translated here into ``PeerError`` / ``UsageError``.
+or NAT-PMP (they talk to the router); the DHT off unless ``dht=True`` (then libtorrent's
+default bootstrap nodes, for swarms across sites); local service discovery (LSD, multicast on
+the LAN) on unless turned off; TCP only unless ``utp=True``; the static peers of
+``SwarmOptions.peers`` connected by the caller (``connect_peers``). With ``secure`` the listen
+socket is libtorrent's SSL listener (the port given): SSL torrents accept only peers
+presenting a certificate from the torrent's CA (the site CA, ``certs``), and a plaintext
+torrent is not allowed at all without ``--insecure``. libtorrent errors are translated here
+into ``PeerError`` / ``UsageError``.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ class SwarmOptions:
     peers: tuple[str, ...] = ()  # HOST:PORT, connected directly (a static peer list)
     lsd: bool = True  # local service discovery on the LAN
     dht: bool = False  # the public DHT: only when asked (many sites, WAN)
+    # uTP's LEDBAT yields to any other traffic and backs off as a capped link's queue fills:
+    # meant for background seeding on home links, it left tc-capped site links half used in
+    # bench_torrent. TCP by default; uTP when asked (NAT-friendly on the WAN).
+    utp: bool = False
     upload_rate: int = 0  # bytes per second, 0 = no cap (benchmarks, tests)
     download_rate: int = 0
 
@@ -71,6 +76,8 @@ def open_session(options: SwarmOptions, *, secure: bool) -> lt.session:
         "listen_interfaces": f"{listen}:{port}{'s' if secure else ''}",
         "enable_dht": options.dht,
         "enable_lsd": options.lsd,
+        "enable_outgoing_utp": options.utp,
+        "enable_incoming_utp": options.utp,
         "upload_rate_limit": options.upload_rate,
         "download_rate_limit": options.download_rate,
     })

@@ -31,6 +31,7 @@ from appliance.torrent.session import add_flags, connect_peers, present_certific
 Notify = Callable[[str], None]
 _POLL_MS = 100
 _RECONNECT_S = 10.0
+_SCAN_S = 1.0
 
 
 class _Span:
@@ -112,20 +113,20 @@ class TorrentSource:
         held: dict[int, bytes] = {}
         asked: set[int] = set()
         last_piece = time.monotonic()
-        last_connect = 0.0
+        last_connect = scan_due = 0.0
         while spans:
             now = time.monotonic()
             if now - last_connect > _RECONNECT_S:
                 connect_peers(handle, self.peers)
                 last_connect = now
-            status = handle.status(lt.status_flags_t.query_pieces)
-            have = status.pieces
-            for piece in users:
-                if piece not in asked and piece < len(have) and have[piece]:
-                    handle.read_piece(piece)
-                    asked.add(piece)
+            if now >= scan_due:
+                # Pieces libtorrent holds without a piece_finished alert: re-checked from the
+                # scratch directory after a restart, or an alert dropped from a full queue.
+                have = handle.status(lt.status_flags_t.query_pieces).pieces
+                self._ask([p for p in users if p < len(have) and have[p]], handle, asked)
+                scan_due = now + _SCAN_S
             self.session.wait_for_alert(_POLL_MS)
-            if self._alerts(held, asked):
+            if self._alerts(held, asked, users, handle):
                 last_piece = time.monotonic()
             for span in [s for s in spans.values() if all(p in held for p in s.pieces)]:
                 sink.deliver(span.digest, self._cut(span, held))
@@ -139,17 +140,29 @@ class TorrentSource:
                 raise PeerError(
                     f"no torrent peer delivered a piece for {self.wait_for_pieces:g} s; "
                     f"{len(spans)} chunks of {self.model.name}:{self.model.version} still "
-                    f"needed ({status.num_peers} peers connected); what arrived is kept: "
-                    "run the same fetch again to resume"
+                    f"needed ({handle.status().num_peers} peers connected); what arrived is "
+                    "kept: run the same fetch again to resume"
                 )
 
-    def _alerts(self, held: dict[int, bytes], asked: set[int]) -> bool:
+    @staticmethod
+    def _ask(pieces: list[int], handle: lt.torrent_handle, asked: set[int]) -> None:
+        for piece in pieces:
+            if piece not in asked:
+                handle.read_piece(piece)
+                asked.add(piece)
+
+    def _alerts(self, held: dict[int, bytes], asked: set[int], users: Mapping[int, int],
+                handle: lt.torrent_handle) -> bool:
         """Take libtorrent's news; True when a piece arrived."""
         arrived = False
         for alert in self.session.pop_alerts():
-            if isinstance(alert, lt.read_piece_alert):
+            if isinstance(alert, lt.piece_finished_alert):
+                if alert.piece_index in users:
+                    self._ask([alert.piece_index], handle, asked)
+                arrived = True
+            elif isinstance(alert, lt.read_piece_alert):
                 if alert.error.value():
-                    asked.discard(alert.piece)  # asked again on the next round
+                    asked.discard(alert.piece)  # asked again on the next scan
                 else:
                     held[alert.piece] = bytes(alert.buffer)
                     arrived = True
@@ -162,8 +175,6 @@ class TorrentSource:
                 if peer not in self.banned:
                     self.banned.add(peer)
                     self.say(f"banned torrent peer {peer} (sent data that failed the hash)")
-            elif isinstance(alert, lt.piece_finished_alert):
-                arrived = True
             elif isinstance(alert, lt.file_error_alert | lt.torrent_error_alert):
                 raise StoreError(f"torrent scratch {self.scratch}: {alert.message()}")
         return arrived
