@@ -113,6 +113,12 @@ def test_an_expired_host_certificate_is_refused(site: dict[str, Path], tmp_path:
         tls.client_context(tmp_path / "old")
 
 
+def test_the_server_context_refuses_renegotiation(site: dict[str, Path]) -> None:
+    ctx = tls.server_context(site["a"])
+    assert ctx.options & ssl.OP_NO_RENEGOTIATION
+    assert ctx.verify_mode == ssl.CERT_REQUIRED
+
+
 def test_member_lists_and_fetches_over_mutual_tls(site: dict[str, Path], served) -> None:
     server, bundle = served
     assert server.url.startswith("https://")
