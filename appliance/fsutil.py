@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import threading
 from pathlib import Path
 
 from appliance.errors import ApplianceError, LimitExceededError, MediaError, SpecialFileError
@@ -75,9 +76,10 @@ def create_exclusive(path: Path, data: bytes, mode: int) -> None:
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o644, sync_dir: bool = True,
                  strict_dir_sync: bool = False) -> None:
     """Replace ``path`` with ``data`` atomically: tmp + fsync + rename (+ directory fsync)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Named for this process and thread, so two writers of one file never share a temporary.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()  # left by a crash of this same pid number: ours to remove
+        tmp.unlink()  # left by a crash of an earlier process with this pid: ours to remove
     create_exclusive(tmp, data, mode)
     try:
         os.replace(tmp, path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,22 @@ def test_fsync_dir(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         fsutil.fsync_dir(tmp_path / "missing")
     fsutil.fsync_dir(tmp_path / "missing", strict=False)
+
+
+def test_write_atomic_from_many_threads_at_once(tmp_path: Path) -> None:
+    """Writers of one file in one process (server threads appending audit records) never
+    share a temporary: every write lands whole and nothing is left behind."""
+    path = tmp_path / "audit-head"
+    payloads = {f"{n} {'x' * 4000}\n".encode() for n in range(8)}
+
+    def writer(data: bytes) -> None:
+        for _ in range(50):
+            fsutil.write_atomic(path, data)
+
+    threads = [threading.Thread(target=writer, args=(p,)) for p in payloads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert path.read_bytes() in payloads
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit-head"]
