@@ -36,7 +36,9 @@ import shutil
 import struct
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -89,6 +91,7 @@ PARITY_VERSION = 1
 # magic, version, share, k (data volumes), m (all shares), block size, stripes
 _HEADER = struct.Struct("<8sIIIIQQ")
 _U64 = struct.Struct("<Q")
+_AHEAD = 2  # stripes read (and written) ahead of the encoder
 
 
 def parity_volume_name(number: int) -> str:
@@ -180,6 +183,9 @@ class _StreamReader:
             if not data:
                 raise TruncatedError(f"{Path(self._file.name).name} ends early",
                                      volume=self.volume)
+            if not out and len(data) == n:  # the usual case: one read, no copy
+                self._left -= n
+                return data
             out += data
             self._left -= len(data)
         return bytes(out)
@@ -254,12 +260,31 @@ def write_parity(data_dirs: Sequence[Path], staging: Path, count: int, *,
             h.update(header.encode())
         encoder = zfec.Encoder(k, m)
         wanted = tuple(range(k, m))
-        for _ in range(stripes):
-            blocks = tuple(r.read(block_size) for r in readers)
-            for out, h, block in zip(files, hashes, encoder.encode(blocks, wanted),
-                                     strict=True):
+
+        def read_stripe() -> tuple[bytes, ...]:
+            return tuple(r.read(block_size) for r in readers)
+
+        def write_stripe(blocks: Sequence[bytes]) -> None:
+            for out, h, block in zip(files, hashes, blocks, strict=True):
                 out.write(block)
                 h.update(block)
+
+        # zfec holds the GIL, file I/O and BLAKE3 do not: a reader and a writer thread keep
+        # the encoder busy. At most _AHEAD stripes are in flight each way (memory stays flat).
+        with ThreadPoolExecutor(1, "parity-read") as reading, \
+                ThreadPoolExecutor(1, "parity-write") as writing:
+            ahead: deque[Future[tuple[bytes, ...]]] = deque(
+                reading.submit(read_stripe) for _ in range(min(_AHEAD, stripes)))
+            written: deque[Future[None]] = deque()
+            for j in range(stripes):
+                blocks = ahead.popleft().result()
+                if j + len(ahead) + 1 < stripes:
+                    ahead.append(reading.submit(read_stripe))
+                written.append(writing.submit(write_stripe, encoder.encode(blocks, wanted)))
+                while len(written) > _AHEAD:
+                    written.popleft().result()
+            while written:
+                written.popleft().result()
         for out in files:
             out.flush()
             os.fsync(out.fileno())
