@@ -27,6 +27,7 @@ from appliance.bundle.reader import find_volume_dirs, open_media, verify_media
 from appliance.cli.main import main
 from appliance.errors import (
     EXIT_REFUSED,
+    LimitExceededError,
     RotationError,
     SpecialFileError,
     ThresholdError,
@@ -230,3 +231,16 @@ def test_carried_roots_are_checked_for_signatures_before_they_are_parsed(
     assert type(info.value) is RotationError
     assert main(["bundle", "inspect", str(media)]) == EXIT_REFUSED
     assert "FormatError" in capsys.readouterr().err
+
+
+@quick
+@pytest.mark.parametrize("directory, name", [("signatures", "junk-{}.txt"),
+                                             ("signatures", "{:032x}.sig"),
+                                             ("trust", "root-{}.yaml")])
+def test_a_directory_of_many_files_is_refused_without_listing_it_all(
+        media: Path, directory: str, name: str) -> None:
+    for i in range(400):
+        (media / directory / name.format(i + 2)).touch()
+    with pytest.raises(LimitExceededError, match="over the cap") as info:
+        open_media([media])
+    assert type(info.value) is LimitExceededError

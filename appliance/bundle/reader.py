@@ -155,17 +155,34 @@ def find_volume_dirs(paths: Sequence[Path]) -> list[Path]:
     return out
 
 
+def _scan_names(directory: Path, suffix: str, cap: int, what: str) -> list[str]:
+    """Names ending in ``suffix`` (not hidden) in ``directory``, sorted; [] if it is absent.
+
+    Stops with ``LimitExceededError`` as soon as more than ``cap`` such names, or more than
+    ``4 * cap + 64`` entries of any kind, were seen: a directory of millions of files costs
+    neither the memory of listing it nor the time of walking it to the end."""
+    names: list[str] = []
+    seen = 0
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                seen += 1
+                if entry.name.endswith(suffix) and not entry.name.startswith("."):
+                    names.append(entry.name)
+                if len(names) > cap or seen > 4 * cap + 64:
+                    raise LimitExceededError(
+                        f"{directory} holds more than {cap} {what} (or other files), over the cap"
+                    )
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise MediaError(f"cannot list {directory}: {e}") from e
+    return sorted(names)
+
+
 def _read_signatures(volume_dir: Path, limits: Limits) -> tuple[Signature, ...]:
     sig_dir = volume_dir / SIGNATURES_DIR
-    try:
-        names = sorted(os.listdir(sig_dir))
-    except FileNotFoundError:
-        return ()
-    except OSError as e:
-        raise MediaError(f"cannot list {sig_dir}: {e}") from e
-    names = [n for n in names if n.endswith(SIGNATURE_SUFFIX) and not n.startswith(".")]
-    if len(names) > limits.max_signatures:
-        raise LimitExceededError(f"{sig_dir} holds {len(names)} signatures, over the cap")
+    names = _scan_names(sig_dir, SIGNATURE_SUFFIX, limits.max_signatures, "signatures")
     signatures = []
     for name in names:
         data = read_capped(sig_dir / name, limits.max_signature_bytes, f"signature {name}")
@@ -179,14 +196,7 @@ def _read_signatures(volume_dir: Path, limits: Limits) -> tuple[Signature, ...]:
 def _list_chain(volume_dir: Path, limits: Limits) -> tuple[tuple[int, Path], ...]:
     """(version, path) of each carried root, from the names alone: nothing is read yet."""
     trust_dir = volume_dir / TRUST_DIR
-    try:
-        names = [n for n in os.listdir(trust_dir) if n.endswith(".yaml") and n[0] != "."]
-    except FileNotFoundError:
-        return ()
-    except OSError as e:
-        raise MediaError(f"cannot list {trust_dir}: {e}") from e
-    if len(names) > limits.max_trust_chain_length:
-        raise LimitExceededError(f"{trust_dir} holds {len(names)} roots, over the cap")
+    names = _scan_names(trust_dir, ".yaml", limits.max_trust_chain_length, "trust roots")
     files = []
     for name in names:
         match = _ROOT_FILE.fullmatch(name)
