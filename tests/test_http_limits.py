@@ -29,7 +29,8 @@ from serve_helpers import running_server
 from trust_helpers import NOW, trusted_store
 
 from appliance.errors import UsageError
-from appliance.http_server import ServerOptions, parse_listen
+from appliance.http_limits import ServerOptions
+from appliance.http_server import parse_listen
 from appliance.peer import tls
 from appliance.peer.client import connect_policy
 from appliance.peer.pull import pull
