@@ -143,7 +143,8 @@ def test_rebuild_memory_stays_flat(tmp_path: Path) -> None:
         _, encode_peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert section.stripes >= 20 and encode_peak < 8 * MIB
+    # A few stripes in flight (read ahead, being encoded, being written), not a volume.
+    assert section.stripes >= 20 and encode_peak < 12 * MIB
     rebuilt = sum(p.stat().st_size for p in (tmp_path / "scratch/vol-001").rglob("*"))
     assert rebuilt > 20 * MIB
     assert peak < 8 * MIB  # a few 1 MiB blocks, not the volume
