@@ -385,6 +385,31 @@ def check_trust_root(store: Path) -> Check:
     return Check(name, "ok", False, f"version {version}, fingerprint {fingerprint}")
 
 
+# -- the serving engine -----------------------------------------------------------------
+
+
+def check_serving_engine() -> Check:
+    """llama-server (the serving engine): built? which backend, devices and free VRAM."""
+    from appliance.serve.llama_server import find_binary, gpu_devices
+
+    name = "serving engine"
+    binary = find_binary()
+    if binary is None:
+        return Check(name, "warn", False, "llama-server is not built (scripts/"
+                     "build_llama_server.sh): appliance serve falls back to llama-cpp-python, "
+                     "one request at a time per model, no tools or JSON schemas")
+    try:
+        out = subprocess.run([str(binary), "--version"], capture_output=True, text=True,
+                             timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return Check(name, "fail", False, f"{binary} does not run: {e}")
+    version = next((line for line in (out.stdout + out.stderr).splitlines()
+                    if line.startswith("version")), "version unknown")
+    devices = gpu_devices(binary)
+    backend = f"GPU: {'; '.join(devices)}" if devices else "CPU only (no GPU backend or device)"
+    return Check(name, "ok", False, f"llama-server {version}; {backend}")
+
+
 # -- all together -----------------------------------------------------------------------
 
 
@@ -409,6 +434,7 @@ def run_checks(
     add(check_libraries())
     add(*check_cpu(flags))
     add(*check_llama(flags, timeout=timeout))
+    add(check_serving_engine())
     writable = check_store_writable(store)
     add(writable)
     add(check_disk(store))

@@ -1,13 +1,13 @@
-"""Serving overhead: streaming generation through ``appliance serve`` vs in-process llama.cpp.
+"""Serving throughput: ``appliance serve`` (llama-server engine) vs llama-server alone.
 
-Same model (gemma-3-270m when installed, else the tiny llama), same threads, same context,
-same prompts, same greedy sampling and ``max_tokens``. Ours: the real app under uvicorn on
-127.0.0.1 with its worker process, read as SSE by an httpx client. Native: llama-cpp-python's
-``create_completion(stream=True)`` in this process. Both are timed the same way, from the
-client's side: tokens generated / (request start to last chunk), and time to first token =
-request start to first chunk. Both must produce the same text (greedy, same seed), so the
-token count, exact from the server's usage, is the same on both sides. Runs alternate so
-both sides see the same machine load; the best of each is kept.
+Same model (gemma-3-270m when installed, else the tiny llama), same llama-server binary and
+command line (``llama_server.server_argv``: threads, slots, context), same prompts, greedy
+sampling and ``max_tokens``, in the same run. Ours: the real app under uvicorn on 127.0.0.1
+(auth layer, queue, access log, metrics, its llama-server child), read as SSE by httpx.
+Native: the same llama-server started directly. For 1, 4 and 8 concurrent streams: aggregate
+generated tokens/s (the sum of every stream's tokens, exact from the usage chunk, over the
+wall time from the first request to the last token) and, at 1 stream, time to first token.
+The two sides alternate per round so both see the same machine load; the best round is kept.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,111 +27,136 @@ import httpx
 from bench.harness import BenchContext, Comparison
 
 THREADS = 2
-N_CTX = 512
-TINY_N_CTX = 256  # the tiny llama's training context
+SLOTS = 8
+N_CTX = 512  # per slot
+TINY_N_CTX = 256
+STREAMS = (1, 4, 8)
 PROMPT = "The history of the printing press begins"
 
 
 @dataclass(frozen=True)
-class Run:
-    text: str
-    first_token_s: float
-    total_s: float
+class Round:
+    tokens: int
+    seconds: float
+    first_token_s: float  # the earliest stream's
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.seconds
 
 
-def _timed(pieces: Iterable[str], start: float) -> Run:
-    first = 0.0
-    text: list[str] = []
-    for piece in pieces:
-        if not text:
-            first = time.perf_counter()
-        text.append(piece)
-    return Run("".join(text), first - start, time.perf_counter() - start)
+def _stream(http: httpx.Client, url: str, body: dict[str, Any], out: list[tuple[int, float]],
+            start: float) -> None:
+    first, tokens = 0.0, 0
+    with http.stream("POST", f"{url}/v1/completions", json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                tokens = int(event["usage"]["completion_tokens"])
+            if not first and event.get("choices") and event["choices"][0].get("text"):
+                first = time.perf_counter() - start
+    out.append((tokens, first))
 
 
-def _sse_texts(response: httpx.Response, usage: list[int]) -> Iterable[str]:
-    for line in response.iter_lines():
-        if not line.startswith("data: "):
-            continue
-        if line == "data: [DONE]":
-            return
-        event = json.loads(line[6:])
-        if event.get("usage"):
-            usage.append(event["usage"]["completion_tokens"])
-        for choice in event["choices"]:
-            yield choice["text"]
+def _round(http: httpx.Client, url: str, streams: int, params: dict[str, Any], i: int) -> Round:
+    out: list[tuple[int, float]] = []
+    start = time.perf_counter()
+    threads = [threading.Thread(target=_stream, args=(http, url, {
+        "model": "bench", "prompt": f"{PROMPT} ({i}.{n})", "stream": True,
+        "stream_options": {"include_usage": True}, **params}, out, start))
+        for n in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - start
+    if len(out) != streams:
+        raise RuntimeError(f"{streams - len(out)} of {streams} streams failed")
+    return Round(sum(t for t, _ in out), seconds, min(f for _, f in out))
 
 
-def _native_texts(chunks: Iterable[Any]) -> Iterable[str]:
-    for chunk in chunks:
-        yield chunk["choices"][0]["text"]
-
-
-def _best(runs: list[Run]) -> Run:
-    return Run(runs[0].text, min(r.first_token_s for r in runs), min(r.total_s for r in runs))
+def _wait(http: httpx.Client, url: str, headers: dict[str, str] | None = None) -> None:
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            if http.get(f"{url}/health", headers=headers).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} never became ready")
+        time.sleep(0.05)
 
 
 def run(ctx: BenchContext) -> list[Comparison]:
-    import llama_cpp
-
     from appliance.serve.app import create_app
+    from appliance.serve.llama_server import (
+        NOT_BUILT,
+        find_binary,
+        free_port,
+        gguf_facts,
+        server_argv,
+    )
     from appliance.serve.model import ServableModel, ServeSettings
     from appliance.serve.server import ServerThread
 
+    binary = find_binary()
+    if binary is None:
+        raise RuntimeError(NOT_BUILT)
     logging.getLogger("appliance.serve").setLevel(logging.WARNING)
     model_path: Path = ctx.model_path or ctx.tiny_model_path
     label = "gemma3-270m Q4_K_M" if ctx.model_path else "tiny llama"
-    max_tokens = 32 if ctx.quick else 128
-    repeats = 2 if ctx.quick else 3
-    params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": 0.0, "seed": 0}
-
+    max_tokens = 32 if ctx.quick else 96
+    repeats = 1 if ctx.quick else 2
     n_ctx = N_CTX if ctx.model_path else TINY_N_CTX
-    native = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=THREADS,
-                             n_threads_batch=THREADS, verbose=False)
+    params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": 0.0, "seed": 0}
+    settings = ServeSettings(models=("bench",), n_threads=THREADS, n_ctx=n_ctx,
+                             engine="llama-server", parallel=SLOTS, max_queue=64)
 
     def resolve(name: str) -> ServableModel:
         return ServableModel(name, model_path, os.path.getsize(model_path), "bench")
 
-    settings = ServeSettings(models=("bench",), n_threads=THREADS, n_ctx=n_ctx)
-    ours: list[Run] = []
-    theirs: list[Run] = []
-    usage: list[int] = []
-    with ServerThread(create_app(settings, resolve)) as server, httpx.Client(timeout=600) as http:
-        deadline = time.monotonic() + 300
-        while http.get(f"{server.url}/health").status_code != 200:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the bench server never became ready")
-            time.sleep(0.05)
-        # One warm-up round (page cache, first-call allocations), then alternate.
-        for i in range(repeats + 1):
-            prompt = f"{PROMPT} ({i})"
-            body = {"model": "bench", "prompt": prompt, "stream": True,
-                    "stream_options": {"include_usage": True}, **params}
-            start = time.perf_counter()
-            with http.stream("POST", f"{server.url}/v1/completions", json=body) as response:
-                response.raise_for_status()
-                mine = _timed(_sse_texts(response, usage), start)
-            start = time.perf_counter()
-            native_run = _timed(
-                _native_texts(native.create_completion(prompt, stream=True, **params)), start)
-            if mine.text != native_run.text:
-                raise RuntimeError(f"the two sides generated different text: {mine.text!r} vs "
-                                   f"{native_run.text!r}")
-            if i:
-                ours.append(mine)
-                theirs.append(native_run)
-    native.close()
-    tokens = usage[-1]
-    a, b = _best(ours), _best(theirs)
-    overhead_ms = (a.first_token_s - b.first_token_s) * 1000
-    return [Comparison(
-        name=f"serve: streaming generation ({label}, {THREADS} threads, {tokens} tokens)",
-        unit="tok/s",
-        ours=tokens / a.total_s,
-        native=tokens / b.total_s,
-        native_tool=f"llama-cpp-python {llama_cpp.__version__} create_completion(stream=True) "
-                    "in-process",
-        note=(f"time to first token: ours {a.first_token_s * 1000:.0f} ms, native "
-              f"{b.first_token_s * 1000:.0f} ms ({overhead_ms:+.0f} ms through HTTP, queue "
-              f"and worker pipe); best of {repeats}"),
-    )]
+    port = free_port()
+    argv = server_argv(binary, str(model_path), port, settings, gguf_facts(model_path),
+                       alias="bench")
+    native = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    native_url = f"http://127.0.0.1:{port}"
+    best: dict[tuple[str, int], Round] = {}
+    try:
+        with ServerThread(create_app(settings, resolve)) as server, \
+                httpx.Client(timeout=600, trust_env=False) as http:
+            _wait(http, server.url)
+            _wait(http, native_url)
+            sides = {"ours": server.url, "native": native_url}
+            for url in sides.values():  # warm-up: page cache, first-call allocations
+                _round(http, url, 1, params, 0)
+            for i in range(1, repeats + 1):
+                for streams in STREAMS:
+                    for side, url in sides.items():
+                        r = _round(http, url, streams, params, i)
+                        key = (side, streams)
+                        if key not in best or r.rate > best[key].rate:
+                            best[key] = r
+    finally:
+        native.terminate()
+        native.wait(30)
+    version = subprocess.run([str(binary), "--version"], capture_output=True, text=True,
+                             check=False).stderr.strip().splitlines()
+    tool = f"llama-server alone ({version[0] if version else 'same binary'}, same argv)"
+    rows = []
+    for streams in STREAMS:
+        ours, theirs = best[("ours", streams)], best[("native", streams)]
+        note = f"{ours.tokens} tokens in {ours.seconds:.2f} s vs {theirs.tokens} in " \
+               f"{theirs.seconds:.2f} s; best of {repeats}"
+        if streams == 1:
+            note += (f"; time to first token: ours {ours.first_token_s * 1000:.1f} ms, "
+                     f"native {theirs.first_token_s * 1000:.1f} ms "
+                     f"({(ours.first_token_s - theirs.first_token_s) * 1000:+.1f} ms)")
+        rows.append(Comparison(
+            name=f"serve: {streams} concurrent streams ({label}, {THREADS} threads, "
+                 f"{SLOTS} slots, {max_tokens} tokens each)",
+            unit="tok/s", ours=ours.rate, native=theirs.rate, native_tool=tool, note=note))
+    return rows

@@ -63,3 +63,6 @@ if "AMX_INT8 = 1" in info or "AMX = 1" in info:
     sys.exit(f"llama.cpp was built with AMX (not portable); remove the cached wheel and rebuild: {info}")
 print("llama-cpp-python", llama_cpp.__version__, "ok")
 PY
+
+step "building llama-server, the serving engine (same llama.cpp as llama-cpp-python; ~15 min on 2 cores, once)"
+bash scripts/build_llama_server.sh

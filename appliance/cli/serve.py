@@ -13,7 +13,8 @@ from appliance.errors import UsageError
 from appliance.http_server import address, parse_listen
 from appliance.serve.app import create_app
 from appliance.serve.auth import load_api_keys
-from appliance.serve.model import ServeSettings
+from appliance.serve.llama_server import ENGINES, parse_keep_alive
+from appliance.serve.model import DEFAULT_N_CTX, ServeSettings
 from appliance.serve.server import ANY_HOST, bind, run
 from appliance.serve.store_resolver import (
     VERIFY_MODES,
@@ -27,9 +28,16 @@ DEFAULT_LISTEN = "127.0.0.1:8080"
 
 DESCRIPTION = """\
 Serve models from the store with llama.cpp behind an OpenAI-compatible API:
-GET /v1/models, POST /v1/chat/completions, /v1/completions (both with "stream": true) and
-/v1/embeddings (embedding models), GET /health (503 until every model is loaded) and
-GET /metrics (Prometheus).
+GET /v1/models, POST /v1/chat/completions, /v1/completions (both with "stream": true; with
+the llama-server engine also tools, tool_choice, response_format json_schema, logprobs) and
+/v1/embeddings (embedding models), GET /health (503 until every preloaded model is loaded)
+and GET /metrics (Prometheus). Ollama's API on the same port: /api/version, /api/tags,
+/api/show, /api/ps, /api/chat, /api/generate, /api/embed.
+
+The engine is llama.cpp's own llama-server (scripts/build_llama_server.sh) when built: one
+child per loaded model, --parallel requests at once (continuous batching). A model loads on
+its first request (--preload: at start), unloads after --keep-alive idle, and at most
+--max-loaded are loaded at once.
 
 Only published, verified store models load. Before each load (at start and after a worker
 restart) the file is checked against the store: --verify-on-load quick re-hashes the GGUF
@@ -72,8 +80,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                         help="require 'Authorization: Bearer KEY' with a key from FILE")
     parser.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1),
                         metavar="N", help="llama.cpp threads per model (default: CPUs, max 8)")
-    parser.add_argument("--ctx", type=int, default=4096, metavar="N",
-                        help="context length in tokens; 0 uses the model's own (default 4096)")
+    parser.add_argument("--ctx", type=int, default=DEFAULT_N_CTX, metavar="N",
+                        help="context length in tokens; 0 uses the model's own "
+                             f"(default {DEFAULT_N_CTX})")
     parser.add_argument("--max-tokens-default", type=int, default=256, metavar="N",
                         help="tokens a chat completion generates when the request names no "
                              "max_tokens (default 256; text completions: 16, as OpenAI)")
@@ -83,6 +92,28 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     parser.add_argument("--verify-on-load", choices=VERIFY_MODES, default="quick",
                         help="check before each load: quick (header + sizes) or full "
                              "(re-hash every byte) (default quick)")
+    engine = parser.add_argument_group("engine and model lifecycle")
+    engine.add_argument("--engine", choices=ENGINES, default="auto",
+                        help="llama-server (llama.cpp's own server, parallel slots, tools, "
+                             "JSON schemas, GPU), llama-cpp-python (one request at a time), "
+                             "or auto: llama-server when built (default auto)")
+    engine.add_argument("--parallel", type=int, default=4, metavar="N",
+                        help="requests generated at once per model (llama-server slots, "
+                             "continuous batching; default 4)")
+    engine.add_argument("--gpu-layers", default="auto", metavar="N|auto",
+                        help="layers offloaded to the GPU; auto: all when llama.cpp has a GPU "
+                             "backend, else 0 (default auto)")
+    engine.add_argument("--preload", action="store_true",
+                        help="load every model at start and keep it loaded (default: load on "
+                             "the first request)")
+    engine.add_argument("--keep-alive", default="5m", metavar="DURATION",
+                        help="unload a model idle this long (30s, 5m, 1h; -1: never; "
+                             "default 5m)")
+    engine.add_argument("--max-loaded", type=int, default=3, metavar="N",
+                        help="models loaded at once; the least recently used idle one unloads "
+                             "(0: no limit; default 3)")
+    engine.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                        help="allow browser pages from ORIGIN (repeatable; '*' for any)")
     parser.set_defaults(func=handle)
 
 
@@ -95,6 +126,14 @@ def handle(args: argparse.Namespace) -> int:
         raise UsageError("--queue must be 0 or more")
     if args.max_tokens_default < 1:
         raise UsageError("--max-tokens-default must be at least 1")
+    if args.parallel < 1:
+        raise UsageError("--parallel must be at least 1")
+    if args.gpu_layers != "auto" and not args.gpu_layers.isdigit():
+        raise UsageError("--gpu-layers takes a number of layers or auto")
+    try:
+        keep_alive = parse_keep_alive(args.keep_alive)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     host, _ = parse_listen(args.listen, any_host=ANY_HOST)
     keys = load_api_keys(args.api_key_file) if args.api_key_file else frozenset()
     require_existing_store(args.store)
@@ -112,6 +151,9 @@ def handle(args: argparse.Namespace) -> int:
     settings = ServeSettings(
         models=models, n_threads=args.threads, n_ctx=args.ctx, max_queue=args.queue,
         max_tokens_default=args.max_tokens_default, api_keys=keys, listen=where,
+        engine=args.engine, parallel=args.parallel, gpu_layers=args.gpu_layers,
+        keep_alive=None if args.preload else keep_alive, max_loaded=args.max_loaded,
+        preload=args.preload, cors_origins=tuple(args.cors_origin),
     )
     app = create_app(settings, store_resolver(args.store, verify=args.verify_on_load),
                      audit=serve_audit(args.store, via="cli"))

@@ -45,8 +45,10 @@ from appliance.errors import (
     ServeError,
     WorkerCrashedError,
 )
-from appliance.serve import protocol
+from appliance.serve import access, ollama, passthrough, protocol
+from appliance.serve.access import AccessLog, Cors
 from appliance.serve.auth import authorized
+from appliance.serve.llama_server import UNLOADED, engine_metrics, make_workers, resolve_engine
 from appliance.serve.metrics import CONTENT_TYPE, Metrics
 from appliance.serve.model import ModelResolver, ServeSettings
 from appliance.serve.queue import RequestQueue
@@ -72,11 +74,9 @@ class ServerState:
         self.metrics = Metrics()
         self.queue = RequestQueue(settings.max_queue)
         self.started = int(time.time())
-        self.workers = {
-            name: Worker(name, resolver, settings, metrics=self.metrics, queue=self.queue,
-                         audit=audit)
-            for name in settings.models
-        }
+        self.engine = resolve_engine(settings.engine)
+        self.workers = make_workers(settings, resolver, metrics=self.metrics, queue=self.queue,
+                                    audit=audit, engine=self.engine)
         self.metrics.queue_depth = lambda: self.queue.waiting
         self.metrics.model_ready = lambda: {n: w.state == READY for n, w in self.workers.items()}
 
@@ -85,7 +85,7 @@ class ServerState:
         if self.audit is not None:
             details = {"models": list(self.settings.models), "listen": self.settings.listen,
                        "pid": os.getpid(), "n_threads": self.settings.n_threads,
-                       "n_ctx": self.settings.n_ctx}
+                       "n_ctx": self.settings.n_ctx, "engine": self.engine}
             await asyncio.to_thread(self.audit, "serve-start", details)
         for worker in self.workers.values():
             worker.start()
@@ -103,6 +103,7 @@ class ServerState:
                                   f"{', '.join(sorted(self.workers))}")
         worker = self.workers.get(model)
         if worker is None:
+        access.note(model)
             raise ModelNotFoundError(f"model '{model}' is not served here; GET /v1/models lists "
                                      "the served models")
         return worker
@@ -121,6 +122,7 @@ def create_app(settings: ServeSettings, resolver: ModelResolver, *,
         Route("/v1/completions", _completions, methods=["POST"]),
         Route("/v1/embeddings", _embeddings, methods=["POST"]),
     ]
+        *ollama.routes(),
     app = Starlette(
         routes=routes,
         lifespan=state.lifespan,
@@ -128,7 +130,7 @@ def create_app(settings: ServeSettings, resolver: ModelResolver, *,
                             Exception: _on_bug},
     )
     app.state.serve = state
-    return _Front(app, state)
+    return AccessLog(Cors(_Front(app, state), settings.cors_origins), state)
 
 
 class _Front:
@@ -143,7 +145,7 @@ class _Front:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        label = path if path in KNOWN_PATHS else "other"
+        label = path if path in KNOWN_PATHS or ollama.is_ollama_path(path) else "other"
         metrics = self.state.metrics
         if path not in PUBLIC_PATHS:
             header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
@@ -206,6 +208,8 @@ async def _on_error(request: Request, error: Exception) -> Response:
     if status == 429:
         response.headers["Retry-After"] = "1"
     if code == "worker_crashed":
+    if ollama.is_ollama_path(request.url.path):  # Ollama's error shape
+        return JSONResponse({"error": str(error)}, status_code=status)
         # The same request would likely crash the new worker too: tell OpenAI's clients,
         # which retry 5xx by default, not to.
         response.headers["x-should-retry"] = "false"
@@ -242,7 +246,7 @@ async def _health(request: Request) -> Response:
     models = {w.name: {"state": w.state, "pid": w.pid,
                        **({"detail": w.detail} if w.detail else {})}
               for w in workers}
-    if all(w.state == READY for w in workers):
+    if all(w.state in (READY, UNLOADED) for w in workers):  # unloaded: loads on request
         return JSONResponse({"status": "ok", "models": models})
     loading = any(w.state in ("loading", "restarting") for w in workers)
     return JSONResponse({"status": "loading" if loading else "unavailable", "models": models},
@@ -250,7 +254,9 @@ async def _health(request: Request) -> Response:
 
 
 async def _metrics(request: Request) -> Response:
-    return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE)
+    state = _state(request)
+    return Response(state.metrics.render() + await engine_metrics(state.workers),
+                    media_type=CONTENT_TYPE)
 
 
 def _card(state: ServerState, worker: Worker) -> dict[str, Any]:
@@ -290,7 +296,9 @@ async def _read_json(request: Request) -> dict[str, Any]:
 
 
 async def _chat(request: Request) -> Response:
-    generation = protocol.parse_chat(await _read_json(request))
+    parse = passthrough.parse_chat if _state(request).engine == "llama-server" else (
+        protocol.parse_chat)
+    generation = parse(await _read_json(request))
     # Without max_tokens llama.cpp generates until the context is full (minutes, thousands of
     # tokens for a base model): the server's cap applies instead.
     generation.params.setdefault("max_tokens", _state(request).settings.max_tokens_default)
@@ -298,7 +306,9 @@ async def _chat(request: Request) -> Response:
 
 
 async def _completions(request: Request) -> Response:
-    generation = protocol.parse_completion(await _read_json(request))
+    parse = passthrough.parse_completion if _state(request).engine == "llama-server" else (
+        protocol.parse_completion)
+    generation = parse(await _read_json(request))
     return await _generate(request, "completion", generation)
 
 

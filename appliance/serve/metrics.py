@@ -8,6 +8,9 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 
+from appliance.serve import access
+from appliance.serve.histogram import PER_TOKEN_BUCKETS, TTFT_BUCKETS, Histogram
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -24,6 +27,10 @@ class Metrics:
         self.in_flight = 0
         self.queue_depth: Callable[[], int] = lambda: 0
         self.model_ready: Callable[[], dict[str, bool]] = dict
+        self.ttft = Histogram("appliance_serve_time_to_first_token_seconds_hist",
+                              "Time to first token.", TTFT_BUCKETS)
+        self.per_token = Histogram("appliance_serve_time_per_output_token_seconds",
+                                   "Time between generated tokens (decode).", PER_TOKEN_BUCKETS)
 
     def observe_request(self, path: str, status: int) -> None:
         self.requests[(path, status)] += 1
@@ -35,6 +42,11 @@ class Metrics:
         self.completion_tokens[model] += generated
         self.generation_seconds[model] += seconds
         self.last_time_to_first_token[model] = float(stats.get("time_to_first_token", 0.0))
+        access.note(model, stats)
+        if generated:
+            self.ttft.observe(model, self.last_time_to_first_token[model])
+        if generated > 1 and seconds > 0:
+            self.per_token.observe(model, seconds / (generated - 1))
         # Rate between the first and the last token: the decode speed, not prompt processing.
         if generated > 1 and seconds > 0:
             self.last_tokens_per_second[model] = (generated - 1) / seconds
@@ -70,6 +82,8 @@ class Metrics:
         _family(out, "appliance_serve_model_ready", "gauge",
                 "1 when the model's worker is loaded and ready.",
                 ((f'model="{_esc(m)}"', int(r)) for m, r in sorted(self.model_ready().items())))
+        self.ttft.render(out)
+        self.per_token.render(out)
         return "\n".join(out) + "\n"
 
 

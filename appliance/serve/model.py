@@ -34,19 +34,33 @@ class ServableModel:
 ModelResolver = Callable[[str], ServableModel]
 
 
+# The context a model is loaded with unless told otherwise: `appliance serve --ctx` and the
+# TUI's Serve screen both start from it.
+DEFAULT_N_CTX = 4096
+
+
 @dataclass(frozen=True)
 class ServeSettings:
     """How the server runs; the CLI fills it from its options, tests build it directly."""
 
     models: tuple[str, ...]
     n_threads: int = 2
-    n_ctx: int = 4096  # 0: the model's training context
+    n_ctx: int = DEFAULT_N_CTX  # 0: the model's training context
     max_queue: int = 16  # requests waiting for a busy worker; more get 429
     max_tokens_default: int = 256  # tokens a chat completion generates when it names no cap
     api_keys: frozenset[str] = field(default_factory=frozenset)
     ready_timeout: float = 120.0  # how long a queued request waits for a (re)loading worker
     max_request_bytes: int = DEFAULT_LIMITS.max_request_bytes
     listen: str = ""  # informational: recorded in the serve-start audit record
+    # The engine (serve/llama_server.py): "llama-server", "llama-cpp-python" (the in-process
+    # worker.py, one request at a time) or "auto" (llama-server when it is built).
+    engine: str = "llama-cpp-python"
+    parallel: int = 1  # llama-server slots per model: requests generated at once
+    gpu_layers: str = "auto"  # layers offloaded: a number, or auto (all with a GPU, else 0)
+    keep_alive: float | None = None  # idle seconds before a model unloads; None: never
+    max_loaded: int = 0  # models loaded at once (least recently used unloads); 0: no limit
+    preload: bool = True  # load every model at start (else on its first request)
+    cors_origins: tuple[str, ...] = ()  # origins allowed by CORS (none: no CORS headers)
 
 
 def check_file(model: ServableModel) -> None:

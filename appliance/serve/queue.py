@@ -20,7 +20,7 @@ class RequestQueue:
         self.max_waiting = max_waiting
         self.waiting = 0
 
-    async def acquire(self, lock: asyncio.Lock) -> None:
+    async def acquire(self, lock: asyncio.Lock | asyncio.Semaphore) -> None:
         """Take ``lock``, waiting in line if it is held; QueueFullError if the line is full."""
         # An unlocked lock is taken without yielding, so counting it as waiting costs nothing.
         if lock.locked() and self.waiting >= self.max_waiting:

@@ -1,0 +1,595 @@
+"""llama.cpp's own ``llama-server`` as the crash-isolated engine of one model.
+
+``LlamaServerWorker`` is a ``supervisor.Worker`` whose child is ``llama-server`` (built from the
+llama.cpp vendored in our llama-cpp-python's sdist by ``scripts/build_llama_server.sh``) on a
+loopback port, reachable only with a random API key handed over in its environment (never in
+``ps``). llama-server does what llama.cpp does well: continuous batching over ``--parallel``
+slots, the model's own Jinja chat template with tool-call parsing (``--jinja``), grammars from
+JSON schemas, logprobs, GPU offload. This side keeps what it lacks: verify-before-load (every
+load asks the resolver, which checks the file against the store), the refusal audit, the
+bounded queue (at most ``parallel`` requests in flight, ``max_queue`` waiting, more get 429),
+crash detection (a dead child fails the requests it was answering with the signal's name; the
+next request loads it again) and the lifecycle: load on first request (or at start with
+``preload``), unload after ``keep_alive`` seconds idle, at most ``max_loaded`` loaded at once.
+
+Requests speak the same message protocol as the llama-cpp-python worker (``("chunk"|"result",
+rid, body)``, ``("done", rid, stats)``, ``("error", rid, kind, text)``), so the HTTP front
+serves both engines with one code path. Closing a request's generator closes its connection
+to llama-server, which stops that slot's generation at its next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import functools
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncGenerator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from appliance.errors import ApplianceError, RefusalError, ServeError, WorkerCrashedError
+from appliance.serve.chat_templates import fallback_template_file
+from appliance.serve.metrics import Metrics
+from appliance.serve.model import ModelResolver, ServeSettings
+from appliance.serve.queue import RequestQueue
+from appliance.serve.supervisor import (
+    FAILED,
+    LOADING,
+    MAX_BACKOFF,
+    MIN_BACKOFF,
+    READY,
+    RESTARTING,
+    STOPPED,
+    Audit,
+    Message,
+    Worker,
+    describe_exit,
+)
+from appliance.serve.worker import ENCODER_ARCHITECTURES
+
+log = logging.getLogger("appliance.serve")
+llama_log = logging.getLogger("appliance.serve.llama")  # the child's own lines: DEBUG only
+
+UNLOADED = "unloaded"  # not in memory; the next request loads it
+BINARY_ENV = "APPLIANCE_LLAMA_SERVER"
+BINARY_NAME = "llama-server"
+NOT_BUILT = "llama-server is not built: run scripts/build_llama_server.sh"
+LOG_TAIL = 30  # child log lines kept to explain a failed load or a crash
+
+
+def find_binary() -> Path | None:
+    """The llama-server to run: $APPLIANCE_LLAMA_SERVER, the one beside this interpreter (the
+    venv's, installed by build_llama_server.sh), the PyInstaller bundle's, else PATH's."""
+    explicit = os.environ.get(BINARY_ENV)
+    if explicit:
+        return Path(explicit) if os.access(explicit, os.X_OK) else None
+    candidates = [Path(sys.executable).parent / BINARY_NAME]
+    bundle = getattr(sys, "_MEIPASS", None)
+    if bundle:
+        candidates.insert(0, Path(bundle) / BINARY_NAME)
+    for candidate in candidates:
+        if os.access(candidate, os.X_OK):
+            return candidate
+    found = shutil.which(BINARY_NAME)
+    return Path(found) if found else None
+
+
+@functools.lru_cache(maxsize=4)
+def gpu_devices(binary: Path) -> list[str]:
+    """The GPU devices llama.cpp's backends see (``llama-server --list-devices``): empty on a
+    CPU-only build or host."""
+    try:
+        out = subprocess.run([str(binary), "--list-devices"], capture_output=True, text=True,
+                             timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    devices, listing = [], False
+    for line in (out.stdout + out.stderr).splitlines():
+        if line.startswith("Available devices"):
+            listing = True
+        elif listing and line.startswith("  ") and line.strip():
+            devices.append(line.strip())
+    return devices
+
+
+def gpu_layers_arg(setting: str, binary: Path) -> str:
+    """``--gpu-layers`` for llama-server: ``auto`` means every layer when a GPU is there."""
+    if setting != "auto":
+        return setting
+    return "all" if gpu_devices(binary) else "0"
+
+
+def gguf_facts(path: Path) -> dict[str, Any]:
+    """What the front must know before starting the child: architecture, whether it embeds."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+
+    def field(key: str) -> Any:
+        item = reader.fields.get(key)
+        return item.contents() if item is not None else None
+
+    architecture = str(field("general.architecture") or "")
+    pooling = field(f"{architecture}.pooling_type")
+    embeddings = architecture in ENCODER_ARCHITECTURES or pooling not in (None, 0)
+    return {
+        "architecture": architecture,
+        "embeddings": embeddings,
+        "generation": architecture not in ENCODER_ARCHITECTURES,
+        "chat_template": field("tokenizer.chat_template") is not None,
+        "n_ctx_train": int(field(f"{architecture}.context_length") or 0),
+    }
+
+
+def server_argv(binary: Path, path: str, port: int, s: ServeSettings, facts: dict[str, Any],
+                *, alias: str) -> list[str]:
+    """The llama-server command line for one model (the benchmark runs the same one alone)."""
+    parallel = max(1, s.parallel)
+    # llama-server splits --ctx-size across its slots: each slot gets the context asked for.
+    ctx = s.n_ctx * parallel if s.n_ctx else 0
+    argv = [str(binary), "--model", path, "--alias", alias,
+            "--host", "127.0.0.1", "--port", str(port),
+            "--parallel", str(parallel), "--ctx-size", str(ctx),
+            "--threads", str(s.n_threads), "--threads-batch", str(s.n_threads),
+            "--gpu-layers", gpu_layers_arg(s.gpu_layers, binary),
+            "--jinja", "--metrics", "--no-webui"]
+    template = None if facts["chat_template"] else fallback_template_file(
+        str(facts["architecture"]))
+    if template is not None:  # llama-server would use ChatML, wrong for gemma
+        argv += ["--chat-template-file", str(template)]
+    if facts["embeddings"]:
+        # A non-causal model embeds a whole input in one batch.
+        batch = str(s.n_ctx or 2048)
+        argv += ["--embeddings", "--batch-size", batch, "--ubatch-size", batch]
+    return argv
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class LlamaServerWorker(Worker):
+    """One model served by a llama-server child (see the module docstring)."""
+
+    def __init__(self, name: str, resolver: ModelResolver, settings: ServeSettings, *,
+                 metrics: Metrics, queue: RequestQueue, audit: Audit | None = None,
+                 binary: Path, peers: dict[str, LlamaServerWorker] | None = None) -> None:
+        super().__init__(name, resolver, settings, metrics=metrics, queue=queue, audit=audit)
+        self.state = UNLOADED
+        self.binary = binary
+        self.peers = peers if peers is not None else {name: self}
+        self.parallel = max(1, settings.parallel)
+        self.last_used = 0.0
+        self.busy = 0
+        self.log_tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL)
+        self._slots = asyncio.Semaphore(self.parallel)
+        self._child: subprocess.Popen[bytes] | None = None
+        self._client: httpx.AsyncClient | None = None
+        self._loading: asyncio.Task[None] | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._crashed = False  # set by a crash: the next load counts as a restart
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self._child.pid if self._child is not None else None
+
+    @property
+    def loaded(self) -> bool:
+        return self.state in (LOADING, READY)
+
+    def start(self) -> None:
+        if self._settings.preload:
+            self._begin_load()
+        else:
+            self._set_state(UNLOADED, "loads on its first request")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._loading is not None:
+            self._loading.cancel()
+        await self._unload(STOPPED, "server stopping")
+
+    def _begin_load(self) -> None:
+        if self._loading is None or self._loading.done():
+            self._set_state(LOADING, "")
+            self._loading = asyncio.get_running_loop().create_task(self._load())
+
+    async def _load(self) -> None:
+        try:
+            await self._make_room()
+            await self._launch_child()
+        except RefusalError as e:
+            self._refuse(e)
+        except ApplianceError as e:
+            log.error("model %s cannot be served: %s: %s", self.name, type(e).__name__, e)
+            self._set_state(FAILED, f"{type(e).__name__}: {e}")
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug must not leave the model "loading" forever
+            log.exception("starting llama-server for model %s failed", self.name)
+            self._set_state(FAILED, f"cannot start llama-server: {type(e).__name__}: {e}")
+
+    async def _make_room(self) -> None:
+        """Unload the least recently used idle model while ``max_loaded`` are loaded."""
+        deadline = time.monotonic() + self._settings.ready_timeout
+        while True:
+            loaded = [w for w in self.peers.values() if w is not self and w.loaded]
+            if self._settings.max_loaded <= 0 or len(loaded) < self._settings.max_loaded:
+                return
+            idle = sorted((w for w in loaded if w.busy == 0 and w.state == READY),
+                          key=lambda w: w.last_used)
+            if idle:
+                log.info("unloading model %s to make room for %s (--max-loaded %d)",
+                         idle[0].name, self.name, self._settings.max_loaded)
+                await idle[0]._unload(UNLOADED, "unloaded to make room for another model")
+                continue
+            if time.monotonic() > deadline:
+                raise ServeError(f"model '{self.name}' cannot load: --max-loaded "
+                                 f"{self._settings.max_loaded} models are loaded and busy")
+            await asyncio.sleep(0.1)
+
+    async def _launch_child(self) -> None:
+        model = await asyncio.to_thread(self._resolve)  # verify before every load
+        self.model = model
+        facts = await asyncio.to_thread(gguf_facts, model.path)
+        port, key = free_port(), secrets.token_urlsafe(24)
+        argv = self._argv(str(model.path), port, facts)
+        env = {**os.environ, "LLAMA_API_KEY": key}
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self._child = proc
+        if self._crashed:
+            self._metrics.worker_restarts[self.name] += 1
+            self._crashed = False
+        threading.Thread(target=self._read_log, args=(proc,), daemon=True,
+                         name=f"appliance-llama-log-{self.name}").start()
+        loop = asyncio.get_running_loop()
+        threading.Thread(target=self._watch, args=(proc, loop), daemon=True,
+                         name=f"appliance-llama-wait-{self.name}").start()
+        log.info("llama-server for model %s started (pid %s, port %d), loading %s", self.name,
+                 proc.pid, port, model.path)
+        self._client = httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", trust_env=False,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=httpx.Timeout(None, connect=10.0),
+            limits=httpx.Limits(max_connections=self.parallel + 4),
+        )
+        await self._wait_child_ready(proc, facts)
+
+    def _argv(self, path: str, port: int, facts: dict[str, Any]) -> list[str]:
+        return server_argv(self.binary, path, port, self._settings, facts, alias=self.name)
+
+    async def _wait_child_ready(self, proc: subprocess.Popen[bytes],
+                                facts: dict[str, Any]) -> None:
+        assert self._client is not None
+        deadline = time.monotonic() + self._settings.ready_timeout
+        while True:
+            if proc.poll() is not None:
+                return  # _on_exit reports it
+            with contextlib.suppress(httpx.TransportError):
+                response = await self._client.get("/health")
+                if response.status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise ServeError(f"llama-server did not load model '{self.name}' in "
+                                 f"{self._settings.ready_timeout:.0f} s")
+            await asyncio.sleep(0.05)
+        info = dict(facts)
+        with contextlib.suppress(httpx.TransportError, ValueError, KeyError, TypeError):
+            props = (await self._client.get("/props")).json()
+            info["n_ctx"] = int(props["default_generation_settings"]["n_ctx"])
+            meta = (await self._client.get("/v1/models")).json()["data"][0].get("meta") or {}
+            info.update({k: int(meta[k]) for k in ("n_params", "n_embd", "n_vocab", "size")
+                         if k in meta})
+        info["engine"] = "llama-server"
+        info["parallel"] = self.parallel
+        self.info = info
+        log.info("model %s ready (%s, %d slots, n_ctx %s)", self.name, info.get("architecture"),
+                 self.parallel, info.get("n_ctx"))
+        self.last_used = time.monotonic()
+        self._backoff = MIN_BACKOFF
+        self._set_state(READY, "")
+        self._arm_idle_timer()
+
+    def _read_log(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip()
+            self.log_tail.append(line)
+            llama_log.debug("[%s] %s", self.name, line)
+
+    def _watch(self, proc: subprocess.Popen[bytes], loop: asyncio.AbstractEventLoop) -> None:
+        code = proc.wait()
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server is gone
+            loop.call_soon_threadsafe(self._on_child_exit, proc, code)
+
+    def _on_child_exit(self, proc: subprocess.Popen[bytes], code: int) -> None:
+        if proc is not self._child:
+            return  # an unload we asked for
+        self._child = None
+        self._close_client()
+        what = describe_exit(code)
+        if self.state == LOADING:
+            tail = next((line for line in reversed(self.log_tail) if line.strip()), "")
+            log.error("llama-server for model %s exited with %s while loading: %s",
+                      self.name, what, tail)
+            self._set_state(FAILED, f"load failed: llama-server exited with {what}: {tail}")
+            return
+        log.error("llama-server for model %s died with %s%s; it loads again on the next "
+                  "request", self.name, what, " while answering requests" if self.busy else "")
+        self._metrics.worker_crashes[(self.name, what.split(" ")[0])] += 1
+        self._crashed = True
+        if self._settings.preload and not self._stopping:
+            # A preloaded model stays loaded: load it again now, backing off if it keeps dying.
+            delay, self._backoff = self._backoff, min(self._backoff * 2, MAX_BACKOFF)
+            self._set_state(RESTARTING, f"worker died with {what}; restarting")
+            self._spawn_task(self._reload_after(delay))
+            return
+        self._set_state(UNLOADED, f"worker died with {what}; loads again on the next request")
+
+    async def _reload_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if not self._stopping:
+            self._begin_load()
+
+    async def _unload(self, state: str, detail: str) -> None:
+        self._cancel_idle_timer()
+        proc, self._child = self._child, None
+        self._close_client()
+        self._set_state(state, detail)
+        if proc is not None:
+            await asyncio.to_thread(_end, proc)
+            log.info("model %s unloaded (%s)", self.name, detail)
+
+    def _close_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            asyncio.get_running_loop().create_task(client.aclose())
+
+    def _arm_idle_timer(self) -> None:
+        self._cancel_idle_timer()
+        keep = self._settings.keep_alive
+        if keep is None or keep < 0 or self.busy or self.state != READY:
+            return
+        self._idle_timer = asyncio.get_running_loop().call_later(keep, self._idle_unload)
+
+    def _cancel_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _idle_unload(self) -> None:
+        self._idle_timer = None
+        if self.busy == 0 and self.state == READY:
+            self._spawn_task(self._unload(UNLOADED, f"idle for {self._settings.keep_alive:g} s"))
+
+    async def scrape_metrics(self) -> str:
+        client = self._client
+        if client is None:
+            return ""
+        try:
+            response = await client.get("/metrics", timeout=5.0)
+        except httpx.TransportError:
+            return ""
+        return response.text if response.status_code == 200 else ""
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def run(self, op: str, params: dict[str, Any]) -> AsyncGenerator[Message, None]:
+        """Run one request on a free slot; yield messages up to its "done" or "error"."""
+        await self._queue.acquire(self._slots)
+        self.busy += 1
+        self._cancel_idle_timer()
+        try:
+            if self.state == UNLOADED:
+                self._begin_load()  # load on first request
+            await self._wait_ready()
+            self._check_capability(op)
+            proc, client = self._child, self._client
+            assert proc is not None and client is not None
+            rid = next(self._ids)
+            try:
+                async for message in self._forward(client, rid, op, params):
+                    yield message
+            except httpx.TransportError as e:
+                raise await self._transport_failure(proc, e) from e
+        finally:
+            self.busy -= 1
+            self.last_used = time.monotonic()
+            self._slots.release()
+            self._arm_idle_timer()
+
+    async def _transport_failure(self, proc: subprocess.Popen[bytes],
+                                 error: httpx.TransportError) -> ApplianceError:
+        # A dead child resets its connections before the kernel reports its exit: wait a bit.
+        for _ in range(40):
+            code = proc.poll()
+            if code is not None:
+                return WorkerCrashedError(
+                    f"the llama.cpp worker for model '{self.name}' crashed with "
+                    f"{describe_exit(code)} while answering this request; it loads again on "
+                    "the next request")
+            await asyncio.sleep(0.05)
+        return ServeError(f"lost the connection to llama-server for model '{self.name}': "
+                          f"{type(error).__name__}")
+
+    async def _forward(self, client: httpx.AsyncClient, rid: int, op: str,
+                       params: dict[str, Any]) -> AsyncGenerator[Message, None]:
+        path = {"chat": "/v1/chat/completions", "completion": "/v1/completions",
+                "embedding": "/v1/embeddings"}[op]
+        body = {**params, "model": self.name}
+        started = time.perf_counter()
+        if not body.get("stream"):
+            response = await client.post(path, json=body)
+            payload = _json(response)
+            if response.status_code != 200:
+                yield _error(rid, response.status_code, payload)
+                return
+            payload["model"] = self.name
+            yield ("result", rid, payload)
+            if op != "embedding":
+                yield ("done", rid, _stats(payload, started, None))
+            return
+        body["stream_options"] = {"include_usage": True}  # usage and timings for our metrics
+        async with client.stream("POST", path, json=body) as response:
+            if response.status_code != 200:
+                yield _error(rid, response.status_code, _json_bytes(await response.aread()))
+                return
+            first: float | None = None
+            final: dict[str, Any] = {}
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[len("data: "):]
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    yield ("error", rid, "internal", str(chunk["error"].get("message", chunk)))
+                    return
+                if first is None:
+                    first = time.perf_counter()
+                if chunk.get("usage") or chunk.get("timings"):
+                    final = {**final, **{k: chunk[k] for k in ("usage", "timings") if k in chunk}}
+                if not chunk.get("choices"):
+                    continue  # the usage chunk: the front adds its own when the client asks
+                chunk["model"] = self.name
+                chunk.pop("timings", None)
+                chunk.pop("usage", None)
+                yield ("chunk", rid, chunk)
+            yield ("done", rid, _stats(final, started, first))
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    return _json_bytes(response.content)
+
+
+def _json_bytes(raw: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {"error": {"message": raw.decode("utf-8", "replace")[:500]}}
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def _error(rid: int, status: int, payload: dict[str, Any]) -> Message:
+    error = payload.get("error")
+    message = error.get("message") if isinstance(error, dict) else None
+    kind = "bad_request" if 400 <= status < 500 else "internal"
+    return ("error", rid, kind, str(message or payload)[:2000])
+
+
+def _stats(payload: dict[str, Any], started: float, first: float | None) -> dict[str, float]:
+    usage = payload.get("usage") or {}
+    timings = payload.get("timings") or {}
+    prompt_ms = float(timings.get("prompt_ms", 0.0))
+    ttft = (first - started) if first is not None else prompt_ms / 1000
+    return {
+        "prompt_tokens": int(usage.get("prompt_tokens", timings.get("prompt_n", 0))),
+        "completion_tokens": int(usage.get("completion_tokens", timings.get("predicted_n", 0))),
+        "time_to_first_token": ttft,
+        "generation_seconds": float(timings.get("predicted_ms", 0.0)) / 1000,
+    }
+
+
+def _end(proc: subprocess.Popen[bytes]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout=10)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def make_workers(settings: ServeSettings, resolver: ModelResolver, *, metrics: Metrics,
+                 queue: RequestQueue, audit: Audit | None, engine: str) -> dict[str, Worker]:
+    """One worker per served model, on ``engine`` (what ``resolve_engine`` chose)."""
+    if engine == "llama-cpp-python":
+        return {name: Worker(name, resolver, settings, metrics=metrics, queue=queue, audit=audit)
+                for name in settings.models}
+    binary = find_binary()
+    assert binary is not None  # resolve_engine checked
+    peers: dict[str, LlamaServerWorker] = {}
+    for name in settings.models:
+        peers[name] = LlamaServerWorker(name, resolver, settings, metrics=metrics, queue=queue,
+                                        audit=audit, binary=binary, peers=peers)
+    return dict(peers)
+
+
+ENGINES: Sequence[str] = ("auto", "llama-server", "llama-cpp-python")
+
+
+def resolve_engine(engine: str) -> str:
+    """``auto``: llama-server when it is built, else the llama-cpp-python worker."""
+    if engine not in ENGINES:
+        raise ServeError(f"unknown engine {engine!r}; one of {', '.join(ENGINES)}")
+    if engine == "auto":
+        return "llama-server" if find_binary() is not None else "llama-cpp-python"
+    if engine == "llama-server" and find_binary() is None:
+        raise ServeError("the llama-server engine is not built: run "
+                         "scripts/build_llama_server.sh (or set $APPLIANCE_LLAMA_SERVER)")
+    return engine
+
+
+async def engine_metrics(workers: dict[str, Worker]) -> str:
+    """llama-server's own ``/metrics`` of every loaded model, each sample labelled with its
+    model (llama-server's names: ``llamacpp:prompt_tokens_total``, ...)."""
+    families: dict[str, list[str]] = {}
+    samples: dict[str, list[str]] = {}
+    for worker in workers.values():
+        if not isinstance(worker, LlamaServerWorker) or worker.state != READY:
+            continue
+        text = await worker.scrape_metrics()
+        label = f'model="{worker.name}"'
+        for line in text.splitlines():
+            if line.startswith("#"):
+                parts = line.split(" ", 3)
+                if len(parts) >= 3:
+                    families.setdefault(parts[2], [])
+                    if line not in families[parts[2]]:
+                        families[parts[2]].append(line)
+                continue
+            if not line.strip():
+                continue
+            name, _, value = line.partition(" ")
+            base = name.split("{", 1)[0]
+            labelled = (f"{base}{{{label},{name.split('{', 1)[1]}" if "{" in name
+                        else f"{name}{{{label}}}")
+            samples.setdefault(base, []).append(f"{labelled} {value}")
+    out = []
+    for base, lines in samples.items():
+        out += families.get(base, [])
+        out += lines
+    return "\n".join(out) + "\n" if out else ""
+
+
+def parse_keep_alive(text: str) -> float | None:
+    """``--keep-alive``: seconds, or with a unit (``30s``, ``5m``, ``1h``); negative: never."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, scale = (text[:-1], units[text[-1]]) if text and text[-1] in units else (text, 1)
+    try:
+        seconds = float(number) * scale
+    except ValueError as e:
+        raise ValueError(f"--keep-alive takes seconds or 30s, 5m, 1h; not {text!r}") from e
+    return None if seconds < 0 else seconds

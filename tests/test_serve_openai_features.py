@@ -1,0 +1,195 @@
+"""The OpenAI features llama-server brings, through our front, with real clients.
+
+The ``openai`` package and ``langchain-openai`` talk to a real ``appliance`` server whose engine
+is llama.cpp's own llama-server, on the tiny llama. Its weights are random, so every valid tool
+call and every schema-valid JSON answer below is valid only because llama.cpp constrained the
+sampling with a grammar: exactly what is tested. Skipped when llama-server is not built
+(``scripts/build_llama_server.sh``, which ``scripts/setup.sh`` runs).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from serve_helpers import running_server
+
+from appliance.serve.llama_server import NOT_BUILT, find_binary
+from appliance.serve.server import ServerThread
+from appliance.tiny_model import EOS_ID
+
+pytestmark = pytest.mark.skipif(find_binary() is None, reason=NOT_BUILT)
+
+KEY = "test-key-0123456789abcdef"
+WEATHER_SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 12},
+                   "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+    "required": ["city", "days"],
+    "additionalProperties": False,
+}
+TOOLS: list[Any] = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather forecast",
+                                      "parameters": WEATHER_SCHEMA}},
+    {"type": "function", "function": {"name": "get_time", "description": "The time",
+                                      "parameters": {"type": "object",
+                                                     "properties": {"zone": {"type": "string",
+                                                                             "maxLength": 8}},
+                                                     "required": ["zone"]}}},
+]
+ASK = [{"role": "user", "content": "hello"}]
+NO_EOS = {str(EOS_ID): -100}  # the random model must not stop early where length matters
+
+
+@pytest.fixture(scope="module")
+def server(tiny_gguf: Path) -> Iterator[ServerThread]:
+    with running_server({"tiny": tiny_gguf}, engine="llama-server", parallel=3,
+                        api_keys=frozenset({KEY})) as served:
+        yield served
+
+
+@pytest.fixture()
+def client(server: ServerThread) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def _arguments(call: Any, schema: dict[str, Any]) -> dict[str, Any]:
+    arguments = json.loads(call.function.arguments)
+    jsonschema.validate(arguments, schema)
+    return dict(arguments)
+
+
+def test_tool_choice_required_gives_a_schema_valid_call(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS,
+                                           tool_choice="required", max_tokens=96, seed=1)
+    calls = reply.choices[0].message.tool_calls
+    assert calls, reply
+    assert reply.choices[0].finish_reason == "tool_calls"
+    for call in calls:
+        schema = next(t["function"]["parameters"] for t in TOOLS
+                      if t["function"]["name"] == call.function.name)
+        _arguments(call, schema)
+
+
+def test_named_tool_choice_calls_that_function(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model="tiny", messages=ASK, tools=TOOLS, max_tokens=96, seed=2,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    calls = reply.choices[0].message.tool_calls
+    assert calls and calls[0].function.name == "get_weather"
+    _arguments(calls[0], WEATHER_SCHEMA)
+
+
+def test_streamed_tool_call_assembles_to_valid_arguments(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="tiny", messages=ASK, tools=TOOLS, max_tokens=96, seed=3, stream=True,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    name, arguments = "", ""
+    for chunk in stream:
+        for delta in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            name += delta.function.name or "" if delta.function else ""
+            arguments += delta.function.arguments or "" if delta.function else ""
+    assert name == "get_weather"
+    jsonschema.validate(json.loads(arguments), WEATHER_SCHEMA)
+
+
+def test_json_schema_response_validates(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model="tiny", messages=ASK, max_tokens=96, seed=4,
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "weather", "schema": WEATHER_SCHEMA}})
+    jsonschema.validate(json.loads(reply.choices[0].message.content or ""), WEATHER_SCHEMA)
+
+
+def test_json_object_response_parses(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model="tiny", messages=ASK, max_tokens=64, seed=5,
+                                           response_format={"type": "json_object"},
+                                           logit_bias=NO_EOS)
+    finish = reply.choices[0].finish_reason
+    if finish == "stop":  # a complete object; cut at max_tokens it cannot be
+        assert isinstance(json.loads(reply.choices[0].message.content or ""), dict)
+    else:
+        assert (reply.choices[0].message.content or "").startswith("{")
+
+
+def test_logprobs_on_chat_and_completions(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model="tiny", messages=ASK, max_tokens=4,
+                                           logprobs=True, top_logprobs=3, logit_bias=NO_EOS)
+    content = reply.choices[0].logprobs and reply.choices[0].logprobs.content
+    assert content and len(content) == reply.usage.completion_tokens  # type: ignore[union-attr]
+    assert all(len(item.top_logprobs) == 3 and item.logprob <= 0 for item in content)
+    text = client.completions.create(model="tiny", prompt="once", max_tokens=4, logprobs=2,
+                                     logit_bias=NO_EOS)
+    assert text.choices[0].logprobs is not None
+
+
+def test_unknown_extra_fields_are_ignored_known_ones_still_checked(
+        server: ServerThread) -> None:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "tiny", "messages": ASK, "max_tokens": 2, "cache_prompt": True,
+            "reasoning_effort": "low", "parallel_tool_calls": False}
+    ok = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=60)
+    assert ok.status_code == 200, ok.text
+    bad = httpx.post(f"{server.url}/v1/chat/completions", headers=headers, timeout=60,
+                     json={**body, "temperature": "hot"})
+    assert bad.status_code == 400 and "temperature" in bad.json()["error"]["message"]
+    unknown_tool = httpx.post(f"{server.url}/v1/chat/completions", headers=headers, timeout=60,
+                              json={**body, "tools": TOOLS, "tool_choice": {
+                                  "type": "function", "function": {"name": "nope"}}})
+    assert unknown_tool.status_code == 400
+
+
+def test_three_parallel_streams_overlap(client: openai.OpenAI) -> None:
+    firsts: dict[int, float] = {}
+    lasts: dict[int, float] = {}
+    errors: list[BaseException] = []
+    go = threading.Barrier(3)
+
+    def one(i: int) -> None:
+        try:
+            go.wait()
+            stream = client.completions.create(model="tiny", prompt=f"story {i}",
+                                               max_tokens=160, stream=True, logit_bias=NO_EOS)
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].text:
+                    firsts.setdefault(i, time.monotonic())
+            lasts[i] = time.monotonic()
+        except BaseException as e:  # reported below: a thread's failure must fail the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert len(firsts) == len(lasts) == 3
+    # Every stream produced its first token before any of them finished: they ran at once.
+    assert max(firsts.values()) < min(lasts.values())
+
+
+def test_langchain_structured_output_and_bind_tools(server: ServerThread) -> None:
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class Weather(BaseModel):
+        city: str = Field(max_length=12)
+        days: int = Field(ge=1, le=7)
+
+    llm = ChatOpenAI(base_url=f"{server.url}/v1", api_key=KEY, model="tiny",  # type: ignore[arg-type]
+                     max_tokens=96, max_retries=0, seed=6)
+    structured = llm.with_structured_output(Weather, method="json_schema")
+    answer = structured.invoke("weather?")
+    assert isinstance(answer, Weather)
+    bound = llm.bind_tools([Weather], tool_choice="Weather")
+    message = bound.invoke("weather?")
+    assert message.tool_calls and message.tool_calls[0]["name"] == "Weather"  # type: ignore[attr-defined]
+    Weather.model_validate(message.tool_calls[0]["args"])  # type: ignore[attr-defined]
