@@ -390,7 +390,7 @@ def check_trust_root(store: Path) -> Check:
 
 def check_serving_engine() -> Check:
     """llama-server (the serving engine): built? which backend, devices and free VRAM."""
-    from appliance.serve.llama_server import find_binary, gpu_devices
+    from appliance.serve.engine import find_binary, gpu_devices
 
     name = "serving engine"
     binary = find_binary()

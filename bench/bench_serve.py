@@ -93,7 +93,7 @@ def _wait(http: httpx.Client, url: str, headers: dict[str, str] | None = None) -
 
 def run(ctx: BenchContext) -> list[Comparison]:
     from appliance.serve.app import create_app
-    from appliance.serve.llama_server import (
+    from appliance.serve.engine import (
         NOT_BUILT,
         find_binary,
         free_port,

@@ -34,7 +34,7 @@ def test_gemma_answers_streams_and_survives_a_killed_worker(gemma_gguf: Path,
                     {"gemma.gguf": data})
     del data
     # One thread: on a loaded 2-core machine llama.cpp's threads spin waiting for each other.
-    with appliance_serve(store, "--ctx", "1024", "--threads", "1") as served:
+    with appliance_serve(store, "--ctx", "1024", "--threads", "1", "--preload") as served:
         health = wait_health(served.url)
         client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="none", max_retries=0,
                                timeout=300)

@@ -21,7 +21,7 @@ import pytest
 from serve_helpers import metric, running_server, wait_health
 
 from appliance.errors import IntegrityError
-from appliance.serve.llama_server import NOT_BUILT, find_binary
+from appliance.serve.engine import NOT_BUILT, find_binary
 from appliance.serve.model import ServableModel
 from appliance.tiny_model import EOS_ID
 

@@ -22,7 +22,7 @@ import openai
 import pytest
 from serve_helpers import running_server
 
-from appliance.serve.llama_server import NOT_BUILT, find_binary
+from appliance.serve.engine import NOT_BUILT, find_binary
 from appliance.serve.server import ServerThread
 from appliance.tiny_model import EOS_ID
 

@@ -123,7 +123,8 @@ def test_serve_command_needs_a_verified_model(tmp_path: Path) -> None:
 def test_appliance_serve_answers_from_the_store(store: Path, tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     keys.write_text(f"# test\n{KEY}\n")
-    with appliance_serve(store, "--model", "tiny", "--api-key-file", str(keys)) as served:
+    with appliance_serve(store, "--model", "tiny", "--api-key-file", str(keys),
+                         "--preload") as served:
         health = wait_health(served.url)
         worker_pid = health["models"]["tiny"]["pid"]
         client = openai.OpenAI(base_url=f"{served.url}/v1", api_key=KEY, max_retries=0,
@@ -149,7 +150,7 @@ def test_appliance_serve_answers_from_the_store(store: Path, tmp_path: Path) -> 
 def test_appliance_serve_refuses_a_tampered_model_and_audits_it(store: Path) -> None:
     path = published(store)
     flip_byte(path, path.stat().st_size - 10)
-    with appliance_serve(store, "--verify-on-load", "full") as served:
+    with appliance_serve(store, "--verify-on-load", "full", "--preload") as served:
         deadline = time.monotonic() + 60
         while httpx.get(f"{served.url}/health").json()["models"]["tiny"]["state"] != "refused":
             assert time.monotonic() < deadline, "never refused"

@@ -13,7 +13,7 @@ from appliance.errors import UsageError
 from appliance.http_server import address, parse_listen
 from appliance.serve.app import create_app
 from appliance.serve.auth import load_api_keys
-from appliance.serve.llama_server import ENGINES, parse_keep_alive
+from appliance.serve.engine import ENGINES, parse_keep_alive
 from appliance.serve.model import DEFAULT_N_CTX, ServeSettings
 from appliance.serve.server import ANY_HOST, bind, run
 from appliance.serve.store_resolver import (

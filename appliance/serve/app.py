@@ -48,7 +48,8 @@ from appliance.errors import (
 from appliance.serve import access, ollama, passthrough, protocol
 from appliance.serve.access import AccessLog, Cors
 from appliance.serve.auth import authorized
-from appliance.serve.llama_server import UNLOADED, engine_metrics, make_workers, resolve_engine
+from appliance.serve.engine import resolve_engine
+from appliance.serve.llama_server import UNLOADED, engine_metrics, make_workers
 from appliance.serve.metrics import CONTENT_TYPE, Metrics
 from appliance.serve.model import ModelResolver, ServeSettings
 from appliance.serve.queue import RequestQueue
@@ -58,6 +59,7 @@ log = logging.getLogger("appliance.serve")
 
 CLIENT_CLOSED = 499  # nginx's status for a request its client abandoned (metrics only)
 PUBLIC_PATHS = frozenset({"/health"})
+UNCOUNTED_PATHS = frozenset({"/health", "/metrics"})  # not requests "in flight"
 KNOWN_PATHS = frozenset({"/health", "/metrics", "/v1/models", "/v1/chat/completions",
                          "/v1/completions", "/v1/embeddings"})
 
@@ -102,6 +104,7 @@ class ServerState:
             raise BadRequestError("'model' is required: this server serves "
                                   f"{', '.join(sorted(self.workers))}")
         worker = self.workers.get(model)
+        if worker is None:
         if worker is None:
         access.note(model)
             raise ModelNotFoundError(f"model '{model}' is not served here; GET /v1/models lists "
@@ -165,11 +168,14 @@ class _Front:
                 status = message["status"]
             await send(message)
 
-        metrics.in_flight += 1
+        # A scrape of /metrics (or a health probe) is not work in flight: counted, every
+        # reading of the gauge would include the request reading it.
+        counted = path not in UNCOUNTED_PATHS
+        metrics.in_flight += counted
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            metrics.in_flight -= 1
+            metrics.in_flight -= counted
             metrics.observe_request(label, status)
 
 
@@ -203,6 +209,8 @@ def _error_body(error: Exception) -> dict[str, Any]:
 
 
 async def _on_error(request: Request, error: Exception) -> Response:
+    if ollama.is_ollama_path(request.url.path):  # Ollama's error shape
+        return JSONResponse({"error": str(error)}, status_code=status)
     status, kind, code = _classify(error)
     response = error_response(status, kind, code, str(error))
     if status == 429:
