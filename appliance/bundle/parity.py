@@ -17,7 +17,7 @@ that does not hash to the signed value is refused (``IntegrityError``), after a 
 used it and before the rebuilt volume is used. The layout is in docs/FORMAT.md, "Parity
 volumes".
 
-Public API:
+The byte layout (header, streams) is ``appliance.bundle.parity_layout``. Public API:
 
 - ``write_parity(data_dirs, staging, count)`` / ``finish_parity(...)``: the builder's side;
 - ``split_volumes(paths)``: data volume dirs and parity volume dirs among the paths given;
@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import struct
 import tempfile
 import time
 from collections import deque
@@ -61,6 +60,19 @@ from appliance.bundle.media import (
     root_file_name,
     volume_name,
 )
+from appliance.bundle.parity_layout import (
+    BLOCK_BYTES,
+    INDEXES_DIR,
+    PARITY_NAME,
+    ParityHeader,
+    StreamReader,
+    StreamWriter,
+    header_size,
+    is_parity_volume,
+    pack_files,
+    parity_volume_name,
+    parse_parity_header,
+)
 from appliance.bundle.reader import VerifyReport, open_media, verify_media
 from appliance.errors import (
     FormatError,
@@ -80,155 +92,10 @@ from appliance.format.parity_field import (
 from appliance.format.signing import Signature
 from appliance.format.trust import SignedRoot, TrustRoot, parse_signed_root
 from appliance.importer import ImportResult, import_media
-from appliance.limits import DEFAULT_LIMITS, Limits, MiB
+from appliance.limits import DEFAULT_LIMITS, Limits
 from appliance.store import trust_state
 
-PARITY_NAME = "parity.bin"
-INDEXES_DIR = "indexes"
-BLOCK_BYTES = 1 * MiB
-PARITY_MAGIC = b"APPLPAR\x00"
-PARITY_VERSION = 1
-# magic, version, share, k (data volumes), m (all shares), block size, stripes
-_HEADER = struct.Struct("<8sIIIIQQ")
-_U64 = struct.Struct("<Q")
 _AHEAD = 2  # stripes read (and written) ahead of the encoder
-
-
-def parity_volume_name(number: int) -> str:
-    """``par-001`` ...: not ``vol-NNN``, so readers that know no parity never open one."""
-    return f"par-{number:03d}"
-
-
-def is_parity_volume(path: Path) -> bool:
-    return os.path.lexists(path / PARITY_NAME) and os.path.lexists(path / MANIFEST_NAME)
-
-
-@dataclass(frozen=True)
-class ParityHeader:
-    share: int
-    data_volumes: int
-    total_shares: int
-    block_size: int
-    stripes: int
-    stream_lengths: tuple[int, ...]  # of each data volume, 1..k
-
-    @property
-    def size(self) -> int:
-        return _HEADER.size + _U64.size * self.data_volumes
-
-    def encode(self) -> bytes:
-        return _HEADER.pack(PARITY_MAGIC, PARITY_VERSION, self.share, self.data_volumes,
-                            self.total_shares, self.block_size, self.stripes) + b"".join(
-            _U64.pack(n) for n in self.stream_lengths)
-
-
-def parse_parity_header(data: bytes, where: str) -> ParityHeader:
-    if len(data) < _HEADER.size:
-        raise FormatError(f"{where}: parity header is cut short")
-    magic, version, share, k, m, block, stripes = _HEADER.unpack_from(data)
-    if magic != PARITY_MAGIC or version != PARITY_VERSION:
-        raise FormatError(f"{where}: not an appliance parity file (version {version})")
-    if not 1 <= k < m <= MAX_SHARES or not k <= share < m or block < 1:
-        raise FormatError(f"{where}: parity header out of range (k={k}, m={m}, share={share})")
-    if len(data) < _HEADER.size + _U64.size * k:
-        raise FormatError(f"{where}: parity header is cut short")
-    lengths = tuple(_U64.unpack_from(data, _HEADER.size + _U64.size * i)[0] for i in range(k))
-    if any(n > block * stripes for n in lengths):
-        raise FormatError(f"{where}: a stream is longer than the stripes hold")
-    return ParityHeader(share, k, m, block, stripes, lengths)
-
-
-# ---------------------------------------------------------------------------------------------
-# Streams: a data volume's packs read (or written) as one byte sequence
-
-
-def _pack_files(volume_dir: Path) -> list[Path]:
-    packs = volume_dir / PACKS_DIR
-    return sorted(p for p in packs.iterdir() if p.name.startswith("pack-")) if packs.is_dir() \
-        else []
-
-
-class _StreamReader:
-    """Block after block of the packs given, in order; zeros after the end."""
-
-    def __init__(self, packs: Sequence[tuple[Path, int]], volume: str) -> None:
-        self.packs = list(packs)
-        self.volume = volume
-        self._file: BinaryIO | None = None
-        self._left = 0
-
-    def read(self, n: int) -> bytes:
-        out = bytearray()
-        while len(out) < n:
-            if self._left == 0:
-                if self._file is not None:
-                    self._file.close()
-                    self._file = None
-                if not self.packs:
-                    out += bytes(n - len(out))
-                    break
-                path, self._left = self.packs.pop(0)
-                try:
-                    self._file = path.open("rb")
-                except FileNotFoundError as e:
-                    raise TruncatedError(f"{path.name} is missing", volume=self.volume) from e
-                except OSError as e:
-                    raise MediaError(f"cannot read {path}: {e}") from e
-                continue
-            assert self._file is not None
-            try:
-                data = self._file.read(min(n - len(out), self._left))
-            except OSError as e:
-                raise MediaError(f"{self.volume}: cannot read {self._file.name}: {e}") from e
-            if not data:
-                raise TruncatedError(f"{Path(self._file.name).name} ends early",
-                                     volume=self.volume)
-            if not out and len(data) == n:  # the usual case: one read, no copy
-                self._left -= n
-                return data
-            out += data
-            self._left -= len(data)
-        return bytes(out)
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-
-
-class _StreamWriter:
-    """Writes a rebuilt stream back into pack files of the sizes the index gives."""
-
-    def __init__(self, volume_dir: Path, pack_sizes: Sequence[int]) -> None:
-        (volume_dir / PACKS_DIR).mkdir(parents=True)
-        self.packs = [(volume_dir / PACKS_DIR / pack_name(i), size)
-                      for i, size in enumerate(pack_sizes, start=1)]
-        self._file: BinaryIO | None = None
-        self._left = 0
-
-    def write(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            if self._left == 0:
-                self._close()
-                if not self.packs:
-                    return  # the padding after the stream's end
-                path, self._left = self.packs.pop(0)
-                self._file = path.open("xb")
-            assert self._file is not None
-            n = min(len(view), self._left)
-            self._file.write(view[:n])
-            self._left -= n
-            view = view[n:]
-
-    def _close(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
-
-    def close(self) -> None:
-        self._close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,13 +109,13 @@ def write_parity(data_dirs: Sequence[Path], staging: Path, count: int, *,
     k = len(data_dirs)
     if count < 1 or k + count > MAX_SHARES:
         raise UsageError(f"--parity must be 1 to {MAX_SHARES - k} for {k} data volume(s)")
-    packs = [[(p, p.stat().st_size) for p in _pack_files(d)] for d in data_dirs]
+    packs = [[(p, p.stat().st_size) for p in pack_files(d)] for d in data_dirs]
     lengths = tuple(sum(size for _, size in v) for v in packs)
     stripes = max(1, -(-max(lengths) // block_size))
     m = k + count
     headers = [ParityHeader(k + i, k, m, block_size, stripes, lengths) for i in range(count)]
     dirs = [staging / parity_volume_name(i + 1) for i in range(count)]
-    readers = [_StreamReader(p, volume_name(n)) for n, p in enumerate(packs, start=1)]
+    readers = [StreamReader(p, volume_name(n)) for n, p in enumerate(packs, start=1)]
     hashes = [blake3.blake3() for _ in range(count)]
     files: list[BinaryIO] = []
     try:
@@ -424,7 +291,7 @@ def _parity_header(path: Path, section: ParitySection) -> ParityHeader:
     fd = fsutil.open_regular(path / PARITY_NAME, where)
     try:
         size = os.fstat(fd).st_size
-        head = fsutil.pread_exact(fd, min(size, _HEADER.size + _U64.size * MAX_SHARES), 0)
+        head = fsutil.pread_exact(fd, min(size, header_size(MAX_SHARES)), 0)
     finally:
         os.close(fd)
     header = parse_parity_header(head, where)
@@ -489,8 +356,8 @@ def _rebuild(bundle: AuthenticatedBundle, section: ParitySection,
     chosen_data = sorted(usable)[:k]
     chosen_parity = sorted(shares)[:k - len(chosen_data)]
     any_parity = shares[chosen_parity[0]] if chosen_parity else next(iter(shares.values()))
-    targets: dict[int, tuple[Path, _StreamWriter, int]] = {}
-    readers: list[_StreamReader] = []
+    targets: dict[int, tuple[Path, StreamWriter, int]] = {}
+    readers: list[StreamReader] = []
     parity_files: list[tuple[BinaryIO, Any, ParityVolume, str]] = []
     try:
         for n in wanted:
@@ -508,16 +375,16 @@ def _rebuild(bundle: AuthenticatedBundle, section: ParitySection,
             for signed in bundle.chain:
                 (target / TRUST_DIR / root_file_name(signed.root.version)).write_bytes(
                     signed.to_bytes())
-            targets[n] = (target, _StreamWriter(target, pack_sizes), sum(pack_sizes))
+            targets[n] = (target, StreamWriter(target, pack_sizes), sum(pack_sizes))
         for n in chosen_data:
             path, sizes = usable[n]
-            readers.append(_StreamReader(
+            readers.append(StreamReader(
                 [(path / PACKS_DIR / pack_name(i), s) for i, s in enumerate(sizes, start=1)],
                 volume_name(n)))
         for share in chosen_parity:
             path = shares[share]
             handle: BinaryIO = (path / PARITY_NAME).open("rb")
-            parity_files.append((handle, blake3.blake3(handle.read(_HEADER.size + _U64.size * k)),
+            parity_files.append((handle, blake3.blake3(handle.read(header_size(k))),
                                  section.volumes[share - k], path.name))
         decoder = zfec.Decoder(k, section.total_shares)
         numbers = tuple([n - 1 for n in chosen_data] + chosen_parity)
