@@ -59,7 +59,6 @@ log = logging.getLogger("appliance.serve")
 
 CLIENT_CLOSED = 499  # nginx's status for a request its client abandoned (metrics only)
 PUBLIC_PATHS = frozenset({"/health"})
-UNCOUNTED_PATHS = frozenset({"/health", "/metrics"})  # not requests "in flight"
 KNOWN_PATHS = frozenset({"/health", "/metrics", "/v1/models", "/v1/chat/completions",
                          "/v1/completions", "/v1/embeddings"})
 
@@ -104,9 +103,8 @@ class ServerState:
             raise BadRequestError("'model' is required: this server serves "
                                   f"{', '.join(sorted(self.workers))}")
         worker = self.workers.get(model)
-        if worker is None:
-        if worker is None:
         access.note(model)
+        if worker is None:
             raise ModelNotFoundError(f"model '{model}' is not served here; GET /v1/models lists "
                                      "the served models")
         return worker
@@ -124,8 +122,8 @@ def create_app(settings: ServeSettings, resolver: ModelResolver, *,
         Route("/v1/chat/completions", _chat, methods=["POST"]),
         Route("/v1/completions", _completions, methods=["POST"]),
         Route("/v1/embeddings", _embeddings, methods=["POST"]),
-    ]
         *ollama.routes(),
+    ]
     app = Starlette(
         routes=routes,
         lifespan=state.lifespan,
@@ -168,14 +166,11 @@ class _Front:
                 status = message["status"]
             await send(message)
 
-        # A scrape of /metrics (or a health probe) is not work in flight: counted, every
-        # reading of the gauge would include the request reading it.
-        counted = path not in UNCOUNTED_PATHS
-        metrics.in_flight += counted
+        metrics.in_flight += 1
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            metrics.in_flight -= counted
+            metrics.in_flight -= 1
             metrics.observe_request(label, status)
 
 
@@ -209,15 +204,13 @@ def _error_body(error: Exception) -> dict[str, Any]:
 
 
 async def _on_error(request: Request, error: Exception) -> Response:
+    status, kind, code = _classify(error)
     if ollama.is_ollama_path(request.url.path):  # Ollama's error shape
         return JSONResponse({"error": str(error)}, status_code=status)
-    status, kind, code = _classify(error)
     response = error_response(status, kind, code, str(error))
     if status == 429:
         response.headers["Retry-After"] = "1"
     if code == "worker_crashed":
-    if ollama.is_ollama_path(request.url.path):  # Ollama's error shape
-        return JSONResponse({"error": str(error)}, status_code=status)
         # The same request would likely crash the new worker too: tell OpenAI's clients,
         # which retry 5xx by default, not to.
         response.headers["x-should-retry"] = "false"
