@@ -189,6 +189,23 @@ def test_a_tls_handshake_that_stalls_is_cut(store: Path, site: Path) -> None:
         assert server.stats.admitted == 1
 
 
+def test_stopping_closes_pending_connections_at_once(store: Path, site: Path) -> None:
+    server = PeerServer(create_app(StoreSource(store), host_name="limits"), tls_dir=site / "a")
+    server.start()
+    socks = [connect(server) for _ in range(10)]
+    for sock in socks[:5]:
+        sock.sendall(STALLED_HELLO)
+    try:
+        time.sleep(0.3)
+        start = time.monotonic()
+        server.stop()
+        assert time.monotonic() - start < 3.0  # not the 10 s header timeout
+        assert all(closed_by_server(s, 1.0) for s in socks)
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def test_a_header_over_the_cap_is_refused(store: Path) -> None:
     with serving(store, max_header_bytes=4096) as server, connect(server) as sock:
         sock.sendall(b"GET /v1/info HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 8192 + b"\r\n\r\n")
