@@ -29,7 +29,7 @@ from appliance.errors import ExpiredError, IntegrityError, NoTrustRootError, Rol
 from appliance.store import audit
 from appliance.store.records import list_models
 from appliance.tui.app import ApplianceApp, create_app
-from appliance.tui.base import ExplainScreen
+from appliance.tui.base import ExplainScreen, PromptScreen
 from appliance.tui.importing import ImportPane
 from appliance.tui.inspect import InspectPane
 from appliance.tui.media import MediaPane
@@ -77,9 +77,8 @@ def test_media_to_verified_import_to_served_chat(tmp_path: Path, tiny_gguf: Path
         assert inspect.verified is not None and inspect.verified.complete
         assert "verified" in text(app, "#inspect-volumes")
 
-        await pilot.press("i")  # Inspect -> Import screen
+        await pilot.press("i")  # one key: to the Import screen, and the import starts
         importing = await on_screen(app, pilot, ImportPane)
-        await pilot.press("i")
         await wait_for(pilot, lambda: importing.result is not None, what="the import")
         assert importing.result is not None and importing.result.complete
         assert "imported completely" in text(app, "#import-result")
@@ -94,9 +93,15 @@ def test_media_to_verified_import_to_served_chat(tmp_path: Path, tiny_gguf: Path
         await pilot.press("6")
         serve = await on_screen(app, pilot, ServePane)
         await pilot.press("s")
+        await wait_for(pilot, lambda: isinstance(app.screen, PromptScreen),
+                       what="the server options")
+        await pilot.press("enter", "enter", "enter", "enter", "enter")  # the defaults
         await wait_for(pilot, lambda: serve.last is not None and serve.last.state == "ok",
                        timeout=120, what="the server to load the model")
-        assert isinstance(app.focused, Input)
+        assert not isinstance(app.focused, Input)  # the focus stays where it was
+        await pilot.press("m")  # the documented key goes to the chat box, typing nothing
+        chat = app.query_one("#serve-input", Input)
+        assert app.focused is chat and chat.value == ""
         await type_text(pilot, "hello there")
         await pilot.press("enter")
         await wait_for(pilot, lambda: serve.answers, timeout=60, what="the model's answer")
@@ -135,8 +140,7 @@ def test_tampered_bundle_is_refused_in_plain_words(tmp_path: Path, tiny_gguf: Pa
         assert "verification failed" in text(app, "#inspect-volumes")
 
         await pilot.press("i")  # importing the same media is refused too
-        importing = await on_screen(app, pilot, ImportPane)
-        await pilot.press("i")
+        importing = app.query_one(ImportPane)
         assert await close_explanation(app, pilot) == "Refused: tampered or damaged chunk"
         assert type(importing.last_error) is IntegrityError
         assert "Do not use this media" in text(app, "#import-result")
@@ -170,7 +174,6 @@ def test_expired_bundle_needs_a_typed_reason(tmp_path: Path, tiny_gguf: Path) ->
 
         await pilot.press("i")
         importing = await on_screen(app, pilot, ImportPane)
-        await pilot.press("i")
         await wait_for(pilot, lambda: importing.result is not None, what="the import")
         assert importing.result is not None and importing.result.expired_override
 
@@ -193,9 +196,9 @@ def test_older_bundle_is_refused_as_rollback(tmp_path: Path, tiny_gguf: Path) ->
         assert inspect.view is not None and inspect.view.rollback is not None
         assert "rollback" in text(app, "#inspect-summary")
         await pilot.press("i")
-        importing = await on_screen(app, pilot, ImportPane)
-        await pilot.press("i")
+        importing = app.query_one(ImportPane)
         assert await close_explanation(app, pilot) == "Refused: older bundle (rollback)"
+        assert app.query_one("TabbedContent").active == "import"  # type: ignore[attr-defined]
         assert type(importing.last_error) is RollbackError
 
     drive(app, scenario)
@@ -214,25 +217,44 @@ def test_no_trust_root_says_how_to_install_one_and_install_works(tmp_path: Path,
 
     async def scenario(app: ApplianceApp, pilot: Pilot[None]) -> None:
         inspect = await choose_bundle(app, pilot)
+        # Shown as the CLI's `bundle inspect` shows it without --trust: claims, UNVERIFIED.
+        assert inspect.last_error is None and inspect.view is not None
+        assert not inspect.view.verified
+        summary = text(app, "#inspect-summary")
+        assert "UNVERIFIED" in summary and "claims signed by p1" in summary
+        assert [m.name for m in inspect.view.manifest.models] == [MODEL]
+        await pilot.press("v")  # nothing can be verified against no root
         assert await close_explanation(app, pilot) == "No trust root installed"
         assert type(inspect.last_error) is NoTrustRootError
+        await pilot.press("i")  # nor imported: the screen says so and stays
+        assert app.query_one("TabbedContent").active == "inspect"  # type: ignore[attr-defined]
 
         await pilot.press("7")
         await on_screen(app, pilot, TrustPane)
         await wait_for(pilot, lambda: "No trust root" in text(app, "#trust-summary"),
                        what="the empty trust screen")
-        await pilot.press("t")
-        await type_text(pilot, str(root_file))
+        await pilot.press("t")  # the root carried on the media is offered
+        path_field = app.screen.query_one("#field-path", Input)
+        assert path_field.value == str(media / "trust" / "root-1.yaml")
+        path_field.value = str(root_file)  # the operator's own copy, as typed
         await pilot.press("enter")
         await type_text(pilot, "0000-0000-0000-0000-0000-0000-0000-0000")
         await pilot.press("enter")
         assert await close_explanation(app, pilot) == "Refused: fingerprint does not match"
 
-        await pilot.press("t")
-        await type_text(pilot, str(root_file))
-        await pilot.press("enter")
+        # The form comes back as typed, the problem named under it.
+        await wait_for(pilot, lambda: isinstance(app.screen, PromptScreen), what="the form")
+        assert app.screen.query_one("#field-path", Input).value == str(root_file)
+        fingerprint = app.screen.query_one("#field-fingerprint", Input)
+        assert fingerprint.value == "0000-0000-0000-0000-0000-0000-0000-0000"
+        assert "fingerprint does not match" in text(app, "#prompt-problem")
+        fingerprint.value = ""
+        fingerprint.focus()
+        await pilot.pause()
         await type_text(pilot, signed.root.fingerprint)
         await pilot.press("enter")
+        await wait_for(pilot, lambda: not isinstance(app.screen, PromptScreen), what="submit")
+        assert not isinstance(app.screen, ExplainScreen), app.screen.explanation.detail
         await wait_for(pilot, lambda: signed.root.fingerprint in text(app, "#trust-summary"),
                        what="the installed root")
         assert "trust root v1" in text(app, "#trust-summary")
@@ -262,7 +284,6 @@ def test_missing_volume_is_asked_for_and_import_resumes(tmp_path: Path) -> None:
 
         await pilot.press("i")
         importing = await on_screen(app, pilot, ImportPane)
-        await pilot.press("i")
         await wait_for(pilot, lambda: importing.result is not None, what="the partial import")
         assert importing.result is not None and not importing.result.complete
         assert importing.result.volumes_needed == later
@@ -321,7 +342,6 @@ def test_trust_root_update_carried_on_media_is_shown_then_installed(
         assert "v1 -> v2 will be installed" in text(app, "#inspect-summary")
         await pilot.press("i")
         importing = await on_screen(app, pilot, ImportPane)
-        await pilot.press("i")
         await wait_for(pilot, lambda: importing.result is not None, what="the import")
         await pilot.press("7")
         await on_screen(app, pilot, TrustPane)

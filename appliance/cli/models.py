@@ -13,10 +13,10 @@ from appliance.cli import jsonout
 from appliance.cli.jsonout import print_json
 from appliance.format.trust import TrustRoot
 from appliance.store import trust_state
-from appliance.store.layout import human_bytes, writer_lock
+from appliance.store.layout import human_bytes
 from appliance.store.location import require_existing_store
 from appliance.store.records import ModelRecord, find_model, list_models
-from appliance.store.store import Store
+from appliance.store.removal import remove_model
 
 LIST_DESCRIPTION = """\
 List the models in the store: name, version, size, whether every file is verified, the
@@ -162,7 +162,6 @@ def run_show(args: argparse.Namespace) -> int:
 
 def run_rm(args: argparse.Namespace) -> int:
     require_existing_store(args.store)
-    with writer_lock(args.store, "models rm"), Store(args.store) as store:
-        model = store.remove_model(args.name)
+    model = remove_model(args.store, args.name)
     Console(highlight=False).print(f"removed {model.ref} ({human_bytes(model.size)})")
     return 0

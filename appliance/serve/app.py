@@ -59,6 +59,7 @@ log = logging.getLogger("appliance.serve")
 
 CLIENT_CLOSED = 499  # nginx's status for a request its client abandoned (metrics only)
 PUBLIC_PATHS = frozenset({"/health"})
+UNCOUNTED_PATHS = frozenset({"/health", "/metrics"})  # not requests "in flight"
 KNOWN_PATHS = frozenset({"/health", "/metrics", "/v1/models", "/v1/chat/completions",
                          "/v1/completions", "/v1/embeddings"})
 
@@ -166,11 +167,14 @@ class _Front:
                 status = message["status"]
             await send(message)
 
-        metrics.in_flight += 1
+        # A scrape of /metrics (or a health probe) is not work in flight: counted, every
+        # reading of the gauge would include the request reading it.
+        counted = path not in UNCOUNTED_PATHS
+        metrics.in_flight += counted
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            metrics.in_flight -= 1
+            metrics.in_flight -= counted
             metrics.observe_request(label, status)
 
 

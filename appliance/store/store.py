@@ -469,8 +469,10 @@ class Store:
 
     # -- removing --------------------------------------------------------------------------
 
-    def remove_model(self, ref: str, now: datetime | None = None) -> ModelRecord:
-        """Forget a model, then delete its files (quarantined copies are kept)."""
+    def remove_model(self, ref: str, now: datetime | None = None, *,
+                     user: str | None = None) -> ModelRecord:
+        """Forget a model, then delete its files (quarantined copies are kept). ``user``:
+        who asked, recorded in the audit record."""
         model = self.find_model(ref)
         with self.transaction():
             row = self.conn.execute(
@@ -488,6 +490,7 @@ class Store:
                     "version": model.version,
                     "size": model.size,
                     "manifest": model.manifest_hash,
+                    **({"user": user} if user is not None else {}),
                 },
                 now,
             )

@@ -21,6 +21,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Header, Markdown, TabbedContent, TabPane
 
 from appliance import __version__
+from appliance.serve.model import DEFAULT_N_CTX
 from appliance.tui.audit import AuditPane
 from appliance.tui.base import (
     BundleChosen,
@@ -52,15 +53,27 @@ FLOW = """\
 - `1` **Media**: insert the USB disk; the bundle appears (or press `o` and type its path).
   Select it and press `Enter`.
 - `2` **Inspect**: check the models, signers (read the fingerprint words), channel, sequence
-  and expiry. Press `v` to verify every byte.
-- `3` **Import**: press `i`. Progress, speed and time left are shown; `c` cancels, and
-  importing again resumes where it stopped.
+  and expiry. Press `v` to verify every byte (optional), then `i` to import. On a host with
+  no trust root yet the bundle is shown UNVERIFIED: install the root on Trust (`7`) first.
+- `3` **Import**: the import runs here. Progress, speed and time left are shown; `c`
+  cancels, and `i` imports again, resuming where it stopped.
 - `4` **Models**: the model is listed once every byte is verified.
-- `6` **Serve**: press `s` to start the server, type a question below and press `Enter`.
+- `6` **Serve**: press `s`, choose the models and settings, `Enter` starts the server (it
+  stops when the TUI quits). Press `m`, type a question and press `Enter`; `Esc` comes back.
 
 A refusal (older bundle, expired, unknown signer, tampered data) is explained in plain words
 with what to do next. Overriding an expiry needs a typed reason: it goes to the audit log.
 """
+
+
+class KeysFooter(Footer):
+    """The footer with ``? Help`` first: on a narrow terminal the keys at the end are cut,
+    and help is the one that lists all of them."""
+
+    def compose(self) -> ComposeResult:
+        keys = list(super().compose())
+        # FooterKey is not public: a key is told by its action.
+        yield from sorted(keys, key=lambda w: getattr(w, "action", None) != "help")
 
 
 class HelpScreen(ModalScreen[None]):
@@ -122,7 +135,7 @@ class ApplianceApp(App[None]):
             for number, pane in enumerate(PANES, start=1):
                 with TabPane(f"{number} {pane.TITLE}", id=pane.PANE_ID):
                     yield pane(self.ctx)
-        yield Footer()
+        yield KeysFooter()
 
     def on_ready(self) -> None:
         self.current_pane.focus_first()
@@ -178,7 +191,9 @@ class ApplianceApp(App[None]):
 
     def on_import_wanted(self, message: ImportWanted) -> None:
         self.action_show_pane(ImportPane.PANE_ID)
-        self.pane(ImportPane.PANE_ID).reload()
+        importing = self.query_one(ImportPane)
+        importing.reload()
+        importing.action_start()
 
     def on_store_changed(self, message: StoreChanged) -> None:
         for pane_id in (ModelsPane.PANE_ID, TrustPane.PANE_ID, AuditPane.PANE_ID,
@@ -214,7 +229,7 @@ def create_app(
     clock: Clock | None = None,
     scan_roots: Sequence[Path] | None = None,
     serve_listen: str = "127.0.0.1:0",
-    serve_ctx: int = 2048,
+    serve_ctx: int = DEFAULT_N_CTX,
     peers: Sequence[str] = (),
     tls_dir: Path | None = None,
     insecure: bool = False,

@@ -11,7 +11,7 @@ from textual.binding import Binding, BindingType
 from textual.widgets import DataTable, Static
 
 from appliance.tui import service
-from appliance.tui.base import Pane, TuiContext, add_plain_row
+from appliance.tui.base import FitTable, Pane, TuiContext, add_plain_row
 
 
 class AuditPane(Pane):
@@ -31,7 +31,7 @@ class AuditPane(Pane):
 
     def compose(self) -> ComposeResult:
         yield Static("reading the audit log...", id="audit-status", classes="status")
-        yield DataTable(id="audit-table", cursor_type="row", zebra_stripes=True)
+        yield FitTable(id="audit-table", shrink=(3,), cursor_type="row", zebra_stripes=True)
 
     def on_mount(self) -> None:
         self.query_one("#audit-table", DataTable).add_columns("#", "time", "kind", "details")
@@ -53,11 +53,12 @@ class AuditPane(Pane):
         else:
             status.update(f"[b red]CHAIN BROKEN[/]: {escape(view.chain_problem or '')}\n"
                           "Report this to the site's security officer; keep the store as it is.")
-        table = self.query_one("#audit-table", DataTable)
+        table = self.query_one("#audit-table", FitTable)
         table.clear()
         for record in view.records:
             add_plain_row(table, str(record.seq), record.time.replace("+00:00", "Z"), record.kind,
                           service.describe_record(record), key=str(record.seq))
+        table.fit()
 
     def action_details(self) -> None:
         table = self.query_one("#audit-table", DataTable)

@@ -1,5 +1,6 @@
 """What every TUI screen shares: the app context, the pane base class with its job runner,
-the cross-screen messages, and the small modal dialogs (confirm, prompt, explanation).
+the cross-screen messages, and forms that keep what was typed (the dialogs themselves are in
+``appliance.tui.dialogs``; re-exported here).
 
 A ``Pane`` is one of the eight screens shown in the tab switcher. It never calls the library
 on the UI thread: ``load`` (quick reads, the newest replaces the previous) and ``start_job``
@@ -13,24 +14,30 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
+from rich.cells import cell_len
 from rich.text import Text
 from textual import work
-from textual.app import ComposeResult
-from textual.binding import Binding, BindingType
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.binding import Binding
+from textual.containers import Vertical
 from textual.message import Message
-from textual.screen import ModalScreen
-from textual.widgets import Button, DataTable, Input, Label, Static
+from textual.widgets import DataTable
 from textual.worker import Worker, get_current_worker
 
-from appliance.tui.explain import Explanation, explain
+from appliance.errors import ApplianceError, UsageError
+from appliance.serve.model import DEFAULT_N_CTX
+from appliance.tui.dialogs import ConfirmScreen, ExplainScreen, Field, PromptScreen
+from appliance.tui.explain import explain
 from appliance.tui.service import DEFAULT_SCAN_ROOTS, Cancelled, cancellable
+
+__all__ = ["BundleChosen", "Clock", "ConfirmScreen", "ExplainScreen", "Field", "FitTable",
+           "ImportWanted", "Job", "Pane", "PromptScreen", "StoreChanged", "TuiContext",
+           "VolumePane", "add_plain_row", "existing_dir", "pane_bindings", "utc_now"]
 
 Clock = Callable[[], datetime]
 Progress = Callable[[int, int], None]
@@ -56,7 +63,10 @@ class TuiContext:
     peer_tls_dir: Path | None = None
     peer_insecure: bool = False
     peer_mdns: bool = True
-    serve_ctx: int = 2048
+    serve_ctx: int = DEFAULT_N_CTX
+    # Trust-root files carried on the media seen (the inspected bundle's first): what the
+    # Trust screen's install dialog offers.
+    carried_roots: tuple[Path, ...] = ()
 
 
 # --- messages between screens ------------------------------------------------------------
@@ -71,7 +81,7 @@ class BundleChosen(Message):
 
 
 class ImportWanted(Message):
-    """Go to the Import screen with the current bundle."""
+    """Go to the Import screen with the current bundle and start importing it."""
 
 
 class StoreChanged(Message):
@@ -130,6 +140,7 @@ class Pane(Vertical):
         self.ctx = ctx
         self.job: Worker[Any] | None = None
         self.last_error: BaseException | None = None  # the newest failure shown (tests read it)
+        self._asked: tuple[_Form, dict[str, str]] | None = None  # the last form submitted
 
     # -- for subclasses ------------------------------------------------------------------
 
@@ -150,6 +161,15 @@ class Pane(Vertical):
                 widget.focus()
                 return
         self.focus()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # Cancel is offered (in the footer too) only while there is something to cancel:
+        # at 80 columns every key shown takes room from another.
+        # Textual: False hides the key (None would show it greyed out).
+        return action != "cancel" or self.busy
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        self.refresh_bindings()
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -225,11 +245,98 @@ class Pane(Vertical):
         self.last_error = error
         self.app.push_screen(ExplainScreen(explain(error)))
 
+    # -- forms that keep what was typed --------------------------------------------------
+
+    def ask(self, title: str, fields: Sequence[Field], then: Callable[[dict[str, str]], None],
+            explanation: str = "", *, typed: dict[str, str] | None = None,
+            problem: str = "") -> None:
+        """A form that keeps what was typed: when ``then`` raises an ApplianceError (or a job
+        it started fails into ``ask_again``), the error is explained and the form comes back
+        with the values as typed and the problem under them."""
+        form = _Form(title, tuple(fields), then, explanation)
+        shown = [replace(f, value=(typed or {}).get(f.name, f.value)) for f in fields]
+        self.app.push_screen(PromptScreen(title, shown, explanation, problem=problem),
+                             partial(self._form_answered, form))
+
+    def _form_answered(self, form: _Form, values: dict[str, str] | None) -> None:
+        if values is None:
+            return
+        self._asked = (form, values)
+        try:
+            form.then(values)
+        except ApplianceError as e:
+            self.ask_again(e)
+
+    def ask_again(self, error: BaseException) -> None:
+        """Explain ``error``, then reopen the last form with the values typed into it."""
+        self.last_error = error
+        explanation = explain(error)
+        if self._asked is None:
+            self.app.push_screen(ExplainScreen(explanation))
+            return
+        form, values = self._asked
+        self.app.push_screen(
+            ExplainScreen(explanation),
+            lambda _: self.ask(form.title, form.fields, form.then, form.explanation,
+                               typed=values, problem=f"{explanation.title}: correct it, or "
+                               "Esc to give up"),
+        )
+
+
+def existing_dir(typed: str) -> Path:
+    """A directory the operator typed; UsageError (the form comes back) when it is not one."""
+    path = Path(typed).expanduser()
+    if not path.is_dir():
+        raise UsageError(f"{path} is not a directory: check the path (the bundle's directory "
+                         "or one of its vol-NNN volumes)")
+    return path
+
 
 def add_plain_row(table: DataTable[Any], *cells: object, key: str | None = None) -> None:
     """A row whose text is shown as is: DataTable would read ``[...]`` in a str as markup,
-    and paths, audit details and peer answers are not ours to style (or to break)."""
-    table.add_row(*(Text(c) if isinstance(c, str) else c for c in cells), key=key)
+    and paths, audit details and peer answers are not ours to style (or to break). A cell
+    cut to its column's width ends in an ellipsis (``FitTable``)."""
+    table.add_row(*(Text(c, no_wrap=True, overflow="ellipsis") if isinstance(c, str) else c
+                    for c in cells), key=key)
+
+
+def _cell_width(cell: object) -> int:
+    return cell.cell_len if isinstance(cell, Text) else cell_len(str(cell))
+
+
+class FitTable(DataTable[Any]):
+    """A table whose columns never run past its right edge unseen: when the rows are wider
+    than the table, the ``shrink`` columns (by index, the first given gives first) narrow
+    to make room, down to their label's width, and their cut cells end in an ellipsis.
+    Call ``fit`` after filling it; it refits itself when resized."""
+
+    def __init__(self, *, shrink: Sequence[int], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.shrink_order = tuple(shrink)
+
+    def on_resize(self) -> None:
+        self.fit()
+
+    def fit(self) -> None:
+        columns = list(self.columns.values())
+        room = self.scrollable_content_region.width - 2 * self.cell_padding * len(columns)
+        if not columns or room <= 0:
+            return
+        widths = [max([_cell_width(c.label), *(_cell_width(v) for v in self.get_column(c.key))])
+                  for c in columns]
+        excess = sum(widths) - room
+        for index in self.shrink_order:
+            if excess <= 0:
+                break
+            floor = min(widths[index], max(_cell_width(columns[index].label), 6))
+            cut = min(excess, widths[index] - floor)
+            widths[index] -= cut
+            excess -= cut
+        for column, width in zip(columns, widths, strict=True):
+            column.width, column.auto_width = width, False
+        # DataTable recomputes its virtual size only when told: widths changed under it.
+        self._require_update_dimensions = True
+        self.refresh()
 
 
 def pane_bindings(pane: type[Pane]) -> list[Binding]:
@@ -242,152 +349,23 @@ def pane_bindings(pane: type[Pane]) -> list[Binding]:
     return out
 
 
-# --- modal dialogs -----------------------------------------------------------------------
-
-
 class VolumePane(Pane):
-    """A screen working on the chosen bundle that can take one more volume (key ``v``)."""
+    """A screen working on the chosen bundle that can take one more volume (key ``a``)."""
 
     def action_add_volume(self) -> None:
-        self.app.push_screen(
-            PromptScreen("Add a volume", [Field("path", "Path of the next volume",
-                                                "/media/usb2/bundle/vol-002")]),
-            self._added,
-        )
+        self.ask("Add a volume", [Field("path", "Path of the next volume",
+                                        "/media/usb2/bundle/vol-002")], self._added)
 
-    def _added(self, values: dict[str, str] | None) -> None:
-        if not values:
-            return
-        path = Path(values["path"]).expanduser()
+    def _added(self, values: dict[str, str]) -> None:
+        path = existing_dir(values["path"])
         if path not in self.ctx.selected:
             self.ctx.selected = (*self.ctx.selected, path)
         self.reload()
 
 
-class ExplainScreen(ModalScreen[None]):
-    """A refusal or failure in plain words, with what to do next."""
-
-    AUTO_FOCUS = "*"
-    BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("escape,enter,q", "close", "Close"),
-    ]
-    DEFAULT_CSS = """
-    ExplainScreen { align: center middle; }
-    ExplainScreen > VerticalScroll {
-        width: 72; max-width: 95%; height: auto; max-height: 90%;
-        border: thick $error; background: $surface; padding: 0 1;
-    }
-    ExplainScreen.plain > VerticalScroll { border: thick $warning; }
-    ExplainScreen #explain-title { text-style: bold; color: $error; }
-    ExplainScreen.plain #explain-title { color: $warning; }
-    ExplainScreen #explain-detail { color: $text-muted; }
-    """
-
-    def __init__(self, explanation: Explanation) -> None:
-        super().__init__(classes="" if explanation.refused else "plain")
-        self.explanation = explanation
-
-    def compose(self) -> ComposeResult:
-        e = self.explanation
-        with VerticalScroll():
-            yield Label(e.title, id="explain-title")
-            yield Static(e.what, id="explain-what")
-            yield Static(f"What to do: {e.next_step}", id="explain-next")
-            yield Static(e.detail, id="explain-detail", markup=False)
-            yield Button("Close", id="explain-close")
-
-    def on_button_pressed(self) -> None:
-        self.dismiss(None)
-
-    def action_close(self) -> None:
-        self.dismiss(None)
-
-
-class ConfirmScreen(ModalScreen[bool]):
-    AUTO_FOCUS = "*"
-    BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("y", "answer(True)", "Yes"),
-        Binding("n,escape", "answer(False)", "No"),
-    ]
-    DEFAULT_CSS = """
-    ConfirmScreen { align: center middle; }
-    ConfirmScreen > Vertical {
-        width: 64; max-width: 95%; height: auto; border: thick $warning;
-        background: $surface; padding: 0 1;
-    }
-    ConfirmScreen Horizontal { height: auto; }
-    """
-
-    def __init__(self, question: str) -> None:
-        super().__init__()
-        self.question = question
-
-    def compose(self) -> ComposeResult:
-        with Vertical():
-            yield Static(self.question, markup=False)
-            with Horizontal():
-                yield Button("Yes (y)", id="yes", variant="error")
-                yield Button("No (n)", id="no", variant="primary")
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        self.dismiss(event.button.id == "yes")
-
-    def action_answer(self, value: bool) -> None:
-        self.dismiss(value)
-
-
 @dataclass(frozen=True)
-class Field:
-    name: str
-    label: str
-    placeholder: str = ""
-    value: str = ""
-    required: bool = True
-
-
-class PromptScreen(ModalScreen[dict[str, str] | None]):
-    """A small form: one Input per field; Enter on the last one submits, Escape cancels."""
-
-    AUTO_FOCUS = "*"
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
-    DEFAULT_CSS = """
-    PromptScreen { align: center middle; }
-    PromptScreen > Vertical {
-        width: 72; max-width: 95%; height: auto; border: thick $primary;
-        background: $surface; padding: 0 1;
-    }
-    PromptScreen #prompt-problem { color: $error; height: auto; }
-    """
-
-    def __init__(self, title: str, fields: Sequence[Field], explanation: str = "") -> None:
-        super().__init__()
-        self.title_text = title
-        self.fields = tuple(fields)
-        self.explanation = explanation
-
-    def compose(self) -> ComposeResult:
-        with Vertical():
-            yield Label(self.title_text, classes="title")
-            if self.explanation:
-                yield Static(self.explanation, markup=False)
-            for f in self.fields:
-                yield Label(f.label)
-                yield Input(value=f.value, placeholder=f.placeholder, id=f"field-{f.name}")
-            yield Static("", id="prompt-problem")
-
-    def on_input_submitted(self, event: Input.Submitted) -> None:
-        inputs = list(self.query(Input))
-        index = inputs.index(event.input)
-        if index + 1 < len(inputs):
-            inputs[index + 1].focus()
-            return
-        values = {f.name: self.query_one(f"#field-{f.name}", Input).value.strip()
-                  for f in self.fields}
-        missing = [f.label for f in self.fields if f.required and not values[f.name]]
-        if missing:
-            self.query_one("#prompt-problem", Static).update(f"needed: {', '.join(missing)}")
-            return
-        self.dismiss(values)
-
-    def action_cancel(self) -> None:
-        self.dismiss(None)
+class _Form:
+    title: str
+    fields: tuple[Field, ...]
+    then: Callable[[dict[str, str]], None]
+    explanation: str

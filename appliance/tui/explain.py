@@ -142,7 +142,9 @@ _TABLE: tuple[tuple[type[BaseException], str, str, str], ...] = (
      "Run 'appliance doctor' for the full report and fix what it names."),
     (KeyFileError, "Key file problem", "A key file is unreadable or the passphrase is wrong.",
      "Check the file and the passphrase."),
-    (UsageError, "Cannot do that", "The request is not possible as given.",
+    (UsageError, "Check the input",
+     "What was typed or asked cannot be done as given (a path that does not exist, a "
+     "missing value, a step that must come first). Nothing was refused for safety.",
      "Read the details below and correct the input."),
 )
 

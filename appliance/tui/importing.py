@@ -9,7 +9,6 @@ bundle is imported only with a typed reason, which the importer records in the a
 
 from __future__ import annotations
 
-import time
 from typing import ClassVar
 
 from rich.markup import escape
@@ -23,14 +22,7 @@ from appliance.importer import ImportResult
 from appliance.tui import service
 from appliance.tui.base import Field, PromptScreen, StoreChanged, TuiContext, VolumePane
 from appliance.tui.explain import explain
-
-
-def rate_text(bytes_per_second: float, left: int) -> str:
-    if bytes_per_second <= 0:
-        return ""
-    eta = left / bytes_per_second
-    minutes, seconds = divmod(int(eta), 60)
-    return f"{service.size(int(bytes_per_second))}/s, {minutes}:{seconds:02d} left"
+from appliance.tui.progress import RateMeter
 
 
 class ImportPane(VolumePane):
@@ -49,8 +41,8 @@ class ImportPane(VolumePane):
     def __init__(self, ctx: TuiContext) -> None:
         super().__init__(ctx)
         self.result: ImportResult | None = None
-        self._started = 0.0
-        self._first_done: int | None = None
+        self.meter = RateMeter()
+        self._reported = False
 
     def compose(self) -> ComposeResult:
         yield Static("", id="import-bundle", classes="status")
@@ -59,6 +51,8 @@ class ImportPane(VolumePane):
         yield Static("", id="import-result")
 
     def on_mount(self) -> None:
+        # No bar until an import runs: an idle bar animates as if something were busy.
+        self.query_one("#import-progress", ProgressBar).display = False
         self.reload()
 
     def reload(self) -> None:
@@ -78,9 +72,15 @@ class ImportPane(VolumePane):
             return
         store, now, paths = self.ctx.store_dir, self.now(), self.ctx.selected
         reason = self.ctx.override_reason
+        if self.busy:
+            self.notify("the import is running: c cancels it", severity="warning")
+            return
         self.result = None
-        self._started = time.monotonic()
-        self._first_done = None
+        self.meter.start()
+        self._reported = False
+        bar = self.query_one("#import-progress", ProgressBar)
+        bar.display = True
+        bar.update(total=None, progress=0)
         self.query_one("#import-result", Static).update("authenticating the bundle...")
         self.query_one("#import-rate", Static).update("")
         self.start_job(
@@ -94,15 +94,10 @@ class ImportPane(VolumePane):
     def on_progress(self, done: int, total: int) -> None:
         bar = self.query_one("#import-progress", ProgressBar)
         bar.update(total=max(1, total), progress=done)
-        now = time.monotonic()
-        if self._first_done is None:
-            self._first_done = done  # bytes already in the store: not this run's speed
-            self._started = now
+        if not self._reported:
+            self._reported = True
             self.query_one("#import-result", Static).update("importing...")
-        elapsed = now - self._started
-        rate = (done - self._first_done) / elapsed if elapsed > 0.2 else 0.0
-        self.query_one("#import-rate", Static).update(
-            f"{service.size(done)} of {service.size(total)}  {rate_text(rate, total - done)}")
+        self.query_one("#import-rate", Static).update(self.meter.text(done, total))
 
     def _done(self, result: ImportResult) -> None:
         self.result = result
@@ -135,6 +130,8 @@ class ImportPane(VolumePane):
         self.post_message(StoreChanged())
 
     def _failed(self, error: BaseException) -> None:
+        self.query_one("#import-progress", ProgressBar).display = False
+        self.query_one("#import-rate", Static).update("")
         e = explain(error)
         hint = ("\nPress e to accept it anyway with a reason."
                 if isinstance(error, ExpiredError) else "")
@@ -144,6 +141,7 @@ class ImportPane(VolumePane):
         self.show_error(error)
 
     def job_cancelled(self) -> None:
+        self.query_one("#import-progress", ProgressBar).display = False
         self.query_one("#import-result", Static).update(
             "[yellow]import cancelled[/]: what was written is kept; press i to resume")
 

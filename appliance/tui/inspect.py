@@ -2,7 +2,11 @@
 
 Opening authenticates the bundle against this host's trust root (signatures over the exact
 manifest bytes, the carried rotation chain, publisher scopes, expiry) before showing anything
-from the manifest; the rollback rule is checked against the store's channel high-water mark.
+from the manifest as checked; the rollback rule is checked against the store's channel
+high-water mark. On a host that trusts no root yet the bundle's claims are shown marked
+UNVERIFIED (as ``appliance bundle inspect`` without ``--trust`` does), so its signers can be
+looked at before the root is installed; nothing can be verified or imported until then.
+``i`` starts the import at once (it checks every chunk itself; verifying first is optional).
 Verify reads every chunk of every volume present, with progress per volume, and asks for the
 volumes that are missing.
 """
@@ -22,12 +26,15 @@ from appliance.format.trust import format_time
 from appliance.tui import service
 from appliance.tui.base import (
     Field,
+    FitTable,
     ImportWanted,
     PromptScreen,
     TuiContext,
     VolumePane,
     add_plain_row,
 )
+from appliance.tui.explain import explain
+from appliance.tui.progress import RateMeter
 
 
 def _bar(done: int, total: int, width: int = 20) -> str:
@@ -53,11 +60,13 @@ class InspectPane(VolumePane):
         super().__init__(ctx)
         self.view: service.InspectView | None = None
         self.verified: VerifyReport | None = None
+        self.meter = RateMeter()
+        self._verifying: tuple[int, int] | None = None  # (done, total) while verify runs
 
     def compose(self) -> ComposeResult:
         yield Static("No bundle chosen: pick one on the Media screen (1).", id="inspect-summary",
                      classes="status")
-        yield DataTable(id="inspect-models", cursor_type="row", zebra_stripes=True)
+        yield FitTable(id="inspect-models", shrink=(7, 0, 3), cursor_type="row", zebra_stripes=True)
         yield ProgressBar(id="inspect-progress", show_eta=False)
         yield Static("", id="inspect-volumes", classes="status")
 
@@ -73,6 +82,8 @@ class InspectPane(VolumePane):
         allow = self.ctx.override_reason is not None
         self.view = None
         self.verified = None
+        self._verifying = None
+        self.query_one("#inspect-progress", ProgressBar).display = False
         self.query_one("#inspect-summary", Static).update(
             f"checking signatures of {escape(', '.join(map(str, paths)))}...")
         self.query_one("#inspect-models", DataTable).clear()
@@ -84,24 +95,36 @@ class InspectPane(VolumePane):
         summary = self.query_one("#inspect-summary", Static)
         hint = (" Press e to accept it anyway with a reason." if isinstance(error, ExpiredError)
                 else "")
-        summary.update(f"[b red]Refused[/]: {type(error).__name__}.{hint}")
+        e = explain(error)  # a mistyped path is "check the input", not a security refusal
+        colour = "red" if e.refused else "yellow"
+        said = "" if e.refused else f": {escape(str(error))}"
+        summary.update(f"[b {colour}]{escape(e.title)}[/]{said}.{hint}")
         super().show_error(error)
 
     def show(self, view: service.InspectView) -> None:
         self.view = view
+        if view.root_files:
+            self.ctx.carried_roots = view.root_files
         m = view.manifest
-        lines = [f"[b]{m.channel} #{m.sequence}[/b]  created {format_time(m.created)}  "
+        lines = [f"[b]{escape(m.channel)} #{m.sequence}[/b]  created {format_time(m.created)}  "
                  f"expires {format_time(m.expires)}"
                  + (" [b red]EXPIRED (override: reason recorded)[/]" if view.expired else "")]
+        if not view.verified:
+            lines.append("[b red]UNVERIFIED[/]: no trust root on this host; nothing here "
+                         "is checked yet")
+        claimed = "" if view.verified else "claims "
         for s in view.signers:
-            lines.append(f"signed by {s.label}  [i]{s.words}[/i]")
-        if view.trust_to > view.trust_from:
+            lines.append(f"{claimed}signed by {escape(s.label)}  [i]{s.words}[/i]")
+        if not view.verified and view.root_files:
+            names = ", ".join(p.name for p in view.root_files)
+            lines.append(f"carries {escape(names)}: install it on Trust (7), key t")
+        elif view.trust_to > view.trust_from:
             lines.append(f"[b]trust root update[/b]: v{view.trust_from} -> v{view.trust_to} "
                          "will be installed with this bundle")
         if view.rollback:
             lines.append(f"[b red]rollback[/]: {view.rollback}; import will be refused")
         self.query_one("#inspect-summary", Static).update("\n".join(lines))
-        table = self.query_one("#inspect-models", DataTable)
+        table = self.query_one("#inspect-models", FitTable)
         table.clear()
         for model in m.models:
             g = model.gguf
@@ -111,14 +134,18 @@ class InspectPane(VolumePane):
                 f"{g.parameter_count:,}" if g and g.parameter_count else "-",
                 str(g.context_length) if g and g.context_length else "-", model.license,
             )
+        table.fit()
         self._show_volumes(0)
 
     def _show_volumes(self, done: int) -> None:
         view = self.view
         if view is None:
             return
-        lines = [f"{name} {_bar(d, t)} {service.size(d)} of {service.size(t)}"
-                 for name, d, t in service.per_volume(done, view.volume_sizes)]
+        lines = []
+        if self._verifying is not None:
+            lines.append(f"verifying: {self.meter.text(*self._verifying)}")
+        lines += [f"{name} {_bar(d, t)} {service.size(d)} of {service.size(t)}"
+                  for name, d, t in service.per_volume(done, view.volume_sizes)]
         if view.volumes_missing:
             lines.append(f"[b yellow]missing[/]: {', '.join(view.volumes_missing)}: insert "
                          "the next volume and press a to add its path")
@@ -137,9 +164,15 @@ class InspectPane(VolumePane):
             return
         store, now, paths = self.ctx.store_dir, self.now(), self.ctx.selected
         allow = self.ctx.override_reason is not None
+        if self.busy:
+            self.notify("verification is running: c cancels it", severity="warning")
+            return
         bar = self.query_one("#inspect-progress", ProgressBar)
         bar.display = True
-        bar.update(total=max(1, sum(t for _, t in self.view.volume_sizes)), progress=0)
+        total = max(1, sum(t for _, t in self.view.volume_sizes))
+        bar.update(total=total, progress=0)
+        self.meter.start()
+        self._verifying = (0, total)
         self.start_job(
             "verify",
             lambda job: service.verify(store, paths, now, progress=job.progress,
@@ -150,10 +183,12 @@ class InspectPane(VolumePane):
     def on_progress(self, done: int, total: int) -> None:
         self.query_one("#inspect-progress", ProgressBar).update(total=max(1, total),
                                                                  progress=done)
+        self._verifying = (done, total)
         self._show_volumes(done)
 
     def _verified(self, report: VerifyReport) -> None:
         self.verified = report
+        self._verifying = None
         self._show_volumes(report.stored_bytes)
         if report.rebuilt:
             self.notify(f"rebuilt from parity: {', '.join(report.rebuilt)}")
@@ -164,10 +199,16 @@ class InspectPane(VolumePane):
                         f"{', '.join(report.volumes_missing)}", severity="warning")
 
     def _verify_failed(self, error: BaseException) -> None:
+        self._verifying = None
         self.query_one("#inspect-progress", ProgressBar).display = False
         self.query_one("#inspect-volumes", Static).update(
-            f"[b red]verification failed[/]: {type(error).__name__}")
+            f"[b red]verification failed[/]: {escape(explain(error).title)}")
         super().show_error(error)
+
+    def job_cancelled(self) -> None:
+        self._verifying = None
+        self.query_one("#inspect-progress", ProgressBar).display = False
+        self._show_volumes(0)
 
     def action_cancel(self) -> None:
         self.cancel_job()
@@ -178,6 +219,12 @@ class InspectPane(VolumePane):
         if self.view is None:
             self.notify("open a bundle first (Media screen, Enter)", severity="warning")
             return
+        if not self.view.verified:
+            self.notify("install the site's trust root first (Trust, 7): nothing can be "
+                        "imported unverified", severity="warning")
+            return
+        if self.busy:  # the import checks every chunk itself: verifying first is optional
+            self.cancel_job()
         self.post_message(ImportWanted())
 
     def action_allow_expired(self) -> None:

@@ -7,7 +7,6 @@ shown here is what the media *claims* (unverified); trust is decided on the Insp
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import ClassVar
 
 from rich.markup import escape
@@ -16,7 +15,15 @@ from textual.binding import Binding, BindingType
 from textual.widgets import DataTable, Static
 
 from appliance.tui import service
-from appliance.tui.base import BundleChosen, Field, Pane, PromptScreen, TuiContext, add_plain_row
+from appliance.tui.base import (
+    BundleChosen,
+    Field,
+    FitTable,
+    Pane,
+    TuiContext,
+    add_plain_row,
+    existing_dir,
+)
 
 
 class MediaPane(Pane):
@@ -37,7 +44,7 @@ class MediaPane(Pane):
 
     def compose(self) -> ComposeResult:
         yield Static("looking for media...", id="media-status", classes="status")
-        yield DataTable(id="media-table", cursor_type="row", zebra_stripes=True)
+        yield FitTable(id="media-table", shrink=(4, 3, 0), cursor_type="row", zebra_stripes=True)
 
     def on_mount(self) -> None:
         table = self.query_one("#media-table", DataTable)
@@ -56,7 +63,9 @@ class MediaPane(Pane):
         if found == self.found and self.query_one("#media-table", DataTable).row_count:
             return  # nothing came or went: keep the cursor where the operator left it
         self.found = found
-        table = self.query_one("#media-table", DataTable)
+        if not self.ctx.selected:  # until a bundle is chosen, offer the roots of one found
+            self.ctx.carried_roots = next((c.root_files for c in found if c.root_files), ())
+        table = self.query_one("#media-table", FitTable)
         table.clear()
         for c in found:
             if c.problem:
@@ -65,14 +74,20 @@ class MediaPane(Pane):
             add_plain_row(table, f"{c.channel} #{c.sequence}",
                           f"{len(c.volumes)} of {c.volume_count}", service.size(c.total_bytes),
                           ", ".join(c.models), str(c.path), key=str(c.path))
-        where = escape(", ".join(str(r) for r in self.ctx.scan_roots) or "no mount roots")
+        table.fit()
+        roots = ", ".join(str(r) for r in self.ctx.scan_roots)
+        where = (f"scanning {escape(roots)}" if roots else
+                 "no mount roots to scan: only paths given or typed")
         status = self.query_one("#media-status", Static)
         if found:
-            status.update(f"{len(found)} bundle(s) found (scanning {where}). Select one and "
+            status.update(f"{len(found)} bundle(s) found ({where}). Select one and "
                           "press Enter to inspect it.")
+        elif roots:
+            status.update(f"No bundle found under {escape(roots)}. Insert the media, or "
+                          "press o to type the bundle's path.")
         else:
-            status.update(f"No bundle found in {where}. Insert the media, or press o to type "
-                          "the bundle's path.")
+            status.update("No bundle found (no mount roots configured, and no path given). "
+                          "Press o to type the bundle's path.")
 
     def action_choose(self) -> None:
         table = self.query_one("#media-table", DataTable)
@@ -83,16 +98,11 @@ class MediaPane(Pane):
         self.post_message(BundleChosen([chosen.path]))
 
     def action_open_path(self) -> None:
-        self.app.push_screen(
-            PromptScreen("Open a bundle", [Field("path", "Bundle or volume directory",
-                                                 "/media/usb/bundle")]),
-            self._opened,
-        )
+        self.ask("Open a bundle", [Field("path", "Bundle or volume directory",
+                                         "/media/usb/bundle")], self._opened)
 
-    def _opened(self, values: dict[str, str] | None) -> None:
-        if not values:
-            return
-        path = Path(values["path"]).expanduser()
+    def _opened(self, values: dict[str, str]) -> None:
+        path = existing_dir(values["path"])
         if path not in self.ctx.media_paths:
             self.ctx.media_paths.append(path)
         self.reload()

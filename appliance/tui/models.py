@@ -13,7 +13,14 @@ from textual.widgets import DataTable, ProgressBar, Static
 from appliance.store.records import ModelRecord
 from appliance.store.scrub import VerifyReport
 from appliance.tui import service
-from appliance.tui.base import ConfirmScreen, Pane, StoreChanged, TuiContext, add_plain_row
+from appliance.tui.base import (
+    ConfirmScreen,
+    FitTable,
+    Pane,
+    StoreChanged,
+    TuiContext,
+    add_plain_row,
+)
 
 
 def describe_model(m: ModelRecord) -> str:
@@ -51,7 +58,7 @@ class ModelsPane(Pane):
         self.models: list[ModelRecord] = []
 
     def compose(self) -> ComposeResult:
-        yield DataTable(id="models-table", cursor_type="row", zebra_stripes=True)
+        yield FitTable(id="models-table", shrink=(5, 4, 0), cursor_type="row", zebra_stripes=True)
         yield ProgressBar(id="models-progress", show_eta=True)
         yield Static("", id="models-detail", classes="status")
 
@@ -70,12 +77,13 @@ class ModelsPane(Pane):
 
     def show(self, models: list[ModelRecord]) -> None:
         self.models = models
-        table = self.query_one("#models-table", DataTable)
+        table = self.query_one("#models-table", FitTable)
         table.clear()
         for m in models:
             add_plain_row(table, m.name, m.version, service.size(m.size),
                           "yes" if m.verified else "NO (quarantined)",
                           f"{m.channel} #{m.sequence}", _time(m.imported_at), key=m.ref)
+        table.fit()
         detail = self.query_one("#models-detail", Static)
         if not models:
             detail.update("The store holds no model yet: import a bundle (screens 1-3).")
@@ -105,8 +113,9 @@ class ModelsPane(Pane):
         )
 
     def _delete(self, ref: str) -> None:
-        store = self.ctx.store_dir
-        self.start_job("delete", lambda job: service.remove_model(store, ref), self._deleted)
+        store, now = self.ctx.store_dir, self.now()
+        self.start_job("delete", lambda job: service.remove_model(store, ref, now),
+                       self._deleted)
 
     def _deleted(self, model: ModelRecord) -> None:
         self.notify(f"deleted {model.ref}")

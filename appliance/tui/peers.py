@@ -3,7 +3,6 @@ models from them with progress. Pulled bytes are checked against the signed mani
 
 from __future__ import annotations
 
-import time
 from typing import ClassVar
 
 from rich.markup import escape
@@ -14,9 +13,17 @@ from textual.widgets import DataTable, ProgressBar, Static
 from appliance.errors import UsageError
 from appliance.peer.pull import PullResult
 from appliance.tui import peering, service
-from appliance.tui.base import Field, Pane, PromptScreen, StoreChanged, TuiContext, add_plain_row
+from appliance.tui.base import (
+    Field,
+    FitTable,
+    Pane,
+    PromptScreen,
+    StoreChanged,
+    TuiContext,
+    add_plain_row,
+)
 from appliance.tui.explain import explain
-from appliance.tui.importing import rate_text
+from appliance.tui.progress import RateMeter
 
 
 class PeersPane(Pane):
@@ -36,11 +43,11 @@ class PeersPane(Pane):
         super().__init__(ctx)
         self.peers: list[peering.PeerView] = []
         self.results: list[PullResult] | None = None
-        self._started = 0.0
+        self.meter = RateMeter()
 
     def compose(self) -> ComposeResult:
         yield Static("Press r to look for peers.", id="peers-status", classes="status")
-        yield DataTable(id="peers-table", cursor_type="row", zebra_stripes=True)
+        yield FitTable(id="peers-table", shrink=(3, 0), cursor_type="row", zebra_stripes=True)
         yield ProgressBar(id="peers-progress", show_eta=False)
         yield Static("", id="peers-result", classes="status")
 
@@ -82,13 +89,14 @@ class PeersPane(Pane):
     def show(self, found: tuple[str, list[peering.PeerView]]) -> None:
         mode, peers = found
         self.peers = peers
-        table = self.query_one("#peers-table", DataTable)
+        table = self.query_one("#peers-table", FitTable)
         table.clear()
         for p in peers:
             holds = p.problem or "; ".join(
                 f"{s.channel} #{s.sequence}{'' if s.complete else ' (partial)'}: "
                 + ", ".join(m.ref for m in s.models) for s in p.holds) or "nothing"
             add_plain_row(table, p.url, p.source, p.host or "?", holds, key=p.url)
+        table.fit()
         reachable = sum(1 for p in peers if p.problem is None)
         self.query_one("#peers-status", Static).update(
             f"{len(peers)} peer(s), {reachable} reachable, {escape(mode)}. "
@@ -96,13 +104,10 @@ class PeersPane(Pane):
                "Press a to add a peer's URL."))
 
     def action_add_peer(self) -> None:
-        self.app.push_screen(
-            PromptScreen("Add a peer", [Field("url", "Peer URL", "https://host-b:8765")]),
-            self._added,
-        )
+        self.ask("Add a peer", [Field("url", "Peer URL", "https://host-b:8765")], self._added)
 
-    def _added(self, values: dict[str, str] | None) -> None:
-        if values and values["url"] not in self.ctx.peer_urls:
+    def _added(self, values: dict[str, str]) -> None:
+        if values["url"] not in self.ctx.peer_urls:
             self.ctx.peer_urls.append(values["url"])
             self.reload()
 
@@ -130,22 +135,24 @@ class PeersPane(Pane):
         bar.display = True
         bar.update(total=None, progress=0)
         self.results = None
-        self._started = time.monotonic()
+        self.meter.start()
         self.query_one("#peers-result", Static).update("authenticating the peers' manifests...")
         self.start_job(
             "pull",
             lambda job: peering.pull_models(store, settings, urls, refs, now=now,
                                             progress=job.progress, notify=job.note),
-            self._pulled, failed=lambda error: Pane.show_error(self, error),
+            self._pulled, failed=self._pull_failed,
         )
+
+    def _pull_failed(self, error: BaseException) -> None:
+        self.query_one("#peers-progress", ProgressBar).display = False
+        self.query_one("#peers-result", Static).update("")
+        Pane.show_error(self, error)  # a dialog: unlike listing, the operator asked for this
 
     def on_progress(self, done: int, total: int) -> None:
         self.query_one("#peers-progress", ProgressBar).update(total=max(1, total),
                                                               progress=done)
-        elapsed = time.monotonic() - self._started
-        rate = done / elapsed if elapsed > 0.2 else 0.0
-        self.query_one("#peers-result", Static).update(
-            f"{service.size(done)} of {service.size(total)}  {rate_text(rate, total - done)}")
+        self.query_one("#peers-result", Static).update(self.meter.text(done, total))
 
     def _pulled(self, results: list[PullResult]) -> None:
         self.results = results

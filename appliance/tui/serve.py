@@ -1,9 +1,17 @@
 """Serve screen: start and stop the inference server, its status and metrics, and a small
 chat panel to try a model. The server is the same one ``appliance serve`` runs (see
-``appliance.tui.serving``); only published, verified models load."""
+``appliance.tui.serving``); only published, verified models load.
+
+``s`` asks for the models, the listen address, threads, context and an API key file (the
+``appliance serve`` options, with its defaults). The server runs inside the TUI: it stops
+when the TUI quits, which the screen says; a lasting server is ``appliance serve`` (or the
+systemd unit in packaging/). The focus stays where the operator put it: starting the server
+does not move it into the chat box, so the screen's keys keep working (``m`` goes there).
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
 from rich.markup import escape
@@ -11,18 +19,49 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import Input, RichLog, Select, Static
 
-from appliance.tui.base import Pane, StoreChanged, TuiContext
-from appliance.tui.serving import METRICS, ServeController, ServeStatus
+from appliance.errors import UsageError
+from appliance.serve.store_resolver import servable_names
+from appliance.tui.base import Field, Pane, StoreChanged, TuiContext
+from appliance.tui.serving import (
+    METRICS,
+    ServeController,
+    ServeOptions,
+    ServeStatus,
+    default_threads,
+)
 
 POLL_SECONDS = 2.0
+STOPS_WITH_TUI = ("The server runs inside this TUI and stops when you quit it (q); for one "
+                  "that keeps running use 'appliance serve' or the systemd unit (packaging/).")
+STOPPED = "server stopped. Press s to choose models and settings and start it."
+
+
+def _number(values: dict[str, str], name: str, label: str) -> int:
+    text = values.get(name, "").strip() or "0"
+    if not text.isdigit():
+        raise UsageError(f"{label} must be a whole number (0: the default), not {text!r}")
+    return int(text)
+
+
+def options_from(values: dict[str, str]) -> ServeOptions:
+    """The start dialog's values as server options (UsageError on a value that is not)."""
+    key_file = values.get("keys", "").strip()
+    return ServeOptions(
+        models=tuple(values.get("models", "").split()),
+        listen=values.get("listen", "").strip() or "127.0.0.1:0",
+        n_threads=_number(values, "threads", "Threads"),
+        n_ctx=_number(values, "ctx", "Context"),
+        api_key_file=Path(key_file).expanduser() if key_file else None,
+    )
 
 
 class ServePane(Pane):
     PANE_ID = "serve"
     TITLE = "Serve"
     HELP = ("Starts the OpenAI-compatible server on this host's verified models (llama.cpp, "
-            "one crash-isolated worker per model) and shows its health and metrics. Type in "
-            "the box at the bottom and press Enter to ask the model.")
+            "one crash-isolated worker per model): s asks which models, the address, "
+            "threads, context and an API key file. It stops when the TUI quits. m goes to "
+            "the chat box at the bottom (Enter asks the model, Esc comes back).")
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("s", "start", "Start"),
         Binding("x", "stop", "Stop"),
@@ -37,18 +76,17 @@ class ServePane(Pane):
 
     def __init__(self, ctx: TuiContext) -> None:
         super().__init__(ctx)
-        self.controller = ServeController(ctx.store_dir, listen=ctx.serve_listen,
-                                          n_ctx=ctx.serve_ctx)
+        self.controller = ServeController(
+            ctx.store_dir, ServeOptions(listen=ctx.serve_listen, n_ctx=ctx.serve_ctx))
         self.last: ServeStatus | None = None
         self.answers: list[str] = []
         self._names: list[str] = []  # the models offered in the chat's model picker
 
     def compose(self) -> ComposeResult:
-        yield Static("server stopped. Press s to start it on every verified model.",
-                     id="serve-status", classes="status")
+        yield Static(STOPPED, id="serve-status", classes="status")
         yield Select[str]([], id="serve-model", prompt="model", allow_blank=True)
         yield RichLog(id="serve-chat-log", wrap=True, markup=False)
-        yield Input(placeholder="ask the model, then Enter (Esc: back to the keys)",
+        yield Input(placeholder="m: ask the model, then Enter (Esc: back to the keys)",
                     id="serve-input")
 
     def on_mount(self) -> None:
@@ -81,7 +119,7 @@ class ServePane(Pane):
         self.last = status
         widget = self.query_one("#serve-status", Static)
         if status.url is None:
-            widget.update("server stopped. Press s to start it on every verified model.")
+            widget.update(STOPPED)
             return
         colour = {"ok": "green", "loading": "yellow", "starting": "yellow"}.get(status.state,
                                                                                 "red")
@@ -91,8 +129,9 @@ class ServePane(Pane):
             for name, info in status.models.items())
         metrics = ", ".join(f"{label} {status.metrics[key]:.3g}"
                             for key, label in METRICS.items() if key in status.metrics)
-        widget.update(f"[{colour}]{status.state}[/] at {status.url}/v1  {escape(models)}\n"
-                      f"{metrics}")
+        keys = "API key required" if self.controller.options.api_key_file else "no API key"
+        widget.update(f"[{colour}]{status.state}[/] at {status.url}/v1 ({keys})  "
+                      f"{escape(models)}\n{metrics}\n[dim]stops when the TUI quits[/]")
         select = self.query_one("#serve-model", Select)
         names = list(status.models)
         if names and names != self._names:
@@ -100,20 +139,47 @@ class ServePane(Pane):
             select.set_options((n, n) for n in names)
             select.value = names[0]
 
+    # -- start: the options dialog, then the server --------------------------------------
+
     def action_start(self) -> None:
         if self.controller.running:
             self.notify("the server is already running")
             return
+        store = self.ctx.store_dir
+        self.load(lambda: servable_names(store, ()), self._ask_options, group="offer")
+
+    def _ask_options(self, names: tuple[str, ...]) -> None:
+        o = self.controller.options
+        fields = [
+            Field("models", "Models (space separated; empty: every verified model)",
+                  value=" ".join(o.models or names), required=False),
+            Field("listen", "Listen on HOST:PORT (port 0: any free port)", value=o.listen),
+            Field("threads", "llama.cpp threads per model (0: the default)",
+                  value=str(o.n_threads or default_threads())),
+            Field("ctx", "Context in tokens (0: the model's own)", value=str(o.n_ctx)),
+            Field("keys", "API key file (empty: no key; needed off loopback)",
+                  "/etc/appliance/api-keys",
+                  value=str(o.api_key_file) if o.api_key_file else "", required=False),
+        ]
+        self.ask("Start the server", fields, self._start, STOPS_WITH_TUI)
+
+    def _start(self, values: dict[str, str]) -> None:
+        options = options_from(values)
         self.query_one("#serve-status", Static).update("starting: loading the models...")
         controller = self.controller
         self.start_job("start server",
-                       lambda job: controller.start(cancelled=job.cancelled), self._started)
+                       lambda job: controller.start(options, cancelled=job.cancelled),
+                       self._started, failed=self._start_failed)
+
+    def _start_failed(self, error: BaseException) -> None:
+        self.query_one("#serve-status", Static).update(STOPPED)
+        self.ask_again(error)
 
     def _started(self, status: ServeStatus) -> None:
         self.show(status)
         self.post_message(StoreChanged())  # serve-start is audited
-        self.notify(f"server {status.state} at {status.url}")
-        self.query_one("#serve-input", Input).focus()
+        self.notify(f"server {status.state} at {status.url}; it stops when the TUI quits. "
+                    "m: chat")
 
     def action_stop(self) -> None:
         """Stop the server, also while it is still loading (that wait is cancelled)."""
@@ -136,7 +202,7 @@ class ServePane(Pane):
         select = self.query_one("#serve-model", Select)
         model = select.value if isinstance(select.value, str) else None
         if not self.controller.running or model is None:
-            self.notify("start the server first (s)", severity="warning")
+            self.notify("start the server first (Esc, then s)", severity="warning")
             return
         event.input.value = ""
         log = self.query_one("#serve-chat-log", RichLog)

@@ -18,10 +18,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from appliance.bundle.media import MANIFEST_NAME
+from appliance.bundle.media import MANIFEST_NAME, TRUST_DIR, root_file_name
 from appliance.bundle.parity import verify_media_with_parity
 from appliance.bundle.reader import (
-    AuthenticatedBundle,
     Media,
     VerifyReport,
     open_media,
@@ -30,10 +29,9 @@ from appliance.errors import ApplianceError, AuditChainError, NoTrustRootError, 
 from appliance.format.manifest import Manifest
 from appliance.format.signing import fingerprint_words
 from appliance.format.trust import TrustRoot
-from appliance.store import audit, scrub, trust_state, trust_summary
-from appliance.store.layout import human_bytes, writer_lock
+from appliance.store import audit, removal, scrub, trust_state, trust_summary
+from appliance.store.layout import human_bytes
 from appliance.store.records import ModelRecord, list_models
-from appliance.store.store import Store
 
 Progress = Callable[[int, int], None]
 
@@ -143,6 +141,7 @@ class MediaCandidate:
     models: tuple[str, ...]
     total_bytes: int
     problem: str | None = None  # unreadable: why
+    root_files: tuple[Path, ...] = ()  # trust-root files it carries, oldest first
 
 
 def _looks_like_bundle(path: Path) -> bool:
@@ -181,7 +180,7 @@ def describe_media(path: Path) -> MediaCandidate:
         path=path, volumes=tuple(media.volumes_present), volume_count=media.volume_count,
         channel=manifest.channel, sequence=manifest.sequence,
         models=tuple(f"{m.name}:{m.version}" for m in manifest.models),
-        total_bytes=manifest.total_bytes,
+        total_bytes=manifest.total_bytes, root_files=carried_root_files(media),
     )
 
 
@@ -209,21 +208,22 @@ class SignerView:
 
 @dataclass(frozen=True)
 class InspectView:
-    """A bundle after authentication against the store's trust root."""
+    """A bundle after authentication against the store's trust root, or, on a host that
+    trusts no root yet, what it claims (``verified`` False: shown as UNVERIFIED, signers
+    named by the roots carried on the media, as ``appliance bundle inspect`` does)."""
 
-    bundle: AuthenticatedBundle
+    manifest: Manifest
+    manifest_hash: str
+    verified: bool
     signers: tuple[SignerView, ...]
     volumes_present: tuple[str, ...]
     volumes_missing: tuple[str, ...]
     volume_sizes: tuple[tuple[str, int], ...]  # bytes of packs per present volume
-    trust_from: int  # installed root version
+    trust_from: int  # installed root version (0: none)
     trust_to: int  # root version the bundle's chain reaches (an update when higher)
     channel_seen: tuple[int, str] | None  # the store's high-water mark for this channel
     expired: bool
-
-    @property
-    def manifest(self) -> Manifest:
-        return self.bundle.manifest
+    root_files: tuple[Path, ...] = ()  # the trust-root files carried on the first volume
 
     @property
     def rollback(self) -> str | None:
@@ -232,7 +232,7 @@ class InspectView:
         m = self.manifest
         if seen is None or m.sequence > seen[0]:
             return None
-        if m.sequence == seen[0] and seen[1] == self.bundle.manifest_hash:
+        if m.sequence == seen[0] and seen[1] == self.manifest_hash:
             return None
         return (f"channel {m.channel} is at sequence {seen[0]} on this host; this bundle is "
                 f"#{m.sequence}")
@@ -242,24 +242,61 @@ def _volume_sizes(media: Media) -> tuple[tuple[str, int], ...]:
     return tuple((v.name, sum(v.index.pack_sizes)) for v in media.volumes)
 
 
+def carried_root_files(media: Media) -> tuple[Path, ...]:
+    """The trust-root files on the media's first volume present, oldest first."""
+    if not media.volumes:
+        return ()
+    volume = media.volumes[0]
+    return tuple(volume.path / TRUST_DIR / root_file_name(s.root.version)
+                 for s in sorted(volume.chain, key=lambda s: s.root.version))
+
+
+def _claimed_signers(media: Media) -> tuple[SignerView, ...]:
+    """Each signature's key as the newest carried root names it (nothing checked)."""
+    roots = sorted((s.root for s in media.chain), key=lambda r: r.version, reverse=True)
+    out = []
+    for kid in sorted({sig.key_id for sig in media.signatures}):
+        root = next((r for r in roots if kid in r.keys), None)
+        if root is None:
+            out.append(SignerView(kid, f"{kid} (in no carried root)", "-"))
+        else:
+            out.append(SignerView(kid, root.key_label(kid),
+                                  fingerprint_words(root.keys[kid].public)))
+    return tuple(out)
+
+
 def inspect_media(store_dir: Path, paths: Sequence[Path], now: datetime, *,
                   allow_expired: bool = False) -> InspectView:
-    """Open and authenticate (signatures, chain, scope, expiry); no chunk is read."""
-    root = trust_state.require_root(store_dir)
+    """Open and authenticate (signatures, chain, scope, expiry); no chunk is read. Without
+    an installed root nothing can be authenticated: the claims are shown, unverified."""
+    root = trust_state.installed_root(store_dir)
     media = open_media(list(paths))
+    if root is None:
+        chain = [s.root.version for s in media.chain]
+        return _view(media, media.parse_unverified(), verified=False,
+                     signers=_claimed_signers(media), trust=(0, max(chain, default=0)),
+                     channel_seen=None, expired=False)
     bundle = media.authenticate(root, now, allow_expired=allow_expired)
     signers = tuple(
         SignerView(kid, bundle.root.key_label(kid),
                    fingerprint_words(bundle.root.keys[kid].public))
         for kid in sorted(bundle.signers) if kid in bundle.root.keys
     )
+    return _view(media, bundle.manifest, verified=True, signers=signers,
+                 trust=(root.version, bundle.root.version),
+                 channel_seen=trust_state.channel_state(store_dir, bundle.manifest.channel),
+                 expired=bundle.expired_override)
+
+
+def _view(media: Media, manifest: Manifest, *, verified: bool,
+          signers: tuple[SignerView, ...], trust: tuple[int, int],
+          channel_seen: tuple[int, str] | None, expired: bool) -> InspectView:
     return InspectView(
-        bundle=bundle, signers=signers, volumes_present=tuple(media.volumes_present),
+        manifest=manifest, manifest_hash=media.manifest_hash, verified=verified,
+        signers=signers, volumes_present=tuple(media.volumes_present),
         volumes_missing=tuple(media.volumes_missing), volume_sizes=_volume_sizes(media),
-        trust_from=root.version, trust_to=bundle.root.version,
-        channel_seen=trust_state.channel_state(store_dir, bundle.manifest.channel),
-        expired=bundle.expired_override,
-    )
+        trust_from=trust[0], trust_to=trust[1], channel_seen=channel_seen, expired=expired,
+        root_files=carried_root_files(media))
 
 
 def verify(store_dir: Path, paths: Sequence[Path], now: datetime, *,
@@ -288,9 +325,8 @@ def models(store_dir: Path) -> list[ModelRecord]:
     return list_models(store_dir)
 
 
-def remove_model(store_dir: Path, ref: str) -> ModelRecord:
-    with writer_lock(store_dir, "models rm (tui)"), Store(store_dir) as store:
-        return store.remove_model(ref)
+def remove_model(store_dir: Path, ref: str, now: datetime) -> ModelRecord:
+    return removal.remove_model(store_dir, ref, now)
 
 
 def verify_store(store_dir: Path, *, progress: Progress | None = None) -> scrub.VerifyReport:

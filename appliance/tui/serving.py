@@ -3,16 +3,17 @@
 Starts the same server as ``appliance serve`` (``appliance.serve.app.create_app`` with the
 store resolver, so only published, verified models load, and the serve-start audit record)
 under uvicorn in a background thread (``ServerThread``), then talks to it over HTTP on
-loopback like any client: /health, /metrics, /v1/chat/completions. Every call blocks; the
-screen calls them from worker threads.
+loopback like any client: /health, /metrics, /v1/chat/completions (with one of the API keys
+when the operator gave a key file). Every call blocks; the screen calls them from worker
+threads. The server lives in the TUI's process: it stops when the TUI quits.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ import httpx
 
 from appliance.errors import ServeError, UsageError
 from appliance.serve.app import create_app
-from appliance.serve.model import ServeSettings
+from appliance.serve.auth import load_api_keys
+from appliance.serve.model import DEFAULT_N_CTX, ServeSettings
 from appliance.serve.server import ServerThread
 from appliance.serve.store_resolver import servable_names, serve_audit, store_resolver
 
@@ -68,17 +70,31 @@ def prepare_spawning() -> None:
     resource_tracker.ensure_running()
 
 
+def default_threads() -> int:
+    """llama.cpp threads per model, as ``appliance serve`` defaults: the CPUs, at most 8."""
+    return min(8, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What the operator chose in the start dialog (the CLI's ``serve`` options)."""
+
+    models: tuple[str, ...] = ()  # empty: every verified model in the store
+    listen: str = "127.0.0.1:0"
+    n_threads: int = 0  # 0: default_threads()
+    n_ctx: int = DEFAULT_N_CTX  # 0: the model's own
+    api_key_file: Path | None = None
+
+
 class ServeController:
     """One server at a time; ``start`` and ``stop`` from a worker thread."""
 
-    def __init__(self, store_dir: Path, *, listen: str = "127.0.0.1:0", n_ctx: int = 2048,
-                 n_threads: int | None = None) -> None:
+    def __init__(self, store_dir: Path, options: ServeOptions | None = None) -> None:
         self.store_dir = store_dir
-        self.listen = listen
-        self.n_ctx = n_ctx
-        self.n_threads = n_threads or max(1, min(4, os.cpu_count() or 1))
+        self.options = options or ServeOptions()
         self.server: ServerThread | None = None
         self.models: tuple[str, ...] = ()
+        self._headers: dict[str, str] = {}  # our own requests' API key, when keys are set
 
     @property
     def running(self) -> bool:
@@ -88,17 +104,24 @@ class ServeController:
     def url(self) -> str | None:
         return self.server.url if self.server else None
 
-    def start(self, models: Sequence[str] = (), *, wait: float = 120.0,
+    def start(self, options: ServeOptions | None = None, *, wait: float = 120.0,
               cancelled: Callable[[], bool] = lambda: False) -> ServeStatus:
         if self.server is not None:
             raise UsageError(f"the server is already running at {self.server.url}")
-        names = servable_names(self.store_dir, models)
-        settings = ServeSettings(models=names, n_threads=self.n_threads, n_ctx=self.n_ctx,
-                                 listen=self.listen)
+        options = options or self.options
+        if options.n_threads < 0 or options.n_ctx < 0:
+            raise UsageError("threads and context must be 0 (the default) or positive")
+        keys = (load_api_keys(options.api_key_file) if options.api_key_file
+                else frozenset[str]())
+        names = servable_names(self.store_dir, options.models)
+        settings = ServeSettings(models=names, n_threads=options.n_threads or default_threads(),
+                                 n_ctx=options.n_ctx, api_keys=keys, listen=options.listen)
         app = create_app(settings, store_resolver(self.store_dir),
                          audit=serve_audit(self.store_dir, via="tui"))
-        server = ServerThread(app, self.listen)
+        server = ServerThread(app, options.listen)
         server.__enter__()
+        self.options = replace(options, models=names)
+        self._headers = {"Authorization": f"Bearer {min(keys)}"} if keys else {}
         self.server, self.models = server, names
         deadline = time.monotonic() + wait
         status = self.status()
@@ -120,7 +143,7 @@ class ServeController:
         url = self.server.url
         try:
             health = httpx.get(f"{url}/health", timeout=5)
-            metrics = httpx.get(f"{url}/metrics", timeout=5)
+            metrics = httpx.get(f"{url}/metrics", timeout=5, headers=self._headers)
         except httpx.HTTPError:
             return ServeStatus(url, "starting", {}, {})
         body = health.json()
@@ -134,7 +157,7 @@ class ServeController:
                 "max_tokens": max_tokens, "temperature": 0}
         try:
             response = httpx.post(f"{self.server.url}/v1/chat/completions", json=body,
-                                  timeout=120)
+                                  timeout=120, headers=self._headers)
         except httpx.HTTPError as e:
             raise ServeError(f"the server did not answer: {e}") from e
         data = response.json()

@@ -15,7 +15,7 @@ from textual.widgets import DataTable, Static
 
 from appliance.format.trust import TrustRoot
 from appliance.tui import service
-from appliance.tui.base import Field, Pane, PromptScreen, StoreChanged, add_plain_row
+from appliance.tui.base import Field, FitTable, Pane, StoreChanged, add_plain_row
 
 
 class TrustPane(Pane):
@@ -31,7 +31,7 @@ class TrustPane(Pane):
 
     def compose(self) -> ComposeResult:
         yield Static("reading the trust root...", id="trust-summary", classes="status")
-        yield DataTable(id="trust-keys", cursor_type="row", zebra_stripes=True)
+        yield FitTable(id="trust-keys", shrink=(1, 3, 4), cursor_type="row", zebra_stripes=True)
         yield Static("", id="trust-history", classes="status")
 
     def on_mount(self) -> None:
@@ -48,7 +48,7 @@ class TrustPane(Pane):
 
     def show(self, view: service.TrustView | None) -> None:
         summary = self.query_one("#trust-summary", Static)
-        table = self.query_one("#trust-keys", DataTable)
+        table = self.query_one("#trust-keys", FitTable)
         history = self.query_one("#trust-history", Static)
         table.clear()
         if view is None:
@@ -69,6 +69,7 @@ class TrustPane(Pane):
         for key in view.keys:
             add_plain_row(table, key.name, key.key_id, "+".join(key.roles), key.words,
                           ", ".join(key.models) or "-", key=key.key_id)
+        table.fit()
         lines = [f"installed v{i.version} {i.fingerprint} at {i.installed_at}"
                  for i in view.installed]
         lines += [f"channel {c.channel}: sequence {c.sequence} (since {c.updated_at})"
@@ -76,27 +77,24 @@ class TrustPane(Pane):
         history.update("\n".join(lines))
 
     def action_install(self) -> None:
+        carried = self.ctx.carried_roots
         fields = [
             Field("path", "Trust root file(s) (root-N.yaml; several: the rotation chain)",
-                  "/media/usb/root-1.yaml"),
+                  "/media/usb/root-1.yaml", value=shlex.join(map(str, carried))),
             Field("fingerprint", "Fingerprint from the ceremony's paper (first root only)",
                   "3f2a-9b1c-...", required=False),
         ]
-        self.app.push_screen(
-            PromptScreen("Install a trust root", fields,
-                         "Type the fingerprint from the paper, never from the file."),
-            self._install,
-        )
+        where = ("The path offered is the root carried on the media. " if carried else "")
+        self.ask("Install a trust root", fields, self._install,
+                 f"{where}Type the fingerprint from the paper, never from the file.")
 
-    def _install(self, values: dict[str, str] | None) -> None:
-        if not values:
-            return
+    def _install(self, values: dict[str, str]) -> None:
         store, now = self.ctx.store_dir, self.now()
         paths = root_paths(values["path"])
         self.start_job(
             "install trust root",
             lambda job: service.install_root(store, paths, values.get("fingerprint", ""), now),
-            self._installed,
+            self._installed, failed=self.ask_again,
         )
 
     def _installed(self, root: TrustRoot) -> None:
