@@ -18,6 +18,7 @@ from appliance.errors import UsageError
 from appliance.importer import import_media
 from appliance.serve.model import DEFAULT_N_CTX
 from appliance.store import audit, trust_state
+from appliance.store.layout import human_bytes
 from appliance.store.records import list_models
 from appliance.store.removal import remove_model
 from appliance.tui.app import PANES, ApplianceApp, create_app
@@ -26,6 +27,7 @@ from appliance.tui.explain import explain
 from appliance.tui.importing import ImportPane
 from appliance.tui.inspect import InspectPane
 from appliance.tui.media import MediaPane
+from appliance.tui.models import ModelsPane
 from appliance.tui.progress import RateMeter, rate_text
 from appliance.tui.serve import ServePane
 from appliance.tui.serving import default_threads
@@ -208,6 +210,37 @@ def test_verify_shows_rate_and_time_left(tmp_path: Path, tiny_gguf: Path) -> Non
         assert any(line.startswith("verifying: ") and "/s, " in line and " left" in line
                    for line in lines), lines
         assert not text(app, "#inspect-volumes").startswith("verifying")
+
+    drive(app, scenario)
+
+
+def test_reverify_shows_rate_and_time_left_like_the_other_bars(tmp_path: Path,
+                                                               tiny_gguf: Path) -> None:
+    store = trusted_store(tmp_path / "store")
+    import_media(store, [tiny_bundle(tmp_path / "bundle", tiny_gguf)], now=NOW)
+    app = create_app(store, scan_roots=(), clock=lambda: NOW)
+
+    async def scenario(app: ApplianceApp, pilot: Pilot[None]) -> None:
+        await pilot.press("4")
+        models = await on_screen(app, pilot, ModelsPane)
+        await wait_for(pilot, lambda: models.models, what="the model")
+        models.meter = ticking()
+        lines: list[str] = []
+        shown = models.on_progress
+
+        def progress_and_look(done: int, total: int) -> None:
+            shown(done, total)
+            lines.append(str(models.query_one("#models-rate", Static).render()))
+
+        models.on_progress = progress_and_look  # type: ignore[method-assign]
+        await pilot.press("v")
+        await wait_for(pilot, lambda: lines and not models.busy, what="the re-verify")
+        size = models.models[0].size  # one small file: one report, too soon for a rate
+        assert lines == [f"re-verifying: {human_bytes(size)} of {human_bytes(size)}"]
+        models.meter = ticking()  # a longer run: reports a second apart
+        models.on_progress(1_000_000, 4_000_000)
+        models.on_progress(2_000_000, 4_000_000)
+        assert lines[-1] == "re-verifying: 2.0 MB of 4.0 MB  1.0 MB/s, 0:02 left"
 
     drive(app, scenario)
 

@@ -12,7 +12,7 @@ from trust_helpers import NOW, trusted_store
 from tui_helpers import MODEL, drive, on_screen, text, tiny_bundle, wait_for
 
 from appliance.importer import import_media
-from appliance.store import audit
+from appliance.store import audit, trust_state
 from appliance.store.db import connect
 from appliance.store.records import list_models
 from appliance.tui.app import ApplianceApp, create_app
@@ -124,6 +124,8 @@ def test_models_delete_reverify_and_audit_chain(tmp_path: Path, tiny_gguf: Path)
     drive(app, scenario)
     kinds = [r.kind for r in audit.records(store)]
     assert "quarantine" in kinds and kinds[-1] == "delete"
+    # The same removal as `appliance models rm` (store.removal), audited with the same user.
+    assert list(audit.records(store))[-1].details["user"] == trust_state.who()
 
     db = connect(store)  # an intruder edits record 2 behind the store's back
     db.execute("UPDATE audit SET details = '{}' WHERE seq = 2")

@@ -21,6 +21,7 @@ from appliance.tui.base import (
     TuiContext,
     add_plain_row,
 )
+from appliance.tui.progress import RateMeter
 
 
 def describe_model(m: ModelRecord) -> str:
@@ -56,16 +57,19 @@ class ModelsPane(Pane):
     def __init__(self, ctx: TuiContext) -> None:
         super().__init__(ctx)
         self.models: list[ModelRecord] = []
+        self.meter = RateMeter()
 
     def compose(self) -> ComposeResult:
         yield FitTable(id="models-table", shrink=(5, 4, 0), cursor_type="row", zebra_stripes=True)
-        yield ProgressBar(id="models-progress", show_eta=True)
+        yield ProgressBar(id="models-progress", show_eta=False)
+        yield Static("", id="models-rate", classes="status")
         yield Static("", id="models-detail", classes="status")
 
     def on_mount(self) -> None:
         self.query_one("#models-table", DataTable).add_columns(
             "name", "version", "size", "verified", "channel #seq", "imported")
         self.query_one("#models-progress", ProgressBar).display = False
+        self.query_one("#models-rate", Static).display = False  # shown while re-verifying
         self.reload()
 
     def action_reload(self) -> None:
@@ -124,8 +128,13 @@ class ModelsPane(Pane):
     def action_verify(self) -> None:
         store = self.ctx.store_dir
         bar = self.query_one("#models-progress", ProgressBar)
+        if self.busy:
+            self.notify("a job is running: c cancels it", severity="warning")
+            return
         bar.display = True
         bar.update(total=None, progress=0)
+        self.query_one("#models-rate", Static).display = True
+        self.meter.start()
         self.start_job("re-verify",
                        lambda job: service.verify_store(store, progress=job.progress),
                        self._verified)
@@ -133,9 +142,12 @@ class ModelsPane(Pane):
     def on_progress(self, done: int, total: int) -> None:
         self.query_one("#models-progress", ProgressBar).update(total=max(1, total),
                                                                progress=done)
+        self.query_one("#models-rate", Static).update(
+            f"re-verifying: {self.meter.text(done, total)}")
 
     def _verified(self, report: VerifyReport) -> None:
         self.query_one("#models-progress", ProgressBar).display = False
+        self.query_one("#models-rate", Static).display = False
         if report.ok:
             self.notify(f"all {report.files_checked} file(s) verified "
                         f"({service.size(report.bytes_checked)})")
@@ -146,6 +158,7 @@ class ModelsPane(Pane):
 
     def job_cancelled(self) -> None:
         self.query_one("#models-progress", ProgressBar).display = False
+        self.query_one("#models-rate", Static).display = False
 
     def action_cancel(self) -> None:
         self.cancel_job()
