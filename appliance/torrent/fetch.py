@@ -141,11 +141,11 @@ def fetch(
             if opts.identity is not None:
                 raise UsageError("a magnet link cannot start an SSL torrent (its CA is in the "
                                  "info dict it would fetch): give the .torrent file")
-            handle: lt.torrent_handle | None = _magnet(session, torrent, store_dir, opts, say)
-            assert handle is not None
-            got = handle.torrent_file()
+            magnet = _magnet(session, torrent, store_dir, opts, say)
+            got = magnet.torrent_file()
             if got is None:
                 raise PeerError("the swarm's info dict could not be read")
+            handle: lt.torrent_handle | None = magnet
             ti = got
         else:
             handle, ti = None, parse_torrent(torrent)
