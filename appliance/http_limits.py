@@ -12,7 +12,8 @@ that header is complete, the way OpenSSH's ``MaxStartups`` treats unauthenticate
   socket, no TLS state;
 - the TLS handshake and the first header must both finish within ``header_timeout`` of the
   accept (nginx's ``client_header_timeout``); each later request's header within
-  ``header_timeout`` of its first byte; idle time between requests is uvicorn's keep-alive;
+  ``header_timeout`` of its first byte; a request body's bytes within ``body_timeout`` of each
+  other (``client_body_timeout``); idle time between requests is uvicorn's keep-alive;
 - at most ``max_pending`` pending connections in all and ``max_pending_per_address`` from one
   address: over a cap, the oldest pending one is closed, a silent one first (a real client
   speaks at once, so it is the cheapest to drop and the likeliest attacker); of those, at most
@@ -60,6 +61,7 @@ class ServerOptions:
     max_pending_per_address: int = 64
     max_handshakes: int = 32  # ~300 KiB each: asyncio's TLS buffers
     header_timeout: float = 10.0
+    body_timeout: float = 30.0  # between two reads of a request body
     max_header_bytes: int = 16 * 1024  # h11's own default
     keep_alive: int = 5
     graceful_shutdown: float = 2.0
@@ -68,8 +70,8 @@ class ServerOptions:
         if min(self.max_connections, self.max_pending, self.max_pending_per_address,
                self.max_handshakes) < 1:
             raise UsageError("connection limits must be at least 1")
-        if self.header_timeout <= 0:
-            raise UsageError("the header timeout must be positive")
+        if self.header_timeout <= 0 or self.body_timeout <= 0:
+            raise UsageError("timeouts must be positive")
 
 
 @dataclass
@@ -114,7 +116,8 @@ class _Pending:
 
 class _Gate(asyncio.Protocol):
     """Holds a connection's first header back from uvicorn until it is complete, then hands
-    the connection over and stays in the data path only to time later requests' headers."""
+    the connection over and stays in the data path only to time later requests' headers and
+    every request body."""
 
     def __init__(self, gatekeeper: Gatekeeper, pending: _Pending) -> None:
         self.gatekeeper = gatekeeper
@@ -125,6 +128,9 @@ class _Gate(asyncio.Protocol):
         self.inner: Any = None  # uvicorn's protocol, once admitted
         self.timer: asyncio.TimerHandle | None = None
         self.timed_cycle: Any = None
+        self.body_timer: asyncio.TimerHandle | None = None
+        self.received = 0  # bytes from the client since admission: the body timer's progress
+        self.body_mark = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -143,8 +149,10 @@ class _Gate(asyncio.Protocol):
             return
         before = self.inner.cycle
         idle = before is None or before.response_complete
+        self.received += len(data)
         self.inner.data_received(data)
         cycle = self.inner.cycle
+        self._watch_body()
         if self.timer is not None and cycle is not self.timed_cycle:
             self.timer.cancel()  # that request's header is complete
             self.timer = None
@@ -164,6 +172,29 @@ class _Gate(asyncio.Protocol):
         if not self.admitted.done():
             self.admitted.set_result(None)
         self.inner.data_received(data)
+        self._watch_body()
+
+    def _watch_body(self) -> None:
+        """While the client owes body bytes, each read must come within ``body_timeout`` of
+        the last (nginx's ``client_body_timeout``)."""
+        cycle = self.inner.cycle
+        if self.body_timer is None and cycle is not None and cycle.more_body:
+            self.body_mark = self.received
+            self.body_timer = asyncio.get_running_loop().call_later(
+                self.gatekeeper.options.body_timeout, self._body_late)
+
+    def _body_late(self) -> None:
+        self.body_timer = None
+        cycle = self.inner.cycle
+        if cycle is None or not cycle.more_body:
+            return
+        # Bytes the app has not taken yet mean the wait is the app's, not the client's.
+        if self.received == self.body_mark and not (cycle.body and not cycle.response_complete):
+            self.gatekeeper.stats.timed_out += 1
+            assert self.transport is not None
+            self.transport.abort()
+            return
+        self._watch_body()
 
     def _refuse_large_header(self) -> None:
         assert self.transport is not None
@@ -186,8 +217,9 @@ class _Gate(asyncio.Protocol):
         return None  # a half-closed pending connection is closed
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
+        for timer in (self.timer, self.body_timer):
+            if timer is not None:
+                timer.cancel()
         if self.gatekeeper.ssl_context is not None:
             self.gatekeeper.tls_ended()
         if not self.admitted.done():
