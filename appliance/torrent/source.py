@@ -16,7 +16,7 @@ arrived for ``wait_for_pieces`` seconds (what was delivered is durable; run agai
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import libtorrent as lt
@@ -103,15 +103,10 @@ class TorrentSource:
 
     def run(self, needed: Mapping[str, int], sink: ChunkSink) -> None:
         spans = self._spans(needed)
-        users: dict[int, int] = {}  # piece -> pending chunks that need it
-        for span in spans.values():
-            for piece in span.pieces:
-                users[piece] = users.get(piece, 0) + 1
         if not spans:
             return
-        handle = self._start(set(users))
-        held: dict[int, bytes] = {}
-        asked: set[int] = set()
+        pieces = _Pieces(spans.values())
+        handle = self._start(set(pieces.users))
         last_piece = time.monotonic()
         last_connect = scan_due = 0.0
         while spans:
@@ -123,19 +118,16 @@ class TorrentSource:
                 # Pieces libtorrent holds without a piece_finished alert: re-checked from the
                 # scratch directory after a restart, or an alert dropped from a full queue.
                 have = handle.status(lt.status_flags_t.query_pieces).pieces
-                self._ask([p for p in users if p < len(have) and have[p]], handle, asked)
+                for piece in [p for p in pieces.users if p < len(have) and have[p]]:
+                    self._read(pieces.had(piece), handle)
                 scan_due = now + _SCAN_S
             self.session.wait_for_alert(_POLL_MS)
-            if self._alerts(held, asked, users, handle):
+            if self._alerts(pieces, handle):
                 last_piece = time.monotonic()
-            for span in [s for s in spans.values() if all(p in held for p in s.pieces)]:
-                sink.deliver(span.digest, self._cut(span, held))
+            for span in pieces.complete():
+                sink.deliver(span.digest, self._cut(span, pieces.held))
                 del spans[span.digest]
-                for piece in span.pieces:
-                    users[piece] -= 1
-                    if not users[piece]:
-                        del users[piece]
-                        held.pop(piece, None)
+                pieces.delivered(span)
             if spans and time.monotonic() - last_piece > self.wait_for_pieces:
                 raise PeerError(
                     f"no torrent peer delivered a piece for {self.wait_for_pieces:g} s; "
@@ -145,27 +137,22 @@ class TorrentSource:
                 )
 
     @staticmethod
-    def _ask(pieces: list[int], handle: lt.torrent_handle, asked: set[int]) -> None:
+    def _read(pieces: list[int], handle: lt.torrent_handle) -> None:
         for piece in pieces:
-            if piece not in asked:
-                handle.read_piece(piece)
-                asked.add(piece)
+            handle.read_piece(piece)
 
-    def _alerts(self, held: dict[int, bytes], asked: set[int], users: Mapping[int, int],
-                handle: lt.torrent_handle) -> bool:
+    def _alerts(self, pieces: _Pieces, handle: lt.torrent_handle) -> bool:
         """Take libtorrent's news; True when a piece arrived."""
         arrived = False
         for alert in self.session.pop_alerts():
             if isinstance(alert, lt.piece_finished_alert):
-                if alert.piece_index in users:
-                    self._ask([alert.piece_index], handle, asked)
+                self._read(pieces.had(alert.piece_index), handle)
                 arrived = True
             elif isinstance(alert, lt.read_piece_alert):
                 if alert.error.value():
-                    asked.discard(alert.piece)  # asked again on the next scan
+                    pieces.read_failed(alert.piece)  # read again on the next scan
                 else:
-                    held[alert.piece] = bytes(alert.buffer)
-                    arrived = True
+                    pieces.read(alert.piece, bytes(alert.buffer))
             elif isinstance(alert, lt.hash_failed_alert):
                 self.hash_failures += 1
                 self.say(f"piece {alert.piece_index} failed libtorrent's hash check; the peer "
@@ -188,3 +175,67 @@ class TorrentSource:
             hi = min(span.start + span.length, base + piece_length) - base
             parts.append(held[piece][lo:hi])
         return b"".join(parts)
+
+
+class _Pieces:
+    """Which pieces the pending chunks need, which libtorrent has, and which are read.
+
+    A piece is read back only once every piece of some chunk it belongs to is there, and
+    dropped once no pending chunk needs it: memory holds the chunks being cut, not the pieces
+    that arrived in rarest-first order ahead of their neighbours.
+    """
+
+    def __init__(self, spans: Iterable[_Span]) -> None:
+        self.users: dict[int, list[_Span]] = {}
+        self.missing: dict[str, set[int]] = {}
+        for span in spans:
+            self.missing[span.digest] = set(span.pieces)
+            for piece in span.pieces:
+                self.users.setdefault(piece, []).append(span)
+        self.held: dict[int, bytes] = {}
+        self.asked: set[int] = set()
+        self.ready: list[_Span] = []
+
+    def had(self, piece: int) -> list[int]:
+        """libtorrent has ``piece``: the pieces to read now (of chunks that became whole)."""
+        wanted = []
+        for span in self.users.get(piece, ()):
+            missing = self.missing.get(span.digest)
+            if missing is None or piece not in missing:
+                continue
+            missing.discard(piece)
+            if not missing:
+                self.ready.append(span)
+                for p in span.pieces:
+                    if p not in self.held and p not in self.asked:
+                        self.asked.add(p)
+                        wanted.append(p)
+        return wanted
+
+    def read(self, piece: int, data: bytes) -> None:
+        self.asked.discard(piece)
+        if piece in self.users:
+            self.held[piece] = data
+
+    def read_failed(self, piece: int) -> None:
+        self.asked.discard(piece)
+        for span in self.users.get(piece, ()):  # had again at the next scan
+            if span.digest in self.missing:
+                self.missing[span.digest].add(piece)
+                if span in self.ready:
+                    self.ready.remove(span)
+
+    def complete(self) -> list[_Span]:
+        done = [s for s in self.ready if all(p in self.held for p in s.pieces)]
+        for span in done:
+            self.ready.remove(span)
+        return done
+
+    def delivered(self, span: _Span) -> None:
+        del self.missing[span.digest]
+        for piece in span.pieces:
+            users = self.users[piece]
+            users.remove(span)
+            if not users:
+                del self.users[piece]
+                self.held.pop(piece, None)
