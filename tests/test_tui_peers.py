@@ -66,3 +66,38 @@ def test_peers_without_site_certificate_say_how_to_get_one(tmp_path: Path) -> No
         assert not isinstance(app.screen, ExplainScreen)  # shown in place, no dialog
 
     drive(app, scenario)
+
+
+def test_a_pull_that_fails_brings_the_form_back_as_typed(tmp_path: Path, tiny_gguf: Path) -> None:
+    from textual.widgets import Input
+
+    from appliance.errors import ApplianceError
+    from appliance.tui.base import PromptScreen
+
+    host_a = trusted_store(tmp_path / "a")
+    import_media(host_a, [tiny_bundle(tmp_path / "bundle", tiny_gguf)], now=NOW)
+    server = serve_store(host_a, host="127.0.0.1", port=0, tls_dir=None, insecure=True,
+                         host_name="host-a").start()
+    try:
+        app = create_app(trusted_store(tmp_path / "b"), scan_roots=(), clock=lambda: NOW,
+                         peers=[server.url], insecure=True, mdns=False)
+
+        async def scenario(app, pilot) -> None:  # type: ignore[no-untyped-def]
+            await pilot.press("5")
+            peers = await on_screen(app, pilot, PeersPane)
+            await wait_for(pilot, lambda: peers.peers, what="the peer list")
+            await pilot.press("p")
+            await wait_for(pilot, lambda: isinstance(app.screen, PromptScreen), what="form")
+            app.screen.query_one("#field-models", Input).value = "acme/nope"
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: isinstance(app.screen, ExplainScreen),
+                           what="the explanation")
+            assert isinstance(peers.last_error, ApplianceError)
+            await pilot.press("escape")
+            await wait_for(pilot, lambda: isinstance(app.screen, PromptScreen), what="form")
+            assert app.screen.query_one("#field-models", Input).value == "acme/nope"
+
+        drive(app, scenario)
+    finally:
+        server.stop()
+    assert list_models(tmp_path / "b") == []

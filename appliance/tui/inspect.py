@@ -47,7 +47,9 @@ class InspectPane(VolumePane):
     TITLE = "Inspect"
     HELP = ("The chosen bundle after its signatures were checked against this host's trust "
             "root: models with their GGUF facts, signers with fingerprint words, channel, "
-            "sequence, expiry and trust-root updates it carries. v verifies every byte.")
+            "sequence, expiry and trust-root updates it carries. v verifies every byte; i "
+            "imports (checking every chunk too). Before a root is installed the bundle's "
+            "claims are shown UNVERIFIED.")
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("v", "verify", "Verify"),
         Binding("i", "import", "Import"),

@@ -17,7 +17,6 @@ from appliance.tui.base import (
     Field,
     FitTable,
     Pane,
-    PromptScreen,
     StoreChanged,
     TuiContext,
     add_plain_row,
@@ -117,18 +116,15 @@ class PeersPane(Pane):
             self.notify("no reachable peer: refresh (r) or add one (a)", severity="warning")
             return
         offered = sorted({m for p in reachable for m in p.models})
-        self.app.push_screen(
-            PromptScreen("Pull models from peers",
-                         [Field("models", "Models (NAME or NAME:VERSION, space separated; "
-                                "empty: every model offered)", value=" ".join(offered),
-                                required=False)],
-                         f"From {len(reachable)} peer(s). Enter to start."),
-            lambda values: self._pull([p.url for p in reachable], values),
-        )
+        urls = [p.url for p in reachable]
+        self.ask("Pull models from peers",
+                 [Field("models", "Models (NAME or NAME:VERSION, space separated; "
+                        "empty: every model offered)", value=" ".join(offered),
+                        required=False)],
+                 lambda values: self._pull(urls, values),
+                 f"From {len(reachable)} peer(s). Enter to start.")
 
-    def _pull(self, urls: list[str], values: dict[str, str] | None) -> None:
-        if values is None:
-            return
+    def _pull(self, urls: list[str], values: dict[str, str]) -> None:
         refs = values.get("models", "").split()
         store, settings, now = self.ctx.store_dir, self.settings(), self.now()
         bar = self.query_one("#peers-progress", ProgressBar)
@@ -147,7 +143,8 @@ class PeersPane(Pane):
     def _pull_failed(self, error: BaseException) -> None:
         self.query_one("#peers-progress", ProgressBar).display = False
         self.query_one("#peers-result", Static).update("")
-        Pane.show_error(self, error)  # a dialog: unlike listing, the operator asked for this
+        # A dialog (unlike listing, the operator asked for this), then the form as typed.
+        self.ask_again(error)
 
     def on_progress(self, done: int, total: int) -> None:
         self.query_one("#peers-progress", ProgressBar).update(total=max(1, total),
