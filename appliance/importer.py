@@ -21,6 +21,7 @@ authentication leaves an "import" record. The media is only ever opened for read
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -118,31 +119,49 @@ class MediaSource:
 
     def __init__(self, media: Media, bundle: AuthenticatedBundle) -> None:
         self.media = media
-        self.refs = {c.digest: c for c in bundle.manifest.unique_chunks()}
-        self.labels: dict[str, str] = {}  # digest -> the first file holding it, for errors
+        # The first file holding each chunk, for errors. Unique chunks are numbered in order of
+        # first appearance, file by file, so each file's new chunks are one run of ordinals:
+        # a list of run starts, not a map of every digest (a manifest may hold 200k chunks).
+        self._label_starts: list[int] = []
+        self._labels: list[str] = []
+        seen: set[bytes] = set()
         for model in bundle.manifest.models:
             for file in model.files:
-                label = f"{model.name}:{model.version}/{file.path}"
-                for chunk in file.chunks:
-                    self.labels.setdefault(chunk.digest, label)
+                start = len(seen)
+                seen.update(bytes.fromhex(chunk.digest) for chunk in file.chunks)
+                if len(seen) > start:
+                    self._label_starts.append(start)
+                    self._labels.append(f"{model.name}:{model.version}/{file.path}")
         self.volume_paths = {v.name: v.path for v in media.volumes}
 
+    def label(self, digest: str) -> str | None:
+        """The first file of the manifest that holds this chunk."""
+        ordinal = self.media.ordinal(digest)
+        if ordinal is None:
+            return None
+        return self._labels[bisect.bisect_right(self._label_starts, ordinal) - 1]
+
     def plan(self, needed: Mapping[str, int]) -> list[str]:
-        here: list[tuple[str, Path, int, str]] = []
+        # Volume, pack and offset order is the order of the unique chunks' ordinals (volumes
+        # hold consecutive runs of them, their packs tile those runs in order), so one int a
+        # chunk sorts them; the chunks on a volume not given are left for a later run.
+        given = {v.index.volume for v in self.media.volumes}
+        table = self.media.volumes[0].index
+        here: list[tuple[int, str]] = []
         for digest in needed:
-            try:
-                location = self.media.locations(digest)[0]
-            except MissingVolumeError:
-                continue  # on a volume not given: left for a later run
-            here.append((location.volume, location.pack, location.offset, digest))
+            ordinal = self.media.ordinal(digest)
+            if ordinal is not None and table.volume_of(ordinal) in given:
+                here.append((ordinal, digest))
         here.sort()
-        return [digest for *_, digest in here]
+        return [digest for _, digest in here]
 
     def read(self, digest: str, length: int) -> bytes | None:
         location = self.media.locations(digest)[0]
-        ref: ChunkRef = self.refs[digest]
+        # read_chunk checks the digest and the length, which the session gives from the
+        # signed manifest; a unique chunk's offset (in its first file) plays no part.
+        ref = ChunkRef(digest=digest, length=length, offset=0)
         try:
-            return read_chunk(location, ref, self.media.limits, file=self.labels.get(digest))
+            return read_chunk(location, ref, self.media.limits, file=self.label(digest))
         except (IntegrityError, MediaError) as e:
             self._went_away(location, e)
             raise

@@ -35,10 +35,10 @@ import mmap
 import os
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import blake3
 import zstandard
@@ -102,6 +102,53 @@ class IndexEntry:
     compressed: bool
 
 
+class IndexEntries(Sequence[IndexEntry]):
+    """A parsed index's entries kept as the index's own packed bytes (49 a chunk instead of
+    an ``IndexEntry`` with its digest and ints, about 190): an index may list hundreds of
+    thousands of tiny chunks and is held for the whole import. Each ``IndexEntry`` is made
+    when asked for; compares equal to a tuple of the same entries."""
+
+    __slots__ = ("_packed",)
+
+    def __init__(self, packed: bytes) -> None:
+        if len(packed) % _ENTRY.size:
+            raise ValueError("packed index entries of a partial length")
+        self._packed = packed
+
+    def __len__(self) -> int:
+        return len(self._packed) // _ENTRY.size
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return tuple(self[i] for i in range(len(self))[index])
+        i = range(len(self))[index]  # IndexError, negative indexes
+        digest, pack, offset, stored, flags = _ENTRY.unpack_from(self._packed, i * _ENTRY.size)
+        return IndexEntry(digest, pack, offset, stored, bool(flags))
+
+    def __iter__(self) -> Iterator[IndexEntry]:
+        for digest, pack, offset, stored, flags in _ENTRY.iter_unpack(self._packed):
+            yield IndexEntry(digest, pack, offset, stored, bool(flags))
+
+    def digest(self, index: int) -> bytes:
+        """The digest of entry ``index`` alone."""
+        start = range(len(self))[index] * _ENTRY.size
+        return self._packed[start:start + 32]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, IndexEntries):
+            return self._packed == other._packed
+        if isinstance(other, Sequence) and not isinstance(other, str | bytes):
+            return len(other) == len(self) and all(a == b for a, b in zip(self, other,
+                                                                          strict=True))
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))  # consistent with tuple equality
+
+    def __repr__(self) -> str:
+        return f"IndexEntries({len(self)} entries)"
+
+
 @dataclass(frozen=True)
 class VolumeIndex:
     """One volume's index.
@@ -117,7 +164,7 @@ class VolumeIndex:
     manifest_hash: bytes
     volume_starts: tuple[int, ...]
     pack_sizes: tuple[int, ...]
-    entries: tuple[IndexEntry, ...]
+    entries: Sequence[IndexEntry]  # IndexEntries when parsed; the builder's tuple
     # How many entries the index holds; ``entries`` is empty until they are read (a head
     # parsed before authentication, ``parse_index_head``). -1: len(entries).
     entry_count: int = -1
@@ -229,7 +276,8 @@ def parse_index(data: bytes, limits: Limits = DEFAULT_LIMITS, *, where: str = "v
     checksum (a flipped byte), counts that disagree with the length, entries that overlap,
     leave gaps or overrun their pack, duplicate chunks, unknown flags.
     """
-    body, trailer = data[:-_TRAILER_BYTES], data[-_TRAILER_BYTES:]
+    # A view, not a copy: an index of 200k entries is 10 MB.
+    body, trailer = memoryview(data)[:-_TRAILER_BYTES], data[-_TRAILER_BYTES:]
     if _HEADER.size + _TRAILER_BYTES <= len(data) <= limits.max_volume_index_bytes and (
         blake3.blake3(body).digest() != trailer
     ):
@@ -239,7 +287,6 @@ def parse_index(data: bytes, limits: Limits = DEFAULT_LIMITS, *, where: str = "v
     packs = head.pack_sizes
     pack_count = len(packs)
     pos = _HEADER.size + _U64.size * (head.volume_count + pack_count)
-    entries: list[IndexEntry] = []
     seen: set[bytes] = set()
     pack, end = 1, 0
     for digest, pack_no, offset, stored, flags in _ENTRY.iter_unpack(body[pos:]):
@@ -259,10 +306,10 @@ def parse_index(data: bytes, limits: Limits = DEFAULT_LIMITS, *, where: str = "v
                 f"pack tiling (expected pack {pack} offset {end})"
             )
         end = offset + stored
-        entries.append(IndexEntry(digest, pack_no, offset, stored, bool(flags)))
     if pack != pack_count or end != packs[-1]:
         raise FormatError(f"{where}: the entries do not fill every pack exactly")
-    return dataclasses.replace(head, entries=tuple(entries))
+    del seen
+    return dataclasses.replace(head, entries=IndexEntries(bytes(body[pos:])))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -317,9 +317,11 @@ class Media:
         self.volumes = tuple(sorted(volumes, key=lambda v: v.index.volume))
         self.limits = limits
         self.volume_count = self.volumes[0].index.volume_count
-        # Filled by authenticate, from index entries read only then.
-        self._where: dict[bytes, list[ChunkLocation]] = {}
-        self._ordinals: dict[str, int] | None = None
+        # Filled by authenticate, from index entries read only then: each unique chunk's
+        # ordinal, keyed by raw digest (one small entry a chunk; its place follows from the
+        # volume table and that volume's index, see ``locations``).
+        self._ordinals: dict[bytes, int] | None = None
+        self._packs: dict[tuple[int, int], Path] = {}  # one Path per pack, not per chunk
 
     @property
     def volumes_expected(self) -> list[str]:
@@ -394,7 +396,11 @@ class Media:
             index = volume.index
             volumes.append(volume)
             share = unique[index.chunk_range().start:index.chunk_range().stop]
-            if [bytes.fromhex(c.digest) for c in share] != [e.digest for e in index.entries]:
+            # Compared one at a time: no list of every digest (a manifest may hold 200k).
+            if len(share) != len(index.entries) or any(
+                bytes.fromhex(ref.digest) != entry.digest
+                for ref, entry in zip(share, index.entries, strict=True)
+            ):
                 raise FormatError(
                     f"{volume.name}: index does not list this volume's chunks of the manifest"
                 )
@@ -406,27 +412,39 @@ class Media:
                         f"{entry.stored_length} for a {ref.length}-byte chunk"
                     )
         self.volumes = tuple(volumes)
-        self._ordinals = {c.digest: i for i, c in enumerate(unique)}
-        self._where = {}
-        for volume in self.volumes:
-            packs: dict[int, Path] = {}  # one Path per pack, not per chunk (memory)
-            for e in volume.index.entries:
-                pack = packs.get(e.pack) or packs.setdefault(e.pack, volume.pack_path(e.pack))
-                self._where.setdefault(e.digest, []).append(ChunkLocation(
-                    volume=volume.name, pack=pack, offset=e.offset,
-                    stored_length=e.stored_length, compressed=e.compressed))
+        self._ordinals = {bytes.fromhex(c.digest): i for i, c in enumerate(unique)}
+        self._packs = {}
+
+    def ordinal(self, digest: str) -> int | None:
+        """The chunk's place in ``Manifest.unique_chunks()`` (known once authenticated)."""
+        if self._ordinals is None:
+            return None
+        try:
+            return self._ordinals.get(bytes.fromhex(digest))
+        except ValueError:  # not hex: no chunk of this bundle
+            return None
 
     def holder(self, digest: str) -> str | None:
         """The volume that stores a chunk of the signed manifest (known once authenticated)."""
-        if self._ordinals is None or digest not in self._ordinals:
+        ordinal = self.ordinal(digest)
+        if ordinal is None:
             return None
-        return volume_name(self.volumes[0].index.volume_of(self._ordinals[digest]))
+        return volume_name(self.volumes[0].index.volume_of(ordinal))
 
     def locations(self, digest: str) -> list[ChunkLocation]:
         """Where the chunk is stored on the volumes given; ``MissingVolumeError`` if nowhere."""
-        found = self._where.get(bytes.fromhex(digest))
-        if found:
-            return list(found)
+        ordinal = self.ordinal(digest)
+        if ordinal is not None:
+            number = self.volumes[0].index.volume_of(ordinal)
+            for volume in self.volumes:
+                if volume.index.volume == number:
+                    e = volume.index.entries[ordinal - volume.index.chunk_range().start]
+                    pack = self._packs.get((number, e.pack))
+                    if pack is None:
+                        pack = self._packs[number, e.pack] = volume.pack_path(e.pack)
+                    return [ChunkLocation(volume=volume.name, pack=pack, offset=e.offset,
+                                          stored_length=e.stored_length,
+                                          compressed=e.compressed)]
         missing = self.volumes_missing
         holder = self.holder(digest)
         if holder is not None:

@@ -13,7 +13,8 @@ Public API (called by the bundle reader, the importer and peers):
 - ``Provenance(builder, sources)`` / ``SourceRecord(path, source, sha256)``
 - ``GgufInfo(architecture, quantization, parameter_count, context_length, tensor_count,
   chat_template_hash)``
-- ``FileEntry(path, size, merkle_root, chunks)`` / ``ChunkRef(digest, length, offset)``
+- ``FileEntry(path, size, merkle_root, chunks)`` / ``ChunkRef(digest, length, offset)``;
+  parsed chunks are a compact ``ChunkList`` (a sequence of ``ChunkRef`` made on demand)
 - ``parse_manifest(data, limits) -> Manifest`` raises ``FormatError``,
   ``UnsafePathError``, ``LimitExceededError``
 - ``manifest_bytes(manifest) -> bytes`` deterministic (sorted keys), what the builder signs
@@ -25,7 +26,8 @@ The exact YAML schema is in docs/FORMAT.md, section "Manifest".
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -54,15 +56,91 @@ class ChunkRef:
     offset: int
 
 
+_DIGEST_BYTES = 32
+
+
+class ChunkList(Sequence[ChunkRef]):
+    """A file's chunks in file order, held compactly: the digests in one ``bytes``, lengths
+    and offsets in two ``array('Q')``, 48 bytes a chunk instead of a ``ChunkRef`` and its
+    strings (about 250). A manifest may hold hundreds of thousands of tiny chunks and stays
+    in memory for the whole import; each ``ChunkRef`` is made when it is asked for.
+
+    Compares equal to any sequence of the same ``ChunkRef``s (a tuple, another list)."""
+
+    __slots__ = ("_digests", "_lengths", "_offsets")
+
+    def __init__(self, chunks: Iterable[ChunkRef] = ()) -> None:
+        digests = bytearray()
+        self._lengths = array("Q")
+        self._offsets = array("Q")
+        for chunk in chunks:
+            digests += bytes.fromhex(chunk.digest)
+            self._lengths.append(chunk.length)
+            self._offsets.append(chunk.offset)
+        self._digests = bytes(digests)
+
+    @classmethod
+    def from_arrays(cls, digests: bytes, lengths: array[int], offsets: array[int]
+                    ) -> ChunkList:
+        """Adopt raw arrays: ``digests`` is 32 bytes per chunk, in the order of the others."""
+        if len(digests) != _DIGEST_BYTES * len(lengths) or len(lengths) != len(offsets):
+            raise ValueError("chunk arrays of different lengths")
+        chunks = cls()
+        chunks._digests, chunks._lengths, chunks._offsets = digests, lengths, offsets
+        return chunks
+
+    def digest_bytes(self, index: int) -> bytes:
+        """The raw 32-byte digest of chunk ``index`` (no hex string made)."""
+        start = _DIGEST_BYTES * range(len(self._lengths))[index]
+        return self._digests[start:start + _DIGEST_BYTES]
+
+    def __len__(self) -> int:
+        return len(self._lengths)
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            rows = range(len(self._lengths))[index]
+            if rows.step == 1:
+                return ChunkList.from_arrays(
+                    self._digests[_DIGEST_BYTES * rows.start:_DIGEST_BYTES * rows.stop],
+                    self._lengths[index], self._offsets[index])
+            return ChunkList(self[i] for i in rows)
+        i = range(len(self._lengths))[index]  # IndexError, negative indexes
+        return ChunkRef(self._digests[_DIGEST_BYTES * i:_DIGEST_BYTES * (i + 1)].hex(),
+                        self._lengths[i], self._offsets[i])
+
+    def __iter__(self) -> Iterator[ChunkRef]:
+        digests = self._digests
+        for i, (length, offset) in enumerate(zip(self._lengths, self._offsets, strict=True)):
+            yield ChunkRef(digests[_DIGEST_BYTES * i:_DIGEST_BYTES * (i + 1)].hex(), length,
+                           offset)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ChunkList):
+            return (self._digests == other._digests and self._lengths == other._lengths
+                    and self._offsets == other._offsets)
+        if isinstance(other, Sequence) and not isinstance(other, str | bytes):
+            return len(other) == len(self) and all(a == b for a, b in zip(self, other,
+                                                                          strict=True))
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))  # consistent with tuple equality; nothing hashes it often
+
+    def __repr__(self) -> str:
+        return f"ChunkList({len(self)} chunks)"
+
+
 @dataclass(frozen=True)
 class FileEntry:
     """A model file: ``path`` relative to the model's directory, ``size`` in bytes, the
-    Merkle ``merkle_root`` (hex) over its chunk digests, and its ``chunks`` in file order."""
+    Merkle ``merkle_root`` (hex) over its chunk digests, and its ``chunks`` in file order
+    (a ``ChunkList`` when parsed; the builder's tuples work the same)."""
 
     path: str
     size: int
     merkle_root: str
-    chunks: tuple[ChunkRef, ...]
+    chunks: Sequence[ChunkRef]
 
 
 @dataclass(frozen=True)
@@ -128,15 +206,21 @@ class Manifest:
                 for chunk in file.chunks:
                     yield model, file, chunk
 
-    def unique_chunks(self) -> list[ChunkRef]:
-        """Each distinct chunk once, in order of first appearance: the order of media packs."""
-        seen: set[str] = set()
-        out: list[ChunkRef] = []
+    def unique_chunks(self) -> ChunkList:
+        """Each distinct chunk once, in order of first appearance: the order of media packs.
+        Compact (a ``ChunkList``), as readers keep it for a whole import."""
+        seen: set[bytes] = set()
+        digests = bytearray()
+        lengths: array[int] = array("Q")
+        offsets: array[int] = array("Q")
         for _, _, chunk in self.iter_chunks():
-            if chunk.digest not in seen:
-                seen.add(chunk.digest)
-                out.append(chunk)
-        return out
+            raw = bytes.fromhex(chunk.digest)
+            if raw not in seen:
+                seen.add(raw)
+                digests += raw
+                lengths.append(chunk.length)
+                offsets.append(chunk.offset)
+        return ChunkList.from_arrays(bytes(digests), lengths, offsets)
 
     def find_model(self, name: str, version: str | None = None) -> ModelEntry | None:
         for model in self.models:
@@ -286,20 +370,42 @@ def _parse_file(raw: object, where: str, limits: Limits) -> FileEntry:
     root_hex = fields.hex64(mapping["merkle_root"], f"{where} merkle_root")
     chunks_raw = fields.items(mapping["chunks"], f"{where} chunks",
                               max_items=limits.max_chunks_per_file)
-    chunks: list[ChunkRef] = []
+    digests = bytearray()
+    lengths = array("Q")
+    offsets = array("Q")
     offset = 0
     for i, text in enumerate(chunks_raw):
         digest, length = _parse_chunk_text(text, f"{where} chunks[{i}]", limits)
-        chunks.append(ChunkRef(digest=digest, length=length, offset=offset))
+        digests += bytes.fromhex(digest)
+        lengths.append(length)
+        offsets.append(offset)
         offset += length
         if offset > size:
             raise FormatError(f"{where}: chunk lengths exceed the declared size {size}")
     if offset != size:
         raise FormatError(f"{where}: chunk lengths sum to {offset}, declared size is {size}")
-    computed = merkle_root([bytes.fromhex(c.digest) for c in chunks]).hex()
+    # The parsed YAML tree is this parser's own: drop its chunk strings (about 120 bytes each)
+    # as soon as they are packed, so the peak is not both forms of every chunk at once.
+    chunks_raw.clear()
+    chunks = ChunkList.from_arrays(bytes(digests), lengths, offsets)
+    del digests
+    computed = merkle_root(_Digests(chunks)).hex()
     if computed != root_hex:
         raise FormatError(f"{where}: merkle_root does not match the chunk list")
-    return FileEntry(path=path, size=size, merkle_root=root_hex, chunks=tuple(chunks))
+    return FileEntry(path=path, size=size, merkle_root=root_hex, chunks=chunks)
+
+
+class _Digests(Sequence[bytes]):
+    """The raw digests of a ``ChunkList``, for the Merkle root (no hex strings)."""
+
+    def __init__(self, chunks: ChunkList) -> None:
+        self.chunks = chunks
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.chunks.digest_bytes(index)
 
 
 def _parse_chunk_text(text: object, where: str, limits: Limits) -> tuple[str, int]:

@@ -326,12 +326,13 @@ class IngestSession:
             self._by_model[f"{model.name}:{model.version}"] = files
             self._staged.extend(files)
         for sf in self._staged:
-            for chunk in sf.pending():
+            for idx in sf.pending_indexes():  # one StoredChunk at a time, not a list of all
+                chunk = sf.chunk(idx)
                 need = self._need.get(chunk.digest)
                 if need is None:
-                    self._need[chunk.digest] = _Need(chunk.length, sf, chunk.idx)
+                    self._need[chunk.digest] = _Need(chunk.length, sf, idx)
                 else:
-                    need.add(sf, chunk.idx)
+                    need.add(sf, idx)
         # Files a crash left fully written (or just recovered) count as done.
         self.outcome.already_done_bytes = self._done = sum(
             f.size if f.is_published else f.done_bytes() for f in self._staged
@@ -380,7 +381,7 @@ class IngestSession:
         for ref, files in self._by_model.items():
             for sf in files:
                 sf.flush()
-                if not sf.is_published and not sf.pending():
+                if not sf.is_published and not sf.pending_indexes():
                     sf.publish(self.now)
             if all(sf.is_published for sf in files):
                 self.outcome.published.append(ref)

@@ -29,6 +29,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+from array import array
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -183,17 +184,26 @@ class StagedFile:
         # its chunks are committed as done only once it has returned.
         self._syncing: tuple[list[int], int, Future[None]] | None = None
         self._sync_pool: ThreadPoolExecutor | None = None
-        # Indexed by idx (0, 1, ... in file order): a list, as a manifest may hold hundreds of
-        # thousands of tiny chunks.
-        self._chunks = [
-            StoredChunk(row["idx"], row["byte_offset"], row["length"], row["digest"])
-            for row in conn.execute(
-                "SELECT idx, byte_offset, length, digest FROM chunks WHERE file = ? ORDER BY idx",
-                (file_id,),
-            )
-        ]
-        if any(c.idx != i for i, c in enumerate(self._chunks)):
-            raise StoreError(f"the index lists the chunks of {self.label} out of order")
+        # Indexed by idx (0, 1, ... in file order), packed: raw digests in one bytes, offsets
+        # and lengths in arrays (48 bytes a chunk, not a StoredChunk and its strings: a
+        # manifest may hold hundreds of thousands of tiny chunks). ``chunk`` makes one.
+        digests = bytearray()
+        self._offsets: array[int] = array("Q")
+        self._lengths: array[int] = array("Q")
+        rows = conn.execute(
+            "SELECT idx, byte_offset, length, digest FROM chunks WHERE file = ? ORDER BY idx",
+            (file_id,),
+        )
+        for i, row in enumerate(rows):
+            if row["idx"] != i:
+                raise StoreError(f"the index lists the chunks of {self.label} out of order")
+            try:
+                digests += bytes.fromhex(row["digest"])
+            except (TypeError, ValueError) as e:
+                raise StoreError(f"the index holds a malformed digest for {self.label}") from e
+            self._offsets.append(row["byte_offset"])
+            self._lengths.append(row["length"])
+        self._digests = bytes(digests)
 
     @property
     def label(self) -> str:
@@ -203,21 +213,26 @@ class StagedFile:
     def is_published(self) -> bool:
         return self.state == "published"
 
-    def pending(self) -> list[StoredChunk]:
-        """Chunks not yet durable in the staged file, in file order."""
+    def pending_indexes(self) -> list[int]:
+        """The idx of each chunk not yet durable in the staged file, in file order."""
         if self.is_published:
             return []
         rows = self.conn.execute(
             "SELECT idx FROM chunks WHERE file = ? AND done = 0 ORDER BY idx", (self.file_id,)
         )
         unflushed = set(self._unflushed) | set(self._syncing[0] if self._syncing else ())
-        return [self._chunks[r["idx"]] for r in rows if r["idx"] not in unflushed]
+        return [r["idx"] for r in rows if r["idx"] not in unflushed]
+
+    def pending(self) -> list[StoredChunk]:
+        """Chunks not yet durable in the staged file, in file order."""
+        return [self.chunk(idx) for idx in self.pending_indexes()]
 
     def chunk(self, idx: int) -> StoredChunk:
-        return self._chunks[idx]
+        return StoredChunk(idx, self._offsets[idx], self._lengths[idx],
+                           self._digests[32 * idx:32 * idx + 32].hex())
 
     def all_chunks(self) -> list[StoredChunk]:
-        return list(self._chunks)
+        return [self.chunk(idx) for idx in range(len(self._lengths))]
 
     def open(self) -> None:
         """Create (or reopen) the staged file, preallocated to its final size."""
@@ -257,7 +272,7 @@ class StagedFile:
         ``checked=True`` skips the hash when the caller has just verified ``data`` against
         this chunk's digest (``Store.read_local_chunk`` does); the length is always checked.
         """
-        chunk = self._chunks[idx]
+        chunk = self.chunk(idx)
         if not checked:
             check_chunk(data, chunk.digest, chunk.length, file=self.label, offset=chunk.offset)
         self.open()
@@ -270,11 +285,11 @@ class StagedFile:
         The chunk counts as written only after ``record_chunk`` (on the index thread), so a
         crash or an error in between just means it is written again.
         """
-        chunk = self._chunks[idx]
-        if len(data) != chunk.length:  # the offsets of the neighbours depend on it
+        length, offset = self._lengths[idx], self._offsets[idx]
+        if len(data) != length:  # the offsets of the neighbours depend on it
             raise IntegrityError(
-                f"chunk is {len(data)} bytes, the signed manifest says {chunk.length}",
-                chunk=chunk.digest,
+                f"chunk is {len(data)} bytes, the signed manifest says {length}",
+                chunk=self.chunk(idx).digest,
                 file=self.label,
             )
         fd = self._fd
@@ -284,17 +299,16 @@ class StagedFile:
         written = 0
         try:
             while written < len(data):
-                written += os.pwrite(fd, view[written:], chunk.offset + written)
+                written += os.pwrite(fd, view[written:], offset + written)
         except OSError as e:
-            raise layout.os_error(e, f"cannot write {self.label}", needed=chunk.length) from e
+            raise layout.os_error(e, f"cannot write {self.label}", needed=length) from e
 
     def record_chunk(self, idx: int, data: bytes) -> None:
         """Note a chunk ``pwrite_chunk`` wrote (flushing when enough has accumulated)."""
-        chunk = self._chunks[idx]
-        if self._running is not None and not self._running.feed(chunk.offset, data):
+        if self._running is not None and not self._running.feed(self._offsets[idx], data):
             self._running = None
         self._unflushed.append(idx)
-        self._unflushed_bytes += chunk.length
+        self._unflushed_bytes += self._lengths[idx]
         self._settle(wait=False)
         if (self._unflushed_bytes >= self.flush_bytes
                 or len(self._unflushed) >= self.flush_chunks):
