@@ -22,7 +22,13 @@ from appliance.store.layout import human_bytes
 from appliance.store.records import list_models
 from appliance.store.removal import remove_model
 from appliance.tui.app import PANES, ApplianceApp, create_app
-from appliance.tui.base import ExplainScreen, FitTable, PromptScreen, pane_bindings
+from appliance.tui.base import (
+    ConfirmScreen,
+    ExplainScreen,
+    FitTable,
+    PromptScreen,
+    pane_bindings,
+)
 from appliance.tui.explain import explain
 from appliance.tui.importing import ImportPane
 from appliance.tui.inspect import InspectPane
@@ -333,10 +339,12 @@ def test_serve_dialog_chooses_settings_keeps_typing_and_needs_the_key(
     keys = tmp_path / "api-keys"
     keys.write_text("k-3f9a2c7d1e5b90ab77\n")
     app = create_app(store, scan_roots=(), clock=lambda: NOW)
+    panes: list[ServePane] = []
 
     async def scenario(app: ApplianceApp, pilot: Pilot[None]) -> None:
         await pilot.press("6")
         serve = await on_screen(app, pilot, ServePane)
+        panes.append(serve)
         await pilot.press("s")
         await wait_for(pilot, lambda: isinstance(app.screen, PromptScreen), what="the dialog")
         form = app.screen
@@ -380,10 +388,15 @@ def test_serve_dialog_chooses_settings_keeps_typing_and_needs_the_key(
         await type_text(pilot, "hi")
         await pilot.press("enter")
         await wait_for(pilot, lambda: serve.answers, timeout=60, what="the answer")
-        await pilot.press("escape", "x")
-        await wait_for(pilot, lambda: not serve.controller.running, timeout=60,
-                       what="the server to stop")
+        await pilot.press("escape", "q")  # quitting stops the server: asked first
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="the ask")
+        await pilot.press("n")
+        assert serve.controller.running and not isinstance(app.screen, ConfirmScreen)
+        await pilot.press("q")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="the ask")
+        await pilot.press("y")  # the app stops the server, then exits
 
     drive(app, scenario)
+    assert app.return_code == 0 and not panes[0].controller.running
     starts = [r for r in audit.records(store) if r.kind == "serve-start"]
     assert len(starts) == 1

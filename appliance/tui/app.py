@@ -26,6 +26,7 @@ from appliance.tui.audit import AuditPane
 from appliance.tui.base import (
     BundleChosen,
     Clock,
+    ConfirmScreen,
     ImportWanted,
     Pane,
     StoreChanged,
@@ -163,12 +164,25 @@ class ApplianceApp(App[None]):
             self.pane(pane_id).focus_first()
 
     async def action_quit(self) -> None:
-        """Stop the inference server (its workers are child processes) off the UI thread,
-        then leave."""
+        """Leave; a running server stops with the TUI, so that is asked first."""
         serve = self.query(ServePane)
         if serve and serve.first().controller.running:
-            self.notify("stopping the server...")
-            await asyncio.to_thread(serve.first().controller.stop)
+            url = serve.first().controller.url
+            self.push_screen(
+                ConfirmScreen(f"The server at {url} runs inside this TUI: quitting stops it. "
+                              "Quit and stop the server? (For one that keeps running: "
+                              "'appliance serve' or its systemd unit.)"),
+                self._quit_answered,
+            )
+            return
+        self.exit()
+
+    async def _quit_answered(self, yes: bool | None) -> None:
+        if not yes:
+            return
+        # Its workers are child processes: stopped off the UI thread.
+        self.notify("stopping the server...")
+        await asyncio.to_thread(self.query_one(ServePane).controller.stop)
         self.exit()
 
     def action_help(self) -> None:
