@@ -3,11 +3,12 @@
 The ingest session (``appliance.store.ingest``) hands over the digests it still needs. Each
 maps to a byte range of one torrent file, hence to the pieces that cover it (in a v2 torrent
 every file starts on a piece boundary). Pieces that cover no needed chunk get priority 0, so a
-resumed fetch asks the swarm only for what the store lacks. As pieces pass libtorrent's own
-SHA-256 Merkle check (``have_piece``), they are read back (``read_piece``: from libtorrent's
-cache or its scratch files) and held until every piece of a chunk is there; the chunk is then
-cut out and given to ``sink.deliver``, which checks it against the signed BLAKE3 digest and
-length before it is written. Held pieces are dropped as soon as no pending chunk needs them.
+resumed fetch asks the swarm only for what the store lacks. Once every piece of a chunk has
+passed libtorrent's own SHA-256 Merkle check (``piece_finished``, or a have-scan after a
+restart), those pieces are read back (``read_piece``: libtorrent's cache or its scratch files),
+the chunk is cut out and given to ``sink.deliver``, which checks it against the signed BLAKE3
+digest and length before it is written. A piece is held only while a whole chunk waits for it
+(``_Pieces``), so memory stays at the chunks being cut, whatever order pieces arrive in.
 
 The source stops when every needed chunk was delivered, or raises ``PeerError`` when no piece
 arrived for ``wait_for_pieces`` seconds (what was delivered is durable; run again to resume).
