@@ -15,8 +15,10 @@ DEST=.venv/bin/llama-server
 STAMP=.venv/bin/llama-server.version
 version=$("$PY" -c "import llama_cpp; print(llama_cpp.__version__)")
 backend=${APPLIANCE_LLAMA_BACKEND:-}
+gpu_seen() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; }
 if [ -z "$backend" ]; then
-    if command -v nvcc >/dev/null 2>&1; then backend=cuda; else backend=cpu; fi
+    # nvcc alone is not enough: a CUDA toolkit without a GPU builds a binary nothing here runs.
+    if command -v nvcc >/dev/null 2>&1 && gpu_seen; then backend=cuda; else backend=cpu; fi
 fi
 case "$backend" in cpu|cuda) ;; *) echo "APPLIANCE_LLAMA_BACKEND must be cpu or cuda, not '$backend'" >&2; exit 2 ;; esac
 want="llama-cpp-python ${version} ${backend}"
@@ -40,9 +42,11 @@ flags=(-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON
        -DLLAMA_BUILD_TOOLS=ON -DBUILD_SHARED_LIBS=OFF)
 build="$src/build-$backend"
 if [ "$backend" = cuda ]; then
-    # Every CUDA architecture the toolkit knows would take an hour; the local GPU's is enough
-    # (override with CMAKE_CUDA_ARCHITECTURES).
-    flags+=(-DGGML_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=${CMAKE_CUDA_ARCHITECTURES:-native}")
+    # Every CUDA architecture the toolkit knows would take an hour; the local GPU's is enough,
+    # and without one (a forced build for elsewhere) Ampere to Hopper (CMAKE_CUDA_ARCHITECTURES
+    # overrides).
+    if gpu_seen; then arch=native; else arch="80;86;89;90"; fi
+    flags+=(-DGGML_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=${CMAKE_CUDA_ARCHITECTURES:-$arch}")
 fi
 echo "building llama-server (${want}) in $build"
 cmake -S "$src" -B "$build" "${flags[@]}" >"$work/cmake-$backend.log"

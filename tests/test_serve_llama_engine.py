@@ -29,7 +29,8 @@ pytestmark = pytest.mark.skipif(find_binary() is None, reason=NOT_BUILT)
 
 KEY = "test-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-LONG = {"model": "tiny", "prompt": "go", "max_tokens": 200, "logit_bias": {str(EOS_ID): -100}}
+NO_EOS = {str(EOS_ID): -100, str(EOS_ID + 2): -100}  # </s> and <|im_end|> (id 4)
+LONG = {"model": "tiny", "prompt": "go", "max_tokens": 200, "logit_bias": NO_EOS}
 
 
 def _health(url: str) -> dict[str, Any]:
@@ -161,7 +162,7 @@ def test_access_log_and_metrics(tiny_gguf: Path, caplog: pytest.LogCaptureFixtur
         answer = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
                             json={"model": "tiny", "max_tokens": 3,
                                   "messages": [{"role": "user", "content": "hi"}],
-                                  "logit_bias": {str(EOS_ID): -100}})
+                                  "logit_bias": NO_EOS})
         assert answer.status_code == 200
         usage = answer.json()["usage"]
         text = httpx.get(f"{server.url}/metrics", timeout=10).text

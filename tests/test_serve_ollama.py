@@ -14,16 +14,16 @@ import httpx
 import jsonschema
 import ollama
 import pytest
+from llama_server_helpers import grammar_ready_tiny
 from serve_helpers import copy_gguf_with, running_server
 
 from appliance.serve.engine import NOT_BUILT, find_binary
 from appliance.serve.server import ServerThread
-from appliance.tiny_model import EOS_ID
 
 pytestmark = pytest.mark.skipif(find_binary() is None, reason=NOT_BUILT)
 
 KEY = "test-key-0123456789abcdef"
-NO_EOS_OPTIONS = {"num_predict": 6, "seed": 1}
+OPTIONS = {"num_predict": 6, "seed": 1}
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
                                                  "maximum": 9}},
           "required": ["n"], "additionalProperties": False}
@@ -33,7 +33,8 @@ SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0
 def server(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     embed = copy_gguf_with(tiny_gguf, tmp_path_factory.mktemp("ollama") / "embed.gguf",
                            {"llama.pooling_type": 1})
-    with running_server({"tiny": tiny_gguf, "tiny-embed": embed}, engine="llama-server",
+    tiny = grammar_ready_tiny(tiny_gguf, embed.parent / "tiny.gguf")
+    with running_server({"tiny": tiny, "tiny-embed": embed}, engine="llama-server",
                         api_keys=frozenset({KEY})) as served:
         yield served
 
@@ -60,10 +61,10 @@ def test_version_tags_show_ps(client: ollama.Client, server: ServerThread) -> No
 def test_chat_streams_ndjson_and_answers_whole(client: ollama.Client) -> None:
     messages = [{"role": "user", "content": "hello"}]
     parts = list(client.chat(model="tiny", messages=messages, stream=True,
-                             options=NO_EOS_OPTIONS))
+                             options=OPTIONS))
     assert parts[-1].done and not any(p.done for p in parts[:-1])
     assert (parts[-1].eval_count or 0) > 0 and (parts[-1].prompt_eval_count or 0) > 0
-    whole = client.chat(model="tiny:latest", messages=messages, options=NO_EOS_OPTIONS)
+    whole = client.chat(model="tiny:latest", messages=messages, options=OPTIONS)
     assert whole.done and whole.message.role == "assistant"
     assert whole.message.content == "".join(p.message.content or "" for p in parts)
     assert (whole.prompt_eval_count or 0) > 0
@@ -88,10 +89,10 @@ def test_chat_tool_calls_come_back_with_parsed_arguments(client: ollama.Client) 
 
 def test_generate_streams_and_raw(client: ollama.Client) -> None:
     parts = list(client.generate(model="tiny", prompt="once", stream=True,
-                                 options=NO_EOS_OPTIONS))
+                                 options=OPTIONS))
     assert parts[-1].done
     raw = client.generate(model="tiny", prompt="once", raw=True,
-                          options={**NO_EOS_OPTIONS, "stop": ["\n"]})
+                          options={**OPTIONS, "stop": ["\n"]})
     assert raw.done and isinstance(raw.response, str)
     assert client.generate(model="tiny", prompt="").done_reason == "load"
 
@@ -119,4 +120,3 @@ def test_an_unknown_model_is_404_in_ollama_shape(client: ollama.Client) -> None:
         client.chat(model="nope", messages=[{"role": "user", "content": "x"}])
     assert missing.value.status_code == 404
     assert "not served here" in missing.value.error
-    assert EOS_ID  # the tiny model's ids are what the options above rely on

@@ -88,6 +88,8 @@ def gguf_facts(path: Path) -> dict[str, Any]:
         "embeddings": embeddings,
         "generation": architecture not in ENCODER_ARCHITECTURES,
         "chat_template": field("tokenizer.chat_template") is not None,
+        # A template that never mentions tools cannot render them (see serve/tool_calls.py).
+        "template_tools": "tools" in str(field("tokenizer.chat_template") or ""),
         "n_ctx_train": int(field(f"{architecture}.context_length") or 0),
     }
 

@@ -38,6 +38,7 @@ from typing import Any
 import httpx
 
 from appliance.errors import ApplianceError, RefusalError, ServeError, WorkerCrashedError
+from appliance.serve import tool_calls
 from appliance.serve.engine import (
     find_binary,
     free_port,
@@ -341,6 +342,11 @@ class LlamaServerWorker(Worker):
                 "embedding": "/v1/embeddings"}[op]
         body = {**params, "model": self.name}
         started = time.perf_counter()
+        calls = tool_calls.plan(body, bool(self.info.get("template_tools")))
+        body = calls.body
+        streamed = bool(body.get("stream"))
+        if calls.generic:
+            body["stream"] = False  # the call is whole only at the end: streamed as one piece
         if not body.get("stream"):
             response = await client.post(path, json=body)
             payload = _json(response)
@@ -348,7 +354,13 @@ class LlamaServerWorker(Worker):
                 yield _error(rid, response.status_code, payload)
                 return
             payload["model"] = self.name
-            yield ("result", rid, payload)
+            if calls.generic:
+                payload = tool_calls.as_tool_call(payload)
+            if streamed:
+                for chunk in tool_calls.as_chunks(payload):
+                    yield ("chunk", rid, chunk)
+            else:
+                yield ("result", rid, payload)
             if op != "embedding":
                 yield ("done", rid, _stats(payload, started, None))
             return
@@ -360,6 +372,10 @@ class LlamaServerWorker(Worker):
             first: float | None = None
             final: dict[str, Any] = {}
             async for line in response.aiter_lines():
+                if line.startswith("error: "):  # llama-server's mid-stream error event
+                    failure = _json_bytes(line[len("error: "):].encode())
+                    yield _error(rid, 500, failure)
+                    return
                 if not line.startswith("data: "):
                     continue
                 data = line[len("data: "):]

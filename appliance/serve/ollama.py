@@ -241,7 +241,7 @@ async def _generate(request: Request) -> Response:
     if body.get("raw"):
         openai_body["prompt"] = prompt
         return await _answer(state, worker, "completion", _parse(state, openai_body, False),
-                             stream, False)
+                             stream, False, field="response")
     system = body.get("system")
     messages = ([{"role": "system", "content": system}] if isinstance(system, str) else [])
     openai_body["messages"] = [*messages, {"role": "user", "content": prompt}]
