@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from rich.console import Console
-from rich.table import Table
-
 from appliance.cli.jsonout import print_json
-from appliance.store import audit
 from appliance.store.location import require_existing_store
 
 DESCRIPTION = """\
@@ -81,6 +77,10 @@ def _summary(details: dict[str, object]) -> str:
 
 
 def run_show(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from appliance.store import audit
     require_existing_store(args.store)
     records = [r for r in audit.records(args.store) if not args.kind or r.kind in args.kind]
     if args.last is not None:
@@ -105,6 +105,9 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from appliance.store import audit
     require_existing_store(args.store)
     count = audit.verify(args.store)
     Console().print(f"audit log intact: {count} record{'s' if count != 1 else ''}, chain verified")

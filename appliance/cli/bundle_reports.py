@@ -12,15 +12,14 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from appliance import fsutil
-from appliance.bundle.reader import Media, open_media
-from appliance.bundle.sbom import bundle_sbom
-from appliance.bundle.sheet import approval_sheet, sheet_html
 from appliance.errors import MediaError, UsageError
-from appliance.format.manifest import Manifest
-from appliance.format.trust import verify_self_signed
-from appliance.store import trust_state
+
+if TYPE_CHECKING:
+    from appliance.bundle.reader import Media
+    from appliance.format.manifest import Manifest
 
 AddParser = Callable[[str, str, str, str], argparse.ArgumentParser]
 
@@ -68,6 +67,9 @@ def register(add: AddParser) -> None:
 
 def read_bundle(paths: Sequence[Path], trust: Path | None) -> tuple[Media, Manifest, bool]:
     """The media and its manifest: authenticated against ``trust`` when given."""
+    from appliance.bundle.reader import open_media
+    from appliance.format.trust import verify_self_signed
+    from appliance.store import trust_state
     media = open_media(paths)
     if trust is None:
         return media, media.parse_unverified(), False
@@ -89,6 +91,7 @@ def _emit(text: str, output: Path | None) -> None:
 
 def print_sbom(media: Media, manifest: Manifest, verified: bool) -> int:
     """``bundle inspect --sbom``: the BOM on stdout."""
+    from appliance.bundle.sbom import bundle_sbom
     _emit(bundle_sbom(media, manifest, verified=verified), None)
     return 0
 
@@ -107,12 +110,14 @@ def oms_signatures(values: Sequence[str]) -> dict[str, Path]:
 
 
 def run_sbom(args: argparse.Namespace) -> int:
+    from appliance.bundle.sbom import bundle_sbom
     media, manifest, verified = read_bundle(args.media, args.trust)
     _emit(bundle_sbom(media, manifest, verified=verified), args.output)
     return 0
 
 
 def run_sheet(args: argparse.Namespace) -> int:
+    from appliance.bundle.sheet import approval_sheet, sheet_html
     media, manifest, verified = read_bundle(args.media, args.trust)
     text = approval_sheet(media, manifest, verified=verified)
     if args.html:

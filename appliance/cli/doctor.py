@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
-
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING
 
 from appliance.cli.jsonout import print_json
-from appliance.doctor import DEFAULT_CHILD_TIMEOUT, Check, failed_essentials, run_checks
+from appliance.cli.options import LibraryDefault
 from appliance.errors import DoctorError, UsageError
+
+if TYPE_CHECKING:
+    from appliance.doctor import Check
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 DESCRIPTION = """\
 Check that this host can import, store and serve models: Python and library versions, CPU
@@ -47,14 +51,15 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     parser.add_argument(
         "--timeout",
         type=float,
-        default=DEFAULT_CHILD_TIMEOUT,
+        default=LibraryDefault("appliance.doctor", "DEFAULT_CHILD_TIMEOUT", shown="{:g}"),
         metavar="SECONDS",
-        help=f"time allowed for the llama.cpp child (default {DEFAULT_CHILD_TIMEOUT:g})",
+        help="time allowed for the llama.cpp child (default %(default)s)",
     )
     parser.set_defaults(func=run)
 
 
 def render_table(checks: list[Check]) -> Table:
+    from rich.table import Table
     table = Table(title="appliance doctor", show_lines=False)
     table.add_column("check", no_wrap=True)
     table.add_column("status", no_wrap=True)
@@ -73,6 +78,9 @@ def render_table(checks: list[Check]) -> Table:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from appliance.doctor import failed_essentials, run_checks
     if args.timeout <= 0:
         raise UsageError(f"--timeout must be positive, got {args.timeout:g}")
     err = Console(stderr=True)

@@ -6,20 +6,20 @@ import argparse
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-
-from appliance.bundle.parity import import_media_with_parity
 from appliance.cli import jsonout
 from appliance.cli.jsonout import print_json
 from appliance.cli.options import override_options
 from appliance.cli.store import byte_progress
 from appliance.errors import MissingVolumeError
-from appliance.format.trust import TrustRoot
-from appliance.importer import ImportResult
-from appliance.store import trust_state
 from appliance.store.layout import human_bytes
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from appliance.format.trust import TrustRoot
+    from appliance.importer import ImportResult
 
 DESCRIPTION = """\
 Import a signed bundle from removable media into this host's store.
@@ -120,6 +120,10 @@ def result_json(result: ImportResult, roots: list[TrustRoot]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from appliance.bundle.parity import import_media_with_parity
+    from appliance.store import trust_state
     allow_expired, reason = override_options(args)
     with byte_progress("importing", enabled=not args.json) as progress:
         result = import_media_with_parity(

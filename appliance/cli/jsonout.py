@@ -18,11 +18,10 @@ import json
 import sys
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from appliance.format.fields import format_timestamp
-from appliance.format.signing import fingerprint_words
-from appliance.format.trust import TrustRoot
+if TYPE_CHECKING:
+    from appliance.format.trust import TrustRoot
 
 
 def print_json(value: Any) -> None:
@@ -36,6 +35,7 @@ def seconds(value: float) -> float:
 
 def timestamp(value: str | datetime | None) -> str | None:
     """An ISO 8601 time (``+00:00``, another offset, or a datetime) as RFC 3339 UTC with Z."""
+    from appliance.format.fields import format_timestamp
     if value is None:
         return None
     moment = value if isinstance(value, datetime) else datetime.fromisoformat(value)
@@ -52,6 +52,7 @@ def model(ref: str) -> dict[str, str]:
 
 def key(key_id: str, roots: Iterable[TrustRoot]) -> dict[str, Any]:
     """A key as the newest of ``roots`` that lists it names it."""
+    from appliance.format.signing import fingerprint_words
     for root in sorted(roots, key=lambda r: r.version, reverse=True):
         known = root.keys.get(key_id)
         if known is not None:

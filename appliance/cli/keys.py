@@ -6,7 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from appliance.format.signing import fingerprint_words, key_id
 from appliance.keyfiles import (
     PASSPHRASE_ENV,
     generate_keypair,
@@ -77,6 +76,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from appliance.format.signing import fingerprint_words, key_id
     passphrase = None if args.unencrypted else new_passphrase_from_env_or_prompt(args.name)
     warning = passphrase_warning(passphrase) if passphrase else None
     if warning:
@@ -91,6 +91,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
+    from appliance.format.signing import fingerprint_words, key_id
     for path in args.pubs:
         public = load_public_key(path)
         print(f"{path}  {key_id(public)}  {fingerprint_words(public)}")

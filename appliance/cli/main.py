@@ -15,10 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from appliance import __version__
+from appliance.cli.options import resolve_defaults
 from appliance.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, ApplianceError
 from appliance.paths import STORE_ENV, default_store
 
-# Command groups, in the order --help lists them. Each module defines register().
+# Command groups, in the order --help lists them. Each module defines register() and imports
+# what its commands run inside them: building the parser (``appliance --help``) must not load
+# llama.cpp, Textual, httpx, libtorrent or the web stack (tests/test_cli_startup.py).
 COMMAND_MODULES = (
     "appliance.cli.keys",
     "appliance.cli.trust",
@@ -58,6 +61,12 @@ class _Parser(argparse.ArgumentParser):
         self.print_usage(sys.stderr)
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         raise SystemExit(EXIT_USAGE)
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, rest = super().parse_known_args(args, namespace)
+        return resolve_defaults(parsed), rest
 
 
 def _common_options() -> argparse.ArgumentParser:

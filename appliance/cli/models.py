@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from appliance.cli import jsonout
 from appliance.cli.jsonout import print_json
-from appliance.format.trust import TrustRoot
-from appliance.store import trust_state
 from appliance.store.layout import human_bytes
 from appliance.store.location import require_existing_store
-from appliance.store.records import ModelRecord, find_model, list_models
-from appliance.store.removal import remove_model
+
+if TYPE_CHECKING:
+    from appliance.format.trust import TrustRoot
+    from appliance.store.records import ModelRecord
 
 LIST_DESCRIPTION = """\
 List the models in the store: name, version, size, whether every file is verified, the
@@ -97,10 +94,15 @@ def model_json(model: ModelRecord, roots: list[TrustRoot]) -> dict[str, Any]:
 
 
 def _roots(store: Path) -> list[TrustRoot]:
+    from appliance.store import trust_state
     return [s.root for s in trust_state.installed_chain(store)]
 
 
 def run_list(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from appliance.store.records import list_models
     require_existing_store(args.store)
     models = list_models(args.store)
     if args.json:
@@ -128,6 +130,9 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from appliance.store.records import find_model
     require_existing_store(args.store)
     model = find_model(args.store, args.name)
     if args.json:
@@ -161,6 +166,9 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def run_rm(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from appliance.store.removal import remove_model
     require_existing_store(args.store)
     model = remove_model(args.store, args.name)
     Console(highlight=False).print(f"removed {model.ref} ({human_bytes(model.size)})")

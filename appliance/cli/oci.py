@@ -7,21 +7,18 @@ import sys
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-
-from rich.console import Console
+from typing import TYPE_CHECKING
 
 from appliance.cli import jsonout
 from appliance.cli.jsonout import print_json
 from appliance.cli.options import override_options
 from appliance.cli.store import byte_progress
 from appliance.errors import StoreError, UsageError
-from appliance.oci.layout import OciLayout
-from appliance.oci.pull import pull
-from appliance.oci.push import media_model, push, store_model
-from appliance.oci.registry import Credentials, Registry, authfile_credentials, parse_reference
-from appliance.oci.targets import Target
-from appliance.store import trust_state
 from appliance.store.layout import human_bytes
+
+if TYPE_CHECKING:
+    from appliance.oci.registry import Credentials, Registry
+    from appliance.oci.targets import Target
 
 DESCRIPTION = """\
 Carry models through the OCI registry a site already runs (Harbor, Distribution, Zot, Quay),
@@ -106,6 +103,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def _credentials(args: argparse.Namespace, registry: str) -> Credentials | None:
+    from appliance.oci.registry import Credentials, authfile_credentials
     if args.password_stdin:
         if not args.username:
             raise UsageError("--password-stdin goes with --username")
@@ -116,12 +114,17 @@ def _credentials(args: argparse.Namespace, registry: str) -> Credentials | None:
 
 
 def _registry(args: argparse.Namespace, text: str) -> tuple[Registry, str | None]:
+    from appliance.oci.registry import Registry, parse_reference
     ref = parse_reference(text)
     return Registry(ref, credentials=_credentials(args, ref.registry),
                     plain_http=args.plain_http, ca_file=args.ca_file), ref.tag or ref.digest
 
 
 def run_push(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from appliance.oci.layout import OciLayout
+    from appliance.oci.push import media_model, push, store_model
     if (args.ref is None) == (args.oci_layout is None):
         raise UsageError("give a registry REF or --oci-layout DIR (one of them)")
     now = datetime.now(UTC)
@@ -161,6 +164,11 @@ def run_push(args: argparse.Namespace) -> int:
 
 
 def run_pull(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from appliance.oci.layout import OciLayout
+    from appliance.oci.pull import pull
+    from appliance.store import trust_state
     allow_expired, reason = override_options(args)
     target: Target
     if args.oci_layout is not None:

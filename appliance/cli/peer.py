@@ -5,29 +5,26 @@ from __future__ import annotations
 import argparse
 import signal
 from pathlib import Path
-
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+from typing import TYPE_CHECKING
 
 from appliance.cli.jsonout import print_json
-from appliance.cli.options import override_options
+from appliance.cli.options import LibraryDefault, override_options
 from appliance.cli.store import byte_progress
 from appliance.errors import PeerError, UsageError
-from appliance.http_server import parse_listen
-from appliance.peer import discovery, site
-from appliance.peer.client import PeerClient, Timeouts
-from appliance.peer.protocol import DEFAULT_PORT
-from appliance.peer.pull import PullOptions, pull
-from appliance.peer.server import ServerOptions, serve_store
+from appliance.peer.protocol import DEFAULT_PORT, SERVICE_TYPE
 from appliance.store.layout import human_bytes
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from appliance.peer import discovery, site
 
 SERVE_DESCRIPTION = f"""\
 Serve this host's store to the site: its signed manifests, a have-map of the chunks it holds
 (imports and pulls still running included) and chunks by digest, each re-checked before it
 is sent. Peers talk mutual TLS with certificates from the site CA (--tls-dir, else tls_dir in
 the site config, else $STORE/tls); plaintext only with --insecure. The server advertises
-itself by mDNS ({discovery.SERVICE_TYPE}) unless --no-advertise. Stop it with Ctrl-C.
+itself by mDNS ({SERVICE_TYPE}) unless --no-advertise. Stop it with Ctrl-C.
 """
 SERVE_EPILOG = f"""\
 examples:
@@ -101,8 +98,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                        help="announce this server by mDNS (default: on)")
     serve.add_argument("--rate-limit", type=float, metavar="MB/S",
                        help="cap the total upload rate in megabytes per second")
-    serve.add_argument("--max-connections", type=int, default=ServerOptions.max_connections,
-                       metavar="N", help="connections served at once; more get 503 "
+    serve.add_argument("--max-connections", type=int, metavar="N",
+                       default=LibraryDefault("appliance.peer.server",
+                                              "ServerOptions.max_connections"),
+                       help="connections served at once; more get 503 "
                        "(default: %(default)s)")
     _connection_options(serve)
     serve.set_defaults(func=run_serve)
@@ -122,9 +121,11 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     pl.add_argument("--from", dest="sources", action="append", default=[], metavar="URL",
                     help="a peer to pull from (repeatable); default: site config and mDNS")
     pl.add_argument("--all", action="store_true", help="every model the peers offer")
-    pl.add_argument("--per-peer", type=int, default=PullOptions.per_peer, metavar="N",
+    pl.add_argument("--per-peer", type=int, metavar="N",
+                    default=LibraryDefault("appliance.peer.pull", "PullOptions.per_peer"),
                     help="chunk requests in flight per peer (default: %(default)s)")
-    pl.add_argument("--timeout", type=float, default=Timeouts.read, metavar="S",
+    pl.add_argument("--timeout", type=float, metavar="S",
+                    default=LibraryDefault("appliance.peer.client", "Timeouts.read"),
                     help="give up on a peer that sends nothing for S seconds "
                          "(default: %(default)s)")
     pl.add_argument("--allow-expired", action="store_true",
@@ -139,12 +140,16 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def _site(args: argparse.Namespace) -> tuple[discovery.SiteConfig, site.Connection]:
+    from appliance.peer import site
     config = site.site_config(args.store, args.site_config)
     return config, site.connection(args.store, config, args.tls_dir, args.insecure)
 
 
 def _peers(args: argparse.Namespace, config: discovery.SiteConfig, err: Console
            ) -> list[discovery.Peer]:
+    from rich.markup import escape
+
+    from appliance.peer import site
     return site.known_peers(config, mdns=args.mdns, browse_seconds=args.browse_seconds,
                             warn=lambda m: err.print(f"[yellow]{escape(m)}[/]"))
 
@@ -153,6 +158,11 @@ def _peers(args: argparse.Namespace, config: discovery.SiteConfig, err: Console
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from appliance.http_server import parse_listen
+    from appliance.peer import discovery
+    from appliance.peer.server import ServerOptions, serve_store
     _, conn = _site(args)
     tls_dir = conn.tls_dir
     host, port = parse_listen(args.listen)
@@ -195,6 +205,11 @@ def _stopped(signum: int, frame: object) -> None:
 
 
 def run_list(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from appliance.peer import site
     config, conn = _site(args)
     err = Console(stderr=True, soft_wrap=True)  # a notice is one line, however long
     views = site.list_peers(_peers(args, config, err), conn.policy)
@@ -223,6 +238,12 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_pull(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+
+    from appliance.peer import site
+    from appliance.peer.client import PeerClient, Timeouts
+    from appliance.peer.pull import PullOptions, pull
     if args.all and args.models:
         raise UsageError("give MODEL names or --all, not both")
     if not args.all and not args.models:

@@ -10,18 +10,8 @@ import sys
 from pathlib import Path
 
 from appliance.errors import UsageError
-from appliance.http_server import address, parse_listen
-from appliance.serve.app import create_app
-from appliance.serve.auth import load_api_keys
 from appliance.serve.engine import ENGINES, parse_keep_alive
-from appliance.serve.model import DEFAULT_N_CTX, ServeSettings
-from appliance.serve.server import ANY_HOST, bind, run
-from appliance.serve.store_resolver import (
-    VERIFY_MODES,
-    servable_names,
-    serve_audit,
-    store_resolver,
-)
+from appliance.serve.model import DEFAULT_N_CTX, VERIFY_MODES, ServeSettings
 from appliance.store.location import require_existing_store
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
@@ -118,6 +108,11 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def handle(args: argparse.Namespace) -> int:
+    from appliance.http_server import address, parse_listen
+    from appliance.serve.app import create_app
+    from appliance.serve.auth import load_api_keys
+    from appliance.serve.server import ANY_HOST, bind, run
+    from appliance.serve.store_resolver import servable_names, serve_audit, store_resolver
     if args.threads < 1:
         raise UsageError("--threads must be at least 1")
     if args.ctx < 0:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from appliance.peer import tls
+from appliance.cli.options import LibraryDefault
 
 INIT_DESCRIPTION = """\
 Make the site CA: an ECDSA P-256 key (ca.key, mode 0600) and a self-signed certificate
@@ -52,7 +52,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                       help="directory to write ca.key and ca.crt into")
     init.add_argument("--name", default="appliance site CA",
                       help="the CA's common name (default: %(default)s)")
-    init.add_argument("--days", type=int, default=tls.DEFAULT_CA_DAYS,
+    init.add_argument("--days", type=int,
+                      default=LibraryDefault("appliance.peer.tls", "DEFAULT_CA_DAYS"),
                       help="validity in days (default: %(default)s)")
     init.set_defaults(func=run_init)
 
@@ -66,12 +67,15 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                         help="the host's TLS directory to write host.key, host.crt, ca.crt")
     enroll.add_argument("--ip", action="append", default=[], metavar="IP",
                         help="an address the host is reached at (repeatable)")
-    enroll.add_argument("--days", type=int, default=tls.DEFAULT_HOST_DAYS,
+    enroll.add_argument("--days", type=int,
+                        default=LibraryDefault("appliance.peer.tls", "DEFAULT_HOST_DAYS"),
                         help="validity in days (default: %(default)s, capped at the CA's)")
     enroll.set_defaults(func=run_enroll)
 
 
 def run_init(args: argparse.Namespace) -> int:
+    from appliance.peer import tls
+
     ca = tls.init_site(args.out, name=args.name, days=args.days)
     print(f"site CA:      {ca.subject}")
     print(f"certificate:  {ca.cert_path}")
@@ -82,6 +86,7 @@ def run_init(args: argparse.Namespace) -> int:
 
 
 def run_enroll(args: argparse.Namespace) -> int:
+    from appliance.peer import tls
     host = tls.enroll_host(args.hostname, args.ca, args.out, ips=args.ip, days=args.days)
     print(f"host:         {host.hostname}")
     print(f"addresses:    {', '.join(host.ips)}")

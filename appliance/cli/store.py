@@ -9,23 +9,16 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from typing import TYPE_CHECKING
 
 from appliance.cli import jsonout
 from appliance.cli.jsonout import print_json
 from appliance.errors import EXIT_REFUSED
 from appliance.store.layout import human_bytes
 from appliance.store.location import require_existing_store
-from appliance.store.scrub import gc, verify_store
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 VERIFY_DESCRIPTION = """\
 Re-hash every published model file against the chunk list of the signed manifest it came from.
@@ -66,6 +59,15 @@ def byte_progress(
     ``transient`` removes the bar when done. When the work fails the bar is always removed:
     the error line that follows says what happened, a half-full bar above it would not.
     """
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
     if not enabled:
         yield lambda done, total: None
         return
@@ -131,6 +133,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from appliance.store.scrub import verify_store
     require_existing_store(args.store)
     with byte_progress("verifying", enabled=not args.json) as progress:
         report = verify_store(args.store, progress=progress)
@@ -171,6 +176,9 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_gc(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from appliance.store.scrub import gc
     require_existing_store(args.store)
     report = gc(args.store, abandon=args.abandon)
     if args.json:

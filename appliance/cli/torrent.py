@@ -6,21 +6,17 @@ import argparse
 import signal
 import sys
 from pathlib import Path
-
-from rich.console import Console
-from rich.markup import escape
+from typing import TYPE_CHECKING
 
 from appliance.cli.jsonout import print_json
-from appliance.cli.options import override_options
+from appliance.cli.options import LibraryDefault, override_options
 from appliance.cli.store import byte_progress
 from appliance.errors import UsageError
-from appliance.peer import site
 from appliance.store.layout import human_bytes
-from appliance.torrent.certs import TorrentIdentity, enroll_torrent, load_torrent_identity
-from appliance.torrent.fetch import FetchOptions, fetch, read_torrent
-from appliance.torrent.make import model_torrent
-from appliance.torrent.seed import Seeder
-from appliance.torrent.session import DEFAULT_PORT, SwarmOptions
+
+if TYPE_CHECKING:
+    from appliance.torrent.certs import TorrentIdentity
+    from appliance.torrent.session import SwarmOptions
 
 DESCRIPTION = """\
 BitTorrent v2 (BEP 52, libtorrent) for many sites, WAN links and big swarms. BitTorrent moves
@@ -54,7 +50,7 @@ def _connection(parser: argparse.ArgumentParser) -> None:
                         help="site config with tls_dir (default: $STORE/site.yaml)")
 
 
-def _swarm(parser: argparse.ArgumentParser, listen: str) -> None:
+def _swarm(parser: argparse.ArgumentParser, listen: str | LibraryDefault) -> None:
     parser.add_argument("--listen", default=listen, metavar="HOST:PORT",
                         help="libtorrent's listen address (default: %(default)s)")
     parser.add_argument("--peer", dest="peers", action="append", default=[],
@@ -88,14 +84,16 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     sd.add_argument("models", nargs="*", metavar="MODEL", help="default: every published one")
     sd.add_argument("--write-torrents", type=Path, metavar="DIR",
                     help="also write each seeded model's .torrent into DIR")
-    _swarm(sd, f"0.0.0.0:{DEFAULT_PORT}")
+    _swarm(sd, LibraryDefault("appliance.torrent.session", "DEFAULT_PORT", "0.0.0.0:{}"))
     _connection(sd)
     sd.set_defaults(func=run_seed)
 
     ft = ts.add_parser("fetch", parents=[common], help="fetch a model from a swarm, verified",
                        formatter_class=_formatter())
     ft.add_argument("torrent", metavar="TORRENT|MAGNET", help=".torrent file or magnet link")
-    ft.add_argument("--timeout", type=float, default=FetchOptions.wait_for_pieces, metavar="S",
+    ft.add_argument("--timeout", type=float, metavar="S",
+                    default=LibraryDefault("appliance.torrent.fetch",
+                                           "FetchOptions.wait_for_pieces"),
                     help="give up when no piece arrives for S seconds (default: %(default)s)")
     ft.add_argument("--allow-expired", action="store_true",
                     help="accept an expired bundle (needs --reason; audited)")
@@ -118,22 +116,26 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def _tls_dir(args: argparse.Namespace) -> Path | None:
+    from appliance.peer import site
     config = site.site_config(args.store, args.site_config)
     return site.tls_dir(args.store, config, args.tls_dir, args.insecure)
 
 
 def _identity(args: argparse.Namespace) -> TorrentIdentity | None:
+    from appliance.torrent.certs import load_torrent_identity
     directory = _tls_dir(args)
     return None if directory is None else load_torrent_identity(directory)
 
 
 def _options(args: argparse.Namespace) -> SwarmOptions:
+    from appliance.torrent.session import SwarmOptions
     rate = int(args.upload_rate * 1e6) if args.upload_rate else 0
     return SwarmOptions(listen=args.listen, peers=tuple(args.peers), lsd=args.lsd,
                         dht=args.dht, utp=args.utp, upload_rate=rate)
 
 
 def run_make(args: argparse.Namespace) -> int:
+    from appliance.torrent.make import model_torrent
     identity = _identity(args)
     data, ref = model_torrent(args.store, args.model,
                               root_cert=identity.ca_pem if identity else None)
@@ -147,6 +149,10 @@ def run_make(args: argparse.Namespace) -> int:
 
 
 def run_seed(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+
+    from appliance.torrent.seed import Seeder
     identity = _identity(args)
     err = Console(stderr=True)
     seeder = Seeder(args.store, _options(args), identity=identity,
@@ -177,6 +183,10 @@ def run_seed(args: argparse.Namespace) -> int:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+
+    from appliance.torrent.fetch import FetchOptions, fetch, read_torrent
     allow_expired, reason = override_options(args)
     identity = _identity(args)
     text = args.torrent
@@ -202,6 +212,7 @@ def run_fetch(args: argparse.Namespace) -> int:
 
 
 def run_enroll(args: argparse.Namespace) -> int:
+    from appliance.torrent.certs import enroll_torrent
     directory = _tls_dir(args)
     assert directory is not None
     path = enroll_torrent(args.ca, directory)

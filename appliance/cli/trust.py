@@ -5,31 +5,19 @@ from __future__ import annotations
 import argparse
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from appliance import fsutil
 from appliance.cli.jsonout import print_json
 from appliance.cli.options import override_options
 from appliance.errors import FormatError, UsageError
-from appliance.format.signing import DOMAIN_ROOT, fingerprint_words, key_id
-from appliance.format.trust import (
-    ANY_MODEL,
-    ROLE_PUBLISHER,
-    ROLE_ROOT,
-    ROLES,
-    SignedRoot,
-    TrustKey,
-    TrustRoot,
-    encode_envelope,
-    format_time,
-    parse_signed_root,
-    valid_pattern,
-    valid_signers,
-)
-from appliance.format.trust_build import new_root_body, rotated_body, sign_root_body
 from appliance.keyfiles import PUBLIC_SUFFIX, load_public_key, load_signing_keys, valid_key_name
 from appliance.limits import DEFAULT_LIMITS
-from appliance.store import trust_state, trust_summary
 from appliance.store.location import require_existing_store
+
+if TYPE_CHECKING:
+    from appliance.format.trust import SignedRoot, TrustKey, TrustRoot
+    from appliance.store import trust_summary
 
 DEFAULT_EXPIRES_DAYS = 365
 
@@ -193,6 +181,7 @@ def _signing_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _read_root(path: Path) -> SignedRoot:
+    from appliance.store import trust_state
     return trust_state.read_root_file(path)
 
 
@@ -206,6 +195,8 @@ def _write_atomic(path: Path, data: bytes, *, overwrite: bool) -> None:
 
 
 def trust_key(path: Path) -> TrustKey:
+    from appliance.format.signing import key_id
+    from appliance.format.trust import TrustKey
     public = load_public_key(path)
     kid = key_id(public)
     name = path.name[: -len(PUBLIC_SUFFIX)] if path.name.endswith(PUBLIC_SUFFIX) else path.stem
@@ -214,6 +205,7 @@ def trust_key(path: Path) -> TrustKey:
 
 def parse_scoped_key(spec: str) -> tuple[Path, tuple[str, ...]]:
     """``PUB[:PATTERN,...]`` -> (path, patterns); a path that exists as given wins."""
+    from appliance.format.trust import valid_pattern
     if Path(spec).exists() or ":" not in spec:
         return Path(spec), ()
     file_part, _, pattern_text = spec.rpartition(":")
@@ -229,6 +221,7 @@ def parse_scoped_key(spec: str) -> tuple[Path, tuple[str, ...]]:
 
 
 def _role_value(spec: str, option: str) -> tuple[str, str]:
+    from appliance.format.trust import ROLES
     role, sep, value = spec.partition("=")
     if not sep or role not in ROLES or not value:
         raise UsageError(f"{option} {spec!r}: use ROLE=VALUE with ROLE one of {', '.join(ROLES)}")
@@ -237,12 +230,15 @@ def _role_value(spec: str, option: str) -> tuple[str, str]:
 
 def _key_ref(value: str) -> str:
     """A key id given directly, or the id of a .pub file."""
+    from appliance.format.signing import key_id
     if len(value) == 32 and all(c in "0123456789abcdef" for c in value):
         return value
     return key_id(load_public_key(Path(value)))
 
 
 def _status_lines(signed: SignedRoot, previous: TrustRoot | None) -> tuple[list[str], bool]:
+    from appliance.format.signing import DOMAIN_ROOT
+    from appliance.format.trust import ROLE_ROOT, valid_signers
     lines, complete = [], True
     authorities = [("its own", signed.root)] + ([(f"v{previous.version}'s", previous)]
                                                  if previous else [])
@@ -256,6 +252,8 @@ def _status_lines(signed: SignedRoot, previous: TrustRoot | None) -> tuple[list[
 
 
 def _finish(args: argparse.Namespace, body: bytes, previous: TrustRoot | None) -> int:
+    from appliance.format.trust import encode_envelope, parse_signed_root
+    from appliance.format.trust_build import sign_root_body
     signatures = sign_root_body(body, load_signing_keys(args.sign_with))
     signed = parse_signed_root(encode_envelope(body, signatures))
     lines, complete = _status_lines(signed, previous)
@@ -270,6 +268,8 @@ def _finish(args: argparse.Namespace, body: bytes, previous: TrustRoot | None) -
 
 
 def _print_summary(path: Path, signed: SignedRoot, lines: list[str]) -> None:
+    from appliance.format.signing import fingerprint_words
+    from appliance.format.trust import format_time
     root = signed.root
     print(f"wrote:       {path}")
     print(f"version:     {root.version}")
@@ -291,6 +291,8 @@ def _validity(days: int) -> tuple[datetime, datetime]:
 
 
 def run_init(args: argparse.Namespace) -> int:
+    from appliance.format.trust import ANY_MODEL
+    from appliance.format.trust_build import new_root_body
     created, expires = _validity(args.expires)
     keys = [trust_key(p) for p in args.root_key]
     publishers: dict[str, tuple[str, ...]] = {}
@@ -312,6 +314,8 @@ def run_init(args: argparse.Namespace) -> int:
 
 
 def run_rotate(args: argparse.Namespace) -> int:
+    from appliance.format.trust import ROLE_PUBLISHER
+    from appliance.format.trust_build import rotated_body
     old = _read_root(args.old_root)
     created, expires = _validity(args.expires)
     add, remove, thresholds = [], [], {}
@@ -338,6 +342,7 @@ def run_rotate(args: argparse.Namespace) -> int:
 
 
 def run_sign(args: argparse.Namespace) -> int:
+    from appliance.format.trust_build import sign_root_body
     signed = _read_root(args.root)
     previous = _read_root(args.previous).root if args.previous else None
     if previous is not None and previous.version + 1 != signed.root.version:
@@ -350,6 +355,7 @@ def run_sign(args: argparse.Namespace) -> int:
 
 
 def run_install(args: argparse.Namespace) -> int:
+    from appliance.store import trust_state
     allow_expired, reason = override_options(args)
     result = trust_state.install_roots(
         args.store, [_read_root(p) for p in args.roots], args.fingerprint, datetime.now(UTC),
@@ -373,6 +379,7 @@ def run_fingerprint(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
+    from appliance.store import trust_state, trust_summary
     now = datetime.now(UTC)
     if args.root is not None:
         signed = _read_root(args.root)
@@ -398,6 +405,7 @@ def run_show(args: argparse.Namespace) -> int:
 
 def _print_report(summary: trust_summary.TrustSummary, source: str, signatures: list[str],
                   now: datetime) -> None:
+    from appliance.format.trust import format_time
     print(f"trust root v{summary.version} from {source}")
     print(f"  fingerprint  {summary.fingerprint}")
     print(f"  words        {summary.words}")

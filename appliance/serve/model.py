@@ -37,6 +37,9 @@ ModelResolver = Callable[[str], ServableModel]
 # The context a model is loaded with unless told otherwise: `appliance serve --ctx` and the
 # TUI's Serve screen both start from it.
 DEFAULT_N_CTX = 4096
+# How a model is checked before it is loaded (store_resolver); here so that the CLI's parser
+# can offer them without importing the serving stack.
+VERIFY_MODES = ("quick", "full")
 
 
 @dataclass(frozen=True)

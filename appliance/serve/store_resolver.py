@@ -27,7 +27,7 @@ from typing import Any
 import blake3
 
 from appliance.errors import IntegrityError, ModelNotFoundError, StoreError, UsageError
-from appliance.serve.model import ModelResolver, ServableModel
+from appliance.serve.model import VERIFY_MODES, ModelResolver, ServableModel
 from appliance.serve.supervisor import Audit
 from appliance.store import audit, trust_state
 from appliance.store.records import (
@@ -39,8 +39,6 @@ from appliance.store.records import (
     list_models,
 )
 from appliance.store.staging import StoredChunk, verify_chunks
-
-VERIFY_MODES = ("quick", "full")
 
 
 def store_resolver(store_dir: Path, *, verify: str = "quick") -> ModelResolver:
