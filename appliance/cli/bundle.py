@@ -6,25 +6,23 @@ import argparse
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-
-from appliance.bundle.builder import add_signature, build_bundle
-from appliance.bundle.parity import verify_media_with_parity
-from appliance.bundle.reader import Media, VerifyReport, open_media
-from appliance.bundle.recipe import parse_size
 from appliance.cli import bundle_reports, jsonout
 from appliance.cli.jsonout import print_json
 from appliance.cli.store import byte_progress
 from appliance.errors import MissingVolumeError, UsageError
-from appliance.format.manifest import Manifest, format_timestamp, manifest_to_value
-from appliance.format.trust import TrustRoot, verify_self_signed
 from appliance.keyfiles import load_signing_keys
 from appliance.limits import DEFAULT_PACK_BYTES
-from appliance.store import trust_state
 from appliance.store.layout import human_bytes
 from appliance.store.location import require_existing_store
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from appliance.bundle.reader import Media, VerifyReport
+    from appliance.format.manifest import Manifest
+    from appliance.format.trust import TrustRoot
 
 BUILD_DESCRIPTION = """\
 Build a signed bundle from a recipe (see bundles/README.md) onto removable media.
@@ -166,6 +164,8 @@ def _now() -> datetime:
 
 def _trusted_root(path: Path | None, store: Path, now: datetime, allow_expired: bool
                   ) -> TrustRoot:
+    from appliance.format.trust import verify_self_signed
+    from appliance.store import trust_state
     if path is None:
         require_existing_store(store)
         return trust_state.require_root(store)
@@ -174,10 +174,15 @@ def _trusted_root(path: Path | None, store: Path, now: datetime, allow_expired: 
 
 
 def _console() -> Console:
+    from rich.console import Console
     return Console(highlight=False, soft_wrap=True, markup=False)
 
 
 def run_build(args: argparse.Namespace) -> int:
+    from appliance.bundle.builder import build_bundle
+    from appliance.bundle.recipe import parse_size
+    from appliance.format.manifest import format_timestamp
+    from appliance.store import trust_state
     volume_size = parse_size(args.volume_size) if args.volume_size else None
     pack_size = parse_size(args.pack_size)
     if args.workers is not None and args.workers < 1:
@@ -222,6 +227,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_sign(args: argparse.Namespace) -> int:
+    from appliance.bundle.builder import add_signature
     (key,) = load_signing_keys([args.key])
     signature = add_signature(args.media, key)
     _console().print(f"signed {args.media} with key {signature.key_id}")
@@ -245,6 +251,8 @@ def _report_json(report: VerifyReport) -> dict[str, Any]:
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    from appliance.bundle.parity import verify_media_with_parity
+    from appliance.format.manifest import format_timestamp
     now = _now()
     root = _trusted_root(args.trust, args.store, now, args.allow_expired)
     if args.workers < 1:
@@ -287,6 +295,7 @@ def _signer_rows(media: Media) -> list[dict[str, Any]]:
 
 
 def _inspect_json(media: Media, manifest: Manifest, verified: bool) -> dict[str, Any]:
+    from appliance.format.manifest import manifest_to_value
     value = manifest_to_value(manifest)
     for model, entry in zip(value["models"], manifest.models, strict=True):
         model["size"] = entry.size
@@ -300,6 +309,8 @@ def _inspect_json(media: Media, manifest: Manifest, verified: bool) -> dict[str,
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    from appliance.bundle.reader import open_media
+    from appliance.format.manifest import format_timestamp
     media = open_media(args.media)
     verified = args.trust is not None
     if verified:
