@@ -94,6 +94,7 @@ from appliance.format.trust import SignedRoot, TrustRoot, parse_signed_root
 from appliance.importer import ImportResult, import_media
 from appliance.limits import DEFAULT_LIMITS, Limits
 from appliance.store import trust_state
+from appliance.store.location import check_store_path
 
 _AHEAD = 2  # stripes read (and written) ahead of the encoder
 
@@ -476,6 +477,7 @@ def import_media_with_parity(store_dir: Path, volume_dirs: Sequence[Path], *, no
                              **kwargs: Any) -> ImportResult:
     """``import_media`` that rebuilds missing or damaged volumes from parity volumes given
     (scratch space on the store's filesystem, removed afterwards)."""
+    check_store_path(store_dir)  # the store before the media, as ``import_media`` does
     _, parity_dirs = split_volumes(volume_dirs)
     if not parity_dirs:
         return import_media(store_dir, volume_dirs, now=now, **kwargs)
