@@ -147,13 +147,12 @@ class MediaSource:
         # chunk sorts them; the chunks on a volume not given are left for a later run.
         given = {v.index.volume for v in self.media.volumes}
         table = self.media.volumes[0].index
-        here: list[tuple[int, str]] = []
+        ordinals: dict[str, int] = {}
         for digest in needed:
             ordinal = self.media.ordinal(digest)
             if ordinal is not None and table.volume_of(ordinal) in given:
-                here.append((ordinal, digest))
-        here.sort()
-        return [digest for _, digest in here]
+                ordinals[digest] = ordinal
+        return sorted(ordinals, key=ordinals.__getitem__)
 
     def read(self, digest: str, length: int) -> bytes | None:
         location = self.media.locations(digest)[0]

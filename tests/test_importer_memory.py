@@ -85,7 +85,7 @@ def test_memory_per_chunk_is_small_with_many_tiny_chunks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """20k chunks: the import's peak grows by under 1.2 KiB a chunk over the process before
-    it (measured: about 0.9 KiB; an object and hex strings per chunk in the manifest, the
+    it (measured: about 0.8 KiB; an object and hex strings per chunk in the manifest, the
     volume index, the reader and the staged file made it 1.5 KiB)."""
     chunks = 20_000
     size = _build_tiny_chunks(tmp_path, monkeypatch, chunks)
@@ -98,7 +98,7 @@ def test_memory_stays_under_300_mb_importing_200k_tiny_chunks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Issue 14 item 9: 200k chunks of 256 bytes (a 15 MB manifest) import in under 300 MB
-    (measured: about 230 MB; 367 MB before the chunk state was packed)."""
+    (measured: about 210 MB; 367 MB before the chunk state was packed)."""
     chunks = 200_000
     size = _build_tiny_chunks(tmp_path, monkeypatch, chunks)
     facts = _import_peak(tmp_path, size)

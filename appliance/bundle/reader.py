@@ -75,6 +75,7 @@ from appliance.errors import (
     TruncatedError,
     UsageError,
 )
+from appliance.format.chunklist import DigestIndex
 from appliance.format.manifest import (
     ChunkRef,
     Manifest,
@@ -318,9 +319,9 @@ class Media:
         self.limits = limits
         self.volume_count = self.volumes[0].index.volume_count
         # Filled by authenticate, from index entries read only then: each unique chunk's
-        # ordinal, keyed by raw digest (one small entry a chunk; its place follows from the
-        # volume table and that volume's index, see ``locations``).
-        self._ordinals: dict[bytes, int] | None = None
+        # ordinal by digest (packed, not a dict: a manifest may hold 200k chunks); its place
+        # follows from the volume table and that volume's index, see ``locations``.
+        self._ordinals: DigestIndex | None = None
         self._packs: dict[tuple[int, int], Path] = {}  # one Path per pack, not per chunk
 
     @property
@@ -412,7 +413,7 @@ class Media:
                         f"{entry.stored_length} for a {ref.length}-byte chunk"
                     )
         self.volumes = tuple(volumes)
-        self._ordinals = {bytes.fromhex(c.digest): i for i, c in enumerate(unique)}
+        self._ordinals = DigestIndex(unique)
         self._packs = {}
 
     def ordinal(self, digest: str) -> int | None:

@@ -27,7 +27,7 @@ The exact YAML schema is in docs/FORMAT.md, section "Manifest".
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -36,6 +36,7 @@ import blake3
 
 from appliance.errors import FormatError, LimitExceededError, UnsafePathError
 from appliance.format import fields, yamlsafe
+from appliance.format.chunklist import ChunkList, ChunkRef
 from appliance.format.fields import format_timestamp, parse_timestamp
 from appliance.format.merkle import merkle_root
 from appliance.format.parity_field import ParitySection, parity_to_value, parse_parity
@@ -44,91 +45,6 @@ from appliance.limits import DEFAULT_LIMITS, Limits
 FORMAT_VERSION = 1
 DIGEST_HEX_CHARS = 64
 SHA256_HEX_CHARS = 64
-
-
-@dataclass(frozen=True, slots=True)
-class ChunkRef:
-    """One chunk of a file: BLAKE3 ``digest`` (hex) of its plain bytes, ``length``, and its
-    ``offset`` in the file (computed from the lengths before it, never stored)."""
-
-    digest: str
-    length: int
-    offset: int
-
-
-_DIGEST_BYTES = 32
-
-
-class ChunkList(Sequence[ChunkRef]):
-    """A file's chunks in file order, held compactly: the digests in one ``bytes``, lengths
-    and offsets in two ``array('Q')``, 48 bytes a chunk instead of a ``ChunkRef`` and its
-    strings (about 250). A manifest may hold hundreds of thousands of tiny chunks and stays
-    in memory for the whole import; each ``ChunkRef`` is made when it is asked for.
-
-    Compares equal to any sequence of the same ``ChunkRef``s (a tuple, another list)."""
-
-    __slots__ = ("_digests", "_lengths", "_offsets")
-
-    def __init__(self, chunks: Iterable[ChunkRef] = ()) -> None:
-        digests = bytearray()
-        self._lengths = array("Q")
-        self._offsets = array("Q")
-        for chunk in chunks:
-            digests += bytes.fromhex(chunk.digest)
-            self._lengths.append(chunk.length)
-            self._offsets.append(chunk.offset)
-        self._digests = bytes(digests)
-
-    @classmethod
-    def from_arrays(cls, digests: bytes, lengths: array[int], offsets: array[int]
-                    ) -> ChunkList:
-        """Adopt raw arrays: ``digests`` is 32 bytes per chunk, in the order of the others."""
-        if len(digests) != _DIGEST_BYTES * len(lengths) or len(lengths) != len(offsets):
-            raise ValueError("chunk arrays of different lengths")
-        chunks = cls()
-        chunks._digests, chunks._lengths, chunks._offsets = digests, lengths, offsets
-        return chunks
-
-    def digest_bytes(self, index: int) -> bytes:
-        """The raw 32-byte digest of chunk ``index`` (no hex string made)."""
-        start = _DIGEST_BYTES * range(len(self._lengths))[index]
-        return self._digests[start:start + _DIGEST_BYTES]
-
-    def __len__(self) -> int:
-        return len(self._lengths)
-
-    def __getitem__(self, index: int | slice) -> Any:
-        if isinstance(index, slice):
-            rows = range(len(self._lengths))[index]
-            if rows.step == 1:
-                return ChunkList.from_arrays(
-                    self._digests[_DIGEST_BYTES * rows.start:_DIGEST_BYTES * rows.stop],
-                    self._lengths[index], self._offsets[index])
-            return ChunkList(self[i] for i in rows)
-        i = range(len(self._lengths))[index]  # IndexError, negative indexes
-        return ChunkRef(self._digests[_DIGEST_BYTES * i:_DIGEST_BYTES * (i + 1)].hex(),
-                        self._lengths[i], self._offsets[i])
-
-    def __iter__(self) -> Iterator[ChunkRef]:
-        digests = self._digests
-        for i, (length, offset) in enumerate(zip(self._lengths, self._offsets, strict=True)):
-            yield ChunkRef(digests[_DIGEST_BYTES * i:_DIGEST_BYTES * (i + 1)].hex(), length,
-                           offset)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, ChunkList):
-            return (self._digests == other._digests and self._lengths == other._lengths
-                    and self._offsets == other._offsets)
-        if isinstance(other, Sequence) and not isinstance(other, str | bytes):
-            return len(other) == len(self) and all(a == b for a, b in zip(self, other,
-                                                                          strict=True))
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(tuple(self))  # consistent with tuple equality; nothing hashes it often
-
-    def __repr__(self) -> str:
-        return f"ChunkList({len(self)} chunks)"
 
 
 @dataclass(frozen=True)
@@ -389,23 +305,10 @@ def _parse_file(raw: object, where: str, limits: Limits) -> FileEntry:
     chunks_raw.clear()
     chunks = ChunkList.from_arrays(bytes(digests), lengths, offsets)
     del digests
-    computed = merkle_root(_Digests(chunks)).hex()
+    computed = merkle_root(chunks.raw_digests()).hex()
     if computed != root_hex:
         raise FormatError(f"{where}: merkle_root does not match the chunk list")
     return FileEntry(path=path, size=size, merkle_root=root_hex, chunks=chunks)
-
-
-class _Digests(Sequence[bytes]):
-    """The raw digests of a ``ChunkList``, for the Merkle root (no hex strings)."""
-
-    def __init__(self, chunks: ChunkList) -> None:
-        self.chunks = chunks
-
-    def __len__(self) -> int:
-        return len(self.chunks)
-
-    def __getitem__(self, index: Any) -> Any:
-        return self.chunks.digest_bytes(index)
 
 
 def _parse_chunk_text(text: object, where: str, limits: Limits) -> tuple[str, int]:
