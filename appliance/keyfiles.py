@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from appliance import fsutil
 from appliance.errors import KeyFileError, MissingKeyFileError, UsageError
 from appliance.format.signing import public_bytes
+from appliance.paths import PASSPHRASE_ENV
 
-PASSPHRASE_ENV = "APPLIANCE_PASSPHRASE"
 PRIVATE_SUFFIX = ".key"
 PUBLIC_SUFFIX = ".pub"
 PRIVATE_MODE = 0o600

@@ -8,6 +8,9 @@ from pathlib import Path
 import platformdirs
 
 STORE_ENV = "APPLIANCE_HOME"
+# The passphrase of encrypted private keys (appliance.keyfiles); named here with the other
+# environment variables so that the CLI can mention it without loading cryptography.
+PASSPHRASE_ENV = "APPLIANCE_PASSPHRASE"
 
 
 def default_store() -> Path:

@@ -6,13 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from appliance.keyfiles import (
-    PASSPHRASE_ENV,
-    generate_keypair,
-    load_public_key,
-    new_passphrase_from_env_or_prompt,
-    passphrase_warning,
-)
+from appliance.paths import PASSPHRASE_ENV
 
 DESCRIPTION = f"""\
 Generate an Ed25519 key pair: DIR/NAME.key (PKCS#8 PEM, mode 0600, encrypted with the
@@ -77,6 +71,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 def run_generate(args: argparse.Namespace) -> int:
     from appliance.format.signing import fingerprint_words, key_id
+    from appliance.keyfiles import (
+        generate_keypair,
+        load_public_key,
+        new_passphrase_from_env_or_prompt,
+        passphrase_warning,
+    )
     passphrase = None if args.unencrypted else new_passphrase_from_env_or_prompt(args.name)
     warning = passphrase_warning(passphrase) if passphrase else None
     if warning:
@@ -92,6 +92,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def run_show(args: argparse.Namespace) -> int:
     from appliance.format.signing import fingerprint_words, key_id
+    from appliance.keyfiles import load_public_key
     for path in args.pubs:
         public = load_public_key(path)
         print(f"{path}  {key_id(public)}  {fingerprint_words(public)}")

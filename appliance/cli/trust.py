@@ -11,7 +11,6 @@ from appliance import fsutil
 from appliance.cli.jsonout import print_json
 from appliance.cli.options import override_options
 from appliance.errors import FormatError, UsageError
-from appliance.keyfiles import PUBLIC_SUFFIX, load_public_key, load_signing_keys, valid_key_name
 from appliance.limits import DEFAULT_LIMITS
 from appliance.store.location import require_existing_store
 
@@ -197,6 +196,7 @@ def _write_atomic(path: Path, data: bytes, *, overwrite: bool) -> None:
 def trust_key(path: Path) -> TrustKey:
     from appliance.format.signing import key_id
     from appliance.format.trust import TrustKey
+    from appliance.keyfiles import PUBLIC_SUFFIX, load_public_key, valid_key_name
     public = load_public_key(path)
     kid = key_id(public)
     name = path.name[: -len(PUBLIC_SUFFIX)] if path.name.endswith(PUBLIC_SUFFIX) else path.stem
@@ -231,6 +231,7 @@ def _role_value(spec: str, option: str) -> tuple[str, str]:
 def _key_ref(value: str) -> str:
     """A key id given directly, or the id of a .pub file."""
     from appliance.format.signing import key_id
+    from appliance.keyfiles import load_public_key
     if len(value) == 32 and all(c in "0123456789abcdef" for c in value):
         return value
     return key_id(load_public_key(Path(value)))
@@ -254,6 +255,7 @@ def _status_lines(signed: SignedRoot, previous: TrustRoot | None) -> tuple[list[
 def _finish(args: argparse.Namespace, body: bytes, previous: TrustRoot | None) -> int:
     from appliance.format.trust import encode_envelope, parse_signed_root
     from appliance.format.trust_build import sign_root_body
+    from appliance.keyfiles import load_signing_keys
     signatures = sign_root_body(body, load_signing_keys(args.sign_with))
     signed = parse_signed_root(encode_envelope(body, signatures))
     lines, complete = _status_lines(signed, previous)
@@ -343,6 +345,7 @@ def run_rotate(args: argparse.Namespace) -> int:
 
 def run_sign(args: argparse.Namespace) -> int:
     from appliance.format.trust_build import sign_root_body
+    from appliance.keyfiles import load_signing_keys
     signed = _read_root(args.root)
     previous = _read_root(args.previous).root if args.previous else None
     if previous is not None and previous.version + 1 != signed.root.version:
