@@ -110,7 +110,7 @@ def run(ctx: BenchContext) -> list[Comparison]:
     model_path: Path = ctx.model_path or ctx.tiny_model_path
     label = "gemma3-270m Q4_K_M" if ctx.model_path else "tiny llama"
     max_tokens = 32 if ctx.quick else 96
-    repeats = 1 if ctx.quick else 2
+    repeats = 1 if ctx.quick else 3
     n_ctx = N_CTX if ctx.model_path else TINY_N_CTX
     params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": 0.0, "seed": 0}
     settings = ServeSettings(models=("bench",), n_threads=THREADS, n_ctx=n_ctx,
@@ -131,8 +131,10 @@ def run(ctx: BenchContext) -> list[Comparison]:
             _wait(http, server.url)
             _wait(http, native_url)
             sides = {"ours": server.url, "native": native_url}
-            for url in sides.values():  # warm-up: page cache, first-call allocations
-                _round(http, url, 1, params, 0)
+            # Warm-up with every slot busy: a slot's first use allocates and builds graphs,
+            # which would land in whichever round first used it.
+            for url in sides.values():
+                _round(http, url, SLOTS, params, 0)
             for i in range(1, repeats + 1):
                 for streams in STREAMS:
                     for side, url in sides.items():

@@ -7,6 +7,7 @@ worker, on the tiny llama; skipped when llama-server is not built.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -56,15 +57,20 @@ def test_a_killed_worker_fails_its_request_by_signal_and_the_next_request_loads_
         client.completions.create(model="tiny", prompt="a", max_tokens=2)  # loads it
         pid = _health(server.url)["models"]["tiny"]["pid"]
         assert pid
-        stream = httpx.stream("POST", f"{server.url}/v1/completions", timeout=60,
-                              json={**LONG, "stream": True})
-        with stream as response:
-            lines = response.iter_lines()
-            assert next(lines).startswith("data: ")
-            os.kill(pid, signal.SIGSEGV)
-            rest = "\n".join(lines)
-        assert "crashed with SIGSEGV (signal 11)" in rest
-        assert rest.rstrip().endswith("data: [DONE]")
+        answers: list[httpx.Response] = []
+        # The tiny model answers in milliseconds: frozen, the child holds the request for sure.
+        os.kill(pid, signal.SIGSTOP)
+        asking = threading.Thread(target=lambda: answers.append(httpx.post(
+            f"{server.url}/v1/completions", json=LONG, timeout=60)))
+        asking.start()
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGSEGV)  # delivered when it runs again
+        os.kill(pid, signal.SIGCONT)
+        asking.join(60)
+        assert answers[0].status_code == 500
+        assert answers[0].json()["error"]["code"] == "worker_crashed"
+        assert "crashed with SIGSEGV (signal 11)" in answers[0].json()["error"]["message"]
+        assert answers[0].headers["x-should-retry"] == "false"
         health = _wait_state(server.url, "tiny", "unloaded")
         assert "SIGSEGV" in health["models"]["tiny"]["detail"]
         again = client.completions.create(model="tiny", prompt="a", max_tokens=2)
@@ -113,24 +119,25 @@ def test_api_keys_are_required_on_every_api(tiny_gguf: Path) -> None:
 def test_the_queue_beyond_the_slots_answers_429(tiny_gguf: Path) -> None:
     with running_server({"tiny": tiny_gguf}, engine="llama-server", parallel=1,
                         max_queue=0) as server:
-        started = threading.Event()
+        pid = _health(server.url)["models"]["tiny"]["pid"]
         done: list[int] = []
-
-        def long() -> None:
-            with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60,
-                              json={**LONG, "stream": True}) as response:
-                for _ in response.iter_lines():
-                    started.set()
-                done.append(response.status_code)
-
-        thread = threading.Thread(target=long)
-        thread.start()
-        assert started.wait(60)
-        refused = httpx.post(f"{server.url}/v1/completions", timeout=30,
-                             json={"model": "tiny", "prompt": "b", "max_tokens": 2})
-        thread.join(60)
+        os.kill(pid, signal.SIGSTOP)  # the one slot stays busy with the first request
+        try:
+            first = threading.Thread(target=lambda: done.append(httpx.post(
+                f"{server.url}/v1/completions", json=LONG, timeout=60).status_code))
+            first.start()
+            deadline = time.monotonic() + 10
+            while metric(server.url, "appliance_serve_requests_in_flight") < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            refused = httpx.post(f"{server.url}/v1/completions", timeout=30,
+                                 json={"model": "tiny", "prompt": "b", "max_tokens": 2})
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        first.join(60)
         assert refused.status_code == 429
         assert refused.json()["error"]["code"] == "queue_full"
+        assert refused.headers["retry-after"] == "1"
         assert done == [200]
 
 
@@ -180,3 +187,31 @@ def test_health_waits_for_a_preloaded_model(tiny_gguf: Path) -> None:
     with running_server({"tiny": tiny_gguf}, engine="llama-server", wait=False) as server:
         health = wait_health(server.url)
         assert health["models"]["tiny"]["state"] == "ready" and health["models"]["tiny"]["pid"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_abandoned_request_stops_generating_within_a_second(gemma_gguf: Path,
+                                                               stream: bool) -> None:
+    # gemma: a generation of 900 tokens takes far longer than a second on these machines.
+    with running_server({"gemma3-270m": gemma_gguf}, engine="llama-server",
+                        n_ctx=1024) as server:
+        busy = 'llamacpp:requests_processing{model="gemma3-270m"}'
+        body = {"model": "gemma3-270m", "prompt": "Once", "max_tokens": 900, "stream": stream,
+                "logit_bias": {"1": -100, "106": -100}}  # gemma's <eos>, <end_of_turn>
+
+        def leave() -> None:
+            with contextlib.suppress(httpx.TimeoutException):
+                httpx.post(f"{server.url}/v1/completions", timeout=2, json=body)
+
+        client = threading.Thread(target=leave)
+        client.start()
+        deadline = time.monotonic() + 30
+        while metric(server.url, busy) == 0:
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.05)
+        client.join()  # the client gave up after 2 s
+        left = time.monotonic()
+        while metric(server.url, busy) != 0:
+            assert time.monotonic() - left < 1.0, "generation went on after the client left"
+            time.sleep(0.05)

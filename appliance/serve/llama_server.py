@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -158,8 +159,11 @@ class LlamaServerWorker(Worker):
         port, key = free_port(), secrets.token_urlsafe(24)
         argv = self._argv(str(model.path), port, facts)
         env = {**os.environ, "LLAMA_API_KEY": key}
+        # Its own session (a terminal's Ctrl-C reaches only us; we stop it in order), and
+        # killed by the kernel if we die first: no orphan holding a model and a port.
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                preexec_fn=_die_with_parent)
         self._child = proc
         if self._crashed:
             self._metrics.worker_restarts[self.name] += 1
@@ -428,6 +432,12 @@ def _stats(payload: dict[str, Any], started: float, first: float | None) -> dict
         "time_to_first_token": ttft,
         "generation_seconds": float(timings.get("predicted_ms", 0.0)) / 1000,
     }
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the thread that started it dies (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _end(proc: subprocess.Popen[bytes]) -> None:

@@ -3,7 +3,8 @@
 ``protocol`` checks the fields both engines share (sampling, stop, max_tokens, stream, ...).
 On top of it, for llama-server, this module type-checks and passes on what llama-server
 implements itself and must not be re-implemented here: ``tools`` and ``tool_choice`` (auto,
-none, required, a named function: llama.cpp's chat-template tool-call parsers and grammars),
+none, required, a named function: llama.cpp's chat-template tool-call parsers and grammars;
+``serve/tool_calls.py`` adapts the request for templates that know no tools),
 ``response_format`` (json_object, json_schema: a grammar from the schema), ``logprobs`` and
 ``top_logprobs``, and the tool-calling message fields (an assistant's ``tool_calls``, a tool
 answer's ``tool_call_id``). A field neither knows (``cache_prompt``, ``reasoning_effort``,
