@@ -248,13 +248,14 @@ def test_gemma_tool_call_json_schema_and_three_parallel_streams(gemma_gguf: Path
                               timeout=300)
         ask = [{"role": "user", "content": "What is the weather in Paris for 3 days?"}]
         reply = gemma.chat.completions.create(
-            model="gemma3-270m", messages=ask, tools=TOOLS, max_tokens=64, temperature=0,
+            model="gemma3-270m", messages=ask, tools=TOOLS, max_tokens=256, temperature=0,
             tool_choice={"type": "function", "function": {"name": "get_weather"}})
         calls = reply.choices[0].message.tool_calls
         assert calls and calls[0].function.name == "get_weather"
         _arguments(calls[0], WEATHER_SCHEMA)
         answer = gemma.chat.completions.create(
-            model="gemma3-270m", messages=ask, max_tokens=64, temperature=0,
+            model="gemma3-270m", messages=ask, max_tokens=256, temperature=0,
             response_format={"type": "json_schema",
                              "json_schema": {"name": "weather", "schema": WEATHER_SCHEMA}})
+        assert answer.choices[0].finish_reason == "stop", answer
         jsonschema.validate(json.loads(answer.choices[0].message.content or ""), WEATHER_SCHEMA)
