@@ -58,7 +58,7 @@ def gpu_devices(binary: Path) -> list[str]:
     for line in (out.stdout + out.stderr).splitlines():
         if line.startswith("Available devices"):
             listing = True
-        elif listing and line.startswith("  ") and line.strip():
+        elif listing and line.startswith("  ") and line.strip() not in ("", "(none)"):
             devices.append(line.strip())
     return devices
 
