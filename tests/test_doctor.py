@@ -22,6 +22,7 @@ EXPECTED_NAMES = [
     "cpu amx",
     "llama.cpp build",
     "llama.cpp generate",
+    "serving engine",
     "store writable",
     "free disk",
     "trust root",
