@@ -39,7 +39,7 @@ SIZE is a byte count or 700M, 4G (powers of 1000, as media are sold), 4GiB (powe
 BUILD_EPILOG = """\
 examples:
   appliance bundle build bundles/default.yaml --key keys/publisher.key \\
-      --trust keys/root-1.yaml --out /media/usb0/appliance
+      --trust keys/roots/root-1.yaml --out /media/usb0/appliance
   appliance bundle build bundles/site.yaml --key a.key --key b.key --trust root-1.yaml \\
       root-2.yaml --out /srv/out --volume-size 4G --pack-size 1GiB
 """
@@ -66,7 +66,7 @@ root installed in the store. Exit 0 only when every check passed and no volume i
 """
 VERIFY_EPILOG = """\
 examples:
-  appliance bundle verify /media/usb0/appliance --trust keys/root-1.yaml
+  appliance bundle verify /media/usb0/appliance --trust keys/roots/root-1.yaml
   appliance bundle verify /media/usb1/vol-002 /media/usb0/vol-001      # the store's root
   appliance bundle verify /media/usb0/vol-001 --allow-partial
 """
@@ -79,7 +79,7 @@ is given: the output says UNVERIFIED until then.
 INSPECT_EPILOG = """\
 examples:
   appliance bundle inspect /media/usb0/appliance
-  appliance bundle inspect /media/usb0/appliance --json --trust keys/root-1.yaml
+  appliance bundle inspect /media/usb0/appliance --json --trust keys/roots/root-1.yaml
 """
 
 
