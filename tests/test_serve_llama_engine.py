@@ -214,8 +214,8 @@ def test_an_abandoned_request_stops_generating_within_a_second(gemma_gguf: Path,
         left = time.monotonic()
         # Streamed, the slot stops at its next token; not streamed, llama-server looks at the
         # connection once a second (HTTP_POLLING_SECONDS): up to a second, plus this loop's
-        # scrapes on a loaded machine.
-        limit = 1.0 if stream else 1.5
+        # scrapes on a loaded machine (1.57 s seen in a full run beside other work).
+        limit = 1.0 if stream else 2.0
         while metric(server.url, busy) != 0:
             assert time.monotonic() - left < limit, "generation went on after the client left"
             time.sleep(0.05)

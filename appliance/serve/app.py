@@ -23,7 +23,6 @@ import base64
 import contextlib
 import json
 import logging
-import os
 import struct
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
@@ -45,14 +44,13 @@ from appliance.errors import (
     ServeError,
     WorkerCrashedError,
 )
-from appliance.serve import access, ollama, passthrough, protocol
+from appliance.serve import ollama, passthrough, protocol
 from appliance.serve.access import AccessLog, Cors
 from appliance.serve.auth import authorized
-from appliance.serve.engine import resolve_engine
-from appliance.serve.llama_server import UNLOADED, engine_metrics, make_workers
-from appliance.serve.metrics import CONTENT_TYPE, Metrics
+from appliance.serve.llama_server import UNLOADED, engine_metrics
+from appliance.serve.metrics import CONTENT_TYPE
 from appliance.serve.model import ModelResolver, ServeSettings
-from appliance.serve.queue import RequestQueue
+from appliance.serve.state import ServerState
 from appliance.serve.supervisor import READY, Audit, Worker
 
 log = logging.getLogger("appliance.serve")
@@ -62,53 +60,6 @@ PUBLIC_PATHS = frozenset({"/health"})
 UNCOUNTED_PATHS = frozenset({"/health", "/metrics"})  # not requests "in flight"
 KNOWN_PATHS = frozenset({"/health", "/metrics", "/v1/models", "/v1/chat/completions",
                          "/v1/completions", "/v1/embeddings"})
-
-
-class ServerState:
-    """Everything the routes share: settings, workers, queue, metrics."""
-
-    def __init__(self, settings: ServeSettings, resolver: ModelResolver,
-                 audit: Audit | None) -> None:
-        if not settings.models:
-            raise BadRequestError("no model to serve")
-        self.settings = settings
-        self.audit = audit
-        self.metrics = Metrics()
-        self.queue = RequestQueue(settings.max_queue)
-        self.started = int(time.time())
-        self.engine = resolve_engine(settings.engine)
-        self.workers = make_workers(settings, resolver, metrics=self.metrics, queue=self.queue,
-                                    audit=audit, engine=self.engine)
-        self.metrics.queue_depth = lambda: self.queue.waiting
-        self.metrics.model_ready = lambda: {n: w.state == READY for n, w in self.workers.items()}
-
-    @contextlib.asynccontextmanager
-    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        if self.audit is not None:
-            details = {"models": list(self.settings.models), "listen": self.settings.listen,
-                       "pid": os.getpid(), "n_threads": self.settings.n_threads,
-                       "n_ctx": self.settings.n_ctx, "engine": self.engine}
-            await asyncio.to_thread(self.audit, "serve-start", details)
-        for worker in self.workers.values():
-            worker.start()
-        try:
-            yield
-        finally:
-            await asyncio.gather(*(w.stop() for w in self.workers.values()))
-            log.info("server stopped; workers of %s shut down", ", ".join(self.workers))
-
-    def worker_for(self, model: str | None) -> Worker:
-        if model is None:
-            if len(self.workers) == 1:
-                return next(iter(self.workers.values()))
-            raise BadRequestError("'model' is required: this server serves "
-                                  f"{', '.join(sorted(self.workers))}")
-        worker = self.workers.get(model)
-        access.note(model)
-        if worker is None:
-            raise ModelNotFoundError(f"model '{model}' is not served here; GET /v1/models lists "
-                                     "the served models")
-        return worker
 
 
 def create_app(settings: ServeSettings, resolver: ModelResolver, *,

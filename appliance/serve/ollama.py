@@ -27,9 +27,9 @@ from starlette.routing import Route
 
 from appliance.errors import ApplianceError, BadRequestError, ModelNotFoundError
 from appliance.serve import passthrough, protocol
+from appliance.serve.state import ServerState
 
 if TYPE_CHECKING:
-    from appliance.serve.app import ServerState
     from appliance.serve.supervisor import Worker
 
 # The Ollama API version these routes follow (clients check it is recent enough).
