@@ -2,7 +2,7 @@
 
 - build: ``appliance.bundle.builder.build_bundle`` (chunk, BLAKE3, zstd, sha256, packs,
   manifest, signature) vs ``zstd -1 -T0 FILE`` plus ``b3sum FILE`` (the sum of both times).
-- verify: ``appliance.bundle.reader.verify_media`` (signatures, structure, read, decompress
+- verify: ``appliance.bundle.verify.verify_media`` (signatures, structure, read, decompress
   and BLAKE3 every chunk) vs ``b3sum FILE``.
 
 Same file, same run: the real gemma3-270m when installed, else a generated file that looks
@@ -16,7 +16,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from appliance.bundle.reader import verify_media
+from appliance.bundle.verify import verify_media
 from bench.harness import BenchContext, Comparison, mb_per_s, run_native, timed
 from bench.signed_bundle import prepare
 

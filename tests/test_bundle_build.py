@@ -26,8 +26,9 @@ from trust_helpers import make_root, private
 
 from appliance.bundle.builder import add_signature, build_bundle
 from appliance.bundle.media import parse_index
-from appliance.bundle.reader import open_media, verify_media
+from appliance.bundle.reader import open_media
 from appliance.bundle.recipe import load_recipe, parse_size
+from appliance.bundle.verify import verify_media
 from appliance.errors import (
     FormatError,
     MediaError,
@@ -332,7 +333,7 @@ def peak_kib():  # VmHWM, not ru_maxrss: that one carries over the forking pytes
 
 sys.path.insert(0, {tests!r})
 from bundle_helpers import NOW, build, trusted, write_recipe
-from appliance.bundle.reader import verify_media
+from appliance.bundle.verify import verify_media
 base = Path({base!r})
 result = build(base, recipe=write_recipe(base, files=("big.bin",)))
 build_rss = peak_kib()

@@ -23,7 +23,8 @@ from bundle_helpers import NOW, build, make_sources, rewrite_manifest, root_file
 from trust_helpers import kid, private, raw_envelope, trusted_store
 
 from appliance.bundle.media import INDEX_MAGIC
-from appliance.bundle.reader import find_volume_dirs, open_media, verify_media
+from appliance.bundle.reader import find_volume_dirs, open_media
+from appliance.bundle.verify import verify_media
 from appliance.cli.main import main
 from appliance.errors import (
     EXIT_REFUSED,

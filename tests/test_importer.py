@@ -21,7 +21,7 @@ from importer_helpers import check_consistent, tree_digest
 from trust_helpers import make_root, trusted_store
 
 from appliance.bundle import builder
-from appliance.bundle.reader import verify_media
+from appliance.bundle.verify import verify_media
 from appliance.errors import (
     ExpiredError,
     FormatError,

@@ -21,9 +21,10 @@ from appliance.bundle.parity import (
     verify_media_with_parity,
     write_parity,
 )
-from appliance.bundle.reader import open_media, verify_media
+from appliance.bundle.reader import open_media
 from appliance.bundle.sbom import bundle_sbom
 from appliance.bundle.sheet import approval_sheet
+from appliance.bundle.verify import verify_media
 from appliance.cli.main import main
 from appliance.errors import EXIT_OK, IntegrityError, MissingVolumeError, UsageError
 from appliance.limits import DEFAULT_LIMITS

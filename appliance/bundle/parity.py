@@ -24,7 +24,7 @@ The byte layout (header, streams) is ``appliance.bundle.parity_layout``. Public 
 - ``restore(paths, root, now, scratch, *, rebuild=())``: authenticate, then rebuild the data
   volumes that are missing (or named in ``rebuild``) into ``scratch``;
 - ``import_media_with_parity`` / ``verify_media_with_parity``: drop-in for
-  ``importer.import_media`` / ``reader.verify_media`` that rebuild when a volume is missing
+  ``importer.import_media`` / ``verify.verify_media`` that rebuild when a volume is missing
   or a chunk read from one fails its check, and say which volumes were rebuilt.
 """
 
@@ -73,7 +73,8 @@ from appliance.bundle.parity_layout import (
     parity_volume_name,
     parse_parity_header,
 )
-from appliance.bundle.reader import VerifyReport, open_media, verify_media
+from appliance.bundle.reader import open_media
+from appliance.bundle.verify import VerifyReport, verify_media
 from appliance.errors import (
     FormatError,
     IntegrityError,

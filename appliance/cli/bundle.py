@@ -20,7 +20,8 @@ from appliance.store.location import require_existing_store
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from appliance.bundle.reader import Media, VerifyReport
+    from appliance.bundle.reader import Media
+    from appliance.bundle.verify import VerifyReport
     from appliance.format.manifest import Manifest
     from appliance.format.trust import TrustRoot
 

@@ -20,7 +20,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import DataTable, ProgressBar, Static
 
-from appliance.bundle.reader import VerifyReport
+from appliance.bundle.verify import VerifyReport
 from appliance.errors import ExpiredError
 from appliance.format.trust import format_time
 from appliance.tui import service

@@ -20,11 +20,8 @@ from typing import Any
 
 from appliance.bundle.media import MANIFEST_NAME, TRUST_DIR, root_file_name
 from appliance.bundle.parity import verify_media_with_parity
-from appliance.bundle.reader import (
-    Media,
-    VerifyReport,
-    open_media,
-)
+from appliance.bundle.reader import Media, open_media
+from appliance.bundle.verify import VerifyReport
 from appliance.errors import ApplianceError, AuditChainError, NoTrustRootError, UsageError
 from appliance.format.manifest import Manifest
 from appliance.format.signing import fingerprint_words
