@@ -7,6 +7,8 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from appliance.errors import (
+    ApplianceError,
+    BadRequestError,
     FormatError,
     LimitExceededError,
     PeerProtocolError,
@@ -109,3 +111,21 @@ def test_one_timestamp_form() -> None:
     raises(PeerProtocolError, fields.parse_timestamp, "never", "w", error=PeerProtocolError)
     with pytest.raises(TypeError):
         fields.format_timestamp(datetime(2026, 12, 1))
+
+
+# --- JSON from peers, registries and HTTP clients ---------------------------------------------
+
+
+@pytest.mark.parametrize("error", [FormatError, PeerProtocolError, BadRequestError])
+def test_json_object_refuses_with_the_callers_class(error: type[ApplianceError]) -> None:
+    assert fields.json_object(b'{"a": [1, {"b": 2}]}', "doc", max_bytes=64, error=error) == {
+        "a": [1, {"b": 2}]}
+    deep = b'{"a": ' * (fields.MAX_JSON_DEPTH + 1) + b"1" + b"}" * (fields.MAX_JSON_DEPTH + 1)
+    scanner_limit = b"[" * 1_000_000 + b"]" * 1_000_000  # RecursionError inside json's scanner
+    for bad, match in ((b'{"a": 1, "a": 2}', "repeats the key 'a'"), (deep, "nests deeper"),
+                       (scanner_limit, "nests deeper"), (b"\xff{}", "not valid JSON"),
+                       (b"{", "not valid JSON"), (b"[1]", "not a JSON object")):
+        with pytest.raises(error, match=match):
+            fields.json_object(bad, "doc", max_bytes=len(bad), error=error)
+    with pytest.raises(LimitExceededError if error is FormatError else error, match="over the cap"):
+        fields.json_object(b"{}" + b" " * 64, "doc", max_bytes=64, error=error)

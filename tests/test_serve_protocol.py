@@ -15,6 +15,7 @@ from appliance.errors import (
     TruncatedError,
     UsageError,
 )
+from appliance.format import fields
 from appliance.serve import protocol
 from appliance.serve.auth import authorized, load_api_keys
 from appliance.serve.metrics import Metrics
@@ -132,7 +133,7 @@ def test_a_key_repeated_in_one_object_is_400(raw: bytes) -> None:
         protocol.parse_body(raw)
 
 
-@pytest.mark.parametrize("depth", [protocol.MAX_JSON_DEPTH + 1, 5_000, 1_000_000])
+@pytest.mark.parametrize("depth", [fields.MAX_JSON_DEPTH + 1, 5_000, 1_000_000])
 def test_deeply_nested_bodies_are_400_not_a_recursion_error(depth: int) -> None:
     raw = b'{"a": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
     with pytest.raises(BadRequestError, match="nests deeper"):
@@ -140,7 +141,7 @@ def test_deeply_nested_bodies_are_400_not_a_recursion_error(depth: int) -> None:
 
 
 def test_nesting_up_to_the_cap_is_accepted() -> None:
-    depth = protocol.MAX_JSON_DEPTH
+    depth = fields.MAX_JSON_DEPTH
     raw = b'{"a": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
     assert protocol.parse_body(raw)["a"]
 

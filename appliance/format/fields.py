@@ -9,6 +9,11 @@ subclasses follow from the kind of problem: a cap exceeded is a ``LimitExceededE
 path or name that could escape its directory an ``UnsafePathError``; other families raise
 their own class for everything, because a recipe typo and a lying peer need no finer split.
 
+JSON from a peer, a registry or an HTTP client is read once, by ``json_object``: a size cap
+first, UTF-8, no key repeated in one object (two parsers must never read two different
+documents from the same bytes), no nesting deeper than ``MAX_JSON_DEPTH``, and a JSON object
+at the top.
+
 Timestamps have one form everywhere (signed documents, the store's database, ``--json``
 output): RFC 3339 in UTC with a ``Z`` and whole seconds, ``2026-12-01T09:00:00Z``
 (``format_timestamp`` / ``parse_timestamp``).
@@ -18,6 +23,7 @@ Pure: no files, no clock.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Set
 from datetime import UTC, datetime
@@ -27,6 +33,7 @@ from appliance.errors import ApplianceError, FormatError, LimitExceededError, Un
 from appliance.limits import MAX_NAME_SEGMENT_BYTES, MAX_SEQUENCE
 
 ErrorClass = type[ApplianceError]
+MAX_JSON_DEPTH = 32  # containers inside containers in any JSON we read
 
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
@@ -217,3 +224,35 @@ def parse_timestamp(value: object, where: str, *, error: ErrorClass = FormatErro
         return datetime.strptime(value, TIMESTAMP_FORMAT).replace(tzinfo=UTC)
     except ValueError as e:
         raise error(f"{where}: {value!r} is not a valid date") from e
+
+
+def json_object(data: bytes, what: str, *, max_bytes: int,
+                error: ErrorClass = FormatError) -> dict[str, Any]:
+    """A JSON object from hostile bytes: size cap, UTF-8, unique keys, bounded depth."""
+    if len(data) > max_bytes:
+        raise limit_error(error)(f"{what} is {len(data)} bytes, over the cap of {max_bytes}")
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise error(f"{what} repeats the key {key!r} in one object (duplicate key)")
+            out[key] = value
+        return out
+
+    try:
+        value = json.loads(data.decode("utf-8"), object_pairs_hook=unique)
+    except RecursionError as e:  # the C scanner gives up at the interpreter's recursion limit
+        raise error(f"{what} nests deeper than {MAX_JSON_DEPTH} levels") from e
+    except (UnicodeDecodeError, ValueError) as e:
+        raise error(f"{what} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise error(f"{what} is not a JSON object")
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:  # iteratively: no recursion for hostile input to exhaust
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise error(f"{what} nests deeper than {MAX_JSON_DEPTH} levels")
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return value

@@ -22,7 +22,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance.errors import FormatError, LimitExceededError
+from appliance.errors import FormatError
+from appliance.format import fields
 from appliance.format.fields import format_timestamp
 from appliance.format.manifest import Manifest, ModelEntry
 
@@ -220,24 +221,7 @@ def index(manifests: Sequence[Descriptor]) -> bytes:
 
 
 def parse_json(data: bytes, what: str) -> dict[str, Any]:
-    if len(data) > MAX_OCI_JSON_BYTES:
-        raise LimitExceededError(f"{what} is {len(data)} bytes, over {MAX_OCI_JSON_BYTES}")
-
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in out:
-                raise FormatError(f"{what}: duplicate key {key!r}")
-            out[key] = value
-        return out
-
-    try:
-        value = json.loads(data, object_pairs_hook=no_duplicates)
-    except (ValueError, RecursionError) as e:
-        raise FormatError(f"{what} is not JSON: {e}") from e
-    if not isinstance(value, dict):
-        raise FormatError(f"{what} is not a JSON object")
-    return value
+    return fields.json_object(data, what, max_bytes=MAX_OCI_JSON_BYTES)
 
 
 def parse_descriptor(value: Any, what: str) -> Descriptor:

@@ -124,25 +124,10 @@ def normalize_peer_url(text: str) -> str:
 # --- JSON responses ---------------------------------------------------------------------------
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise PeerProtocolError(f"duplicate key {key!r} in a peer response")
-        out[key] = value
-    return out
-
-
 def parse_json(body: bytes, what: str, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
     """A JSON object from a peer: size cap, UTF-8, no duplicate keys, protocol version 1."""
-    if len(body) > limits.max_peer_json_bytes:
-        raise PeerProtocolError(f"{what}: response is {len(body)} bytes, over the cap")
-    try:
-        value = json.loads(body.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise PeerProtocolError(f"{what}: response is not JSON: {e}") from e
-    if not isinstance(value, dict):
-        raise PeerProtocolError(f"{what}: response is not a JSON object")
+    value = fields.json_object(body, f"{what} response", max_bytes=limits.max_peer_json_bytes,
+                               error=PeerProtocolError)
     version = value.get("protocol")
     if version != PROTOCOL_VERSION or isinstance(version, bool):
         raise PeerProtocolError(f"{what}: peer speaks protocol {version!r}, not {PROTOCOL_VERSION}")

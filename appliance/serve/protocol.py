@@ -1,8 +1,8 @@
 """OpenAI request bodies in, llama-cpp-python keyword arguments out (pure: no I/O).
 
-Requests are untrusted: the body is size-capped before parsing, a key repeated in one object
-or nesting deeper than ``MAX_JSON_DEPTH`` is refused (two parsers must never read two different
-requests from one body, and deep nesting is not a 500 from a ``RecursionError``), every field is
+Requests are untrusted: the body is size-capped before parsing and read by
+``appliance.format.fields.json_object`` (a repeated key or nesting past ``MAX_JSON_DEPTH`` is a
+400, never a 500 from a ``RecursionError``), every field is
 type- and range-checked, and an argument this server does not know is refused with a 400, as
 OpenAI itself does ("Unrecognized request argument"). Errors are ``BadRequestError``; the HTTP
 layer turns them into OpenAI's error shape.
@@ -10,16 +10,15 @@ layer turns them into OpenAI's error shape.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from appliance.errors import BadRequestError
+from appliance.format import fields
 
 MAX_STOP_SEQUENCES = 4
 MAX_EMBEDDING_INPUTS = 256
 # No OpenAI request nests deeper than ~5 (messages -> content parts -> text); 32 leaves room.
-MAX_JSON_DEPTH = 32
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 # Accepted and ignored: they change nothing for a local single-choice server.
 _IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
@@ -55,39 +54,8 @@ class EmbeddingRequest:
 
 def parse_body(raw: bytes) -> dict[str, Any]:
     """Decode a JSON object body (the caller has already capped its size)."""
-    try:
-        body = json.loads(raw, object_pairs_hook=_unique_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadRequestError(f"the request body is not valid JSON: {e}") from e
-    except RecursionError as e:  # the C scanner gives up at the interpreter's recursion limit
-        raise BadRequestError(
-            f"the request body nests deeper than {MAX_JSON_DEPTH} levels"
-        ) from e
-    if not isinstance(body, dict):
-        raise BadRequestError("the request body must be a JSON object")
-    _check_depth(body)
-    return body
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise BadRequestError(f"the request body repeats the key {key!r} in one object")
-        out[key] = value
-    return out
-
-
-def _check_depth(body: Any) -> None:
-    """Iteratively (no recursion to exhaust): refuse containers nested past the cap."""
-    stack: list[tuple[Any, int]] = [(body, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            raise BadRequestError(f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
-        children = value.values() if isinstance(value, dict) else value
-        stack.extend((child, depth + 1) for child in children
-                     if isinstance(child, dict | list))
+    return fields.json_object(raw, "the request body", max_bytes=len(raw),
+                              error=BadRequestError)
 
 
 def parse_chat(body: dict[str, Any]) -> GenerationRequest:
