@@ -104,20 +104,23 @@ def _kind(mode: int) -> str:
 
 
 def open_regular(path: Path, what: str, *, error: ErrorClass = MediaError,
-                 missing: ErrorClass | None = None) -> int:
+                 missing: ErrorClass | None = None,
+                 special: ErrorClass = SpecialFileError) -> int:
     """A read-only descriptor of ``path`` if it is a regular file (symlinks followed).
 
     ``SpecialFileError`` for a FIFO, device, socket or directory, decided by ``stat`` before
-    opening and again by ``fstat`` on the descriptor; ``missing`` (default ``error``) when it
-    does not exist, ``error`` when it is unreadable. Never blocks on a FIFO (``O_NONBLOCK``).
+    opening and again by ``fstat`` on the descriptor (``special`` names another class for a
+    file the user named, where it is a usage mistake rather than hostile media); ``missing``
+    (default ``error``) when it does not exist, ``error`` when it is unreadable. Never blocks
+    on a FIFO (``O_NONBLOCK``).
     """
     try:
         mode = os.stat(path).st_mode
         if not stat.S_ISREG(mode):
-            raise SpecialFileError(f"{what} ({path}) is {_kind(mode)}, not a regular file")
+            raise special(f"{what} ({path}) is {_kind(mode)}, not a regular file")
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError as e:
-        raise (missing or error)(f"{what} is missing ({path})") from e
+        raise (missing or error)(f"{what} {path} does not exist") from e
     except OSError as e:
         raise error(f"cannot read {what} ({path}): {e}") from e
     try:
@@ -127,7 +130,7 @@ def open_regular(path: Path, what: str, *, error: ErrorClass = MediaError,
         raise error(f"cannot read {what} ({path}): {e}") from e
     if not stat.S_ISREG(mode):  # swapped between the stat and the open
         os.close(fd)
-        raise SpecialFileError(f"{what} ({path}) is {_kind(mode)}, not a regular file")
+        raise special(f"{what} ({path}) is {_kind(mode)}, not a regular file")
     return fd
 
 
@@ -144,14 +147,17 @@ def pread_exact(fd: int, length: int, offset: int) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def read_capped(path: Path, cap: int, what: str, *, error: ErrorClass = MediaError) -> bytes:
+def read_capped(path: Path, cap: int, what: str, *, error: ErrorClass = MediaError,
+                missing: ErrorClass | None = None, special: ErrorClass = SpecialFileError,
+                too_big: ErrorClass = LimitExceededError) -> bytes:
     """A whole small regular file, refused before reading when it is over ``cap`` bytes
-    (``LimitExceededError``); ``SpecialFileError`` for anything but a regular file."""
-    fd = open_regular(path, what, error=error)
+    (``too_big``); ``SpecialFileError`` for anything but a regular file, ``missing`` (default
+    ``error``) when there is none, ``error`` when it cannot be read."""
+    fd = open_regular(path, what, error=error, missing=missing, special=special)
     try:
         size = os.fstat(fd).st_size
         if size > cap:
-            raise LimitExceededError(f"{what} is {size} bytes, over the cap of {cap}")
+            raise too_big(f"{what} is {size} bytes, over the cap of {cap}")
         # One read of the whole file (plus a byte, to see it grow) is the usual case and
         # holds the bytes once; joining many small reads would hold them twice.
         parts = [os.read(fd, size + 1)]
@@ -164,5 +170,5 @@ def read_capped(path: Path, cap: int, what: str, *, error: ErrorClass = MediaErr
     finally:
         os.close(fd)
     if total > cap:  # grew while we read it
-        raise LimitExceededError(f"{what} is over the cap of {cap}")
+        raise too_big(f"{what} is over the cap of {cap}")
     return parts[0] if len(parts) == 1 or not any(parts[1:]) else b"".join(parts)

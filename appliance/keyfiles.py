@@ -95,16 +95,9 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
 
 
 def _read(path: Path) -> bytes:
-    try:
-        with path.open("rb") as f:
-            data = f.read(MAX_KEY_FILE_BYTES + 1)
-    except FileNotFoundError as e:
-        raise MissingKeyFileError(f"{path}: no such key file") from e
-    except OSError as e:
-        raise KeyFileError(f"cannot read key file {path}: {e}") from e
-    if len(data) > MAX_KEY_FILE_BYTES:
-        raise KeyFileError(f"{path} is over {MAX_KEY_FILE_BYTES} bytes: not a key file")
-    return data
+    return fsutil.read_capped(path, MAX_KEY_FILE_BYTES, "key file", error=KeyFileError,
+                       missing=MissingKeyFileError, special=KeyFileError,
+                              too_big=KeyFileError)
 
 
 def is_encrypted(path: Path) -> bool:

@@ -69,7 +69,7 @@ def test_a_missing_key_file_exits_like_a_missing_recipe(tmp_path: Path,
                        "--out", tmp_path / "media")
     assert code == EXIT_USAGE  # the recipe is missing: usage
     code, _, err = run(capsys, "keys", "show", tmp_path / "nope.pub")
-    assert code == EXIT_USAGE and "MissingKeyFileError" in err and "no such key file" in err
+    assert code == EXIT_USAGE and "MissingKeyFileError" in err and "does not exist" in err
     code, _, err = run(capsys, "trust", "sign", tmp_path / "root.yaml", "--sign-with",
                        tmp_path / "nope.key")
     assert code == EXIT_USAGE

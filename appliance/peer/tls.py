@@ -129,16 +129,8 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
 
 
 def _read_pem(path: Path, what: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(_MAX_PEM_BYTES + 1)
-    except FileNotFoundError as e:
-        raise UsageError(f"{what} {path} does not exist") from e
-    except OSError as e:
-        raise UsageError(f"cannot read {what} {path}: {e}") from e
-    if len(data) > _MAX_PEM_BYTES:
-        raise UsageError(f"{what} {path} is too large to be a PEM file")
-    return data
+    return fsutil.read_capped(path, _MAX_PEM_BYTES, what, error=UsageError, special=UsageError,
+                              too_big=UsageError)
 
 
 def _load_cert(path: Path, what: str) -> x509.Certificate:

@@ -33,11 +33,11 @@ import libtorrent as lt
 from appliance.authenticate import AuthenticatedBundle, authenticate_manifest
 from appliance.errors import (
     FormatError,
-    LimitExceededError,
     PeerError,
     RefusalError,
     UsageError,
 )
+from appliance.fsutil import read_capped
 from appliance.limits import DEFAULT_LIMITS, MiB
 from appliance.store import layout, trust_state
 from appliance.store.ingest import IngestOutcome, IngestSession
@@ -86,16 +86,8 @@ class FetchResult:
 
 
 def read_torrent(path: Path) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_TORRENT_BYTES + 1)
-    except FileNotFoundError as e:
-        raise UsageError(f"torrent file {path} does not exist") from e
-    except OSError as e:
-        raise UsageError(f"cannot read torrent file {path}: {e}") from e
-    if len(data) > MAX_TORRENT_BYTES:
-        raise LimitExceededError(f"torrent file {path} is over {MAX_TORRENT_BYTES} bytes")
-    return data
+    return read_capped(path, MAX_TORRENT_BYTES, "torrent file", error=UsageError,
+                       special=UsageError)
 
 
 def parse_torrent(data: bytes) -> lt.torrent_info:
