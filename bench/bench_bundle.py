@@ -4,6 +4,8 @@
   manifest, signature) vs ``zstd -1 -T0 FILE`` plus ``b3sum FILE`` (the sum of both times).
 - verify: ``appliance.bundle.verify.verify_media`` (signatures, structure, read, decompress
   and BLAKE3 every chunk) vs ``b3sum FILE``.
+- parity: a 3+1 build (three data volumes and one zfec parity volume, ``--parity 1``) vs the
+  same three volumes without parity (issue 18's aim: parity costs at most 1.5x).
 
 Same file, same run: the real gemma3-270m when installed, else a generated file that looks
 like quantized weights (mostly incompressible, a compressible header). Each repetition runs
@@ -50,6 +52,19 @@ def run(ctx: BenchContext) -> list[Comparison]:
         native_verify.append(timed(lambda: run_native(["b3sum", str(source)])))
         ours_verify.append(timed(lambda: verify_media([media], root, now)))
 
+    three = size // 3 + (16 << 20)  # three data volumes, whatever the model's size
+    plain_3: list[float] = []
+    parity_3: list[float] = []
+    for i in range(repeats):
+        for runs, parity in ((plain_3, 0), (parity_3, 1)):
+            out = work / f"media-3-{parity}-{i}"
+
+            def build_3(out: Path = out, parity: int = parity) -> None:
+                setup.build(out, volume_size=three, parity=parity)
+
+            runs.append(timed(build_3))
+            shutil.rmtree(out)
+
     what = f"{label}, {size / 1e6:.0f} MB"
     note = f"best of {repeats}, page cache warm, {label}"
     return [
@@ -57,4 +72,6 @@ def run(ctx: BenchContext) -> list[Comparison]:
                    mb_per_s(size, min(native_build)), "zstd -1 -T0 FILE + b3sum FILE", note),
         Comparison(f"bundle verify ({what})", "MB/s", mb_per_s(size, min(ours_verify)),
                    mb_per_s(size, min(native_verify)), "b3sum FILE", note),
+        Comparison(f"bundle build 3+1 parity ({what})", "MB/s", mb_per_s(size, min(parity_3)),
+                   mb_per_s(size, min(plain_3)), "the same 3 volumes without parity", note),
     ]

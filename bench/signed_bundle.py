@@ -41,9 +41,10 @@ class BenchBundle:
     def fingerprint(self) -> str:
         return self.root.fingerprint
 
-    def build(self, out: Path) -> BuildResult:
+    def build(self, out: Path, *, volume_size: int | None = None,
+              parity: int = 0) -> BuildResult:
         return build_bundle(self.recipe, [self.publisher], out, trust_chain=[self.root_path],
-                            now=self.now)
+                            now=self.now, volume_size=volume_size, parity=parity)
 
 
 def generated_weights(path: Path, size: int, *, header_mib: int = 0, salt: bytes = b"") -> Path:
