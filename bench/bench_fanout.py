@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -41,7 +40,7 @@ import gguf
 import numpy as np
 
 from appliance.importer import import_media
-from appliance.store import trust_state
+from appliance.store import audit, trust_state
 from appliance.store.records import get_model
 from appliance.testlan import Lan
 from bench.harness import BenchContext, Comparison
@@ -52,7 +51,6 @@ QUICK_MIB, FULL_MIB = 32, 48
 PORT = 8765
 MODEL = "bench"
 APPLIANCE = str(Path(sys.executable).with_name("appliance"))
-_PEER_BYTES = re.compile(r"^\s+(http://\S+): (\d+) bytes$", re.MULTILINE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +135,10 @@ class _Site:
             model = get_model(pullers[host], MODEL)  # published, verified, full size
             if sum(f.size for f in model.files) != self.setup.size:
                 raise RuntimeError(f"{self.lan.hosts[host]} holds the wrong size")
-            for url, n in _PEER_BYTES.findall(out):
+            # The exact verified bytes per peer, from the pull's own audit record (the
+            # summary it prints rounds them for people).
+            pulled = [r for r in audit.records(pullers[host]) if r.kind == "pull"][-1]
+            for url, n in pulled.details["peers"].items():
                 if url == self.url(0):
                     from_seed += int(n)
                 else:
@@ -197,12 +198,9 @@ def _weights_gguf(path: Path, mib: int) -> Path:
     return path
 
 
-def run(ctx: BenchContext) -> list[Comparison]:
-    why = Lan.available()
-    if why is not None:
-        print(f"    skipped: {why}", flush=True)
-        return []
-    work = ctx.workdir / "bench_fanout"
+def seeded_store(ctx: BenchContext, work: Path) -> tuple[BenchBundle, Path]:
+    """The fan-out model, built into a signed bundle and imported into the seed's store
+    (``work/seed``); the fan-out benches (peer swarm, torrent) start from here."""
     work.mkdir(parents=True, exist_ok=True)
     # A generated GGUF even when gemma is installed (253 MB x 8 hosts at a capped rate would
     # take far longer than a benchmark run should), cut like gemma: about 1 MiB per chunk.
@@ -215,6 +213,16 @@ def run(ctx: BenchContext) -> list[Comparison]:
     trust_state.install_first_root(seed, setup.root_bytes, setup.fingerprint, setup.now)
     import_media(seed, [media], now=setup.now)
     shutil.rmtree(media)
+    return setup, seed
+
+
+def run(ctx: BenchContext) -> list[Comparison]:
+    why = Lan.available()
+    if why is not None:
+        print(f"    skipped: {why}", flush=True)
+        return []
+    work = ctx.workdir / "bench_fanout"
+    setup, seed = seeded_store(ctx, work)
     sizes = (4,) if ctx.quick else (4, 8)
     rate = f"{RATE_MBIT}mbit"
     lan = Lan(1 + max(sizes), rate=rate, both_ways=True, prefix=f"apfo-{os.getpid()}-")

@@ -18,32 +18,26 @@ Aim: Tt <= 1.3 x T1 at N = 8.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
-from appliance.importer import import_media
-from appliance.store import trust_state
 from appliance.store.records import get_model
 from appliance.testlan import Lan
 from bench.bench_fanout import (
     APPLIANCE,
-    FULL_MIB,
     MODEL,
-    QUICK_MIB,
     RATE_MBIT,
     Phase,
     _central,
     _single,
     _Site,
     _swarm,
-    _weights_gguf,
+    seeded_store,
 )
 from bench.harness import BenchContext, Comparison
-from bench.signed_bundle import prepare
 
 TORRENT_PORT = 6881
 
@@ -103,16 +97,7 @@ def run(ctx: BenchContext) -> list[Comparison]:
         print(f"    skipped: {why}", flush=True)
         return []
     work = ctx.workdir / "bench_torrent"
-    work.mkdir(parents=True, exist_ok=True)
-    weights = _weights_gguf(work / "weights.gguf", QUICK_MIB if ctx.quick else FULL_MIB)
-    setup = prepare(dataclasses.replace(ctx, model_path=weights), work, generated_mib=(0, 0),
-                    model_when_quick=True)
-    media = work / "media"
-    setup.build(media)
-    seed = work / "seed"
-    trust_state.install_first_root(seed, setup.root_bytes, setup.fingerprint, setup.now)
-    import_media(seed, [media], now=setup.now)
-    shutil.rmtree(media)
+    setup, seed = seeded_store(ctx, work)
     torrent = work / "bench.torrent"
     subprocess.run([APPLIANCE, "--store", str(seed), "torrent", "make", MODEL, "--insecure",
                     "-o", str(torrent)], check=True, capture_output=True)
