@@ -11,25 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gguf
+from serve_helpers import copy_gguf_with
 
 
 def grammar_ready_tiny(src: Path, dst: Path) -> Path:
-    reader = gguf.GGUFReader(src)
-    arch = reader.fields["general.architecture"].contents()
-    writer = gguf.GGUFWriter(dst, arch)
-    for kv in reader.fields.values():
-        if kv.name.startswith("GGUF.") or kv.name == "general.architecture":
-            continue
-        kind = kv.types[0]
-        sub_type = kv.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(kv.name, kv.contents(), kind, sub_type=sub_type)
-    writer.add_bool("tokenizer.ggml.add_space_prefix", False)
-    for tensor in reader.tensors:
-        writer.add_tensor(tensor.name, tensor.data, raw_shape=tensor.data.shape,
-                          raw_dtype=tensor.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return dst
+    return copy_gguf_with(src, dst, extra_bool={"tokenizer.ggml.add_space_prefix": False})

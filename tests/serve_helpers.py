@@ -101,8 +101,9 @@ def metric(url: str, line_prefix: str, headers: dict[str, str] | None = None) ->
     return 0.0
 
 
-def copy_gguf_with(src: Path, dst: Path, extra_u32: dict[str, int]) -> Path:
-    """Rewrite ``src`` to ``dst`` with the same keys and tensors plus ``extra_u32`` keys."""
+def copy_gguf_with(src: Path, dst: Path, extra_u32: dict[str, int] | None = None, *,
+                   extra_bool: dict[str, bool] | None = None) -> Path:
+    """Rewrite ``src`` to ``dst`` with the same keys and tensors plus the extra keys."""
     reader = gguf.GGUFReader(src)
     arch = reader.fields["general.architecture"].contents()
     writer = gguf.GGUFWriter(dst, arch)
@@ -112,8 +113,10 @@ def copy_gguf_with(src: Path, dst: Path, extra_u32: dict[str, int]) -> Path:
         kind = kv.types[0]
         sub_type = kv.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(kv.name, kv.contents(), kind, sub_type=sub_type)
-    for key, value in extra_u32.items():
+    for key, value in (extra_u32 or {}).items():
         writer.add_uint32(key, value)
+    for key, flag in (extra_bool or {}).items():
+        writer.add_bool(key, flag)
     for tensor in reader.tensors:
         writer.add_tensor(tensor.name, tensor.data, raw_shape=tensor.data.shape,
                           raw_dtype=tensor.tensor_type)
