@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
+import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -204,3 +206,13 @@ class EndlessPeer:
     def close(self) -> None:
         self.stop.set()
         self.sock.close()
+
+
+def stop(proc: subprocess.Popen[str], timeout: float = 20) -> None:
+    """SIGTERM a server this test started, then SIGKILL it if it has not gone in ``timeout``."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -4,14 +4,12 @@ advertise + browse across test-made network namespaces."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from bundle_helpers import CHUNK, make_bundle, model_bytes
-from peer_helpers import published_bytes, seed
+from peer_helpers import published_bytes, seed, stop
 from trust_helpers import trusted_store
 from zeroconf import ServiceInfo
 
@@ -116,14 +114,6 @@ def lan() -> Iterator[Lan]:
     with Lan(2) as made:
         yield made
 
-
-def stop(proc: subprocess.Popen[str]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.mark.slow

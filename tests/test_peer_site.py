@@ -11,7 +11,6 @@ for byte the source file, and an intact audit log.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from bundle_helpers import build, make_sources, write_recipe
+from peer_helpers import stop
 from trust_helpers import NOW, make_root
 
 from appliance.cli.main import main
@@ -36,14 +36,6 @@ def lan() -> Iterator[Lan]:
     with make_lan(4) as made:
         yield made
 
-
-def stop(proc: subprocess.Popen[str]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def url(lan: Lan, host: int) -> str:

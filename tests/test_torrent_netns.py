@@ -8,14 +8,12 @@ cannot take part. Real CLI processes, real multicast, nothing outside the namesp
 
 from __future__ import annotations
 
-import signal
-import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from peer_helpers import published_bytes
+from peer_helpers import published_bytes, stop
 from torrent_helpers import MODEL, seeded_host, tiny_bundle
 from trust_helpers import trusted_store
 
@@ -35,14 +33,6 @@ def lan() -> Iterator[Lan]:
     with Lan(3) as made:
         yield made
 
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.mark.slow
@@ -79,7 +69,7 @@ def test_member_finds_the_seed_by_lsd_and_fetches_an_ssl_torrent(lan: Lan,
         assert refused.returncode == EXIT_USAGE
         assert "appliance torrent enroll" in refused.stderr
     finally:
-        _stop(seeder)
+        stop(seeder)
     for path, contents in bundle.contents[MODEL].items():
         assert published_bytes(member, MODEL, path) == contents
     assert verify_store(member).ok
