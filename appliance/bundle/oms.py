@@ -35,9 +35,9 @@ from pathlib import Path
 from appliance.bundle.recipe import FileSpec, ModelSpec, Recipe
 from appliance.bundle.sources import resolve_source
 from appliance.errors import RecipeError, SignatureError, UsageError
+from appliance.paths import PASSPHRASE_ENV
 
 OMS_SIGNATURE_NAME = "model.sig"
-PASSPHRASE_ENV = "APPLIANCE_PASSPHRASE"
 # What OMS itself ignores in a model directory by default (git files), plus the signature.
 _GIT_PATHS = True
 
