@@ -270,12 +270,12 @@ def _finish(args: argparse.Namespace, body: bytes, previous: TrustRoot | None) -
 
 
 def _print_summary(path: Path, signed: SignedRoot, lines: list[str]) -> None:
+    from appliance.format.fields import format_timestamp
     from appliance.format.signing import fingerprint_words
-    from appliance.format.trust import format_time
     root = signed.root
     print(f"wrote:       {path}")
     print(f"version:     {root.version}")
-    print(f"expires:     {format_time(root.expires)}")
+    print(f"expires:     {format_timestamp(root.expires)}")
     print(f"fingerprint: {root.fingerprint}")
     print(f"words:       {fingerprint_words(signed.body)}")
     for line in lines:
@@ -408,12 +408,12 @@ def run_show(args: argparse.Namespace) -> int:
 
 def _print_report(summary: trust_summary.TrustSummary, source: str, signatures: list[str],
                   now: datetime) -> None:
-    from appliance.format.trust import format_time
+    from appliance.format.fields import format_timestamp
     print(f"trust root v{summary.version} from {source}")
     print(f"  fingerprint  {summary.fingerprint}")
     print(f"  words        {summary.words}")
     print(f"  created      {summary.created}")
-    expired = " (EXPIRED: this host's clock says " + format_time(now) + ")"
+    expired = " (EXPIRED: this host's clock says " + format_timestamp(now) + ")"
     print(f"  expires      {summary.expires}{expired if summary.expired else ''}")
     for name, threshold, count in summary.thresholds:
         print(f"  role {name}: {threshold} of {count} keys must sign")

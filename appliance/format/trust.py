@@ -125,8 +125,6 @@ class SignedRoot:
 # --- times, names, patterns -------------------------------------------------------------
 
 
-# The one timestamp form (appliance.format.fields), under the name the CLI and TUI import.
-format_time = format_timestamp
 
 
 def _require_aware(moment: datetime) -> None:
@@ -569,9 +567,9 @@ def check_expiry(
         return False
     if allow_expired:
         return True
-    issued = f" (issued {format_time(created)})" if created is not None else ""
+    issued = f" (issued {format_timestamp(created)})" if created is not None else ""
     raise ExpiredError(
-        f"{what} expired at {format_time(expires)}{issued}; this host's clock says "
-        f"{format_time(now)}. If the clock is wrong, correct it; to accept it anyway pass "
+        f"{what} expired at {format_timestamp(expires)}{issued}; this host's clock says "
+        f"{format_timestamp(now)}. If the clock is wrong, correct it; to accept it anyway pass "
         f"--allow-expired with a reason (recorded in the audit log)"
     )

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.errors import FormatError, UsageError
 from appliance.format import yamlsafe
+from appliance.format.fields import format_timestamp
 from appliance.format.signing import DOMAIN_ROOT, Signature, sign
 from appliance.format.trust import (
     ANY_MODEL,
@@ -23,7 +24,6 @@ from appliance.format.trust import (
     ROOT_FORMAT,
     TrustKey,
     TrustRoot,
-    format_time,
     parse_root_body,
 )
 from appliance.limits import DEFAULT_LIMITS, Limits
@@ -51,8 +51,8 @@ def new_root_body(
     value = {
         "format": ROOT_FORMAT,
         "version": version,
-        "created": format_time(created),
-        "expires": format_time(expires),
+        "created": format_timestamp(created),
+        "expires": format_timestamp(expires),
         "keys": {
             kid: {"name": by_id[kid].name, "public": by_id[kid].public.hex()}
             for kid in sorted(used)

@@ -34,12 +34,12 @@ from appliance.errors import (
     TrustError,
     UsageError,
 )
+from appliance.format.fields import format_timestamp
 from appliance.format.trust import (
     SignedRoot,
     TrustRoot,
     check_fingerprint,
     check_rollback,
-    format_time,
     normalize_fingerprint,
     parse_signed_root,
     verify_self_signed,
@@ -159,8 +159,8 @@ def audit_override(
     details = {
         "action": "allow-expired",
         "subject": subject,
-        "expires": format_time(expires),
-        "host_time": format_time(now),
+        "expires": format_timestamp(expires),
+        "host_time": format_timestamp(now),
         "user": who(),
         "reason": reason,
     }
@@ -243,7 +243,7 @@ def install_first_root(
 def _insert(db: sqlite3.Connection, signed: SignedRoot, now: datetime) -> None:
     db.execute(
         "INSERT INTO trust_roots (version, fingerprint, body, installed_at) VALUES (?, ?, ?, ?)",
-        (signed.root.version, signed.root.fingerprint, signed.to_bytes(), format_time(now)),
+        (signed.root.version, signed.root.fingerprint, signed.to_bytes(), format_timestamp(now)),
     )
 
 
@@ -418,7 +418,7 @@ def record_channel(
                     "VALUES (?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
                     "sequence = excluded.sequence, manifest_hash = excluded.manifest_hash, "
                     "updated_at = excluded.updated_at",
-                    (channel, sequence, manifest_hash, format_time(now or datetime.now(UTC))),
+                    (channel, sequence, manifest_hash, format_timestamp(now or datetime.now(UTC))),
                 )
     except sqlite3.Error as e:
         raise _sql_error(store_dir, e) from e

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.format.signing import fingerprint_words
-from appliance.format.trust import ROLES, TrustRoot, format_time
+from appliance.format.trust import ROLES, TrustRoot, format_timestamp
 from appliance.store import trust_state
 
 
@@ -109,7 +109,7 @@ def describe(root: TrustRoot, body: bytes | None, now: datetime) -> TrustSummary
     return TrustSummary(
         version=root.version, fingerprint=root.fingerprint,
         words=fingerprint_words(body) if body is not None else None,
-        created=format_time(root.created), expires=format_time(root.expires),
+        created=format_timestamp(root.created), expires=format_timestamp(root.expires),
         expired=now >= root.expires,
         roles=tuple(RoleSummary(r, root.roles[r].threshold, tuple(root.roles[r].key_ids))
                     for r in ROLES),

@@ -22,7 +22,7 @@ from textual.widgets import DataTable, ProgressBar, Static
 
 from appliance.bundle.verify import VerifyReport
 from appliance.errors import ExpiredError
-from appliance.format.trust import format_time
+from appliance.format.fields import format_timestamp
 from appliance.tui import service
 from appliance.tui.base import (
     Field,
@@ -108,8 +108,8 @@ class InspectPane(VolumePane):
         if view.root_files:
             self.ctx.carried_roots = view.root_files
         m = view.manifest
-        lines = [f"[b]{escape(m.channel)} #{m.sequence}[/b]  created {format_time(m.created)}  "
-                 f"expires {format_time(m.expires)}"
+        lines = [f"[b]{escape(m.channel)} #{m.sequence}[/b]  "
+                 f"created {format_timestamp(m.created)}  expires {format_timestamp(m.expires)}"
                  + (" [b red]EXPIRED (override: reason recorded)[/]" if view.expired else "")]
         if not view.verified:
             lines.append("[b red]UNVERIFIED[/]: no trust root on this host; nothing here "
