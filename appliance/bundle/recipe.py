@@ -37,7 +37,7 @@ _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*", re.IGNORECASE)
 _POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 MAX_EXPIRES_DAYS = 36500
 _MAX_NAME_BYTES = 200
-SOURCE_KINDS = ("path", "hf", "default")
+SOURCE_KINDS = ("path", "hf", "default", "ollama")
 
 
 def parse_size(text: str | int) -> int:
@@ -167,6 +167,8 @@ def _model(raw: object, where: str, base_dir: Path, limits: Limits) -> ModelSpec
         raise RecipeError(f"{where}: more than {limits.max_files_per_model} files")
     files = tuple(_file(f, f"{where}: files[{i}]", base_dir, limits)
                   for i, f in enumerate(files_raw))
+    from appliance.bundle.ollama_source import with_sidecars
+    files = with_sidecars(files)  # an ollama: GGUF brings its template and params along
     try:
         check_unique_paths([f.dest for f in files], where)
     except FormatError as e:
@@ -178,7 +180,7 @@ def _file(raw: object, where: str, base_dir: Path, limits: Limits) -> FileSpec:
     m = fields.mapping(raw, where, error=RecipeError)
     kinds = [k for k in SOURCE_KINDS if k in m]
     if len(kinds) != 1:
-        raise RecipeError(f"{where}: give exactly one of path:, hf:, default:")
+        raise RecipeError(f"{where}: give exactly one of path:, hf:, default:, ollama:")
     kind = kinds[0]
     fields.keys(m, {kind}, {"dest"}, where, error=RecipeError)
     value = m[kind]
@@ -191,6 +193,9 @@ def _file(raw: object, where: str, base_dir: Path, limits: Limits) -> FileSpec:
     elif kind == "hf":
         repo, location, revision = _hf(value, where)
         default_dest = PurePosixPath(location).name
+    elif kind == "ollama":  # a local Ollama store: appliance/bundle/ollama_source.py
+        from appliance.bundle.ollama_source import recipe_fields
+        repo, location, revision, default_dest = recipe_fields(value, where, base_dir)
     else:
         if not isinstance(value, str) or not value:
             raise RecipeError(f"{where}: default must name the embedded model")

@@ -39,6 +39,9 @@ def resolve_source(spec: FileSpec) -> ResolvedSource:
         return _resolve_hf(spec)
     if spec.kind == "default":
         return _resolve_default(spec)
+    if spec.kind in ("ollama", "ollama-sidecar"):
+        from appliance.bundle.ollama_source import resolve_ollama
+        return resolve_ollama(spec)
     raise RecipeError(f"unknown source kind {spec.kind!r}")
 
 
