@@ -26,7 +26,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from appliance import fsutil
 from appliance.bundle.sources import ResolvedSource
@@ -83,7 +83,8 @@ def with_sidecars(files: tuple[FileSpec, ...]) -> tuple[FileSpec, ...]:
         out.append(spec)
         if spec.kind == KIND:
             # The sidecar is JSON: nothing a GGUF-only option (quantize:) applies to.
-            unset = {k: None for k in ("quantize", "imatrix") if hasattr(spec, k)}
+            unset: dict[str, Any] = {k: None for k in ("quantize", "imatrix")
+                                     if hasattr(spec, k)}
             out.append(dataclasses.replace(spec, kind=SIDECAR_KIND,
                                            dest=ol.sidecar_name(spec.dest), **unset))
     return tuple(out)
