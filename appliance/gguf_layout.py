@@ -6,7 +6,10 @@ entries, tensor-info table) that yields:
 - ``GgufFacts``: architecture, quantization, parameter count, context length, tensor count,
   chat-template hash, where tensor data starts and the alignment;
 - ``GgufBoundaries``: the byte extent of every KV entry and tensor-info entry, the alignment
-  padding before the data, and each tensor's extent, so ``appliance.chunker`` can cut there.
+  padding before the data, and each tensor's extent, so ``appliance.chunker`` can cut there;
+- ``SplitInfo``: the ``split.*`` keys of one shard of a split GGUF (``appliance.gguf_split``
+  checks that the shards make one whole model). Shards after the first carry only those keys
+  and their tensors, so they have no facts of their own (``GgufLayout.facts`` is None).
 
 The walk is our own rather than ``gguf.GGUFReader`` because the file may be hostile and
 large: every count is checked against ``appliance.limits`` and against the bytes left
@@ -52,6 +55,10 @@ _KEY_ARCH = "general.architecture"
 _KEY_ALIGNMENT = "general.alignment"
 _KEY_FILE_TYPE = "general.file_type"
 _KEY_CHAT_TEMPLATE = "tokenizer.chat_template"
+# What llama.cpp's gguf-split (and gguf-py's GGUFWriter with split_max_*) write in every shard.
+KEY_SPLIT_NO = "split.no"  # u16, 0-based index of this shard
+KEY_SPLIT_COUNT = "split.count"  # u16, shards in the set
+KEY_SPLIT_TENSORS = "split.tensors.count"  # i32, tensors over all shards
 
 
 @dataclass(frozen=True)
@@ -129,9 +136,20 @@ class GgufBoundaries:
 
 
 @dataclass(frozen=True)
+class SplitInfo:
+    """One shard's place in a split GGUF (``split.count`` > 1)."""
+
+    index: int  # split.no: 0 for the first shard, which holds the model's metadata
+    count: int  # split.count
+    tensor_count: int  # split.tensors.count: tensors over every shard
+
+
+@dataclass(frozen=True)
 class GgufLayout:
-    facts: GgufFacts
+    facts: GgufFacts | None  # None only for a shard after the first of a split GGUF
     boundaries: GgufBoundaries
+    split: SplitInfo | None = None
+    file_type: int | None = None  # general.file_type as written, for a split model's facts
 
 
 def is_gguf(path: Path) -> bool:
@@ -144,8 +162,15 @@ def is_gguf(path: Path) -> bool:
 
 
 def read_gguf_facts(path: Path, *, limits: Limits = DEFAULT_LIMITS) -> GgufFacts:
-    """Facts for the manifest. FormatError / LimitExceededError for a bad header."""
-    return read_gguf_layout(path, limits=limits).facts
+    """Facts for the manifest. FormatError / LimitExceededError for a bad header, or for a
+    shard after the first of a split GGUF (its metadata lives in the first shard)."""
+    layout = read_gguf_layout(path, limits=limits)
+    if layout.facts is None:
+        assert layout.split is not None
+        raise FormatError(
+            f"{path.name} is shard {layout.split.index + 1} of {layout.split.count} of a split "
+            "GGUF: the model's metadata is in its first shard")
+    return layout.facts
 
 
 def gguf_boundaries(path: Path, *, limits: Limits = DEFAULT_LIMITS) -> GgufBoundaries:
@@ -158,9 +183,31 @@ def gguf_boundaries(path: Path, *, limits: Limits = DEFAULT_LIMITS) -> GgufBound
 
 
 def read_gguf_layout(path: Path, *, limits: Limits = DEFAULT_LIMITS) -> GgufLayout:
-    """Facts and boundaries from one walk over the header."""
+    """Facts, boundaries and split keys from one walk over the header.
+
+    A shard after the first of a split GGUF has no facts (None); any other GGUF without
+    ``general.architecture`` is a FormatError.
+    """
     walker = _walk(path, limits)
-    return GgufLayout(walker.facts(), walker.boundaries)
+    split = walker.split()
+    facts = None if split is not None and split.index > 0 else walker.facts()
+    file_type = walker.values.get(_KEY_FILE_TYPE)
+    return GgufLayout(facts, walker.boundaries, split,
+                      file_type if isinstance(file_type, int) else None)
+
+
+def quantization_name(file_type: object, bytes_by_type: dict[str, int]) -> str:
+    """``general.file_type`` as a name (Q4_K_M), else the type holding the most matrix bytes."""
+    if isinstance(file_type, int):
+        try:
+            name = LlamaFileType(file_type).name
+        except ValueError:
+            name = ""
+        if name and name != "GUESSED":
+            return "F32" if name == "ALL_F32" else name.removeprefix("MOSTLY_")
+    if not bytes_by_type:
+        return "unknown"
+    return max(bytes_by_type.items(), key=lambda item: (item[1], item[0]))[0]
 
 
 def _walk(path: Path, limits: Limits) -> _Walker:
@@ -421,7 +468,7 @@ class _Walker:
         template = self.values.get(_KEY_CHAT_TEMPLATE)
         return GgufFacts(
             architecture=architecture,
-            quantization=self._quantization(self.bytes_by_type),
+            quantization=quantization_name(self.values.get(_KEY_FILE_TYPE), self.bytes_by_type),
             parameter_count=self.parameters,
             context_length=context if isinstance(context, int) else None,
             tensor_count=self.tensor_count,
@@ -432,15 +479,20 @@ class _Walker:
             alignment=self.boundaries.alignment,
         )
 
-    def _quantization(self, bytes_by_type: dict[str, int]) -> str:
-        file_type = self.values.get(_KEY_FILE_TYPE)
-        if isinstance(file_type, int):
-            try:
-                name = LlamaFileType(file_type).name
-            except ValueError:
-                name = ""
-            if name and name != "GUESSED":
-                return "F32" if name == "ALL_F32" else name.removeprefix("MOSTLY_")
-        if not bytes_by_type:
-            return "unknown"
-        return max(bytes_by_type.items(), key=lambda item: (item[1], item[0]))[0]
+    def split(self) -> SplitInfo | None:
+        """The split keys, when the file says it is one of several shards."""
+        if KEY_SPLIT_COUNT not in self.values:
+            return None
+        count = self.values[KEY_SPLIT_COUNT]
+        index = self.values.get(KEY_SPLIT_NO)
+        tensors = self.values.get(KEY_SPLIT_TENSORS)
+        label = self.label
+        if not isinstance(count, int) or count < 1:
+            raise FormatError(f"{label}: {KEY_SPLIT_COUNT} {count!r} is not a positive count")
+        if count == 1:  # llama.cpp loads such a file alone
+            return None
+        if not isinstance(index, int) or not 0 <= index < count:
+            raise FormatError(f"{label}: {KEY_SPLIT_NO} {index!r} is not an index below {count}")
+        if not isinstance(tensors, int) or tensors < 0:
+            raise FormatError(f"{label}: {KEY_SPLIT_TENSORS} {tensors!r} is not a tensor count")
+        return SplitInfo(index=index, count=count, tensor_count=tensors)

@@ -5,7 +5,7 @@ the store, or by a test from a file) for a ``ServableModel`` every time it is ab
 worker, at start and after each crash. The resolver does the store's checks (published,
 verified, identity, full re-hash when asked) and raises ``ModelNotFoundError`` or a
 ``RefusalError`` (usually ``IntegrityError``); ``check_file`` adds the server's own cheap check
-just before the worker opens the file.
+just before the worker opens the file, and every shard of a split GGUF (``appliance.gguf_split``).
 """
 
 from __future__ import annotations
@@ -21,13 +21,32 @@ from appliance.limits import DEFAULT_LIMITS
 
 
 @dataclass(frozen=True)
+class ModelFile:
+    """One file llama.cpp opens for a model, with the size the store recorded."""
+
+    path: Path
+    size: int
+
+
+@dataclass(frozen=True)
 class ServableModel:
-    """A model file the store vouches for: its published path, size and identity hash."""
+    """A model the store vouches for: the file llama.cpp is given, its size and identity.
+
+    A split GGUF is given by its first shard (``path``); llama.cpp opens the other shards by
+    name from the same directory. ``shards`` then lists every shard in order (the first is
+    ``path``), ``size`` is their total and ``identity`` covers them all (``split_identity``).
+    """
 
     name: str
     path: Path
     size: int
     identity: str
+    shards: tuple[ModelFile, ...] = ()
+
+    @property
+    def files(self) -> tuple[ModelFile, ...]:
+        """Every file the engine will open: the shards, or the one file."""
+        return self.shards or (ModelFile(self.path, self.size),)
 
 
 # name -> ServableModel; raises ModelNotFoundError, or RefusalError when the model must not load.
@@ -67,22 +86,28 @@ class ServeSettings:
 
 
 def check_file(model: ServableModel) -> None:
-    """Refuse a model whose file is missing, not a regular file, or not the recorded size."""
+    """Refuse a model whose file (any shard of a split GGUF) is missing, not a regular file,
+    or not the recorded size."""
+    for part in model.files:
+        _check_one(model.name, part)
+
+
+def _check_one(name: str, part: ModelFile) -> None:
     try:
-        st = os.stat(model.path)
+        st = os.stat(part.path)
     except OSError as e:
         raise IntegrityError(
-            f"model '{model.name}' file is unreadable: {e.strerror}", file=str(model.path)
+            f"model '{name}' file is unreadable: {e.strerror}", file=str(part.path)
         ) from e
     if not stat.S_ISREG(st.st_mode):
-        raise IntegrityError(f"model '{model.name}' is not a regular file", file=str(model.path))
-    if st.st_size < model.size:
+        raise IntegrityError(f"model '{name}' is not a regular file", file=str(part.path))
+    if st.st_size < part.size:
         raise TruncatedError(
-            f"model '{model.name}' is {st.st_size} bytes, the store recorded {model.size}",
-            file=str(model.path),
+            f"model '{name}' is {st.st_size} bytes, the store recorded {part.size}",
+            file=str(part.path),
         )
-    if st.st_size != model.size:
+    if st.st_size != part.size:
         raise IntegrityError(
-            f"model '{model.name}' is {st.st_size} bytes, the store recorded {model.size}",
-            file=str(model.path),
+            f"model '{name}' is {st.st_size} bytes, the store recorded {part.size}",
+            file=str(part.path),
         )
