@@ -80,6 +80,7 @@ from appliance.format.parity_field import ParitySection
 from appliance.format.signing import DOMAIN_MANIFEST, Signature, key_id, public_bytes, sign
 from appliance.format.trust import SignedRoot, parse_signed_root
 from appliance.gguf_layout import GgufFacts
+from appliance.gguf_split import split_model_facts
 from appliance.limits import (
     DEFAULT_LIMITS,
     DEFAULT_PACK_BYTES,
@@ -203,6 +204,12 @@ def _plan(recipe: Recipe, limits: Limits) -> list[list[_PlannedFile]]:
                 raise RecipeError(
                     f"{source.local_path} needs {len(plan.spans)} chunks, over the cap")
             files.append(_PlannedFile(source, list(plan.spans), size, _gguf_info(plan.facts)))
+        whole = split_model_facts([(f.source.dest, f.source.local_path) for f in files],
+                                  limits=limits)
+        if whole is not None:  # a split GGUF: the model's facts are the whole set's
+            for planned_file in files:
+                planned_file.gguf = None
+            files[0].gguf = _gguf_info(whole)
         planned.append(files)
     return planned
 
