@@ -1,4 +1,5 @@
-"""``appliance models list|show|rm``: what the store holds, in detail, and removing it."""
+"""``appliance models list|show|rm|export``: what the store holds, in detail, removing it, and
+handing a verified model to Ollama or to plain files (``appliance.store.export``)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,31 @@ RM_EPILOG = """\
 example:
   appliance models rm gemma3-270m:q4_k_m
 """
+EXPORT_DESCRIPTION = """\
+Hand a verified model to the tools the site already runs. Every byte written is checked on
+the way against the signed manifest's chunk hashes and the file's recorded BLAKE3; a model
+that is quarantined or changed is refused (exit 2), nothing of it is left behind, and the
+refusal is audited. Each export is recorded in the audit log.
+
+--ollama DIR writes into an Ollama model store (DIR is what OLLAMA_MODELS names, by default
+~/.ollama/models): the GGUF and its config, template and params as blobs/sha256-<hex>, then the
+manifest manifests/<host>/<namespace>/<model>/<tag> last, so Ollama never lists a model whose
+blobs are not all there. A model built from an ollama: recipe source goes back under its
+Ollama name with its template and parameters; any other model is named <name>:<version>
+(--name to choose) and Ollama uses the chat template in its GGUF. A different model already
+under that name is refused unless --replace; the same one is left as it is.
+
+--dir DIR writes the model's files into a new or empty directory, with SHA256SUMS that
+'sha256sum -c SHA256SUMS' checks from inside DIR. It is assembled next to DIR and renamed into
+place when complete.
+"""
+EXPORT_EPILOG = """\
+examples:
+  appliance models export gemma3-270m --ollama ~/.ollama/models
+  appliance models export acme/tiny:q4_k_m --ollama /srv/ollama --name tiny:q4
+  appliance models export gemma3-270m --dir /mnt/share/gemma && \\
+      (cd /mnt/share/gemma && sha256sum -c SHA256SUMS)
+"""
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -79,6 +105,20 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     rm = add("rm", "remove a model and its files", RM_DESCRIPTION, RM_EPILOG)
     rm.add_argument("name", metavar="NAME", help="NAME or NAME:VERSION")
     rm.set_defaults(func=run_rm)
+    export = add("export", "write a verified model for Ollama or as plain files",
+                 EXPORT_DESCRIPTION, EXPORT_EPILOG)
+    export.add_argument("name", metavar="NAME", help="NAME or NAME:VERSION")
+    where = export.add_mutually_exclusive_group(required=True)
+    where.add_argument("--ollama", type=Path, metavar="DIR",
+                       help="an Ollama model store (its OLLAMA_MODELS directory)")
+    where.add_argument("--dir", type=Path, metavar="DIR",
+                       help="a new or empty directory for the files and SHA256SUMS")
+    export.add_argument("--name", dest="ollama_name", metavar="NAME[:TAG]",
+                        help="the name in Ollama (with --ollama)")
+    export.add_argument("--replace", action="store_true",
+                        help="overwrite a different model of that name (with --ollama)")
+    export.add_argument("--json", action="store_true", help="print the result as JSON")
+    export.set_defaults(func=run_export)
 
 
 def _verified(model: ModelRecord) -> str:
@@ -172,4 +212,40 @@ def run_rm(args: argparse.Namespace) -> int:
     require_existing_store(args.store)
     model = remove_model(args.store, args.name)
     Console(highlight=False).print(f"removed {model.ref} ({human_bytes(model.size)})")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from appliance.cli.store import byte_progress
+    from appliance.errors import UsageError
+    from appliance.store.export import export_dir, export_ollama
+    require_existing_store(args.store)
+    if args.dir is not None and (args.ollama_name or args.replace):
+        raise UsageError("--name and --replace go with --ollama, not --dir")
+    with byte_progress("exporting", enabled=not args.json) as progress:
+        if args.ollama is not None:
+            result = export_ollama(args.store, args.name, args.ollama.expanduser(),
+                                   name=args.ollama_name, replace=args.replace,
+                                   progress=progress)
+        else:
+            result = export_dir(args.store, args.name, args.dir.expanduser(),
+                                progress=progress)
+    if args.json:
+        print_json(result.to_json())
+        return 0
+    console = Console(highlight=False)
+    if result.ollama_name is not None:
+        state = "already there, unchanged" if result.unchanged else "written"
+        console.print(f"exported {result.model} to the Ollama store {result.target} as "
+                      f"[bold]{result.ollama_name}[/] ({state}, {human_bytes(result.bytes)})")
+        console.print(f"  manifest {result.manifest_digest}")
+        if result.left_out:
+            console.print(f"  not for Ollama, left out: {', '.join(result.left_out)}")
+        console.print(f"  run it:  OLLAMA_MODELS={result.target} ollama run {result.ollama_name}")
+    else:
+        console.print(f"exported {result.model} to {result.target} ({len(result.files)} "
+                      f"files, {human_bytes(result.bytes)})")
+        console.print(f"  check it:  cd {result.target} && sha256sum -c SHA256SUMS")
     return 0
