@@ -27,10 +27,18 @@ written. Swarms are SSL torrents with the site CA (--tls-dir with a torrent cert
 'appliance torrent enroll'); plaintext only with --insecure. Peers: --peer HOST:PORT and local
 service discovery; the DHT only with --dht. See docs/TORRENT.md.
 """
+MAKE_DESCRIPTION = """\
+Write the .torrent of one model: the same model gives the same bytes, whether it is made from
+the store or, with --media, from the bundle on media before it is imported (the media is
+authenticated against this store's trust root and the model's files are decompressed, checked
+chunk by chunk, into STORE/torrent-scratch while they are hashed: the model's size must be
+free there).
+"""
 EPILOG = """\
 examples:
   appliance torrent enroll --ca /media/site-ca --tls-dir /etc/appliance/tls
   appliance torrent make gemma3-270m -o gemma3-270m.torrent
+  appliance torrent make gemma3-270m --media /media/usb --insecure
   appliance torrent seed --listen 0.0.0.0:6881
   appliance torrent fetch gemma3-270m.torrent --peer 10.0.0.5:6881
 """
@@ -72,8 +80,13 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     ts = top.add_subparsers(dest="torrent_command", metavar="SUBCOMMAND", required=True)
 
     mk = ts.add_parser("make", parents=[common], help="write a model's .torrent (deterministic)",
-                       formatter_class=_formatter())
-    mk.add_argument("model", metavar="MODEL", help="NAME or NAME:VERSION, published")
+                       formatter_class=_formatter(), description=MAKE_DESCRIPTION)
+    mk.add_argument("model", metavar="MODEL",
+                    help="NAME or NAME:VERSION: published in the store, or in the bundle "
+                         "on --media")
+    mk.add_argument("--media", dest="media", action="append", type=Path, default=[],
+                    metavar="DIR", help="make it from this bundle media (a volume or a media "
+                    "directory; repeatable) instead of the store, before any import")
     mk.add_argument("-o", "--output", type=Path, metavar="FILE",
                     help="where to write it (default: NAME-VERSION.torrent)")
     _connection(mk)
@@ -135,10 +148,16 @@ def _options(args: argparse.Namespace) -> SwarmOptions:
 
 
 def run_make(args: argparse.Namespace) -> int:
-    from appliance.torrent.make import model_torrent
+    from datetime import UTC, datetime
+
+    from appliance.torrent.make import media_torrent, model_torrent
     identity = _identity(args)
-    data, ref = model_torrent(args.store, args.model,
-                              root_cert=identity.ca_pem if identity else None)
+    root_cert = identity.ca_pem if identity else None
+    if args.media:
+        data, ref = media_torrent(args.store, args.media, args.model, root_cert=root_cert,
+                                  now=datetime.now(UTC))
+    else:
+        data, ref = model_torrent(args.store, args.model, root_cert=root_cert)
     out = args.output or Path(ref.replace("/", "~").replace(":", "-") + ".torrent")
     try:
         out.write_bytes(data)

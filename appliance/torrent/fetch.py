@@ -44,12 +44,12 @@ from appliance.store.ingest import IngestOutcome, IngestSession
 from appliance.store.store import Store
 from appliance.torrent import meta
 from appliance.torrent.certs import TorrentIdentity, same_certificate
+from appliance.torrent.make import SCRATCH_DIR
 from appliance.torrent.session import SwarmOptions, add_flags, connect_peers, open_session
 from appliance.torrent.source import TorrentSource
 
 Progress = Callable[[int, int], None]
 Notify = Callable[[str], None]
-SCRATCH_DIR = "torrent-scratch"
 MAX_TORRENT_BYTES = 64 * MiB  # a torrent file: the piece layers of a very large model fit
 _POLL_MS = 100
 _RECONNECT_S = 2.0
