@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "appliance.cli.audit",
     "appliance.cli.doctor",
     "appliance.cli.serve",
+    "appliance.cli.receipt",
     "appliance.cli.peer",
     "appliance.cli.torrent",
     "appliance.cli.oci",

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from appliance.cli import receipt
 from appliance.errors import UsageError
 from appliance.serve.engine import ENGINES, parse_keep_alive
 from appliance.serve.model import DEFAULT_N_CTX, VERIFY_MODES, ServeSettings
@@ -104,6 +105,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                              "(0: no limit; default 3)")
     engine.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                         help="allow browser pages from ORIGIN (repeatable; '*' for any)")
+    receipt.add_serve_options(parser)
     parser.set_defaults(func=handle)
 
 
@@ -133,6 +135,7 @@ def handle(args: argparse.Namespace) -> int:
     keys = load_api_keys(args.api_key_file) if args.api_key_file else frozenset()
     require_existing_store(args.store)
     models = servable_names(args.store, args.model)
+    receipts = receipt.serve_receipts(args)  # before binding: a missing site key says so now
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -151,7 +154,7 @@ def handle(args: argparse.Namespace) -> int:
         preload=args.preload, cors_origins=tuple(args.cors_origin),
     )
     app = create_app(settings, store_resolver(args.store, verify=args.verify_on_load),
-                     audit=serve_audit(args.store, via="cli"))
+                     audit=serve_audit(args.store, via="cli"), receipts=receipts)
     log.info("serving %s on http://%s (store %s)", ", ".join(models), where, args.store)
     run(app, sock, log_level="debug" if args.debug else "warning")
     return 0

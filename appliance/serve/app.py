@@ -45,6 +45,7 @@ from appliance.errors import (
     WorkerCrashedError,
 )
 from appliance.serve import ollama, passthrough, protocol
+from appliance.serve import receipts as receipt_layer
 from appliance.serve.access import AccessLog, Cors
 from appliance.serve.auth import authorized
 from appliance.serve.llama_server import UNLOADED, engine_metrics
@@ -63,8 +64,10 @@ KNOWN_PATHS = frozenset({"/health", "/metrics", "/v1/models", "/v1/chat/completi
 
 
 def create_app(settings: ServeSettings, resolver: ModelResolver, *,
-               audit: Audit | None = None) -> ASGIApp:
-    """Build the ASGI app; workers start loading when the server starts (lifespan)."""
+               audit: Audit | None = None,
+               receipts: receipt_layer.ReceiptOptions | None = None) -> ASGIApp:
+    """Build the ASGI app; workers start loading when the server starts (lifespan). With
+    ``receipts``, every generated answer carries a signed receipt (serve/receipts.py)."""
     state = ServerState(settings, resolver, audit)
     routes = [
         Route("/health", _health, methods=["GET"]),
@@ -83,13 +86,14 @@ def create_app(settings: ServeSettings, resolver: ModelResolver, *,
                             Exception: _on_bug},
     )
     app.state.serve = state
-    return AccessLog(Cors(_Front(app, state), settings.cors_origins), state)
+    inner: ASGIApp = app if receipts is None else receipt_layer.ReceiptLayer(app, state, receipts)
+    return AccessLog(Cors(_Front(inner, state), settings.cors_origins), state)
 
 
 class _Front:
     """Outermost ASGI layer: API keys, in-flight count, per-path status counts."""
 
-    def __init__(self, app: Starlette, state: ServerState) -> None:
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
         self.app = app
         self.state = state
 
