@@ -209,6 +209,15 @@ class PeerClient:
             return None
         return protocol.parse_have(body, manifest_hash, count, self.limits)
 
+    def availability(self, manifest_hash: str, count: int) -> protocol.Availability | None:
+        """The have-map and the chunks the peer's own pull announces it is fetching (none
+        from a server that predates announcements); None when it does not know the manifest."""
+        body = self._get(protocol.have_path(manifest_hash, fetching=True),
+                         self.limits.max_peer_json_bytes, "have-map")
+        if body is None:
+            return None
+        return protocol.parse_availability(body, manifest_hash, count, self.limits)
+
     def chunk(self, digest: str, length: int) -> bytes | None:
         """The chunk's bytes, checked on arrival (IntegrityError); None if the peer lacks it."""
         t = self.timeouts

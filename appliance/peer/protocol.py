@@ -16,6 +16,9 @@ Endpoints (HTTP GET; docs/FORMAT.md, section "Peer protocol"):
     /v1/have/<hash>                  {"protocol": 1, "manifest": HASH, "chunks": N,
                                       "bitmap": BASE64}: bit i (most significant bit first)
                                       set when the host holds unique chunk i of the manifest
+    /v1/have/<hash>?fetching=1       the same plus "fetching": BASE64, the chunks this
+                                      host's own pull is fetching now (an announcement: a
+                                      hint for other pullers, never trusted for content)
     /v1/chunks/<digest>              the chunk's plain bytes
 
 SUMMARY is {"hash", "channel", "sequence", "complete", "models": [{"name", "version"}...]}.
@@ -49,6 +52,7 @@ _HOST_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,252}\Z")
 _CHANNEL = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._+-]{0,255}\Z")
 _MAX_TEXT = 1024
 _MAX_TRUST_VERSIONS = 4096
+FETCHING_QUERY = "fetching"
 
 
 def is_digest(text: str) -> bool:
@@ -79,8 +83,11 @@ def trust_root_path(version: int) -> str:
     return f"/v1/trust/{int(version)}"
 
 
-def have_path(manifest_hash: str) -> str:
-    return f"/v1/have/{_digest_arg(manifest_hash)}"
+def have_path(manifest_hash: str, *, fetching: bool = False) -> str:
+    """The have-map; with ``fetching`` also the chunks the peer's pull is fetching (a server
+    that predates announcements ignores the query and sends the have-map alone)."""
+    return f"/v1/have/{_digest_arg(manifest_hash)}" + (f"?{FETCHING_QUERY}=1" if fetching
+                                                       else "")
 
 
 def chunk_path(digest: str) -> str:
@@ -285,22 +292,48 @@ def decode_bitmap(data: bytes, count: int) -> list[bool]:
     return [bool(data[i >> 3] & (0x80 >> (i & 7))) for i in range(count)]
 
 
-def have_response(manifest_hash: str, flags: Sequence[bool]) -> bytes:
-    return encode_json({
+@dataclass(frozen=True)
+class Availability:
+    """A peer's have-map and its announcement: chunks it holds, chunks on their way to it."""
+
+    held: list[bool]
+    fetching: list[bool]
+
+
+def have_response(manifest_hash: str, flags: Sequence[bool],
+                  fetching: Sequence[bool] | None = None) -> bytes:
+    """The have-map answer; ``fetching`` (same length) only when the puller asked for it."""
+    value: dict[str, Any] = {
         "manifest": manifest_hash,
         "chunks": len(flags),
         "bitmap": base64.b64encode(encode_bitmap(flags)).decode("ascii"),
-    })
+    }
+    if fetching is not None:
+        # Held wins: a chunk that became durable since the pull last announced is not news.
+        value["fetching"] = base64.b64encode(encode_bitmap(
+            [on and not held for on, held in zip(fetching, flags, strict=True)]
+        )).decode("ascii")
+    return encode_json(value)
 
 
-def parse_have(
-    body: bytes, manifest_hash: str, count: int, limits: Limits = DEFAULT_LIMITS
-) -> list[bool]:
-    """Which of the manifest's ``count`` unique chunks the peer says it holds."""
-    value = _exact_keys(
-        parse_json(body, "have-map", limits), {"protocol", "manifest", "chunks", "bitmap"},
-        "have-map",
-    )
+def _bitmap_field(value: Any, what: str, count: int) -> list[bool]:
+    if not isinstance(value, str):
+        raise PeerProtocolError(f"{what} is not a string")
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise PeerProtocolError(f"{what} is not valid base64") from e
+    return decode_bitmap(data, count)
+
+
+def _have(body: bytes, manifest_hash: str, count: int, limits: Limits, *,
+          announced: bool) -> Availability:
+    value = parse_json(body, "have-map", limits)
+    keys = {"protocol", "manifest", "chunks", "bitmap"}
+    # An announcement is optional (a server from before announcements sends none).
+    if announced and "fetching" in value:
+        keys.add("fetching")
+    _exact_keys(value, keys, "have-map")
     if _hex64(value["manifest"], "have-map manifest") != manifest_hash:
         raise PeerProtocolError(
             f"have-map is for manifest {value['manifest']}, not {manifest_hash}"
@@ -309,14 +342,27 @@ def parse_have(
         raise PeerProtocolError(
             f"have-map counts {value['chunks']} chunks, the manifest has {count}"
         )
-    encoded = value["bitmap"]
-    if not isinstance(encoded, str):
-        raise PeerProtocolError("have-map bitmap is not a string")
-    try:
-        data = base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise PeerProtocolError("have-map bitmap is not valid base64") from e
-    return decode_bitmap(data, count)
+    held = _bitmap_field(value["bitmap"], "have-map bitmap", count)
+    if "fetching" not in value:
+        return Availability(held, [False] * count)
+    fetching = _bitmap_field(value["fetching"], "have-map fetching bitmap", count)
+    if any(h and f for h, f in zip(held, fetching, strict=True)):
+        raise PeerProtocolError("have-map announces fetching a chunk it says it holds")
+    return Availability(held, fetching)
+
+
+def parse_have(
+    body: bytes, manifest_hash: str, count: int, limits: Limits = DEFAULT_LIMITS
+) -> list[bool]:
+    """Which of the manifest's ``count`` unique chunks the peer says it holds."""
+    return _have(body, manifest_hash, count, limits, announced=False).held
+
+
+def parse_availability(
+    body: bytes, manifest_hash: str, count: int, limits: Limits = DEFAULT_LIMITS
+) -> Availability:
+    """The answer to ``have_path(..., fetching=True)``: held chunks and announced ones."""
+    return _have(body, manifest_hash, count, limits, announced=True)
 
 
 # --- signed documents and chunks --------------------------------------------------------------

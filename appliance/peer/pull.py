@@ -17,7 +17,9 @@ manifest's digest, or an answer that breaks the protocol, drops that peer for th
 pull and the chunk is fetched elsewhere; a peer that times out, dies or refuses a chunk it
 advertised backs off and is dropped after ``max_failures``. Have-maps are refreshed every
 ``refresh`` seconds and chunks are marked done every ``flush_bytes``, so pullers of the same
-models fetch from each other what they verified meanwhile rather than all from one seed. When
+models fetch from each other what they verified meanwhile rather than all from one seed; the
+chunks this pull is fetching are announced through this host's peer server
+(``appliance.peer.announce``), so the others leave them to come from here. When
 no live peer delivers what is left for ``wait_for_chunks`` seconds the pull stops with a
 ``PeerError`` naming the undelivered chunks; everything written is durable, the writer lock is
 released, and the next pull resumes from there.
@@ -39,6 +41,7 @@ from appliance.errors import (
     UsageError,
 )
 from appliance.limits import MiB
+from appliance.peer.announce import Announcer
 from appliance.peer.client import PeerClient
 from appliance.peer.offers import (
     Authenticated,
@@ -64,6 +67,8 @@ class PullOptions:
     max_failures: int = 3  # timeouts or broken connections before a peer is dropped
     refresh: float = 0.5  # seconds between have-map refreshes during the pull
     wait_for_chunks: float = 30.0  # give up when no live peer holds what is left this long
+    # Longest a chunk waits to come from a puller that announced it, rather than a seed.
+    announce_grace: float = 5.0
     # fsync + mark done at least this often: peers see a chunk only then, so in a swarm this
     # is what lets the others fetch it from here instead of from the seed.
     flush_bytes: int = 1 * MiB
@@ -176,10 +181,14 @@ def _pull_manifest(
     models = list(auth.models)
     result = PullResult(bundle.manifest_hash, manifest.channel, manifest.sequence,
                         [f"{m.name}:{m.version}" for m in models], [])
-    swarm = Swarm(clients, bundle.manifest_hash, [c.digest for c in manifest.unique_chunks()],
+    unique = [c.digest for c in manifest.unique_chunks()]
+    # This host's peer server tells other pullers what is on its way here (in-flight).
+    announcer = Announcer(store_dir, bundle.manifest_hash, unique)
+    swarm = Swarm(clients, bundle.manifest_hash, unique,
                   per_peer=opts.per_peer, workers=opts.workers, max_failures=opts.max_failures,
                   refresh=opts.refresh, wait_for_chunks=opts.wait_for_chunks,
-                  label=", ".join(result.models), notify=say)
+                  announce_grace=opts.announce_grace, label=", ".join(result.models),
+                  notify=say, announce=announcer.update)
 
     def summary(outcome: IngestOutcome) -> dict[str, Any]:
         result.present = outcome.present
@@ -200,7 +209,7 @@ def _pull_manifest(
             "user": trust_state.who(),
         }
 
-    with layout.writer_lock(store_dir, "peer pull"), Store(
+    with layout.writer_lock(store_dir, "peer pull"), announcer, Store(
         store_dir, flush_bytes=opts.flush_bytes
     ) as store:
         session = IngestSession(store, action="pull", now=now, allow_expired=opts.allow_expired,

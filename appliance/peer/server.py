@@ -3,10 +3,12 @@
 ``StoreSource`` reads the store (it never writes): the signed manifests the store recorded at
 import or pull time, the installed trust chain, and every chunk the store holds verified and
 durable, in published files and in the staged files of imports and pulls still running, so a
-host re-serves chunks while its own pull goes on (swarm). Each chunk is re-hashed before it is
-sent; a store that rotted since never passes bad bytes on: the request gets 404, and the file
-holding the bad copy is quarantined as ``store verify`` would (``scrub.quarantine_damaged``:
-audited, dropped from the have-map, its manifest no longer offered as complete).
+host re-serves chunks while its own pull goes on (swarm); asked ``?fetching=1``, the have-map
+also carries the chunks that pull announces it is fetching (``appliance.peer.announce``).
+Each chunk is re-hashed before it is sent; a store that rotted since never passes bad bytes
+on: the request gets 404, and the file holding the bad copy is quarantined as ``store
+verify`` would (``scrub.quarantine_damaged``: audited, dropped from the have-map, its
+manifest no longer offered as complete).
 
 ``create_app`` builds the Starlette app (protocol in ``appliance.peer.protocol``);
 ``PeerServer`` runs it with ``appliance.http_server`` on a socket it binds itself (port 0
@@ -45,7 +47,7 @@ from appliance.errors import ApplianceError, PeerError, UsageError
 from appliance.format.manifest import Manifest, parse_manifest
 from appliance.http_server import HTTPServer, ServerOptions, bind
 from appliance.limits import DEFAULT_LIMITS, Limits
-from appliance.peer import protocol, tls
+from appliance.peer import announce, protocol, tls
 from appliance.store import scrub, trust_state
 from appliance.store.store import Store
 
@@ -141,6 +143,10 @@ class StoreSource:
         manifest = self._parsed_manifest(manifest_hash, signed[0])
         held = self._store().held_digests()
         return [c.digest in held for c in manifest.unique_chunks()]
+
+    def fetching(self, manifest_hash: str, count: int) -> list[bool]:
+        """The chunks this host's running pull announces (``appliance.peer.announce``)."""
+        return announce.read_fetching(self.store_dir, manifest_hash, count)
 
     def chunk(self, digest: str) -> bytes | None:
         store = self._store()
@@ -300,7 +306,10 @@ def create_app(
         flags = await source.call(source.have, digest) if digest else None
         if flags is None or digest is None:
             return _error(404, "no such manifest")
-        return _json(protocol.have_response(digest, flags))
+        fetching = None
+        if request.query_params.get(protocol.FETCHING_QUERY) == "1":
+            fetching = await source.call(source.fetching, digest, len(flags))
+        return _json(protocol.have_response(digest, flags, fetching))
 
     async def chunk(request: Request) -> Any:
         digest = _digest(request, "digest")

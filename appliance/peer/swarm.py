@@ -9,11 +9,20 @@ it against the signed manifest and pwrites it. The swarm talks to peers through 
 peers and no sockets (tests/test_swarm.py).
 
 Have-maps are re-read every ``refresh`` seconds on their own threads (a seed's, once complete,
-is not), so what other pullers verified meanwhile is used. Pending chunks go out rarest first,
-ties in this host's own random order, so hosts pulling from one seed at once ask it for
-different chunks; each goes to the least loaded peer holding it, a partial holder before a
-complete one, at most ``per_peer`` per peer: the seed's upload goes to chunks nobody else has
-yet. A peer sending wrong bytes or breaking the protocol is dropped at once (wrong bytes are
+is not), so what other pullers verified meanwhile is used. A peer that is pulling too also
+announces the chunks on their way to it (``PeerClient.availability``; this host announces its
+own through ``announce``, chunks asked for or received but not yet durable). Pending chunks go
+out rarest first, counting copies held and copies announced, ties in this host's own random
+order, so hosts pulling from one seed at once ask it for different chunks; each goes to the
+least loaded peer holding it, a partial holder before a complete one, at most ``per_peer`` per
+peer. The seed's upload is the site's scarce one, so a seed is not asked for a chunk another
+puller holds or announces: that chunk waits to come from the puller, and the seed sends each
+chunk about once (super-seeding, decided by the pullers). The wait is bounded: a chunk is left
+to pullers for at most ``announce_grace`` seconds, and a puller whose announcement did not turn
+into a copy within that time is not believed again in this pull, so a lying or dying
+announcer costs one grace period, and the chunk still comes, checked, from the seed.
+
+A peer sending wrong bytes or breaking the protocol is dropped at once (wrong bytes are
 also audited). A peer that times out, dies, or answers 404 for a chunk its have-map lists has
 failed: it backs off (``refresh * 2**failures``, at most ``wait_for_chunks / 4``), is not asked
 for a chunk it refused again (whatever its have-map says), and after ``max_failures`` in a row
@@ -28,15 +37,17 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from appliance.errors import IntegrityError, PeerError, PeerProtocolError
+from appliance.peer.protocol import Availability
 from appliance.store.ingest import ChunkSink
 
 Notify = Callable[[str], None]
+Announce = Callable[[Collection[str]], None]
 # Undelivered chunks named in a starvation error (the count is always given).
 NAMED_CHUNKS = 3
 
@@ -52,6 +63,13 @@ class PeerLike(Protocol):
     def chunk(self, digest: str, length: int) -> bytes | None: ...
 
 
+@runtime_checkable
+class Announcing(Protocol):
+    """A peer that also tells which chunks its own pull is fetching (``PeerClient``)."""
+
+    def availability(self, manifest_hash: str, count: int) -> Availability | None: ...
+
+
 @dataclass
 class SwarmStats:
     """What a swarm run did, per peer and in all."""
@@ -63,6 +81,7 @@ class SwarmStats:
     failures: int = 0  # timeouts, broken answers, 404s for advertised chunks
     refusals: int = 0  # of those, 404s for a chunk the peer's have-map listed
     duplicates: int = 0  # chunks that arrived when no longer needed
+    deferred: int = 0  # chunks left to come from a puller that announced them, not a seed
     bytes: int = 0  # verified bytes received
 
 
@@ -70,6 +89,8 @@ class SwarmStats:
 class _Peer:
     client: PeerLike
     have: set[str] = field(default_factory=set)
+    fetching: set[str] = field(default_factory=set)  # announced: on their way to it
+    believed: bool = True  # False once an announcement of it did not turn into a copy
     inflight: int = 0
     failures: int = 0  # in a row
     dropped: str | None = None
@@ -98,10 +119,13 @@ class Swarm:
         max_failures: int = 3,
         refresh: float = 0.5,
         wait_for_chunks: float = 30.0,
+        announce_grace: float = 5.0,
         label: str = "",
         notify: Notify | None = None,
+        announce: Announce | None = None,
     ) -> None:
-        """``unique``: the manifest's distinct chunk digests in have-map order."""
+        """``unique``: the manifest's distinct chunk digests in have-map order; ``announce``
+        is given the chunks on their way here whenever they change."""
         self.peers = [_Peer(p) for p in peers]
         self.manifest_hash = manifest_hash
         self.unique = list(unique)
@@ -110,14 +134,20 @@ class Swarm:
         self.max_failures = max(1, max_failures)
         self.refresh = refresh
         self.wait_for_chunks = wait_for_chunks
+        # Below the starvation bound: a chunk left to come from an announcer is not starved.
+        self.announce_grace = max(0.0, min(announce_grace, wait_for_chunks / 2))
+        self.announce = announce
         self.label = label or manifest_hash[:16]
         self.say = notify or (lambda _message: None)
         self.stats = SwarmStats()
         self._pending: list[str] = []
         self._needed: dict[str, int] = {}
         self._inflight: dict[Future[tuple[bytes, bool] | None], tuple[str, _Peer]] = {}
-        self._asking: dict[Future[list[bool] | None], _Peer] = {}
+        self._asking: dict[Future[Availability | list[bool] | None], _Peer] = {}
         self._stale = True  # a have-map changed since the pending chunks were last ranked
+        self._copies: dict[str, int] = {}  # pending digest -> pullers holding or announcing it
+        self._deferred_at: dict[str, float] = {}  # when a chunk was first left to an announcer
+        self._unsettled: set[str] = set()  # recorded here, not yet durable (not in our have-map)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -147,6 +177,7 @@ class Swarm:
         settled_at, unsettled = time.monotonic(), False
         while self._pending or self._inflight:
             self._dispatch(fetchers, sink)
+            self._announce()
             if not self._inflight:
                 if not self._live():
                     raise PeerError(self._stopped("every peer was dropped"))
@@ -156,7 +187,7 @@ class Swarm:
                     raise PeerError(self._stopped(
                         f"no live peer has delivered the {len(self._pending)} remaining "
                         f"chunk(s) for {self.wait_for_chunks:.0f} s"))
-                sink.settle()
+                self._settle(sink)
                 self._ask(askers)
                 if self._asking:
                     answered, _ = wait(list(self._asking), timeout=self.refresh,
@@ -179,8 +210,16 @@ class Swarm:
             # landed chunk stays invisible to the other pullers when chunks arrive slowly.
             moment = time.monotonic()
             if not finished or (unsettled and moment - settled_at >= self.refresh / 2):
-                sink.settle()
+                self._settle(sink)
                 settled_at, unsettled = moment, False
+
+    def _settle(self, sink: ChunkSink) -> None:
+        sink.settle()
+        self._unsettled.clear()  # durable: our have-map lists them now
+
+    def _announce(self) -> None:
+        if self.announce is not None:
+            self.announce({d for d, _ in self._inflight.values()} | self._unsettled)
 
     # -- peers ---------------------------------------------------------------------------------
 
@@ -228,14 +267,17 @@ class Swarm:
             peer.asking = True
             peer.asked_at = moment
             self.stats.have_requests += 1
-            fut = askers.submit(peer.client.have, self.manifest_hash, len(self.unique))
+            client = peer.client
+            ask: Callable[[str, int], Availability | list[bool] | None] = (
+                client.availability if isinstance(client, Announcing) else client.have)
+            fut = askers.submit(ask, self.manifest_hash, len(self.unique))
             self._asking[fut] = peer
 
-    def _absorb(self, fut: Future[list[bool] | None]) -> None:
+    def _absorb(self, fut: Future[Availability | list[bool] | None]) -> None:
         peer = self._asking.pop(fut)
         peer.asking = False
         try:
-            flags = fut.result()
+            answer = fut.result()
         except (PeerProtocolError, IntegrityError) as e:
             self._drop(peer, f"bad have-map: {e}")
             return
@@ -247,30 +289,64 @@ class Swarm:
             return
         if peer.dropped is not None:
             return
+        flags, coming = (answer.held, answer.fetching) if isinstance(answer, Availability) \
+            else (answer, None)
         have = set() if flags is None else {
             d for d, held in zip(self.unique, flags, strict=True) if held
         }
         have -= peer.failed
-        if have != peer.have:
-            peer.have = have
+        fetching = set() if coming is None else {
+            d for d, on in zip(self.unique, coming, strict=True) if on
+        }
+        if have != peer.have or fetching != peer.fetching:
+            peer.have, peer.fetching = have, fetching
             self._stale = True
 
     # -- chunks --------------------------------------------------------------------------------
 
     def _rank(self) -> None:
-        # Rarest first: chunks few peers hold go out before they become a bottleneck, and a
-        # seed's upload goes to chunks nobody else has yet. The sort is stable, so ties keep
-        # this host's own random order.
-        holders = self._live()
-        self._pending.sort(key=lambda d: sum(d in p.have for p in holders))
+        # Rarest first: chunks few peers hold or are fetching go out before they become a
+        # bottleneck, and a seed's upload goes to chunks nobody else has or gets yet. The sort
+        # is stable, so ties keep this host's own random order.
+        live = self._live()
+        seeds = [p for p in live if self._complete(p)]
+        pullers = [p for p in live if not self._complete(p)]
+        self._copies = {d: sum(d in p.have or (p.believed and d in p.fetching) for p in pullers)
+                        for d in self._pending}
+        self._pending.sort(key=lambda d: self._copies[d] + sum(d in s.have for s in seeds))
         self._stale = False
+
+    def _left_to_pullers(self, digest: str, moment: float) -> bool:
+        """Leave ``digest`` to come from a puller that holds or announces it, not a seed?
+
+        At most ``announce_grace`` seconds per chunk; then the pullers that announced it and
+        still do not hold it are not believed again (a liar costs one grace period)."""
+        if not self._copies.get(digest):
+            return False
+        since = self._deferred_at.get(digest)
+        if since is None:
+            since = self._deferred_at[digest] = moment
+            self.stats.deferred += 1
+        if moment - since < self.announce_grace:
+            return True
+        for peer in self._live():
+            if peer.believed and digest in peer.fetching and digest not in peer.have:
+                peer.believed = False
+                self._stale = True
+                self.say(f"peer {peer.url} announced chunk {digest[:16]} for "
+                         f"{self.announce_grace:g} s without getting it; its announcements "
+                         "are ignored for this pull")
+        self._copies[digest] = 0
+        return False
 
     def _cap(self, peer: _Peer, seed_share: int) -> int:
         return seed_share if self._complete(peer) else self.per_peer
 
-    def _choose(self, digest: str, open_peers: list[_Peer], seed_share: int) -> _Peer | None:
+    def _choose(self, digest: str, open_peers: list[_Peer], seed_share: int, moment: float
+                ) -> _Peer | None:
         """The least loaded peer holding the chunk, a partial holder before a complete one
-        (another puller rather than the seed, whose upload is the site's scarce one)."""
+        (another puller rather than the seed, whose upload is the site's scarce one); None
+        when only a seed is free and the chunk is left to come from a puller."""
         best: _Peer | None = None
         best_key: tuple[bool, int, int] | None = None
         for peer in open_peers:
@@ -278,6 +354,8 @@ class Swarm:
                 key = (self._complete(peer), peer.inflight, len(peer.have))
                 if best_key is None or key < best_key:
                     best, best_key = peer, key
+        if best is not None and self._complete(best) and self._left_to_pullers(digest, moment):
+            return None
         return best
 
     def _dispatch(self, fetchers: ThreadPoolExecutor, sink: ChunkSink) -> None:
@@ -297,7 +375,7 @@ class Swarm:
         i = 0
         while open_peers and i < len(self._pending):
             digest = self._pending[i]
-            peer = self._choose(digest, open_peers, seed_share)
+            peer = self._choose(digest, open_peers, seed_share, moment)
             if peer is None:
                 i += 1
                 continue
@@ -342,6 +420,7 @@ class Swarm:
             return False
         self._needed.pop(digest, None)
         sink.record(digest, data)
+        self._unsettled.add(digest)
         return True
 
     def _stopped(self, why: str) -> str:
