@@ -132,7 +132,7 @@ def split_model_facts(files: Sequence[tuple[str, Path]], *,
     another directory, shards missing, two split GGUFs in one model, or tensors that do not
     add up to ``split.tensors.count`` (a shard from another split).
     """
-    shards: list[tuple[str, ShardName, GgufLayout]] = []
+    found: list[tuple[str, ShardName | None, GgufLayout]] = []
     for dest, local in files:
         try:
             small = local.stat().st_size < FIXED_HEADER_BYTES
@@ -141,19 +141,22 @@ def split_model_facts(files: Sequence[tuple[str, Path]], *,
         if small or not is_gguf(local):
             continue
         layout = read_gguf_layout(local, limits=limits)
-        if layout.split is None:
-            continue
-        split = layout.split
-        name = parse_shard_name(dest)
-        if name is None or (name.index, name.count) != (split.index + 1, split.count):
-            prefix = name.prefix if name else PurePosixPath(dest).name.removesuffix(".gguf")
-            raise RecipeError(
-                f"{dest} is shard {split.index + 1} of {split.count} of a split GGUF, and "
-                "llama.cpp finds shards by name: give it dest: "
-                f"{shard_name(prefix, split.index + 1, split.count)}")
-        shards.append((dest, name, layout))
-    if not shards:
+        if layout.split is not None:
+            found.append((dest, parse_shard_name(dest), layout))
+    if not found:
         return None
+    shards: list[tuple[str, ShardName, GgufLayout]] = []
+    for dest, name, layout in found:
+        assert layout.split is not None
+        place = (layout.split.index + 1, layout.split.count)
+        if name is None or (name.index, name.count) != place:
+            # Suggest the name of the set the other shards already name, if one does.
+            prefix = next((n.prefix for _, n, _ in found if n is not None and n is not name),
+                          PurePosixPath(dest).name.removesuffix(".gguf"))
+            raise RecipeError(
+                f"{dest} is shard {place[0]} of {place[1]} of a split GGUF, and llama.cpp "
+                f"finds shards by name: give it dest: {shard_name(prefix, *place)}")
+        shards.append((dest, name, layout))
     keys = {name.key for _, name, _ in shards}
     if len(keys) > 1:
         listed = ", ".join(sorted({name.sibling(1) for _, name, _ in shards}))

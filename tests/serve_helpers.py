@@ -102,11 +102,15 @@ def metric(url: str, line_prefix: str, headers: dict[str, str] | None = None) ->
 
 
 def copy_gguf_with(src: Path, dst: Path, extra_u32: dict[str, int] | None = None, *,
-                   extra_bool: dict[str, bool] | None = None) -> Path:
-    """Rewrite ``src`` to ``dst`` with the same keys and tensors plus the extra keys."""
+                   extra_bool: dict[str, bool] | None = None, split_max_tensors: int = 0) -> Path:
+    """Rewrite ``src`` to ``dst`` with the same keys and tensors plus the extra keys.
+
+    ``split_max_tensors``: write a split GGUF instead, as llama.cpp's gguf-split does
+    (``DST-00001-of-0000N.gguf``..., at most that many tensors each); returns the first shard.
+    """
     reader = gguf.GGUFReader(src)
     arch = reader.fields["general.architecture"].contents()
-    writer = gguf.GGUFWriter(dst, arch)
+    writer = gguf.GGUFWriter(dst, arch, split_max_tensors=split_max_tensors)
     for kv in reader.fields.values():
         if kv.name.startswith("GGUF.") or kv.name == "general.architecture":
             continue
@@ -124,7 +128,7 @@ def copy_gguf_with(src: Path, dst: Path, extra_u32: dict[str, int] | None = None
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return dst
+    return writer.format_shard_names(dst)[0]
 
 
 @dataclass
