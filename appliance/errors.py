@@ -41,6 +41,9 @@ The tree:
     ├── KeyFileError                    unreadable key, wrong passphrase, not Ed25519
     │   └── MissingKeyFileError         the key file named does not exist (exit 1)
     ├── RecipeError                     a bundle recipe is invalid
+    │   ├── SourceUnavailableError      a source is not there: not in the HF cache, unknown
+    │   │                               revision, download not allowed or failed
+    │   └── QuantizeError               quantize: cannot be done (already quantized, llama.cpp)
     ├── MediaError                      media unreadable or incomplete
     │   └── MissingVolumeError          a volume the operation needs is not present
     ├── StoreError                      store unusable: I/O, disk full, locked, inconsistent
@@ -199,6 +202,18 @@ class MissingKeyFileError(KeyFileError):
 
 class RecipeError(ApplianceError):
     """A bundle recipe is invalid."""
+
+
+class SourceUnavailableError(RecipeError):
+    """A recipe names a source that is not there: a Hugging Face file missing from the local
+    cache (and downloading not allowed), a revision the cache does not know, a failed
+    download. The message says what to run on a connected machine first."""
+
+
+class QuantizeError(RecipeError):
+    """A recipe's ``quantize:`` cannot be done: the source is already quantized or not a
+    GGUF, the type is unknown, the importance matrix is unusable, or llama.cpp failed (its
+    reason is in the message)."""
 
 
 class MediaError(ApplianceError):

@@ -70,42 +70,46 @@ def vocab_size() -> int:
     return len(_SPECIAL) + 256 + (0x7F - 0x21) + len(_PIECES)
 
 
-def _tensors(rng: np.random.Generator, n_vocab: int) -> list[tuple[str, np.ndarray]]:
+def _tensors(rng: np.random.Generator, n_vocab: int, n_embd: int = N_EMBD, n_ff: int = N_FF,
+             dtype: type[np.floating] = np.float16) -> list[tuple[str, np.ndarray]]:
     """Weights in llama.cpp's tensor naming; numpy shapes are (rows, cols) = GGUF reversed."""
 
     def matrix(rows: int, cols: int) -> np.ndarray:
-        return (rng.standard_normal((rows, cols), dtype=np.float32) * 0.05).astype(np.float16)
+        return (rng.standard_normal((rows, cols), dtype=np.float32) * 0.05).astype(dtype)
 
     def norm() -> np.ndarray:
-        return np.ones(N_EMBD, dtype=np.float32)
+        return np.ones(n_embd, dtype=np.float32)
 
-    head_dim = N_EMBD // N_HEAD
+    head_dim = n_embd // N_HEAD
     n_embd_kv = head_dim * N_HEAD_KV
-    out: list[tuple[str, np.ndarray]] = [("token_embd.weight", matrix(n_vocab, N_EMBD))]
+    out: list[tuple[str, np.ndarray]] = [("token_embd.weight", matrix(n_vocab, n_embd))]
     for layer in range(N_LAYER):
         blk = f"blk.{layer}"
         out += [
             (f"{blk}.attn_norm.weight", norm()),
-            (f"{blk}.attn_q.weight", matrix(N_EMBD, N_EMBD)),
-            (f"{blk}.attn_k.weight", matrix(n_embd_kv, N_EMBD)),
-            (f"{blk}.attn_v.weight", matrix(n_embd_kv, N_EMBD)),
-            (f"{blk}.attn_output.weight", matrix(N_EMBD, N_EMBD)),
+            (f"{blk}.attn_q.weight", matrix(n_embd, n_embd)),
+            (f"{blk}.attn_k.weight", matrix(n_embd_kv, n_embd)),
+            (f"{blk}.attn_v.weight", matrix(n_embd_kv, n_embd)),
+            (f"{blk}.attn_output.weight", matrix(n_embd, n_embd)),
             (f"{blk}.ffn_norm.weight", norm()),
-            (f"{blk}.ffn_gate.weight", matrix(N_FF, N_EMBD)),
-            (f"{blk}.ffn_up.weight", matrix(N_FF, N_EMBD)),
-            (f"{blk}.ffn_down.weight", matrix(N_EMBD, N_FF)),
+            (f"{blk}.ffn_gate.weight", matrix(n_ff, n_embd)),
+            (f"{blk}.ffn_up.weight", matrix(n_ff, n_embd)),
+            (f"{blk}.ffn_down.weight", matrix(n_embd, n_ff)),
         ]
-    out += [("output_norm.weight", norm()), ("output.weight", matrix(n_vocab, N_EMBD))]
+    out += [("output_norm.weight", norm()), ("output.weight", matrix(n_vocab, n_embd))]
     return out
 
 
 def write_tiny_llama(
-    path: Path, *, seed: int = 0, chat_template: str | None = DEFAULT_TEMPLATE
+    path: Path, *, seed: int = 0, chat_template: str | None = DEFAULT_TEMPLATE,
+    n_embd: int = N_EMBD, n_ff: int = N_FF, float32: bool = False,
 ) -> Path:
     """Write the tiny llama GGUF to ``path`` (replacing it atomically) and return ``path``.
 
     ``chat_template=None`` leaves ``tokenizer.chat_template`` out, for tests of models
     without one. The file is about 100 KiB and loads in llama.cpp in milliseconds.
+    ``n_embd``/``n_ff`` widen it (llama.cpp's K-quants need rows of 256) and ``float32``
+    writes F32 weights (an ALL_F32 file, a source to quantize) instead of F16.
     """
     path = Path(path)
     tokens, scores, types = _vocab()
@@ -114,14 +118,15 @@ def write_tiny_llama(
     writer = gguf.GGUFWriter(str(tmp), ARCH)
     try:
         writer.add_name(MODEL_NAME)
-        writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
+        file_type = gguf.LlamaFileType.ALL_F32 if float32 else gguf.LlamaFileType.MOSTLY_F16
+        writer.add_file_type(int(file_type))
         writer.add_context_length(N_CTX)
-        writer.add_embedding_length(N_EMBD)
+        writer.add_embedding_length(n_embd)
         writer.add_block_count(N_LAYER)
-        writer.add_feed_forward_length(N_FF)
+        writer.add_feed_forward_length(n_ff)
         writer.add_head_count(N_HEAD)
         writer.add_head_count_kv(N_HEAD_KV)
-        writer.add_rope_dimension_count(N_EMBD // N_HEAD)
+        writer.add_rope_dimension_count(n_embd // N_HEAD)
         writer.add_rope_freq_base(10000.0)
         writer.add_layer_norm_rms_eps(1e-5)
         writer.add_vocab_size(len(tokens))
@@ -136,7 +141,8 @@ def write_tiny_llama(
         writer.add_add_eos_token(False)
         if chat_template is not None:
             writer.add_chat_template(chat_template)
-        for name, array in _tensors(rng, len(tokens)):
+        dtype = np.float32 if float32 else np.float16
+        for name, array in _tensors(rng, len(tokens), n_embd, n_ff, dtype):
             writer.add_tensor(name, array)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

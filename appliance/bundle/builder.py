@@ -22,6 +22,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -57,6 +58,7 @@ from appliance.bundle.sources import ResolvedSource, resolve_source
 from appliance.chunker import Span, plan_file
 from appliance.errors import (
     FormatError,
+    IntegrityError,
     MediaError,
     RecipeError,
     TruncatedError,
@@ -186,12 +188,13 @@ def _gguf_info(facts: GgufFacts | None) -> GgufInfo | None:
     )
 
 
-def _plan(recipe: Recipe, limits: Limits) -> list[list[_PlannedFile]]:
+def _plan(recipe: Recipe, limits: Limits, scratch: Path | None = None,
+          notify: Callable[[str], None] | None = None) -> list[list[_PlannedFile]]:
     planned = []
     for model in recipe.models:
         files = []
         for spec in model.files:
-            source = resolve_source(spec)
+            source = resolve_source(spec, scratch=scratch, notify=notify)
             try:
                 size = source.local_path.stat().st_size
             except OSError as e:
@@ -274,6 +277,7 @@ def build_bundle(
     parity: int = 0,
     oms_key: Path | None = None,
     oms_signatures: Mapping[str, Path] | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> BuildResult:
     """Build the bundle described by ``recipe_path`` into ``out_dir``, signed by ``keys``.
 
@@ -281,7 +285,9 @@ def build_bundle(
     walk from their installed root to the signers. ``volume_size``: split into
     ``out_dir/vol-NNN`` volumes of at most this many bytes each (else one volume in
     ``out_dir``). ``pack_size``: the largest pack file. ``progress(done, total)`` gets plain
-    bytes read. Raises UsageError, RecipeError, MediaError; never leaves a complete-looking
+    bytes read. ``notify(line)`` gets a line before and after long steps before packing
+    (quantizing, downloading); quantized files live in a temporary directory (TMPDIR).
+    Raises UsageError, RecipeError, MediaError; never leaves a complete-looking
     half bundle.
     """
     started = time.perf_counter()
@@ -303,7 +309,9 @@ def build_bundle(
     recipe, _oms_work = sign_recipe(recipe, oms_key) if oms_key is not None else (recipe, None)
     chain = _load_chain([*recipe.trust, *trust_chain], limits)
     _check_keys_against_root(keys, chain)
-    planned = _plan(recipe, limits)
+    # Quantized files (recipe quantize:) stay in a temporary directory until this returns.
+    _scratch = tempfile.TemporaryDirectory(prefix="appliance-build-")
+    planned = _plan(recipe, limits, Path(_scratch.name), notify)
     total = sum(f.size for files in planned for f in files)
     if total == 0:
         raise RecipeError("every file in the recipe is empty")
@@ -459,6 +467,11 @@ def _write_packs(recipe: Recipe, planned: list[list[_PlannedFile]], state: _Stat
                         settle(pending.popleft())
                     if os.fstat(handle.fileno()).st_size != planned_file.size:
                         raise RecipeError(f"{path} changed size while it was being read")
+                    upstream = planned_file.source.upstream_sha256
+                    if upstream is not None and sha.hexdigest() != upstream:
+                        raise IntegrityError(
+                            f"{planned_file.source.label}: the bytes read do not match the "
+                            f"upstream digest (sha256 {sha.hexdigest()})", file=str(path))
                 finally:
                     for _, mapped, work, hashed in pending:  # only after a failure
                         for future in (work, hashed):

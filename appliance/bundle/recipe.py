@@ -14,9 +14,13 @@ A recipe (see bundles/README.md for the full schema)::
           - path: models/gemma-3-270m-q4_k_m.gguf     # or  hf: {repo: ..., file: ...}
             dest: gemma-3-270m-q4_k_m.gguf            # optional name in the bundle
           - default: gemma3-270m                      # the embedded default model
+          - hf: {repo: org/name, file: x-f16.gguf, revision: main, download: false}
+            quantize: Q4_K_M                          # llama.cpp type, made at build
+            imatrix: imatrix.gguf                     # optional importance matrix
 
-Relative paths are relative to the recipe's directory. Recipes are read with the hostile-YAML
-loader (size cap, no aliases); every problem is a ``RecipeError`` naming the field.
+Relative paths (``path:``, ``imatrix:``, ``trust:``) are relative to the recipe's directory.
+Recipes are read with the hostile-YAML loader (size cap, no aliases); every problem is a
+``RecipeError`` naming the field.
 
 Public API: ``load_recipe(path) -> Recipe``, ``parse_recipe(data, base_dir) -> Recipe``,
 ``parse_size(text) -> int``.
@@ -28,6 +32,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from appliance.bundle.quantize import QUANT_TYPES, quantized_dest
 from appliance.errors import FormatError, RecipeError, UsageError
 from appliance.format import fields, yamlsafe
 from appliance.format.manifest import check_path, check_unique_paths
@@ -38,6 +43,7 @@ _POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 MAX_EXPIRES_DAYS = 36500
 _MAX_NAME_BYTES = 200
 SOURCE_KINDS = ("path", "hf", "default", "ollama")
+_REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*")
 
 
 def parse_size(text: str | int) -> int:
@@ -67,8 +73,10 @@ class FileSpec:
     """One file of a model. ``kind`` is ``path``, ``hf`` or ``default``.
 
     ``path``: ``location`` is the local path (absolute after loading). ``hf``: ``repo``,
-    ``location`` (file in the repo), ``revision``. ``default``: ``location`` names the
-    embedded model. ``dest`` is the file's path inside the bundle.
+    ``location`` (file in the repo), ``revision``, ``download`` (may fetch when not cached).
+    ``default``: ``location`` names the embedded model. ``dest`` is the file's path inside
+    the bundle. ``quantize``: a llama.cpp type (``Q4_K_M``) to quantize the source to at build,
+    with an optional ``imatrix`` file (absolute path).
     """
 
     kind: str
@@ -77,6 +85,9 @@ class FileSpec:
     repo: str | None = None
     revision: str | None = None
     written: str = ""  # the value as the recipe wrote it, for provenance
+    download: bool = False  # hf: only; offline (cache only) unless the recipe says so
+    quantize: str | None = None
+    imatrix: str | None = None
 
 
 @dataclass(frozen=True)
@@ -180,18 +191,20 @@ def _file(raw: object, where: str, base_dir: Path, limits: Limits) -> FileSpec:
     m = fields.mapping(raw, where, error=RecipeError)
     kinds = [k for k in SOURCE_KINDS if k in m]
     if len(kinds) != 1:
-        raise RecipeError(f"{where}: give exactly one of path:, hf:, default:, ollama:")
+        named = ", ".join(f"{k}:" for k in SOURCE_KINDS)
+        raise RecipeError(f"{where}: give exactly one of {named}")
     kind = kinds[0]
-    fields.keys(m, {kind}, {"dest"}, where, error=RecipeError)
+    fields.keys(m, {kind}, {"dest", "quantize", "imatrix"}, where, error=RecipeError)
     value = m[kind]
     repo = revision = None
+    download = False
     if kind == "path":
         if not isinstance(value, str) or not value:
             raise RecipeError(f"{where}: path must be a non-empty string")
         location = str(_local_path(value, base_dir))
         default_dest = PurePosixPath(value.replace("\\", "/")).name
     elif kind == "hf":
-        repo, location, revision = _hf(value, where)
+        repo, location, revision, download = _hf(value, where)
         default_dest = PurePosixPath(location).name
     elif kind == "ollama":  # a local Ollama store: appliance/bundle/ollama_source.py
         from appliance.bundle.ollama_source import recipe_fields
@@ -201,6 +214,9 @@ def _file(raw: object, where: str, base_dir: Path, limits: Limits) -> FileSpec:
             raise RecipeError(f"{where}: default must name the embedded model")
         location = value
         default_dest = ""  # known only once the embedded model is located
+    quantize, imatrix = _quantize(m, where, base_dir)
+    if quantize is not None and default_dest:
+        default_dest = quantized_dest(default_dest, quantize)
     dest = m.get("dest", default_dest)
     if dest:
         try:
@@ -208,26 +224,52 @@ def _file(raw: object, where: str, base_dir: Path, limits: Limits) -> FileSpec:
         except FormatError as e:
             raise RecipeError(f"{where}: bad dest: {e}") from e
     return FileSpec(kind=kind, location=location, dest=dest, repo=repo, revision=revision,
-                    written=value if isinstance(value, str) else "")
+                    written=value if isinstance(value, str) else "", download=download,
+                    quantize=quantize, imatrix=imatrix)
 
 
-def _hf(value: object, where: str) -> tuple[str, str, str | None]:
-    """``{repo: org/name, file: x.gguf, revision: main}`` or the shorthand ``org/name/x.gguf``."""
+def _quantize(m: dict[str, object], where: str, base_dir: Path
+              ) -> tuple[str | None, str | None]:
+    """``quantize: Q4_K_M`` (any case) and ``imatrix: FILE``, which needs ``quantize:``."""
+    raw, imatrix_raw = m.get("quantize"), m.get("imatrix")
+    if raw is None:
+        if imatrix_raw is not None:
+            raise RecipeError(f"{where}: imatrix: needs quantize:")
+        return None, None
+    if not isinstance(raw, str) or raw.upper() not in QUANT_TYPES:
+        raise RecipeError(f"{where}: quantize: {raw!r} is not a llama.cpp quantization type "
+                          f"(one of {', '.join(QUANT_TYPES)})")
+    if imatrix_raw is None:
+        return raw.upper(), None
+    if not isinstance(imatrix_raw, str) or not imatrix_raw:
+        raise RecipeError(f"{where}: imatrix must be a file path")
+    return raw.upper(), str(_local_path(imatrix_raw, base_dir))
+
+
+def _hf(value: object, where: str) -> tuple[str, str, str | None, bool]:
+    """``{repo: org/name, file: x.gguf, revision: main, download: false}`` or the shorthand
+    ``org/name/x.gguf`` (never downloads)."""
     if isinstance(value, str):
         parts = value.split("/")
         if len(parts) < 3 or not all(parts):
             raise RecipeError(f"{where}: hf: shorthand is ORG/REPO/FILE")
-        return "/".join(parts[:2]), "/".join(parts[2:]), None
-    m = fields.record(value, {"repo", "file"}, f"{where} hf", optional={"revision"},
-                      error=RecipeError)
+        return "/".join(parts[:2]), "/".join(parts[2:]), None, False
+    m = fields.record(value, {"repo", "file"}, f"{where} hf",
+                      optional={"revision", "download"}, error=RecipeError)
     repo, file, revision = m["repo"], m["file"], m.get("revision")
+    download = m.get("download", False)
+    if not isinstance(download, bool):
+        raise RecipeError(f"{where}: hf download must be true or false")
     if not isinstance(repo, str) or repo.count("/") != 1 or not all(repo.split("/")):
         raise RecipeError(f"{where}: hf repo must look like ORG/NAME")
     if not isinstance(file, str) or not file or file.startswith("/") or ".." in file.split("/"):
         raise RecipeError(f"{where}: hf file must be a path inside the repo")
-    if revision is not None and (not isinstance(revision, str) or not revision):
-        raise RecipeError(f"{where}: hf revision must be a string")
-    return repo, file, revision
+    # The revision names a file under the cache's refs/ (a branch, a tag, refs/pr/N) or a
+    # snapshot directory (a commit), so it must stay a plain relative name.
+    if revision is not None and (not isinstance(revision, str)
+                                 or not _REVISION.fullmatch(revision)):
+        raise RecipeError(f"{where}: hf revision must be a branch, tag or commit")
+    return repo, file, revision, download
 
 
 def _local_path(text: str, base_dir: Path) -> Path:

@@ -194,7 +194,8 @@ def run_build(args: argparse.Namespace) -> int:
                               volume_size=volume_size, pack_size=pack_size, progress=progress,
                               workers=args.workers, parity=args.parity,
                               oms_key=args.oms_key,
-                              oms_signatures=bundle_reports.oms_signatures(args.oms_signature))
+                              oms_signatures=bundle_reports.oms_signatures(args.oms_signature),
+                              notify=lambda line: print(line, file=sys.stderr, flush=True))
     if args.json:
         carried = [trust_state.read_root_file(p).root for p in args.trust]
         print_json({
