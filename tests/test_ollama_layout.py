@@ -220,3 +220,13 @@ def test_an_explicit_store_and_a_tampered_blob_stop_the_build(tmp_path: Path,
     flip_byte(model_blob(ollama_store), 100)
     with pytest.raises(IntegrityError):
         build(tmp_path, recipe=recipe)
+
+
+def test_a_config_for_a_gguf_quantized_at_build_says_so_and_keeps_the_rest() -> None:
+    config = ('{"model_format":"gguf","model_family":"llama","model_families":["llama"],'
+              '"model_type":"1.2B","file_type":"F16","renderer":"x","architecture":"amd64",'
+              '"os":"linux"}\n')
+    patched = ol.patch_config(config, file_type="Q4_K_M", parameter_count=1_235_814_400)
+    assert patched == config.replace('"F16"', '"Q4_K_M"').encode()  # 1.2B stays 1.2B
+    assert json.loads(ol.patch_config(config, file_type=None, parameter_count=270_000_000)
+                      )["model_type"] == "270M"

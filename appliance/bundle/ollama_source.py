@@ -165,7 +165,8 @@ def read_model(models_dir: Path, name: ol.OllamaName) -> OllamaModel:
     gguf = blobs / manifest.model_layer.blob_name
     _check_big_blob(gguf, manifest.model_layer)
     digest = ol.digest_of(data)
-    sidecar = ol.Sidecar(name, digest, config.decode("utf-8"), tuple(texts))
+    sidecar = ol.Sidecar(name, digest, manifest.model_layer.digest, config.decode("utf-8"),
+                         tuple(texts))
     return OllamaModel(name, manifest, digest, gguf, sidecar)
 
 

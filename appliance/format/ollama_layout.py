@@ -31,8 +31,10 @@ is ignored here too.
 
 The *sidecar* is our own small document that travels with the GGUF in a bundle
 (``<gguf name minus .gguf>.ollama.json``): the Ollama name and manifest digest it came from,
-the config blob text and each text layer (template, system, params, messages, license)
-verbatim, so an export writes the same blobs with the same digests.
+the digest of the GGUF layer the config describes, the config blob text and each text layer
+(template, system, params, messages, license) verbatim, so an export writes the same blobs
+with the same digests (and knows when the GGUF is another one, quantized at build, whose
+config must say so: ``patch_config``).
 
 Pure: bytes in, objects out. Every problem is a ``FormatError`` subclass (or the caller's
 class, passed as ``error``).
@@ -304,6 +306,17 @@ def config_bytes(*, family: str, file_type: str, parameter_count: int | None) ->
     })
 
 
+def patch_config(config: str, *, file_type: str | None, parameter_count: int | None) -> bytes:
+    """The config blob ``config`` describing another GGUF of the same model (quantized at
+    build): ``file_type`` and ``model_type`` replaced, every other field kept in its order."""
+    value = json.loads(config)
+    if file_type:
+        value["file_type"] = file_type
+    if parameter_count:
+        value["model_type"] = human_number(parameter_count)
+    return encode_go_json(value)
+
+
 def check_text_layer(media_type: str, data: bytes, where: str) -> str:
     """A text layer's bytes as text: UTF-8, under the cap; params a JSON object and
     messages a JSON array (Ollama decodes both into those shapes)."""
@@ -338,6 +351,7 @@ class TextLayer:
 class Sidecar:
     name: OllamaName
     manifest_digest: str  # sha256:<hex> of the manifest the model was read from
+    model_digest: str  # sha256:<hex> of its GGUF layer: the config describes that file
     config: str  # the config blob, verbatim
     layers: tuple[TextLayer, ...]  # text layers in manifest order
 
@@ -356,6 +370,7 @@ def sidecar_bytes(sidecar: Sidecar) -> bytes:
         "format": SIDECAR_FORMAT,
         "name": str(sidecar.name),
         "manifest_digest": sidecar.manifest_digest,
+        "model_digest": sidecar.model_digest,
         "config": sidecar.config,
         "layers": [{"mediaType": t.media_type, "text": t.text} for t in sidecar.layers],
     }
@@ -364,11 +379,13 @@ def sidecar_bytes(sidecar: Sidecar) -> bytes:
 
 def parse_sidecar(data: bytes, what: str = "Ollama sidecar") -> Sidecar:
     top = fields.json_object(data, what, max_bytes=MAX_SIDECAR_BYTES)
-    fields.keys(top, {"format", "name", "manifest_digest", "config", "layers"}, set(), what)
+    fields.keys(top, {"format", "name", "manifest_digest", "model_digest", "config", "layers"},
+                set(), what)
     if top["format"] != SIDECAR_FORMAT:
         raise FormatError(f"{what}: format {top['format']!r}, expected {SIDECAR_FORMAT}")
     name = parse_name(top["name"], where=f"{what} name")
     digest = check_digest(top["manifest_digest"], f"{what} manifest_digest")
+    model_digest = check_digest(top["model_digest"], f"{what} model_digest")
     config = top["config"]
     if not isinstance(config, str) or len(config.encode()) > MAX_CONFIG_BYTES:
         raise FormatError(f"{what}: config must be the config blob's text, at most "
@@ -382,5 +399,5 @@ def parse_sidecar(data: bytes, what: str = "Ollama sidecar") -> Sidecar:
             raise FormatError(f"{what} layers[{i}]: not a text layer")
         check_text_layer(m["mediaType"], m["text"].encode(), f"{what} layers[{i}]")
         layers.append(TextLayer(m["mediaType"], m["text"]))
-    return Sidecar(name, digest, config, tuple(layers))
+    return Sidecar(name, digest, model_digest, config, tuple(layers))
 

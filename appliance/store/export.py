@@ -249,9 +249,13 @@ def _export_ollama(store_dir: Path, ref: str, models_dir: Path, name: str | None
             for text in sidecar.layers:
                 layers.append(_put_small_blob(blobs, text.media_type, text.text.encode(),
                                               replace))
-            config_data = sidecar.config.encode()
+        facts = model.gguf or {}
+        if sidecar is not None and sidecar.model_digest == model_layer.digest:
+            config_data = sidecar.config.encode()  # the very GGUF it describes
+        elif sidecar is not None:  # quantized at build: the config must say what it is now
+            config_data = ol.patch_config(sidecar.config, file_type=facts.get("quantization"),
+                                          parameter_count=facts.get("parameter_count"))
         else:
-            facts = model.gguf or {}
             config_data = ol.config_bytes(
                 family=str(facts.get("architecture") or ""),
                 file_type=str(facts.get("quantization") or ""),
