@@ -39,7 +39,7 @@ from typing import Any
 import httpx
 
 from appliance.errors import ApplianceError, RefusalError, ServeError, WorkerCrashedError
-from appliance.serve import tool_calls
+from appliance.serve import assemble, tool_calls
 from appliance.serve.engine import (
     find_binary,
     free_port,
@@ -344,41 +344,63 @@ class LlamaServerWorker(Worker):
                        params: dict[str, Any]) -> AsyncGenerator[Message, None]:
         path = {"chat": "/v1/chat/completions", "completion": "/v1/completions",
                 "embedding": "/v1/embeddings"}[op]
-        body = {**params, "model": self.name}
+        calls = tool_calls.plan({**params, "model": self.name},
+                                bool(self.info.get("template_tools")))
+        body, streamed = calls.body, bool(calls.body.get("stream"))
         started = time.perf_counter()
-        calls = tool_calls.plan(body, bool(self.info.get("template_tools")))
-        body = calls.body
-        streamed = bool(body.get("stream"))
-        if calls.generic:
-            body["stream"] = False  # the call is whole only at the end: streamed as one piece
-        if not body.get("stream"):
-            response = await client.post(path, json=body)
+        whole = calls.generic or not streamed  # the client gets one piece (or chunks of one)
+        if op == "embedding" or (whole and body.get("logprobs")):
+            # Asked whole from llama-server: an embedding has no stream, and a stream carries
+            # no logprobs for tokens held back as incomplete UTF-8 (the whole answer does).
+            # Such a request notices a client leaving only at llama-server's next poll.
+            response = await client.post(path, json={**body, "stream": False})
             payload = _json(response)
             if response.status_code != 200:
                 yield _error(rid, response.status_code, payload)
                 return
             payload["model"] = self.name
-            if calls.generic:
-                payload = tool_calls.as_tool_call(payload)
-            if streamed:
-                for chunk in tool_calls.as_chunks(payload):
-                    yield ("chunk", rid, chunk)
-            else:
-                yield ("result", rid, payload)
-            if op != "embedding":
-                yield ("done", rid, _stats(payload, started, None))
-            return
-        body["stream_options"] = {"include_usage": True}  # usage and timings for our metrics
+            messages = self._answer(rid, op, payload, calls.generic, streamed, started, None)
+        else:
+            # Streamed from llama-server, folded here when the client wants it whole: a
+            # stream stops at its next token when the client leaves (see assemble.py).
+            fold = assemble.Folded() if whole else None
+            messages = []
+            async for message in self._stream(client, rid, path, body, fold, started):
+                if message[0] != "folded":
+                    yield message
+                    continue
+                messages = self._answer(rid, op, fold.payload() if fold else {}, calls.generic,
+                                        streamed, started, message[2])
+        for message in messages:
+            yield message
+
+    def _answer(self, rid: int, op: str, payload: dict[str, Any], generic: bool,
+                streamed: bool, started: float, first: float | None) -> list[Message]:
+        """The messages for an answer llama-server gave (or we folded) whole."""
+        if op == "embedding":
+            return [("result", rid, payload)]
+        if generic:
+            payload = tool_calls.as_tool_call(payload)
+        out: list[Message] = ([("chunk", rid, piece) for piece in tool_calls.as_chunks(payload)]
+                              if streamed else [("result", rid, payload)])
+        return [*out, ("done", rid, _stats(payload, started, first))]
+
+    async def _stream(self, client: httpx.AsyncClient, rid: int, path: str,
+                      body: dict[str, Any], fold: assemble.Folded | None,
+                      started: float) -> AsyncGenerator[Message, None]:
+        """Chunks as llama-server streams them, or into ``fold`` and then ("folded", rid,
+        time of the first chunk)."""
+        body = {**body, "stream": True,
+                "stream_options": {"include_usage": True}}  # usage, timings for our metrics
+        first: float | None = None
+        final: dict[str, Any] = {}
         async with client.stream("POST", path, json=body) as response:
             if response.status_code != 200:
                 yield _error(rid, response.status_code, _json_bytes(await response.aread()))
                 return
-            first: float | None = None
-            final: dict[str, Any] = {}
             async for line in response.aiter_lines():
                 if line.startswith("error: "):  # llama-server's mid-stream error event
-                    failure = _json_bytes(line[len("error: "):].encode())
-                    yield _error(rid, 500, failure)
+                    yield _error(rid, 500, _json_bytes(line[len("error: "):].encode()))
                     return
                 if not line.startswith("data: "):
                     continue
@@ -391,14 +413,20 @@ class LlamaServerWorker(Worker):
                     return
                 if first is None:
                     first = time.perf_counter()
+                chunk["model"] = self.name
+                if fold is not None:
+                    fold.add(chunk)
+                    continue
                 if chunk.get("usage") or chunk.get("timings"):
                     final = {**final, **{k: chunk[k] for k in ("usage", "timings") if k in chunk}}
                 if not chunk.get("choices"):
                     continue  # the usage chunk: the front adds its own when the client asks
-                chunk["model"] = self.name
                 chunk.pop("timings", None)
                 chunk.pop("usage", None)
                 yield ("chunk", rid, chunk)
+        if fold is not None:
+            yield ("folded", rid, first)
+        else:
             yield ("done", rid, _stats(final, started, first))
 
 
