@@ -11,7 +11,10 @@ fsynced, whole-file hash, rename, index: the model ends verified and servable.
 Native, same run, same server: one ``curl`` process downloading every chunk URL of the model
 over one kept-alive connection (``-o`` per chunk), then ``sync`` of the files: the same bytes
 from the same server, made durable, with no verification. Rows for plaintext and for mutual
-TLS (curl given the same site certificate). Best of the repetitions; page cache warm.
+TLS (curl given the same site certificate); with ``--large`` the generated 6.3 GB GGUF and
+its split variant over mutual TLS. Each side runs in its own child process
+(``bench.harness.Pair``): median of alternating runs, peak RSS of each; the served files are
+read once first (page cache warm as far as memory holds them).
 """
 
 from __future__ import annotations
@@ -21,18 +24,27 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from datetime import datetime
 from pathlib import Path
 
 from appliance.format.manifest import Manifest
 from appliance.importer import import_media
 from appliance.peer import tls
-from appliance.peer.client import ConnectPolicy, PeerClient, connect_policy
+from appliance.peer.client import PeerClient, connect_policy
 from appliance.peer.protocol import chunk_path
 from appliance.peer.pull import PullOptions, pull
 from appliance.store import trust_state
-from bench.harness import BenchContext, Comparison, mb_per_s, run_native, timed
+from bench.harness import (
+    BenchContext,
+    Comparison,
+    Measured,
+    Pair,
+    Subject,
+    run_child,
+    run_measured,
+    run_native,
+    subjects,
+)
 from bench.signed_bundle import prepare
 
 
@@ -61,37 +73,42 @@ class _ServerProcess:
             self.proc.wait()
 
 
+def child_pull(store: str, url: str, tls_dir: str | None, now: str) -> None:
+    policy = connect_policy(Path(tls_dir) if tls_dir else None, insecure=tls_dir is None)
+    with PeerClient(url, policy) as client:
+        pull(Path(store), [client], ["bench"], options=PullOptions(),
+             now=datetime.fromisoformat(now))
+
+
 def _measure(
-    url: str, policy: ConnectPolicy, manifest: Manifest, root: tuple[bytes, str],
+    url: str, tls_dir: Path | None, manifest: Manifest, root: tuple[bytes, str],
     work: Path, now: datetime, repeats: int, curl_tls: list[str],
-) -> tuple[float, float]:
+) -> Pair:
     refs = list(dict.fromkeys((c.digest, c.length) for _, _, c in manifest.iter_chunks()))
-    ours: list[float] = []
-    native: list[float] = []
-    for i in range(repeats):
-        out = Path(tempfile.mkdtemp(prefix=f"curl-{i}-", dir=work))
-        argv = ["curl", "-sS", "--fail", *curl_tls]
-        for n, (digest, _) in enumerate(refs):
-            argv += ["-o", str(out / f"{n}"), f"{url}{chunk_path(digest)}"]
+    out, store = work / "curl", work / "puller-store"
+    argv = ["curl", "-sS", "--fail", *curl_tls]
+    for n, (digest, _) in enumerate(refs):
+        argv += ["-o", str(out / f"{n}"), f"{url}{chunk_path(digest)}"]
 
-        def fetch(argv: list[str] = argv, out: Path = out) -> None:
-            run_native(argv)
-            run_native(["sync", *(str(p) for p in sorted(out.iterdir()))])
+    def reset() -> None:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(store, ignore_errors=True)
 
-        native.append(timed(fetch))
-        shutil.rmtree(out)
-        store = work / f"store-{i}"
+    def fetch() -> Measured:
+        out.mkdir()
+        return run_measured([argv, ["sync", *(str(out / f"{n}") for n in range(len(refs)))]])
+
+    def ours() -> Measured:
         trust_state.install_first_root(store, root[0], root[1], now)
-        with PeerClient(url, policy) as client:
-            ours.append(timed(lambda store=store, client=client: pull(  # type: ignore[misc]
-                store, [client], ["bench"], options=PullOptions(), now=now)))
-        shutil.rmtree(store)
-    return min(ours), min(native)
+        return run_child("bench.bench_peer:child_pull", store=str(store), url=url,
+                         tls_dir=str(tls_dir) if tls_dir else None, now=now.isoformat())
+
+    return Pair(repeats).run(ours, fetch, reset)
 
 
-def run(ctx: BenchContext) -> list[Comparison]:
-    work = ctx.workdir / "bench_peer"
-    setup = prepare(ctx, work, generated_mib=(32, 256))
+def _one(ctx: BenchContext, subject: Subject | None, work: Path, plaintext: bool
+         ) -> list[Comparison]:
+    setup = prepare(ctx, work, generated_mib=(32, 256), subject=subject)
     label, size, now = setup.label, setup.size, setup.now
     root_bytes, fingerprint = setup.root_bytes, setup.fingerprint
     repeats = 1 if ctx.quick else 3
@@ -100,6 +117,7 @@ def run(ctx: BenchContext) -> list[Comparison]:
     seed = work / "seed"
     trust_state.install_first_root(seed, root_bytes, fingerprint, now)
     import_media(seed, [media], now=now)
+    shutil.rmtree(media)  # room on the disk: the seed's store is what is served
 
     tls.init_site(work / "ca")
     tls.enroll_host("seed", work / "ca", work / "seed-tls")
@@ -107,23 +125,33 @@ def run(ctx: BenchContext) -> list[Comparison]:
     puller = work / "puller-tls"
     curl_tls = ["--cacert", str(puller / tls.CA_CERT), "--cert", str(puller / tls.HOST_CERT),
                 "--key", str(puller / tls.HOST_KEY)]
+    published = sorted(p for p in (seed / "models").rglob("*") if p.is_file())
+    run_native(["b3sum", *map(str, published)])  # the served files read once
     rows = []
     what = f"{label}, {size / 1e6:.0f} MB, {built.unique_chunk_count} chunks"
-    note = (f"best of {repeats}, loopback, one peer; ours verifies every chunk and publishes "
-            "into a store, curl only downloads and syncs")
-    for mode in ("plaintext", "mutual TLS"):
+    note = ("loopback, one peer; ours verifies every chunk and publishes into a store, curl "
+            "only downloads and syncs")
+    for mode in ("plaintext", "mutual TLS") if plaintext else ("mutual TLS",):
         secure = mode == "mutual TLS"
         # The server is another process, as on a real second host (and curl's server too).
         server = _ServerProcess(seed, work / "seed-tls" if secure else None)
         try:
-            policy = connect_policy(puller if secure else None, insecure=not secure)
-            ours, native = _measure(server.url, policy, built.manifest,
-                                    (root_bytes, fingerprint), work, now, repeats,
-                                    curl_tls if secure else [])
+            pair = _measure(server.url, puller if secure else None, built.manifest,
+                            (root_bytes, fingerprint), work, now, repeats,
+                            curl_tls if secure else [])
         finally:
             server.stop()
-        rows.append(Comparison(
-            f"peer pull, {mode} ({what})", "MB/s", mb_per_s(size, ours), mb_per_s(size, native),
-            "curl -o CHUNK URL ... (one connection) && sync", note,
-        ))
+        rows.append(pair.comparison(f"peer pull, {mode} ({what})", size,
+                                    "curl -o CHUNK URL ... (one connection) && sync", note))
+    return rows
+
+
+def run(ctx: BenchContext) -> list[Comparison]:
+    rows: list[Comparison] = []
+    for n, subject in enumerate(subjects(ctx) or [None]):
+        work = ctx.workdir / f"bench_peer-{n}"
+        try:
+            rows += _one(ctx, subject, work, plaintext=n == 0)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     return rows

@@ -1,6 +1,6 @@
 """Run every benchmark in bench/ and write bench/results/latest.{json,md}.
 
-Usage: .venv/bin/python -m bench.run [--quick] [--only NAME] [--out DIR]
+Usage: .venv/bin/python -m bench.run [--quick] [--large] [--only NAME] [--out DIR]
 
 Each bench/bench_<area>.py compares appliance with a native tool (zstd, b3sum, cp, curl,
 in-process llama-cpp-python) in this same run; the table shows both figures and the ratio.
@@ -43,23 +43,30 @@ def _model_path() -> Path | None:
 
 def _markdown(rows: list[Comparison], meta: dict[str, str]) -> str:
     lines = [
-        f"Measured {meta['date']} on {meta['machine']} with `{meta['command']}`.",
+        f"Measured {meta['date']} on {meta['machine']} with `{meta['command']}` "
+        f"(load average at the end: {meta['load']}).",
         "",
-        "| benchmark | unit | appliance | native | native tool | ratio |",
-        "|---|---|---:|---:|---|---:|",
+        "| benchmark | unit | appliance | native | native tool | ratio | peak RSS ours / native |",
+        "|---|---|---:|---:|---|---:|---:|",
     ]
     for r in rows:
+        rss = (f"{r.ours_rss_mb:.0f} / {r.native_rss_mb:.0f} MB"
+               if r.ours_rss_mb is not None and r.native_rss_mb is not None else "")
         lines.append(
             f"| {r.name} | {r.unit} | {r.ours:.1f} | {r.native:.1f} | `{r.native_tool}` "
-            f"| {r.ratio:.2f}x |"
+            f"| {r.ratio:.2f}x | {rss} |"
         )
-    return "\n".join(lines) + "\n"
+    notes = sorted({r.note for r in rows if r.note})
+    return "\n".join([*lines, "", *(f"- {n}" for n in notes)]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small inputs (smoke run)")
+    parser.add_argument("--large", action="store_true",
+                        help="also the generated 6.3 GB GGUF and its split variant, cached in "
+                             "~/.cache/appliance-bench (bench/large_model.py)")
     parser.add_argument("--only", help="run only benchmarks whose module name contains this")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
     args = parser.parse_args(argv)
@@ -71,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         tiny = write_tiny_llama(work / "tiny.gguf")
         ctx = BenchContext(workdir=work, model_path=None if args.quick else _model_path(),
-                           tiny_model_path=tiny, quick=args.quick)
+                           tiny_model_path=tiny, quick=args.quick, large=args.large)
         for name in _discover(args.only):
             module = importlib.import_module(f"bench.{name}")
             start = time.perf_counter()
@@ -85,16 +92,19 @@ def main(argv: list[str] | None = None) -> int:
             results = module.run(ctx)
             for r in results:
                 print(f"    {r.name}: {r.ours:.1f} vs {r.native:.1f} {r.unit} "
-                      f"({r.native_tool}) = {r.ratio:.2f}x", flush=True)
-            print(f"    ({time.perf_counter() - start:.1f} s)", flush=True)
+                      f"({r.native_tool}) = {r.ratio:.2f}x; peak RSS {r.ours_rss_mb} MB vs "
+                      f"{r.native_rss_mb} MB; {r.note}", flush=True)
+            print(f"    ({time.perf_counter() - start:.1f} s, load {_load()})", flush=True)
             rows.extend(results)
 
     meta = {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": (
             f"{platform.machine()}, {_cpu_count()} cores, Python {platform.python_version()}"
         ),
-        "command": "python -m bench.run" + (" --quick" if args.quick else ""),
+        "command": "python -m bench.run" + (" --quick" if args.quick else "")
+        + (" --large" if args.large else "") + (f" --only {args.only}" if args.only else ""),
+        "load": _load(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(
@@ -104,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "latest.md").write_text("\n".join([_markdown(rows, meta), *tables]))
     print(f"\nwrote {args.out / 'latest.md'}")
     return 0
+
+
+def _load() -> str:
+    import os
+
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def _cpu_count() -> int:

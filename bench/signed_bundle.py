@@ -19,7 +19,7 @@ from appliance.bundle.builder import BuildResult, build_bundle
 from appliance.format.signing import key_id, public_bytes
 from appliance.format.trust import TrustKey, TrustRoot, encode_envelope, parse_signed_root
 from appliance.format.trust_build import new_root_body, sign_root_body
-from bench.harness import BenchContext
+from bench.harness import BenchContext, Subject
 
 MIB = 1 << 20
 _HEADER_PIECE = b"tokenizer.ggml.tokens piece "
@@ -36,10 +36,16 @@ class BenchBundle:
     root_bytes: bytes
     root: TrustRoot
     recipe: Path
+    files: tuple[Path, ...] = ()  # every model file the recipe names (source first)
 
     @property
     def fingerprint(self) -> str:
         return self.root.fingerprint
+
+    def child_args(self) -> dict[str, str]:
+        """What a ``bench.harness`` child needs to build or check this bundle."""
+        return {"recipe": str(self.recipe), "key": self.publisher.private_bytes_raw().hex(),
+                "root_path": str(self.root_path), "now": self.now.isoformat()}
 
     def build(self, out: Path, *, volume_size: int | None = None,
               parity: int = 0) -> BuildResult:
@@ -84,12 +90,17 @@ def prepare(
     header_mib: int = 0,
     salt: bytes = b"",
     model_when_quick: bool = False,
+    subject: Subject | None = None,
 ) -> BenchBundle:
     """Weights, key, root and recipe under ``work``; ``generated_mib`` = (quick, full) size
     of the generated weights used when the real model is absent (or the run is quick and
-    ``model_when_quick`` is False)."""
+    ``model_when_quick`` is False). ``subject``: these model files instead (one recipe
+    entry per file: a split GGUF's shards)."""
     work.mkdir(parents=True, exist_ok=True)
-    if ctx.model_path is not None and (model_when_quick or not ctx.quick):
+    files: tuple[Path, ...] = subject.files if subject is not None else ()
+    if subject is not None:
+        source, label = subject.files[0], subject.label
+    elif ctx.model_path is not None and (model_when_quick or not ctx.quick):
         source, label = ctx.model_path, "gemma3-270m Q4_K_M"
     else:
         size = generated_mib[0 if ctx.quick else 1] * MIB
@@ -99,12 +110,13 @@ def prepare(
     publisher = Ed25519PrivateKey.generate()
     root_path, root_bytes = _root(work, publisher, now)
     recipe = work / "recipe.yaml"
+    files = files or (source,)
     recipe.write_text(
         "channel: bench\nsequence: 1\nmodels:\n  - name: bench\n    version: v1\n"
-        f"    license: bench\n    files:\n      - path: {source}\n"
+        "    license: bench\n    files:\n" + "".join(f"      - path: {p}\n" for p in files)
     )
     return BenchBundle(
-        source=source, label=label, size=source.stat().st_size, now=now, publisher=publisher,
-        root_path=root_path, root_bytes=root_bytes, root=parse_signed_root(root_bytes).root,
-        recipe=recipe,
+        source=source, label=label, size=sum(p.stat().st_size for p in files), now=now,
+        publisher=publisher, root_path=root_path, root_bytes=root_bytes,
+        root=parse_signed_root(root_bytes).root, recipe=recipe, files=files,
     )
