@@ -4,7 +4,7 @@ Each record holds the hash of the record before it; ``hash = BLAKE3(domain || ca
 (seq, time, kind, details, prev))``. Editing, removing or reordering a record breaks the
 chain, which ``verify`` reports as ``AuditChainError`` naming the first bad record.
 Kinds used: import, refusal, override, trust-install, trust-update, delete, quarantine,
-serve-start, pull.
+serve-start, pull, export.
 
 A chain alone cannot show that its newest records were cut off, so the store also keeps
 ``audit-head`` (``"<seq> <hash>\n"`` of the newest record seen) outside the database. It is
