@@ -208,3 +208,31 @@ def test_quantized_names() -> None:
                         b"    files:\n      - path: x-f32.gguf\n        quantize: q6_k\n",
                         Path("/r")).models[0].files[0]
     assert (spec.quantize, spec.dest) == ("Q6_K", "x-Q6_K.gguf")
+
+
+def test_cli_build_says_when_it_quantizes_and_leaves_no_scratch(
+        tmp_path: Path, wide_f32: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    from appliance.cli.main import main
+    from appliance.errors import EXIT_ERROR, EXIT_OK
+
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch_root))  # what TMPDIR would set
+    assert main(["keys", "generate", "pub", "--out", str(tmp_path / "keys"),
+                 "--unencrypted"]) == EXIT_OK
+    recipe = _recipe(tmp_path, wide_f32, "        quantize: Q8_0\n")
+    argv = ["bundle", "build", str(recipe), "--key", str(tmp_path / "keys" / "pub.key")]
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "media")]) == EXIT_OK
+    err = capsys.readouterr().err
+    assert "quantizing wide-f32.gguf (6 MB) to Q8_0 with llama.cpp in " in err
+    assert "quantized wide-f32.gguf from F32 to Q8_0: 2 MB in " in err
+    assert list(scratch_root.iterdir()) == []  # the quantized file went with the build
+    q8 = quantize_gguf(wide_f32, "Q8_0", tmp_path / "q8").path
+    recipe = _recipe(tmp_path, q8, "        quantize: Q4_K_M\n")
+    assert main([*argv, "--out", str(tmp_path / "media2")]) == EXIT_ERROR
+    assert "already quantized" in capsys.readouterr().err
+    assert list(scratch_root.iterdir()) == [] and not (tmp_path / "media2").exists()

