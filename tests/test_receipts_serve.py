@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -216,8 +217,8 @@ def test_the_cli_verifies_refuses_and_replays(
     response = post(host_a, CHAT, sent)
     request_file = _write(tmp_path / "request.json", sent)
     response_file = _write(tmp_path / "response.json", response.content)
-    header_file = _write(tmp_path / "receipt.txt",
-                         f"X-Appliance-Receipt: {response.headers[HEADER]}\n".encode())
+    headers = "".join(f"{k}: {v}\r\n" for k, v in response.headers.items())  # as curl -D
+    header_file = _write(tmp_path / "headers.txt", f"HTTP/1.1 200 OK\r\n{headers}\r\n".encode())
     common = ["--store", str(stores["b"]), "receipt"]
     ca = ["--ca", str(site["ca_path"])]
     assert main([*common, "verify", str(header_file), *ca, "--request", str(request_file),
@@ -295,7 +296,8 @@ def test_openai_client_against_appliance_serve_with_receipts(
 def test_gemma_greedy_replay_on_a_second_store_matches(
         site: dict[str, Any], gemma_gguf: Path, tmp_path: Path) -> None:
     bundle = make_bundle({"gemma": {"gemma.gguf": gemma_gguf.read_bytes()}}, chunk=4 << 20)
-    host, other = store_with(tmp_path / "a", bundle), store_with(tmp_path / "b", bundle)
+    host = store_with(tmp_path / "a", bundle)
+    other = Path(shutil.copytree(host, tmp_path / "b"))  # a second store holding the bundle
     sent = json.dumps({"model": "gemma", "messages": [
         {"role": "user", "content": "Name three colours."}], "max_tokens": 24,
         "temperature": 0}).encode()

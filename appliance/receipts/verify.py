@@ -75,8 +75,9 @@ class Verification:
 
 
 def read_receipt(path: Path) -> SignedReceipt:
-    """A receipt from a file: its JSON document, the header's base64url value (with or
-    without ``X-Appliance-Receipt:``), or a saved response or stream that carries one."""
+    """A receipt from a file: its JSON document, the header's base64url value (alone, as an
+    ``X-Appliance-Receipt:`` line, or among headers as ``curl -D`` saves them), or a saved
+    response or stream that carries one."""
     data = fsutil.read_capped(path, digests.MAX_RESPONSE_BYTES, "receipt file",
                               error=UsageError, special=UsageError, too_big=UsageError)
     return load_receipt(data)
@@ -86,8 +87,10 @@ def load_receipt(data: bytes) -> SignedReceipt:
     text = data.strip()
     if not text.startswith(b"{") and not text.startswith(b"data:"):
         value = text.decode("ascii", "replace")
-        if value.lower().startswith(HEADER + ":"):
-            value = value[len(HEADER) + 1:]
+        for line in value.splitlines():  # the header alone, or headers as curl -D saves them
+            if line.lower().startswith(HEADER + ":"):
+                value = line[len(HEADER) + 1:]
+                break
         return parse_header_value(value.strip())
     documents, _ = digests.parse_response(text)
     carried = [d["receipt"] for d in documents if isinstance(d.get("receipt"), dict)]
