@@ -26,6 +26,7 @@ from appliance.importer import import_media
 from appliance.store import audit
 from appliance.store.export import SUMS_NAME, export_dir, export_ollama
 from appliance.store.records import find_model
+from appliance.store.scrub import verify_store
 from appliance.store.store import Store
 
 UPSTREAM = "registry.ollama.ai/library/tiny:latest"
@@ -222,3 +223,14 @@ def test_export_needs_exactly_one_target(tmp_path: Path, store: Path,
         main(["--store", str(store), "models", "export", "acme/tiny"])
     code, _, err = run(capsys, store, "acme/tiny", "--dir", str(tmp_path / "d"), "--replace")
     assert code == EXIT_USAGE and "--replace" in err
+
+
+def test_a_quarantined_model_is_refused_before_anything_is_read(tmp_path: Path,
+                                                                store: Path) -> None:
+    tamper(store, "acme/tiny")
+    assert not verify_store(store).ok  # moves the file to quarantine/
+    for export in (lambda: export_ollama(store, "acme/tiny", tmp_path / "o"),
+                   lambda: export_dir(store, "acme/tiny", tmp_path / "d")):
+        with pytest.raises(IntegrityError, match="must not be exported"):
+            export()
+    assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()

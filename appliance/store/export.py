@@ -16,7 +16,9 @@ written is re-hashed on the way against the chunk digests of the signed manifest
 file's whole BLAKE3 recorded at publish, so what lands outside is what was verified, not
 what was on disk a moment before. Crash safety: each file is written under a temporary
 name, fsynced, and renamed only when all of it verified. An Ollama store gets its blobs
-first and the manifest last, so Ollama never lists a model whose blobs are not all there;
+first and the manifest last, so Ollama never lists a model whose blobs are not all there
+(a temporary left by a crash is not a digest name, which Ollama's own prune removes after its
+hour of grace);
 a ``--dir`` export is assembled in a hidden sibling directory renamed into place at the end.
 An existing different manifest or a non-empty directory is a ``UsageError`` (``replace``
 overwrites a manifest); an identical earlier export is left as it is (``unchanged``).
@@ -46,6 +48,7 @@ from appliance.errors import (
     ApplianceError,
     FormatError,
     IntegrityError,
+    LimitExceededError,
     ModelNotFoundError,
     StoreError,
     TruncatedError,
@@ -231,6 +234,9 @@ def _export_ollama(store_dir: Path, ref: str, models_dir: Path, name: str | None
     meter = _Meter(gguf.size + (sidecar_file.size if sidecar_file else 0), progress)
     sidecar = None
     if sidecar_file is not None:
+        if sidecar_file.size > ol.MAX_SIDECAR_BYTES:  # read into memory: cap it first
+            raise LimitExceededError(f"{model.ref}/{sidecar_file.path} is {sidecar_file.size} "
+                                     f"bytes, over the cap of {ol.MAX_SIDECAR_BYTES}")
         _, raw = _copy_verified(store_dir, model, sidecar_file, None, meter)
         assert raw is not None
         sidecar = ol.parse_sidecar(raw, f"{model.ref}/{sidecar_file.path}")
@@ -318,6 +324,10 @@ def _same_blob(final: Path, layer: ol.Layer, replace: bool) -> bool:
         finally:
             os.close(fd)
         if "sha256:" + sha.hexdigest() == layer.digest:
+            # Ollama prunes blobs no manifest names once they are an hour old (by mtime); an
+            # old orphan reused here must not go before our manifest names it. Ollama
+            # touches a layer it reuses for the same reason.
+            os.utime(final)
             return True
         problem = "holds other bytes than its name says"
     except FormatError as e:  # a FIFO, a device, a directory in its place
