@@ -34,12 +34,20 @@ authenticated against this store's trust root and the model's files are decompre
 chunk by chunk, into STORE/torrent-scratch while they are hashed: the model's size must be
 free there).
 """
+SEED_DESCRIPTION = """\
+Seed published models read-only (each torrent made here: the bytes 'torrent make' writes).
+A model still importing (a media import, a peer pull or a torrent fetch under way or
+stopped) is seeded with --torrent FILE, its torrent made elsewhere or with 'torrent make
+--media': the pieces whose chunks the store has verified are offered at once, and more as the
+import goes on (the index is read again every 30 s).
+"""
 EPILOG = """\
 examples:
   appliance torrent enroll --ca /media/site-ca --tls-dir /etc/appliance/tls
   appliance torrent make gemma3-270m -o gemma3-270m.torrent
   appliance torrent make gemma3-270m --media /media/usb --insecure
   appliance torrent seed --listen 0.0.0.0:6881
+  appliance torrent seed --torrent gemma3-270m.torrent   # while its import runs
   appliance torrent fetch gemma3-270m.torrent --peer 10.0.0.5:6881
 """
 
@@ -93,8 +101,11 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     mk.set_defaults(func=run_make)
 
     sd = ts.add_parser("seed", parents=[common], help="seed the store's published models",
-                       formatter_class=_formatter())
+                       formatter_class=_formatter(), description=SEED_DESCRIPTION)
     sd.add_argument("models", nargs="*", metavar="MODEL", help="default: every published one")
+    sd.add_argument("--torrent", dest="torrents", action="append", type=Path, default=[],
+                    metavar="FILE", help="also seed this model's .torrent: published, or "
+                    "still importing (its verified pieces; repeatable)")
     sd.add_argument("--write-torrents", type=Path, metavar="DIR",
                     help="also write each seeded model's .torrent into DIR")
     _swarm(sd, LibraryDefault("appliance.torrent.session", "DEFAULT_PORT", "0.0.0.0:{}"))
@@ -171,13 +182,18 @@ def run_seed(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.markup import escape
 
+    from appliance.torrent.fetch import read_torrent
+    from appliance.torrent.partial import StagedSeeds
     from appliance.torrent.seed import Seeder
     identity = _identity(args)
+    torrents = [read_torrent(path) for path in args.torrents]
     err = Console(stderr=True)
     seeder = Seeder(args.store, _options(args), identity=identity,
                     notify=lambda m: err.print(f"[yellow]{escape(m)}[/]"))
     try:
         seeded = seeder.add_published(args.models)
+        staged = StagedSeeds(seeder)
+        seeded += [staged.add(data) for data in torrents]
         for s in seeded:
             if args.write_torrents is not None:
                 args.write_torrents.mkdir(parents=True, exist_ok=True)
@@ -192,6 +208,7 @@ def run_seed(args: argparse.Namespace) -> int:
         try:
             while not stop:
                 seeder.poll(500)
+                staged.refresh()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

@@ -8,14 +8,17 @@ authenticates the manifest against THIS host's trust root and checks rollback; o
 ``TorrentSource`` check that the torrent lists exactly the signed files and sizes and add it to
 libtorrent, with every piece that holds only chunks the store already has at priority 0.
 
-libtorrent downloads the rest into a scratch directory (``STORE/torrent-scratch/<infohash>``,
-removed once the model is published) and checks every 16 KiB block against the torrent's
-SHA-256 Merkle tree; a peer that sends bad blocks is banned by libtorrent. As the pieces that
-cover a chunk are all there, the source reads them (``read_piece``), cuts out the chunk and
-delivers it to the session's sink, which checks it against the signed manifest's BLAKE3 digest
-before writing it to staging: a torrent whose hashes describe other bytes than the manifest
-stops with ``IntegrityError`` and nothing is published. After a kill, the session's durable
-chunks are not asked for again, and libtorrent re-checks what the scratch directory holds.
+libtorrent downloads the rest straight into the session's staged files (its save path is a
+tree of links to them, ``storage.link_tree``, under ``STORE/torrent-scratch/<infohash>``,
+removed once the model is published: the model is on disk once) and checks every piece
+against the torrent's SHA-256 Merkle tree; a peer that sends bad blocks is banned by
+libtorrent. As the pieces that cover a chunk are all there, the source reads them
+(``read_piece``), cuts out the chunk and delivers it to the session's sink, which checks it
+against the signed manifest's BLAKE3 digest before it counts: a torrent whose hashes describe
+other bytes than the manifest stops with ``IntegrityError`` and nothing is published. After a
+kill, done chunks a bad peer may have touched are written back from their kept copies
+(``storage.Guard``) before the session starts, the session's durable chunks are not asked for
+again, and libtorrent is told which pieces the store holds (no re-hash of the staged files).
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ from appliance.torrent import meta
 from appliance.torrent.certs import TorrentIdentity, same_certificate
 from appliance.torrent.make import SCRATCH_DIR
 from appliance.torrent.session import SwarmOptions, add_flags, connect_peers, open_session
-from appliance.torrent.source import TorrentSource
+from appliance.torrent.source import FILES_DIR, TorrentSource
+from appliance.torrent.storage import GUARD_DIR, Guard, places, stored_files
 
 Progress = Callable[[int, int], None]
 Notify = Callable[[str], None]
@@ -161,7 +165,7 @@ def _magnet(session: lt.session, uri: str, store_dir: Path, opts: FetchOptions,
         raise UsageError(f"not a magnet link: {e}") from e
     hashes = params.info_hashes
     name = str(hashes.v2) if hashes.has_v2() else str(hashes.v1)
-    params.save_path = str(_scratch(store_dir, opts, name))
+    params.save_path = str(_scratch(store_dir, opts, name) / FILES_DIR)
     # Upload mode: the info dict may come in, no file byte before the manifest is trusted.
     params.flags |= add_flags("upload_mode")
     handle = session.add_torrent(params)
@@ -198,8 +202,8 @@ def _ingest(store_dir: Path, session: lt.session, ti: lt.torrent_info,
     def source(_bundle: AuthenticatedBundle) -> TorrentSource:
         meta.check_files(ti, model)  # refused (and audited) before any file byte is asked
         holder["source"] = TorrentSource(
-            session, ti, handle, model, scratch, peers=opts.swarm.peers, identity=opts.identity,
-            wait_for_pieces=opts.wait_for_pieces, notify=say)
+            session, ti, handle, model, scratch, store, peers=opts.swarm.peers,
+            identity=opts.identity, wait_for_pieces=opts.wait_for_pieces, notify=say)
         return holder["source"]
 
     def summary(outcome: IngestOutcome) -> dict[str, Any]:
@@ -220,6 +224,13 @@ def _ingest(store_dir: Path, session: lt.session, ti: lt.torrent_info,
     with layout.writer_lock(store_dir, "torrent fetch"), Store(
         store_dir, flush_bytes=opts.flush_bytes
     ) as store:
+        # A fetch killed while libtorrent wrote: chunks it may have touched are put back first.
+        guard = Guard(scratch / GUARD_DIR)
+        if guard.saved():
+            meta.check_files(ti, model)
+            files = stored_files(store_dir, store.conn, model.name, model.version)
+            guard.restore(places(ti, model, files))
+            say("wrote back the chunks a killed fetch had kept aside")
         ingest = IngestSession(store, action="torrent", now=now,
                                allow_expired=opts.allow_expired, reason=opts.reason,
                                progress=progress, context={"torrent": infohash})

@@ -3,12 +3,19 @@
 The ingest session (``appliance.store.ingest``) hands over the digests it still needs. Each
 maps to a byte range of one torrent file, hence to the pieces that cover it (in a v2 torrent
 every file starts on a piece boundary). Pieces that cover no needed chunk get priority 0, so a
-resumed fetch asks the swarm only for what the store lacks. Once every piece of a chunk has
-passed libtorrent's own SHA-256 Merkle check (``piece_finished``, or a have-scan after a
-restart), those pieces are read back (``read_piece``: libtorrent's cache or its scratch files),
-the chunk is cut out and given to ``sink.deliver``, which checks it against the signed BLAKE3
-digest and length before it is written. A piece is held only while a whole chunk waits for it
-(``_Pieces``), so memory stays at the chunks being cut, whatever order pieces arrive in.
+resumed fetch asks the swarm only for what the store lacks.
+
+libtorrent's files are the store's own (``storage.link_tree``: links to the staged files the
+session preallocated), so pieces land straight in the staging layout, and libtorrent is told
+which pieces the store already holds verified (``storage.held_pieces``), which it offers to
+the other fetchers at once without re-hashing anything. Once every piece of a chunk has passed
+libtorrent's own SHA-256 Merkle check (``piece_finished``, or a have-scan), those pieces are
+read back (``read_piece``), the chunk is cut out and given to ``sink.deliver``, which checks
+it against the signed BLAKE3 digest and length before it counts (and writes the same bytes
+at the same place). A piece is held only while a whole chunk waits for it (``_Pieces``), so
+memory stays at the chunks being cut, whatever order pieces arrive in. Done chunks sharing a
+piece with a needed one are kept aside first (``storage.Guard``) and written back when
+libtorrent stops, so a peer's bad blocks never outlive the run in a chunk already verified.
 
 The source stops when every needed chunk was delivered, or raises ``PeerError`` when no piece
 arrived for ``wait_for_pieces`` seconds (what was delivered is durable; run again to resume).
@@ -22,10 +29,12 @@ from pathlib import Path
 
 import libtorrent as lt
 
+from appliance.chunks import check_chunk
 from appliance.errors import PeerError, StoreError
 from appliance.format.manifest import ModelEntry
 from appliance.store.ingest import ChunkSink
-from appliance.torrent import meta
+from appliance.store.store import Store
+from appliance.torrent import storage
 from appliance.torrent.certs import TorrentIdentity
 from appliance.torrent.session import add_flags, connect_peers, present_certificate
 
@@ -33,6 +42,8 @@ Notify = Callable[[str], None]
 _POLL_MS = 100
 _RECONNECT_S = 10.0
 _SCAN_S = 1.0
+_STOP_S = 10.0
+FILES_DIR = "files"  # under the scratch directory: libtorrent's save path, links into the store
 
 
 class _Span:
@@ -53,14 +64,18 @@ class TorrentSource:
     """``ChunkSource`` over one libtorrent torrent (added here, or a magnet's handle)."""
 
     def __init__(self, session: lt.session, ti: lt.torrent_info,
-                 handle: lt.torrent_handle | None, model: ModelEntry, scratch: Path, *,
-                 peers: Sequence[str] = (), identity: TorrentIdentity | None = None,
-                 wait_for_pieces: float = 60.0, notify: Notify | None = None) -> None:
+                 handle: lt.torrent_handle | None, model: ModelEntry, scratch: Path,
+                 store: Store, *, peers: Sequence[str] = (),
+                 identity: TorrentIdentity | None = None, wait_for_pieces: float = 60.0,
+                 notify: Notify | None = None) -> None:
         self.session = session
         self.ti = ti
         self.handle = handle
         self.model = model
         self.scratch = scratch
+        self.store = store
+        self.guard = storage.Guard(scratch / storage.GUARD_DIR)
+        self._guard_on_delivery: set[str] = set()
         self.peers = tuple(peers)
         self.identity = identity
         self.wait_for_pieces = wait_for_pieces
@@ -70,44 +85,86 @@ class TorrentSource:
 
     # -- planning -----------------------------------------------------------------------------
 
-    def _spans(self, needed: Mapping[str, int]) -> dict[str, _Span]:
-        files = self.ti.layout()
-        index = {path: i for i in range(files.num_files())
-                 if not files.file_flags(i) & lt.file_storage.flag_pad_file
-                 for path in [files.file_path(i).replace("\\", "/")]}
+    def _spans(self, needed: Mapping[str, int],
+               where: Mapping[str, list[storage.Place]]) -> dict[str, _Span]:
+        """Each needed chunk at its first place in a staged file (published files are never
+        written)."""
         piece_length = self.ti.piece_length()
-        spans: dict[str, _Span] = {}
-        for entry in self.model.files:
-            base = files.file_offset(index[meta.torrent_path(self.model, entry)])
-            for chunk in entry.chunks:
-                if chunk.digest in needed and chunk.digest not in spans:
-                    spans[chunk.digest] = _Span(chunk.digest, chunk.length,
-                                                base + chunk.offset, piece_length)
-        return spans
+        return {digest: _Span(digest, where[digest][0].length, where[digest][0].start,
+                              piece_length)
+                for digest in needed if where.get(digest)}
 
-    def _start(self, wanted: set[int]) -> lt.torrent_handle:
-        priorities = [4 if p in wanted else 0 for p in range(self.ti.num_pieces())]
-        if self.handle is None:
-            params = lt.add_torrent_params()
-            params.ti = self.ti
-            params.save_path = str(self.scratch)
-            params.piece_priorities = priorities
-            self.handle = self.session.add_torrent(params)
-        else:  # a magnet's: held in upload mode until the manifest was trusted
-            self.handle.prioritize_pieces(priorities)
-            self.handle.unset_flags(add_flags("upload_mode"))
+    def _keep_exposed(self, needed: Mapping[str, int],
+                      where: Mapping[str, list[storage.Place]], wanted: list[int]) -> None:
+        """Done chunks that share a piece with a needed one, copied aside before libtorrent
+        may write that piece; needed chunks with a second place in such a piece are copied
+        as they are delivered."""
+        piece_length = self.ti.piece_length()
+        for digest, found in where.items():
+            if digest in needed:
+                if any(storage.overlaps(p, wanted, piece_length) for p in found[1:]):
+                    self._guard_on_delivery.add(digest)
+                continue
+            if not any(storage.overlaps(p, wanted, piece_length) for p in found):
+                continue
+            data = self.store.read_local_chunk(digest)
+            if data is None:
+                raise StoreError(f"chunk {digest} of {self.model.name}:{self.model.version} "
+                                 "is marked done but no copy of it verifies: run 'appliance "
+                                 "store verify'")
+            self.guard.save(digest, data)
+
+    def _start(self, wanted: set[int], files: dict[str, storage.StoredFile]
+               ) -> lt.torrent_handle:
+        save_path = self.scratch / FILES_DIR
+        storage.link_tree(save_path, self.model, files)
+        if self.handle is not None:
+            # A magnet's handle (held in upload mode until the manifest was trusted) saves
+            # elsewhere and knows nothing of what the store holds: added again, the same way.
+            self.session.remove_torrent(self.handle)
+            self.handle = None
+        params = lt.add_torrent_params()
+        params.ti = self.ti
+        params.save_path = str(save_path)
+        params.piece_priorities = [4 if p in wanted else 0 for p in range(self.ti.num_pieces())]
+        params.have_pieces = storage.held_pieces(self.ti, self.model, files)
+        params.flags |= add_flags("no_verify_files")
+        self.handle = self.session.add_torrent(params)
         if self.identity is not None:
             present_certificate(self.handle, self.identity)
         return self.handle
 
+    def _stop(self, handle: lt.torrent_handle) -> None:
+        """Pause the torrent and wait until libtorrent has stopped writing its files."""
+        handle.pause()
+        deadline = time.monotonic() + _STOP_S
+        while time.monotonic() < deadline:
+            if any(isinstance(a, lt.torrent_paused_alert) for a in self.session.pop_alerts()):
+                return
+            self.session.wait_for_alert(_POLL_MS)
+
     # -- the transfer -------------------------------------------------------------------------
 
     def run(self, needed: Mapping[str, int], sink: ChunkSink) -> None:
-        spans = self._spans(needed)
+        model = self.model
+        files = storage.stored_files(self.store.store_dir, self.store.conn, model.name,
+                                     model.version)
+        where = storage.places(self.ti, model, files)
+        spans = self._spans(needed, where)
         if not spans:
             return
         pieces = _Pieces(spans.values())
-        handle = self._start(set(pieces.users))
+        wanted = sorted(pieces.users)
+        self._keep_exposed(needed, where, wanted)
+        handle = self._start(set(wanted), files)
+        try:
+            self._transfer(spans, pieces, handle, sink)
+        finally:
+            self._stop(handle)
+            self.guard.restore(where)
+
+    def _transfer(self, spans: dict[str, _Span], pieces: _Pieces, handle: lt.torrent_handle,
+                  sink: ChunkSink) -> None:
         last_piece = time.monotonic()
         last_connect = scan_due = 0.0
         while spans:
@@ -116,8 +173,8 @@ class TorrentSource:
                 connect_peers(handle, self.peers)
                 last_connect = now
             if now >= scan_due:
-                # Pieces libtorrent holds without a piece_finished alert: re-checked from the
-                # scratch directory after a restart, or an alert dropped from a full queue.
+                # Pieces libtorrent holds without a piece_finished alert (one dropped from a
+                # full alert queue).
                 have = handle.status(lt.status_flags_t.query_pieces).pieces
                 for piece in [p for p in pieces.users if p < len(have) and have[p]]:
                     self._read(pieces.had(piece), handle)
@@ -126,7 +183,11 @@ class TorrentSource:
             if self._alerts(pieces, handle):
                 last_piece = time.monotonic()
             for span in pieces.complete():
-                sink.deliver(span.digest, self._cut(span, pieces.held))
+                data = self._cut(span, pieces.held)
+                if span.digest in self._guard_on_delivery:
+                    check_chunk(data, span.digest, span.length)
+                    self.guard.save(span.digest, data)
+                sink.deliver(span.digest, data)
                 del spans[span.digest]
                 pieces.delivered(span)
             if spans and time.monotonic() - last_piece > self.wait_for_pieces:

@@ -1,0 +1,132 @@
+"""Seeding a model this store is still importing: the verified pieces of its staged files.
+
+``torrent seed --torrent FILE`` gives the torrent of a model (``torrent make`` on another
+host, or ``torrent make --media`` on this one before the import): a torrent needs every
+piece hash, which a host with half a model cannot compute, so it is given, not made. It is
+accepted only when it carries exactly the manifest this store recorded for the model, lists
+exactly its signed files (``meta.check_files``) and, as for a fetch, is an SSL torrent of this
+site's CA (or plaintext with ``--insecure``). A published model is then seeded as
+``Seeder.add_published`` does; a model still importing (a media import, a peer pull or a
+torrent fetch in progress, or stopped) is added with libtorrent's save path at a tree of
+links to its staged files (``storage.link_tree``, under ``STORE/torrent-scratch/seed-<ih>``)
+and ``have_pieces`` = the pieces every byte of which is in chunks the index marks done
+(``storage.held_pieces``): nothing is re-hashed at start, and no byte the store has not
+verified is offered. Upload mode, as for published models: libtorrent never writes.
+
+libtorrent has no call to say "you have this piece now" without writing it, so ``refresh``
+re-reads the index and, when more pieces are held (or the model was published meanwhile),
+adds the torrent again with the new set (connected peers reconnect).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import libtorrent as lt
+
+from appliance.errors import IntegrityError, StoreError
+from appliance.format.manifest import ModelEntry, parse_manifest
+from appliance.store import layout
+from appliance.store.records import find_model
+from appliance.store.store import Store
+from appliance.torrent import meta, storage
+from appliance.torrent.fetch import check_membership, parse_torrent
+from appliance.torrent.make import SCRATCH_DIR
+from appliance.torrent.seed import Seeded, Seeder
+from appliance.torrent.session import add_flags, present_certificate
+
+REFRESH_S = 30.0
+
+
+@dataclass
+class _Staged:
+    seeded: Seeded
+    ti: lt.torrent_info
+    model: ModelEntry
+    handle: lt.torrent_handle
+    held: int  # pieces offered
+
+
+class StagedSeeds:
+    """Torrents given for models of ``seeder``'s store, published or still importing."""
+
+    def __init__(self, seeder: Seeder, *, refresh_s: float = REFRESH_S) -> None:
+        self.seeder = seeder
+        self.refresh_s = refresh_s
+        self.staged: list[_Staged] = []
+        self._due = time.monotonic() + refresh_s
+
+    @property
+    def store_dir(self) -> Path:
+        return self.seeder.store_dir
+
+    def add(self, data: bytes) -> Seeded:
+        """Seed torrent ``data``; ``IntegrityError`` when it is not this store's model."""
+        ti = parse_torrent(data)
+        check_membership(ti, self.seeder.identity)
+        for already in self.seeder.seeded:
+            if already.infohash == meta.infohash(ti):
+                return already
+        carried = meta.decode(ti.info_section())
+        ref = f"{carried.name}:{carried.version}"
+        with Store(self.store_dir) as store:
+            record = find_model(self.store_dir, ref, include_importing=True, conn=store.conn)
+            signed = store.manifest(record.manifest_hash)
+            if signed is None:
+                raise StoreError(f"the store has no manifest {record.manifest_hash} for {ref}")
+            if signed[0] != carried.manifest:
+                raise IntegrityError(f"the torrent carries another manifest than the one this "
+                                     f"store holds {ref} from")
+            model = meta.find_model(parse_manifest(signed[0]).models, carried)
+            meta.check_files(ti, model)
+            if record.state == "published":
+                return self.seeder.add(data, ref, layout.models_dir(self.store_dir))
+        seeded = Seeded(ref, meta.infohash(ti), data)
+        handle, held = self._add(ti, model)
+        self.staged.append(_Staged(seeded, ti, model, handle, held))
+        self.seeder.seeded.append(seeded)
+        return seeded
+
+    def _links(self, infohash: str) -> Path:
+        return self.store_dir / SCRATCH_DIR / f"seed-{infohash}"
+
+    def _add(self, ti: lt.torrent_info, model: ModelEntry) -> tuple[lt.torrent_handle, int]:
+        with Store(self.store_dir) as store:
+            files = storage.stored_files(self.store_dir, store.conn, model.name, model.version)
+        save_path = self._links(meta.infohash(ti))
+        storage.link_tree(save_path, model, files, missing_ok=True)
+        have = storage.held_pieces(ti, model, files)
+        params = lt.add_torrent_params()
+        params.ti = ti
+        params.save_path = str(save_path)
+        params.have_pieces = have
+        params.flags |= add_flags("upload_mode", "no_verify_files")
+        params.flags &= ~add_flags("auto_managed", "paused", "seed_mode")
+        handle = self.seeder.session.add_torrent(params)
+        if self.seeder.identity is not None:
+            present_certificate(handle, self.seeder.identity)
+        return handle, sum(have)
+
+    def refresh(self, *, force: bool = False) -> None:
+        """Offer the pieces verified since the last look (at most every ``refresh_s``)."""
+        if not force and time.monotonic() < self._due:
+            return
+        self._due = time.monotonic() + self.refresh_s
+        for entry in list(self.staged):
+            with Store(self.store_dir) as store:
+                files = storage.stored_files(self.store_dir, store.conn, entry.model.name,
+                                             entry.model.version)
+            held = sum(storage.held_pieces(entry.ti, entry.model, files))
+            if held <= entry.held:
+                continue
+            self.seeder.session.remove_torrent(entry.handle)
+            if len(files) == len(entry.model.files) and all(
+                    f.published for f in files.values()):  # imported meanwhile
+                self.staged.remove(entry)
+                self.seeder.seeded.remove(entry.seeded)
+                self.seeder.add(entry.seeded.torrent, entry.seeded.model,
+                                layout.models_dir(self.store_dir))
+                continue
+            entry.handle, entry.held = self._add(entry.ti, entry.model)
