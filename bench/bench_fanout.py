@@ -23,17 +23,25 @@ the model verified and published in its store:
 Rows: the site's delivered throughput (N x size / time) swarm vs central (ratio Tc/Ts), and
 the per-host rate of the swarm vs a single transfer (ratio T1/Ts; aim Ts <= 1.5 x T1, so a
 ratio >= 0.67, where the central server needs about N x T1).
+
+Where the time goes, printed with each phase: the bytes the seed's link sent (the ``tc``
+counter of its veth: every protocol, headers included) over the model's size; when each host's
+process exited (first, median, last); and, once every host holds the model, the same N pulls
+again (nothing to fetch: process start, offers, manifest authentication), the start-up a
+phase pays on this machine whatever the network does.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -58,6 +66,20 @@ class Phase:
     seconds: float
     from_seed: int  # bytes the pullers received from the seed, summed
     from_hosts: int  # bytes they received from other pullers, summed
+    seed_sent: int = 0  # bytes out of the seed's link (its tc counter), any protocol
+    done: tuple[float, ...] = ()  # seconds until each host's process exited, ascending
+    noop: float | None = None  # the same pulls again once every host holds the model
+
+    def timeline(self, size: int) -> str:
+        """What bounds the phase: the seed's upload over the model, and the hosts' spread."""
+        parts = [f"seed link sent {self.seed_sent / size:.2f}x the model"]
+        if self.done:
+            parts.append(f"hosts done at {self.done[0]:.1f} / "
+                         f"{self.done[len(self.done) // 2]:.1f} / {self.done[-1]:.1f} s "
+                         "(first / median / last)")
+        if self.noop is not None:
+            parts.append(f"the same pulls with nothing to fetch {self.noop:.1f} s")
+        return ", ".join(parts)
 
 
 class _Site:
@@ -69,6 +91,54 @@ class _Site:
 
     def url(self, host: int) -> str:
         return f"http://{self.lan.addresses[host]}:{PORT}"
+
+    def seed_sent(self) -> int:
+        """Bytes the seed's veth has sent so far (its egress tbf's counter)."""
+        out = subprocess.run(self.lan.command(0, ["tc", "-s", "qdisc", "show", "dev", "eth0"]),
+                             check=True, capture_output=True, text=True).stdout
+        found = re.search(r"Sent (\d+) bytes", out)
+        if found is None:
+            raise RuntimeError(f"no tc counter on the seed's link: {out!r}")
+        return int(found.group(1))
+
+    def run_all(self, commands: dict[int, list[str]], tag: str, *,
+                done_line: Callable[[str], bool] | None = None
+                ) -> tuple[float, tuple[float, ...], list[subprocess.Popen[str]]]:
+        """Start every host's command at once; seconds until the last is done, each one's
+        done time, and the processes still running. A host is done when its command exits 0,
+        or when its log has a line ``done_line`` accepts while the command goes on (it stays
+        a source for the others, as ``peer serve`` does). A failure stops the benchmark with
+        its log."""
+        running: dict[int, subprocess.Popen[str]] = {}
+        logs = {host: self.work / f"{tag}-{host}.log" for host in commands}
+        start = time.perf_counter()
+        for host, argv in commands.items():
+            with logs[host].open("w") as log:
+                running[host] = subprocess.Popen(self.lan.command(host, argv), stdout=log,
+                                                 stderr=subprocess.STDOUT, text=True)
+            self.procs.append(running[host])
+        done: dict[int, float] = {}
+        while len(done) < len(running):
+            for host, proc in running.items():
+                if host in done:
+                    continue
+                code = proc.poll()
+                if code is not None and code != 0:
+                    raise RuntimeError(f"{tag} in {self.lan.hosts[host]} failed: "
+                                       f"{logs[host].read_text()[-2000:]}")
+                if code == 0 or (done_line is not None and any(
+                        map(done_line, logs[host].read_text().splitlines()))):
+                    done[host] = time.perf_counter() - start
+            if time.perf_counter() - start > 600:
+                raise RuntimeError(f"{tag}: hosts still running after 600 s")
+            time.sleep(0.02)
+        left = []
+        for proc in running.values():
+            if proc.poll() is None:
+                left.append(proc)
+            else:
+                self.procs.remove(proc)
+        return max(done.values()), tuple(sorted(done.values())), left
 
     def new_store(self, name: str) -> Path:
         store = self.work / name
@@ -107,49 +177,42 @@ class _Site:
         for proc in list(self.procs):
             self.stop(proc)
 
-    def pull_all(self, pullers: dict[int, Path], sources: dict[int, list[int]]) -> Phase:
+    def pull_all(self, pullers: dict[int, Path], sources: dict[int, list[int]], *,
+                 tag: str = "pull") -> Phase:
         """Start every puller at once; seconds until the last one holds the model."""
-        logs: dict[int, Path] = {}
-        running: dict[int, subprocess.Popen[str]] = {}
-        start = time.perf_counter()
-        for host, store in pullers.items():
-            froms = [arg for s in sources[host] for arg in ("--from", self.url(s))]
-            logs[host] = self.work / f"pull-{host}.log"
-            with logs[host].open("w") as log:
-                proc = subprocess.Popen(
-                    self.lan.command(host, [APPLIANCE, "--store", str(store), "peer", "pull",
-                                            MODEL, "--insecure", "--no-mdns", *froms]),
-                    stdout=log, stderr=subprocess.STDOUT, text=True,
-                )
-            self.procs.append(proc)
-            running[host] = proc
-        for proc in running.values():
-            proc.wait(timeout=600)
-        seconds = time.perf_counter() - start
+        commands = {
+            host: [APPLIANCE, "--store", str(store), "peer", "pull", MODEL, "--insecure",
+                   "--no-mdns", *(arg for s in sources[host] for arg in ("--from", self.url(s)))]
+            for host, store in pullers.items()
+        }
+        sent = self.seed_sent()
+        seconds, done, _ = self.run_all(commands, tag)
+        sent = self.seed_sent() - sent
         from_seed = from_hosts = 0
-        for host, proc in running.items():
-            self.procs.remove(proc)
-            out = logs[host].read_text()
-            if proc.returncode != 0:
-                raise RuntimeError(f"pull in {self.lan.hosts[host]} failed: {out[-2000:]}")
-            model = get_model(pullers[host], MODEL)  # published, verified, full size
+        for host, store in pullers.items():
+            model = get_model(store, MODEL)  # published, verified, full size
             if sum(f.size for f in model.files) != self.setup.size:
                 raise RuntimeError(f"{self.lan.hosts[host]} holds the wrong size")
             # The exact verified bytes per peer, from the pull's own audit record (the
             # summary it prints rounds them for people).
-            pulled = [r for r in audit.records(pullers[host]) if r.kind == "pull"][-1]
+            pulled = [r for r in audit.records(store) if r.kind == "pull"][-1]
             for url, n in pulled.details["peers"].items():
                 if url == self.url(0):
                     from_seed += int(n)
                 else:
                     from_hosts += int(n)
-        return Phase(seconds, from_seed, from_hosts)
+        return Phase(seconds, from_seed, from_hosts, sent, done)
+
+    def noop(self, pullers: dict[int, Path], sources: dict[int, list[int]]) -> float:
+        """The same pulls again, every host already holding the model: start-up alone."""
+        return self.pull_all(pullers, sources, tag="noop").seconds
 
 
 def _single(site: _Site) -> Phase:
     store = site.new_store("single")
     try:
-        return site.pull_all({1: store}, {1: [0]})
+        phase = site.pull_all({1: store}, {1: [0]})
+        return dataclasses.replace(phase, noop=site.noop({1: store}, {1: [0]}))
     finally:
         shutil.rmtree(store, ignore_errors=True)
 
@@ -157,7 +220,7 @@ def _single(site: _Site) -> Phase:
 def _central(site: _Site, n: int) -> Phase:
     stores = {h: site.new_store(f"central-{h}") for h in range(1, n + 1)}
     try:
-        return site.pull_all(stores, {h: [0] for h in stores})
+        return site.pull_all(stores, {h: [0] for h in stores}, tag="central")
     finally:
         for store in stores.values():
             shutil.rmtree(store, ignore_errors=True)
@@ -171,7 +234,8 @@ def _swarm(site: _Site, n: int) -> Phase:
             servers.append(site.serve(host, store))
         # The seed first, then the other pullers: every host is a source for every other.
         sources = {h: [0, *(o for o in stores if o != h)] for h in stores}
-        return site.pull_all(stores, sources)
+        phase = site.pull_all(stores, sources, tag="swarm")
+        return dataclasses.replace(phase, noop=site.noop(stores, sources))
     finally:
         for proc in servers:
             site.stop(proc)
@@ -237,13 +301,18 @@ def run(ctx: BenchContext) -> list[Comparison]:
     t1 = single.seconds
     mb = setup.size / 1e6
     link = f"{RATE_MBIT} Mbit/s per link each way (tc tbf), plaintext peers"
-    print(f"    T1 = {t1:.1f} s (single transfer, {mb:.0f} MB, {link})", flush=True)
+    print(f"    T1 = {t1:.1f} s (single transfer, {mb:.0f} MB, {link}; "
+          f"{single.timeline(setup.size)})", flush=True)
     rows = []
     for n, (central, swarm) in phases.items():
         tc, ts = central.seconds, swarm.seconds
         shared = swarm.from_hosts / (swarm.from_hosts + swarm.from_seed)
         print(f"    N={n}: Tc = {tc:.1f} s ({tc / t1:.2f}x T1), Ts = {ts:.1f} s "
               f"({ts / t1:.2f}x T1), swarm bytes from other hosts {shared:.0%}", flush=True)
+        print(f"      central: {central.timeline(setup.size)}", flush=True)
+        print(f"      swarm: {swarm.timeline(setup.size)}; received "
+              f"{(swarm.from_seed + swarm.from_hosts) / (n * setup.size):.3f}x what the hosts "
+              "needed", flush=True)
         times = (f"T1 {t1:.1f} s, Tc {tc:.1f} s, Ts {ts:.1f} s; {shared:.0%} of the swarm's "
                  f"bytes came from other hosts; {link}")
         rows.append(Comparison(

@@ -10,8 +10,10 @@ process exit, every host ending with the model verified and published in its sto
 - Tc: N hosts pull at once from the seed only (one central server).
 - Ts: our peer swarm (``peer serve`` on every host, ``peer pull`` from all of them).
 - Tt: the torrent swarm: the seed runs ``torrent seed``, the N hosts run ``torrent fetch`` at
-  once with the seed and every other host as static peers. A host stops uploading when its
-  fetch exits (a leecher leaving), so the last hosts lean on the seed more.
+  once with the seed and every other host as static peers, and each host, once its fetch has
+  published the model, goes on as ``torrent seed`` with the same peers (as a site runs it, and
+  as every host of the peer swarm keeps ``peer serve`` up): a host is done when its fetch
+  printed the published model, and the seeds are stopped once every host is done.
 
 Aim: Tt <= 1.3 x T1 at N = 8.
 """
@@ -19,9 +21,9 @@ Aim: Tt <= 1.3 x T1 at N = 8.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 from appliance.store.records import get_model
@@ -58,33 +60,28 @@ def _torrent(site: _Site, seed: Path, torrent: Path, n: int) -> Phase:
                 break
         else:
             raise RuntimeError("torrent seed did not start")
-        start = time.perf_counter()
-        running = {}
+        commands = {}
         for host, store in stores.items():
+            listen = ["--listen", f"{lan.addresses[host]}:{TORRENT_PORT}"]
             peers = [arg for other in (0, *stores) if other != host
                      for arg in ("--peer", f"{lan.addresses[other]}:{TORRENT_PORT}")]
-            log = (site.work / f"torrent-{host}.log").open("w")
-            running[host] = subprocess.Popen(
-                lan.command(host, [APPLIANCE, "--store", str(store), "torrent", "fetch",
-                                   str(torrent), "--insecure", "--no-lsd", "--timeout", "60",
-                                   "--listen", f"{lan.addresses[host]}:{TORRENT_PORT}",
-                                   *peers]),
-                stdout=log, stderr=subprocess.STDOUT, text=True,
-            )
-            log.close()
-            site.procs.append(running[host])
-        for proc in running.values():
-            proc.wait(timeout=600)
-        seconds = time.perf_counter() - start
-        for host, proc in running.items():
-            site.procs.remove(proc)
-            if proc.returncode != 0:
-                out = (site.work / f"torrent-{host}.log").read_text()
-                raise RuntimeError(f"torrent fetch in {lan.hosts[host]} failed: {out[-2000:]}")
-            model = get_model(stores[host], MODEL)
+            fetch = [APPLIANCE, "--store", str(store), "torrent", "fetch", str(torrent),
+                     "--insecure", "--no-lsd", "--timeout", "60", *listen, *peers]
+            then_seed = [APPLIANCE, "--store", str(store), "torrent", "seed", "--insecure",
+                         "--no-lsd", *listen, *peers]
+            commands[host] = ["sh", "-c", f"{shlex.join(fetch)} && exec {shlex.join(then_seed)}"]
+        sent = site.seed_sent()
+        seconds, done, seeding = site.run_all(  # the fetch's result line: "bench:1: published"
+            commands, "torrent", done_line=lambda line: line.startswith(f"{MODEL}:")
+            and ": published" in line)
+        sent = site.seed_sent() - sent
+        for proc in seeding:
+            site.stop(proc)
+        for host, store in stores.items():
+            model = get_model(store, MODEL)
             if sum(f.size for f in model.files) != site.setup.size:
                 raise RuntimeError(f"{lan.hosts[host]} holds the wrong size")
-        return Phase(seconds, 0, 0)
+        return Phase(seconds, 0, 0, sent, done)
     finally:
         site.stop(seeder)
         for store in stores.values():
@@ -116,13 +113,16 @@ def run(ctx: BenchContext) -> list[Comparison]:
     t1 = single.seconds
     mb = setup.size / 1e6
     link = f"{RATE_MBIT} Mbit/s per link each way (tc tbf), plaintext"
-    print(f"    T1 = {t1:.1f} s (single transfer, {mb:.0f} MB, {link})", flush=True)
+    print(f"    T1 = {t1:.1f} s (single transfer, {mb:.0f} MB, {link}; "
+          f"{single.timeline(setup.size)})", flush=True)
     rows = []
     for n, (central, swarm, tor) in phases.items():
         tc, ts, tt = central.seconds, swarm.seconds, tor.seconds
         print(f"    N={n}: Tt (torrent) = {tt:.1f} s ({tt / t1:.2f}x T1), Ts (peer swarm) = "
               f"{ts:.1f} s ({ts / t1:.2f}x T1), Tc (central) = {tc:.1f} s "
               f"({tc / t1:.2f}x T1)", flush=True)
+        for label, phase in (("torrent", tor), ("swarm", swarm), ("central", central)):
+            print(f"      {label}: {phase.timeline(setup.size)}", flush=True)
         times = f"T1 {t1:.1f} s, Tt {tt:.1f} s, Ts {ts:.1f} s, Tc {tc:.1f} s; {link}"
         rows.append(Comparison(
             f"torrent fan-out N={n} time / single transfer (generated, {mb:.0f} MB)",

@@ -26,6 +26,7 @@ from appliance.torrent.certs import TorrentIdentity
 from appliance.torrent.session import (
     SwarmOptions,
     add_flags,
+    connect_peers,
     open_session,
     port,
     present_certificate,
@@ -54,6 +55,7 @@ class Seeder:
         self.identity = identity
         self.say = notify or (lambda _message: None)
         self.session = open_session(options, secure=identity is not None)
+        self.peers = options.peers
         self.seeded: list[Seeded] = []
 
     @property
@@ -82,6 +84,9 @@ class Seeder:
         handle = self.session.add_torrent(params)
         if self.identity is not None:
             present_certificate(handle, self.identity)
+        # A host that fetched and now seeds knows the others still fetching: it goes to them
+        # (they may have given up reconnecting to the address while it was starting).
+        connect_peers(handle, self.peers)
         seeded = Seeded(model, meta.infohash(ti), data)
         self.seeded.append(seeded)
         return seeded

@@ -31,10 +31,13 @@ _BASE_SETTINGS: dict[str, Any] = {
     "enable_natpmp": False,
     "allow_multiple_connections_per_ip": True,
     "user_agent": "appliance",
+    # piece_progress carries piece_finished: without it a fetch learns of a piece only at
+    # its next have-scan (up to a second later), and its no-progress timer never resets.
     "alert_mask": (lt.alert.category_t.error_notification
                    | lt.alert.category_t.status_notification
                    | lt.alert.category_t.storage_notification
-                   | lt.alert.category_t.peer_notification),
+                   | lt.alert.category_t.peer_notification
+                   | lt.alert.category_t.piece_progress_notification),
     # A LAN swarm of a few hosts: no reason to wait minutes between reconnects.
     "min_reconnect_time": 1,
     "peer_connect_timeout": 5,
