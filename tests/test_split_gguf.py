@@ -40,6 +40,7 @@ from appliance.store.store import Store
 
 NAMES = tuple(f"tiny-{i:05d}-of-00003.gguf" for i in (1, 2, 3))
 MODEL = "acme/tiny-split"
+SINGLE = "acme/tiny"
 
 
 @pytest.fixture(scope="module")
@@ -53,25 +54,32 @@ def shards(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> Path:
     return models
 
 
-def recipe(base: Path, files: Sequence[tuple[str, str | None]]) -> Path:
-    """A recipe for MODEL whose files are (path under base, dest or None)."""
+def recipe(base: Path, files: Sequence[tuple[str, str | None]], *,
+           single: Path | None = None) -> Path:
+    """A recipe for MODEL whose files are (path under base, dest or None), and SINGLE
+    (``single``: the same model in one file) when given."""
     lines = ["channel: site-models", "sequence: 1", "models:", f"  - name: {MODEL}",
              "    version: f16", "    license: apache-2.0", "    files:"]
     for path, dest in files:
         lines.append(f"      - path: {path}")
         if dest is not None:
             lines.append(f"        dest: {dest}")
+    if single is not None:
+        lines += [f"  - name: {SINGLE}", "    version: f16", "    files:",
+                  f"      - path: {single}"]
     path = base / "recipe.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 @pytest.fixture(scope="module")
-def built(shards: Path) -> BuildResult:
-    """The bundle of the split model, its shards listed out of order (2, 1, 3)."""
+def built(shards: Path, tiny_gguf: Path) -> BuildResult:
+    """The bundle of the split model, its shards listed out of order (2, 1, 3), and of the
+    same model in one file."""
     base = shards.parent
     order = (NAMES[1], NAMES[0], NAMES[2])
-    return build(base, recipe=recipe(base, [(f"models/{n}", None) for n in order]))
+    return build(base, recipe=recipe(base, [(f"models/{n}", None) for n in order],
+                                     single=tiny_gguf))
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +90,8 @@ def media(built: BuildResult) -> Path:
 @pytest.fixture()
 def store(tmp_path: Path, media: Path) -> Path:
     store_dir = trusted_store(tmp_path / "store")
-    assert import_media(store_dir, [media], now=NOW).published == (f"{MODEL}:f16",)
+    assert import_media(store_dir, [media], now=NOW).published == (f"{MODEL}:f16",
+                                                                   f"{SINGLE}:f16")
     return store_dir
 
 
@@ -137,7 +146,8 @@ def test_llama_cpp_loads_the_first_shard_and_answers_as_the_whole_file(
 
 
 def test_the_bundle_records_the_whole_models_facts(built: BuildResult, tiny_gguf: Path) -> None:
-    (model,) = built.manifest.models
+    model, single = built.manifest.models
+    assert model.gguf == single.gguf
     whole = read_gguf_facts(tiny_gguf)  # the same model in one file
     assert [f.path for f in model.files] == [NAMES[1], NAMES[0], NAMES[2]]
     assert model.gguf == GgufInfo(
@@ -175,7 +185,7 @@ def test_the_builder_refuses_shards_llama_cpp_could_not_load(
 def test_a_split_model_is_one_model_with_its_shards_side_by_side(
         store: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--store", str(store), "models", "list", "--json"]) == 0
-    (listed,) = json.loads(capsys.readouterr().out)
+    (listed,) = [m for m in json.loads(capsys.readouterr().out) if m["name"] != SINGLE]
     assert (listed["name"], listed["verified"]) == (MODEL, True)
     assert main(["--store", str(store), "models", "show", MODEL, "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
@@ -230,6 +240,19 @@ def test_a_missing_or_changed_shard_is_refused_before_load(store: Path, case: st
     with pytest.raises(IntegrityError) as refused:
         store_resolver(store)(MODEL)
     assert type(refused.value) is IntegrityError and where in str(refused.value)
+
+
+def test_quick_checks_the_whole_header_of_a_single_file_too(store: Path) -> None:
+    """Builder-made chunks cut the 24-byte fixed header off on its own: a quick check of only
+    the first chunk would miss a changed chat template."""
+    path = get_model(store, SINGLE).path
+    path.chmod(0o644)
+    template = next(e for e in read_gguf_layout(path).boundaries.kv_entries
+                    if e.name == "tokenizer.chat_template")
+    flip_byte(path, template.end - 5)
+    with pytest.raises(IntegrityError, match="GGUF header differs") as refused:
+        store_resolver(store, verify="quick")(SINGLE)
+    assert refused.value.offset is not None and refused.value.offset >= 24  # not chunk 1
 
 
 def test_quick_checks_every_shards_header_full_checks_its_tensors(store: Path) -> None:
