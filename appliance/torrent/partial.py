@@ -20,6 +20,7 @@ adds the torrent again with the new set (connected peers reconnect).
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from appliance.torrent import meta, storage
 from appliance.torrent.fetch import check_membership, parse_torrent
 from appliance.torrent.make import SCRATCH_DIR
 from appliance.torrent.seed import Seeded, Seeder
-from appliance.torrent.session import add_flags, present_certificate
+from appliance.torrent.session import add_flags, connect_peers, present_certificate
 
 REFRESH_S = 30.0
 
@@ -107,6 +108,7 @@ class StagedSeeds:
         handle = self.seeder.session.add_torrent(params)
         if self.seeder.identity is not None:
             present_certificate(handle, self.seeder.identity)
+        connect_peers(handle, self.seeder.peers)  # as Seeder.add does: fetchers it knows of
         return handle, sum(have)
 
     def refresh(self, *, force: bool = False) -> None:
@@ -118,15 +120,17 @@ class StagedSeeds:
             with Store(self.store_dir) as store:
                 files = storage.stored_files(self.store_dir, store.conn, entry.model.name,
                                              entry.model.version)
+            published = len(files) == len(entry.model.files) and all(
+                f.published for f in files.values())
             held = sum(storage.held_pieces(entry.ti, entry.model, files))
-            if held <= entry.held:
+            if not published and held <= entry.held:
                 continue
             self.seeder.session.remove_torrent(entry.handle)
-            if len(files) == len(entry.model.files) and all(
-                    f.published for f in files.values()):  # imported meanwhile
+            if published:  # imported meanwhile: its staged files were renamed into place
                 self.staged.remove(entry)
                 self.seeder.seeded.remove(entry.seeded)
                 self.seeder.add(entry.seeded.torrent, entry.seeded.model,
                                 layout.models_dir(self.store_dir))
+                shutil.rmtree(self._links(entry.seeded.infohash), ignore_errors=True)
                 continue
             entry.handle, entry.held = self._add(entry.ti, entry.model)

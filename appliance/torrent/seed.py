@@ -6,8 +6,8 @@ Each published model's torrent is made from its published files (``make``: the s
 published file. Torrents are added in seed mode (libtorrent trusts the files, and checks each
 piece against the torrent's Merkle tree the first time a peer asks for it) and upload mode
 (it never downloads, so it never writes into a published file, even when a piece fails that
-check: the store's ``verify`` is what repairs a store). Models still importing are not seeded:
-their bytes are in staging files libtorrent cannot map.
+check: the store's ``verify`` is what repairs a store). Models still importing are seeded from
+their staged files by ``partial.StagedSeeds``, given their torrent.
 """
 
 from __future__ import annotations
