@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from bundle_helpers import NOW, build, tree
 from ollama_helpers import PARAMS, TEMPLATE, make_ollama_store, ollama_would_load
-from store_helpers import model_entry, write_model
+from store_helpers import model_entry, small_tmpfs, write_model
 from trust_helpers import trusted_store
 
 from appliance.cli.main import main
@@ -234,3 +234,19 @@ def test_a_quarantined_model_is_refused_before_anything_is_read(tmp_path: Path,
         with pytest.raises(IntegrityError, match="must not be exported"):
             export()
     assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()
+
+
+def test_dir_export_onto_a_mount_point(tmp_path: Path, store: Path) -> None:
+    """An operator's USB disk: an empty mount point, another file system than its parent,
+    so the export cannot be renamed onto it and is assembled inside it instead."""
+    try:
+        with small_tmpfs(tmp_path / "usb", 8) as usb:
+            export_dir(store, "acme/tiny", usb)
+            assert sorted(os.listdir(usb)) == [SUMS_NAME, "tiny-latest.gguf",
+                                               "tiny-latest.ollama.json"]
+            assert subprocess.run(["sha256sum", "-c", SUMS_NAME], cwd=usb,
+                                  capture_output=True, check=False).returncode == 0
+    except OSError as e:
+        if "cannot mount" not in str(e):
+            raise
+        pytest.skip(str(e))

@@ -19,7 +19,8 @@ name, fsynced, and renamed only when all of it verified. An Ollama store gets it
 first and the manifest last, so Ollama never lists a model whose blobs are not all there
 (a temporary left by a crash is not a digest name, which Ollama's own prune removes after its
 hour of grace);
-a ``--dir`` export is assembled in a hidden sibling directory renamed into place at the end.
+a ``--dir`` export is assembled in a hidden sibling directory renamed into place at the end
+(in an empty directory that exists, perhaps a mount point, inside it, SHA256SUMS moved last).
 An existing different manifest or a non-empty directory is a ``UsageError`` (``replace``
 overwrites a manifest); an identical earlier export is left as it is (``unchanged``).
 
@@ -400,7 +401,12 @@ def _export_dir(store_dir: Path, ref: str, out_dir: Path,
                          "one (an export never mixes with other files)")
     if not out_dir.parent.is_dir():
         raise UsageError(f"the parent of --dir {out_dir} does not exist")
-    work = out_dir.parent / f"{_TMP_PREFIX}{out_dir.name}-{secrets.token_hex(4)}"
+    # A new directory is assembled beside it and renamed into place whole. An empty one that
+    # exists may be a mount point (a USB disk): rename onto it fails and its parent is another
+    # file system, so the files are assembled inside it and moved up, SHA256SUMS last.
+    inside = out_dir.is_dir()
+    work = (out_dir if inside else out_dir.parent) / (
+        f"{_TMP_PREFIX}{out_dir.name}-{secrets.token_hex(4)}")
     meter = _Meter(model.size, progress)
     files = []
     try:
@@ -422,8 +428,15 @@ def _export_dir(store_dir: Path, ref: str, out_dir: Path,
         for directory in sorted({p.parent for p in work.rglob("*")},
                                 key=lambda d: len(d.parts), reverse=True):
             fsutil.fsync_dir(directory, strict=False)
-        os.rename(work, out_dir)  # onto a missing or empty directory: atomic
-        fsutil.fsync_dir(out_dir.parent, strict=False)
+        if inside:
+            tops = [*sorted({f.path.split("/")[0] for f in files}), SUMS_NAME]
+            for top in tops:  # the checksum list last: it says the export is whole
+                os.rename(work / top, out_dir / top)
+            work.rmdir()
+            fsutil.fsync_dir(out_dir, strict=False)
+        else:
+            os.rename(work, out_dir)  # onto nothing: atomic
+            fsutil.fsync_dir(out_dir.parent, strict=False)
     except OSError as e:
         shutil.rmtree(work, ignore_errors=True)
         raise _os_error(e, out_dir) from e
