@@ -62,8 +62,8 @@ Ollama name with its template and parameters; any other model is named <name>:<v
 under that name is refused unless --replace; the same one is left as it is.
 
 --dir DIR writes the model's files into a new or empty directory, with SHA256SUMS that
-'sha256sum -c SHA256SUMS' checks from inside DIR. It is assembled next to DIR and renamed into
-place when complete.
+'sha256sum -c SHA256SUMS' checks from inside DIR. A new DIR is assembled next to it and renamed
+into place when complete; in an empty one (a mounted disk) SHA256SUMS is written last.
 """
 EXPORT_EPILOG = """\
 examples:
