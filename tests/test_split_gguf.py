@@ -162,7 +162,7 @@ def test_the_bundle_records_the_whole_models_facts(built: BuildResult, tiny_gguf
     ("renamed", "llama.cpp finds shards by name: give it dest: tiny-00002-of-00003.gguf"),
     ("elsewhere", "belong to several"),
     ("foreign", "hold 20 tensors, their split.tensors.count says 21"),
-])
+], ids=["missing", "renamed", "elsewhere", "foreign"])
 def test_the_builder_refuses_shards_llama_cpp_could_not_load(
         shards: Path, tiny_gguf: Path, tmp_path: Path, case: str, message: str) -> None:
     files: list[tuple[str, str | None]] = [(str(shards / n), None) for n in NAMES]
@@ -222,7 +222,7 @@ def test_appliance_serve_answers_from_a_split_model(store: Path) -> None:
     ("truncated", NAMES[1]),
     ("metadata", NAMES[0]),  # deep in the KV section, past the first chunk
     ("tensor table", NAMES[2]),
-])
+], ids=["deleted", "truncated", "metadata", "tensor-table"])
 def test_a_missing_or_changed_shard_is_refused_before_load(store: Path, case: str,
                                                            where: str) -> None:
     index = NAMES.index(where)
