@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -69,6 +70,7 @@ class Phase:
     seed_sent: int = 0  # bytes out of the seed's link (its tc counter), any protocol
     done: tuple[float, ...] = ()  # seconds until each host's process exited, ascending
     noop: float | None = None  # the same pulls again once every host holds the model
+    cpu: float = 0.0  # CPU seconds of the phase's commands that exited (user + system)
 
     def timeline(self, size: int) -> str:
         """What bounds the phase: the seed's upload over the model, and the hosts' spread."""
@@ -77,6 +79,10 @@ class Phase:
             parts.append(f"hosts done at {self.done[0]:.1f} / "
                          f"{self.done[len(self.done) // 2]:.1f} / {self.done[-1]:.1f} s "
                          "(first / median / last)")
+        if self.cpu:
+            parts.append(f"{self.cpu:.1f} CPU s in the commands that exited "
+                         f"({self.cpu / self.seconds:.1f} of this machine's {os.cpu_count()} "
+                         "cores)")
         if self.noop is not None:
             parts.append(f"the same pulls with nothing to fetch {self.noop:.1f} s")
         return ", ".join(parts)
@@ -103,14 +109,15 @@ class _Site:
 
     def run_all(self, commands: dict[int, list[str]], tag: str, *,
                 done_line: Callable[[str], bool] | None = None
-                ) -> tuple[float, tuple[float, ...], list[subprocess.Popen[str]]]:
+                ) -> tuple[float, tuple[float, ...], list[subprocess.Popen[str]], float]:
         """Start every host's command at once; seconds until the last is done, each one's
-        done time, and the processes still running. A host is done when its command exits 0,
-        or when its log has a line ``done_line`` accepts while the command goes on (it stays
-        a source for the others, as ``peer serve`` does). A failure stops the benchmark with
-        its log."""
+        done time, the processes still running, and the CPU seconds of those that exited. A
+        host is done when its command exits 0, or when its log has a line ``done_line``
+        accepts while the command goes on (it stays a source for the others, as ``peer
+        serve`` does). A failure stops the benchmark with its log."""
         running: dict[int, subprocess.Popen[str]] = {}
         logs = {host: self.work / f"{tag}-{host}.log" for host in commands}
+        cpu = _children_cpu()
         start = time.perf_counter()
         for host, argv in commands.items():
             with logs[host].open("w") as log:
@@ -138,7 +145,7 @@ class _Site:
                 left.append(proc)
             else:
                 self.procs.remove(proc)
-        return max(done.values()), tuple(sorted(done.values())), left
+        return max(done.values()), tuple(sorted(done.values())), left, _children_cpu() - cpu
 
     def new_store(self, name: str) -> Path:
         store = self.work / name
@@ -186,7 +193,7 @@ class _Site:
             for host, store in pullers.items()
         }
         sent = self.seed_sent()
-        seconds, done, _ = self.run_all(commands, tag)
+        seconds, done, _, cpu = self.run_all(commands, tag)
         sent = self.seed_sent() - sent
         from_seed = from_hosts = 0
         for host, store in pullers.items():
@@ -201,11 +208,16 @@ class _Site:
                     from_seed += int(n)
                 else:
                     from_hosts += int(n)
-        return Phase(seconds, from_seed, from_hosts, sent, done)
+        return Phase(seconds, from_seed, from_hosts, sent, done, cpu=cpu)
 
     def noop(self, pullers: dict[int, Path], sources: dict[int, list[int]]) -> float:
         """The same pulls again, every host already holding the model: start-up alone."""
         return self.pull_all(pullers, sources, tag="noop").seconds
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _single(site: _Site) -> Phase:

@@ -71,7 +71,7 @@ def _torrent(site: _Site, seed: Path, torrent: Path, n: int) -> Phase:
                          "--no-lsd", *listen, *peers]
             commands[host] = ["sh", "-c", f"{shlex.join(fetch)} && exec {shlex.join(then_seed)}"]
         sent = site.seed_sent()
-        seconds, done, seeding = site.run_all(  # the fetch's result line: "bench:1: published"
+        seconds, done, seeding, cpu = site.run_all(  # the fetch's result line: "bench:1: published"
             commands, "torrent", done_line=lambda line: line.startswith(f"{MODEL}:")
             and ": published" in line)
         sent = site.seed_sent() - sent
@@ -81,7 +81,7 @@ def _torrent(site: _Site, seed: Path, torrent: Path, n: int) -> Phase:
             model = get_model(store, MODEL)
             if sum(f.size for f in model.files) != site.setup.size:
                 raise RuntimeError(f"{lan.hosts[host]} holds the wrong size")
-        return Phase(seconds, 0, 0, sent, done)
+        return Phase(seconds, 0, 0, sent, done, cpu=cpu)
     finally:
         site.stop(seeder)
         for store in stores.values():
