@@ -217,9 +217,15 @@ def test_an_explicit_store_and_a_tampered_blob_stop_the_build(tmp_path: Path,
                                                               ollama_store: Path) -> None:
     recipe = _recipe(tmp_path, "ollama: {model: 'library/tiny:latest', store: ollama}")
     assert load_recipe(recipe).models[0].files[0].location == str(ollama_store)
-    flip_byte(model_blob(ollama_store), 100)
-    with pytest.raises(IntegrityError):
+    blob = model_blob(ollama_store)
+    flip_byte(blob, blob.stat().st_size - 100)  # in a tensor: the builder's sha256 sees it
+    with pytest.raises(IntegrityError, match="upstream digest") as raised:
         build(tmp_path, recipe=recipe)
+    assert type(raised.value) is IntegrityError
+    flip_byte(blob, blob.stat().st_size - 100)
+    flip_byte(blob, 100)  # in the header: the GGUF reader refuses it before any byte is packed
+    with pytest.raises(FormatError):
+        build(tmp_path, recipe=recipe, out="media2")
 
 
 def test_a_config_for_a_gguf_quantized_at_build_says_so_and_keeps_the_rest() -> None:

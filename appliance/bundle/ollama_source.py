@@ -14,8 +14,9 @@ entry becomes two files of the model:
 Reading the store trusts nothing in it (``read_model``): the name's parts follow Ollama's
 rules (no path can climb out of ``manifests/``), the manifest and the small blobs are read
 with caps, special files are refused before they are opened, every blob must have its
-declared size and the sha256 its name says (``IntegrityError`` otherwise), and layer kinds
-that would make the GGUF alone another model are refused (``FormatError``).
+declared size and the sha256 its name says (``IntegrityError`` otherwise; the builder checks
+the GGUF's as it packs it, through ``ResolvedSource.upstream_sha256``), and layer kinds that
+would make the GGUF alone another model are refused (``FormatError``).
 """
 
 from __future__ import annotations
@@ -99,10 +100,13 @@ def spec_name(spec: FileSpec) -> ol.OllamaName:
 def resolve_ollama(spec: FileSpec) -> ResolvedSource:
     """The GGUF blob (``ollama``) or the sidecar file (``ollama-sidecar``) of a spec."""
     store = Path(spec.location) if spec.location else default_models_dir()
-    model = read_model(store, spec_name(spec))
+    # The builder hashes the GGUF as it packs it and refuses bytes that differ from the
+    # upstream digest, so the blob is read once, not twice (its size is checked here).
+    model = read_model(store, spec_name(spec), hash_model=False)
     label = f"ollama:{model.name}@{model.manifest_digest}"
     if spec.kind == KIND:
-        return ResolvedSource(local_path=model.gguf_path, label=label, dest=spec.dest)
+        return ResolvedSource(local_path=model.gguf_path, label=label, dest=spec.dest,
+                              upstream_sha256=model.manifest.model_layer.hex)
     return ResolvedSource(local_path=_sidecar_file(model.sidecar), label=f"{label}#sidecar",
                           dest=spec.dest)
 
@@ -140,8 +144,10 @@ class OllamaModel:
 _verified: dict[tuple[str, int, int, int, int], str] = {}
 
 
-def read_model(models_dir: Path, name: ol.OllamaName) -> OllamaModel:
-    """One model of an Ollama store, every blob checked against its digest."""
+def read_model(models_dir: Path, name: ol.OllamaName, *, hash_model: bool = True
+               ) -> OllamaModel:
+    """One model of an Ollama store, every blob checked against its digest (the GGUF's
+    size only, without ``hash_model``: for a caller that hashes it as it reads it)."""
     if not models_dir.is_dir():
         raise RecipeError(f"ollama:{name.short}: no Ollama store at {models_dir} (set "
                           f"{MODELS_ENV} or the recipe's store:)")
@@ -163,7 +169,7 @@ def read_model(models_dir: Path, name: ol.OllamaName) -> OllamaModel:
                                    f"{layer.digest}")
         texts.append(ol.TextLayer(layer.media_type, text))
     gguf = blobs / manifest.model_layer.blob_name
-    _check_big_blob(gguf, manifest.model_layer)
+    _check_big_blob(gguf, manifest.model_layer, hash_model)
     digest = ol.digest_of(data)
     sidecar = ol.Sidecar(name, digest, manifest.model_layer.digest, config.decode("utf-8"),
                          tuple(texts))
@@ -196,14 +202,14 @@ def _check_bytes(size: int, layer: ol.Layer, path: Path) -> None:
                              file=str(path))
 
 
-def _check_big_blob(path: Path, layer: ol.Layer) -> None:
+def _check_big_blob(path: Path, layer: ol.Layer, hash_model: bool) -> None:
     fd = fsutil.open_regular(path, f"model blob {layer.digest}", error=RecipeError,
                              missing=IntegrityError, special=SpecialFileError)
     try:
         st = os.fstat(fd)
         _check_bytes(st.st_size, layer, path)
         key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        if _verified.get(key) == layer.digest:
+        if not hash_model or _verified.get(key) == layer.digest:
             return
         sha = hashlib.sha256()
         with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
