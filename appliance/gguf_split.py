@@ -130,7 +130,8 @@ def split_model_facts(files: Sequence[tuple[str, Path]], *,
     Every GGUF file's header is read (a shard is known by its ``split.*`` keys, whatever its
     name). ``RecipeError`` when llama.cpp could not load the set: a shard misnamed or in
     another directory, shards missing, two split GGUFs in one model, or tensors that do not
-    add up to ``split.tensors.count`` (a shard from another split).
+    add up to ``split.tensors.count`` (a shard from another split); and for a file named like
+    a shard that is not one (the server would look for its siblings).
     """
     found: list[tuple[str, ShardName | None, GgufLayout]] = []
     for dest, local in files:
@@ -138,11 +139,13 @@ def split_model_facts(files: Sequence[tuple[str, Path]], *,
             small = local.stat().st_size < FIXED_HEADER_BYTES
         except OSError as e:
             raise RecipeError(f"cannot read {local}: {e.strerror or e}") from e
-        if small or not is_gguf(local):
-            continue
-        layout = read_gguf_layout(local, limits=limits)
-        if layout.split is not None:
+        layout = None if small or not is_gguf(local) else read_gguf_layout(local, limits=limits)
+        if layout is not None and layout.split is not None:
             found.append((dest, parse_shard_name(dest), layout))
+        elif parse_shard_name(dest) is not None:
+            # The server finds a split GGUF by its names, as llama.cpp finds the siblings.
+            raise RecipeError(f"{dest} is named like a shard of a split GGUF but is not one "
+                              "(no split.count above 1): give it another dest:")
     if not found:
         return None
     shards: list[tuple[str, ShardName, GgufLayout]] = []

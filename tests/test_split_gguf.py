@@ -162,7 +162,8 @@ def test_the_bundle_records_the_whole_models_facts(built: BuildResult, tiny_gguf
     ("renamed", "llama.cpp finds shards by name: give it dest: tiny-00002-of-00003.gguf"),
     ("elsewhere", "belong to several"),
     ("foreign", "hold 20 tensors, their split.tensors.count says 21"),
-], ids=["missing", "renamed", "elsewhere", "foreign"])
+    ("impostor", "tiny-00001-of-00002.gguf is named like a shard of a split GGUF but is not"),
+], ids=["missing", "renamed", "elsewhere", "foreign", "impostor"])
 def test_the_builder_refuses_shards_llama_cpp_could_not_load(
         shards: Path, tiny_gguf: Path, tmp_path: Path, case: str, message: str) -> None:
     files: list[tuple[str, str | None]] = [(str(shards / n), None) for n in NAMES]
@@ -172,6 +173,8 @@ def test_the_builder_refuses_shards_llama_cpp_could_not_load(
         files[1] = (files[1][0], "second-part.gguf")
     elif case == "elsewhere":
         files[2] = (files[2][0], f"sub/{NAMES[2]}")
+    elif case == "impostor":  # a whole model named as if it were shard 1 of 2
+        files = [(str(tiny_gguf), "tiny-00001-of-00002.gguf")]
     else:  # shard 2 of another split of another model: 7 tensors where 8 were
         other = tmp_path / "other"
         other.mkdir()
