@@ -15,8 +15,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import gguf
 import httpx
 import llama_cpp
+import numpy as np
 import pytest
 from bundle_helpers import build
 from serve_helpers import appliance_serve, copy_gguf_with, wait_health
@@ -29,7 +31,7 @@ from appliance.cli.main import main
 from appliance.errors import FormatError, IntegrityError, RecipeError, TruncatedError
 from appliance.format.manifest import GgufInfo
 from appliance.gguf_layout import read_gguf_facts, read_gguf_layout
-from appliance.gguf_split import split_identity
+from appliance.gguf_split import ShardName, parse_shard_name, split_identity
 from appliance.importer import import_media
 from appliance.serve.engine import NOT_BUILT, find_binary
 from appliance.serve.model import check_file
@@ -125,6 +127,41 @@ def test_shards_carry_the_split_keys_and_chunk_on_their_own_tensors(shards: Path
         # Cut at the shard's own header end and tensor starts (small tensors coalesce).
         assert layout.boundaries.data_start in starts
         assert starts <= set(layout.boundaries.points)
+
+
+@pytest.mark.parametrize(("path", "expected"), [
+    ("m-00002-of-00003.gguf", ShardName("", "m", 2, 3)),
+    ("sub/dir/big-model-00001-of-00012.gguf", ShardName("sub/dir", "big-model", 1, 12)),
+    ("m-00001-of-00001.gguf", None),  # one shard: llama.cpp loads it alone
+    ("m-00000-of-00003.gguf", None),
+    ("m-00004-of-00003.gguf", None),
+    ("m-0001-of-0003.gguf", None),  # llama.cpp writes five digits
+    ("m-00001-of-00003.GGUF", None),
+    ("-00001-of-00003.gguf", None),
+])
+def test_shard_names_follow_llama_cpps_rule(path: str, expected: ShardName | None) -> None:
+    assert parse_shard_name(path) == expected
+    if expected is not None:
+        assert expected.sibling(expected.index) == path
+
+
+@pytest.mark.parametrize(("keys", "message"), [
+    ({"split.no": 3, "split.count": 3, "split.tensors.count": 1}, "split.no 3 is not an index"),
+    ({"split.no": 0, "split.count": 0, "split.tensors.count": 1}, "split.count 0 is not"),
+    ({"split.no": 0, "split.count": 2}, "split.tensors.count None"),
+])
+def test_hostile_split_keys_are_refused(tmp_path: Path, keys: dict[str, int],
+                                        message: str) -> None:
+    writer = gguf.GGUFWriter(tmp_path / "x.gguf", "llama")
+    for key, value in keys.items():
+        writer.add_int32(key, value)
+    writer.add_tensor("t", np.zeros(32, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(FormatError, match=message):
+        read_gguf_layout(tmp_path / "x.gguf")
 
 
 def test_llama_cpp_loads_the_first_shard_and_answers_as_the_whole_file(
