@@ -2,12 +2,15 @@
 # build_iso.sh: make the appliance image an operator carries into the site.
 #
 # The image (ISO 9660 + Rock Ridge + Joliet, written by xorriso) holds:
-#   appliance            the whole command as one self-contained Linux x86-64 binary
+#   appliance/           the whole command, self-contained for Linux x86-64: run
+#                        appliance/appliance (PyInstaller's launcher; Python, the libraries,
+#                        llama.cpp and llama-server are in appliance/_internal/)
 #   root.yaml            the trust root the site installs (compare its fingerprint with paper)
 #   ROOT-FINGERPRINT.txt that root's fingerprint, as `appliance trust fingerprint` prints it
 #   OPERATOR.md          the operator guide, in plain words
 #   bundle/              the signed bundle volumes (vol-001, vol-002, ...)
-#   SHA256SUMS           sha256 of every other file: `sha256sum -c SHA256SUMS` on the disc
+#   SHA256SUMS           sha256 of every other file (each file of appliance/ too):
+#                        `sha256sum -c SHA256SUMS` on the disc
 #
 # Reproducible: the same inputs give the same file list and checksums, and the same image
 # bytes (fixed dates from SOURCE_DATE_EPOCH, owner 0:0, fixed modes, name-sorted tree).
@@ -24,11 +27,12 @@ FALLBACK_EPOCH=1735689600 # 2025-01-01T00:00:00Z
 usage() {
     cat <<'EOF'
 usage: build_iso.sh (--recipe RECIPE.yaml --key KEY [--key KEY ...] | --bundle MEDIA_DIR)
-                    [--trust ROOT.yaml] --out appliance.iso [--volid NAME] [--binary FILE]
+                    [--trust ROOT.yaml] --out appliance.iso [--volid NAME] [--binary DIR]
 
-Build the appliance image: the one-file appliance binary (built with PyInstaller, or reused
-when its inputs are unchanged), the trust root and its fingerprint, the bundle volumes, the
-operator guide and a SHA256SUMS list, written as an ISO 9660 image by xorriso.
+Build the appliance image: the appliance command as one directory (built with PyInstaller,
+or reused when its inputs are unchanged; run appliance/appliance from the disc), the trust
+root and its fingerprint, the bundle volumes, the operator guide and a SHA256SUMS list of
+every file, written as an ISO 9660 image by xorriso.
 
   --recipe FILE   build the bundle from this recipe (appliance bundle build) ...
   --key KEY       ... signed with this publisher key (repeat for m-of-n)
@@ -37,9 +41,10 @@ operator guide and a SHA256SUMS list, written as an ISO 9660 image by xorriso.
                   also the chain the bundle carries. Default: the newest root the bundle carries
   --out FILE      the image to write (replaced if it exists)
   --volid NAME    ISO volume label (default APPLIANCE)
-  --binary FILE   put this already built appliance binary on the image instead of building
-                  or reusing dist/appliance (with --bundle, then neither the venv nor
-                  PyInstaller is needed)
+  --binary DIR    put this already built appliance directory (the 'appliance' launcher
+                  and its _internal/, as packaging/build_binary.py writes dist/appliance)
+                  on the image instead of building or reusing dist/appliance (with
+                  --bundle, then neither the venv nor PyInstaller is needed)
 
 Set SOURCE_DATE_EPOCH to choose the image's dates; by default the commit time of HEAD.
 
@@ -63,7 +68,7 @@ while [ $# -gt 0 ]; do
         --trust) trust="${2:?--trust needs a file}"; shift 2 ;;
         --out) out="${2:?--out needs a file}"; shift 2 ;;
         --volid) volid="${2:?--volid needs a name}"; shift 2 ;;
-        --binary) binary="${2:?--binary needs a file}"; shift 2 ;;
+        --binary) binary="${2:?--binary needs a directory}"; shift 2 ;;
         -h | --help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument: $1" ;;
     esac
@@ -83,8 +88,8 @@ fi
 [ -z "$trust" ] || [ -f "$trust" ] || die "trust root $trust does not exist"
 [[ "$volid" =~ ^[A-Z0-9_]{1,32}$ ]] || die "--volid must be 1-32 characters A-Z 0-9 _"
 if [ -n "$binary" ]; then
-    [ -f "$binary" ] && [ -x "$binary" ] || die "--binary $binary is not an executable file"
-    binary="$(cd "$(dirname "$binary")" && pwd)/$(basename "$binary")"
+    [ -d "$binary" ] || die "--binary $binary is not a directory (dist/appliance)"
+    binary="$(cd "$binary" && pwd)"
 fi
 
 # -- tools first, all of them, then one message ------------------------------------------
@@ -124,14 +129,35 @@ fi
 [[ "$SOURCE_DATE_EPOCH" =~ ^[0-9]+$ ]] || die "SOURCE_DATE_EPOCH must be seconds since 1970"
 export SOURCE_DATE_EPOCH
 
-# -- the binary ----------------------------------------------------------------------------
+# -- the binary (one directory) -------------------------------------------------------------
 if [ -z "$binary" ]; then
     step "appliance binary (PyInstaller, reused when fresh)"
     binary="$("$PY" "$REPO/packaging/build_binary.py" | tail -n 1)"
-    [ -x "$binary" ] || die "no binary at $binary"
+    [ -d "$binary" ] || die "no appliance directory at $binary"
 fi
+launcher="$binary/appliance"
+[ -f "$launcher" ] && [ -x "$launcher" ] || die "$binary holds no executable 'appliance' launcher"
+# Every file of it goes on the image and in SHA256SUMS. PyInstaller links a few libraries
+# into _internal/ from their package's directory: the image holds the file itself (xorriso
+# -follow link; libisofs writes one copy of the bytes), since the image has no symlinks.
+# Hidden names would be left off the image (-not_leaf '.*'), and a name sha256sum would
+# escape breaks the list: both are refused, as is a link leading out of the directory.
+odd="$(cd "$binary" && find . -mindepth 1 \( -name '.*' -o ! -type f ! -type d ! -type l \) -print | head -n 5)"
+[ -z "$odd" ] || die "$binary holds hidden or special entries: $odd"
+while IFS= read -r link; do
+    target="$(realpath -e -- "$binary/$link" 2>/dev/null)" || die "$binary/$link is a dangling link"
+    [[ "$target" == "$binary"/* ]] && [ -f "$target" ] || die "$binary/$link leads out of $binary"
+done < <(cd "$binary" && find . -type l -printf '%P\n')
+binary_files="$(cd "$binary" && find -L . -mindepth 1 -type f -printf '%P\n' | LC_ALL=C sort)"
+while IFS= read -r rel; do
+    [[ "$rel" =~ ^[A-Za-z0-9._/+@-]+$ ]] || die "unexpected file name in $binary: $rel"
+done <<<"$binary_files"
+# Executables (the launcher, llama-server, shared libraries) keep their execute bit.
+executables=()
+while IFS= read -r rel; do executables+=("/appliance/$rel"); done \
+    < <(cd "$binary" && find -L . -mindepth 1 -type f -perm -u+x -printf '%P\n' | LC_ALL=C sort)
 # The fresh binary must run before it goes on an image.
-version_line="$("$binary" --version)" || die "$binary --version failed"
+version_line="$("$launcher" --version)" || die "$launcher --version failed"
 version="${version_line#appliance }"
 
 # -- the bundle ----------------------------------------------------------------------------
@@ -167,7 +193,7 @@ if [ -z "$trust" ]; then
     step "trust root: the newest the bundle carries, ${trust#"$bundle"/}"
 fi
 cp "$trust" "$stage/root.yaml"
-fingerprint="$("$binary" trust fingerprint "$stage/root.yaml")" \
+fingerprint="$("$launcher" trust fingerprint "$stage/root.yaml")" \
     || die "$trust is not a valid trust root"
 cat >"$stage/ROOT-FINGERPRINT.txt" <<EOF
 Fingerprint of root.yaml on this image:
@@ -182,7 +208,9 @@ sed -e "s/@VERSION@/$version/g" "$OPERATOR_TEMPLATE" >"$stage/OPERATOR.md"
 
 # -- checksum list: image path -> source, sorted by image path -----------------------------
 {
-    printf 'appliance\t%s\n' "$binary"
+    while IFS= read -r rel; do
+        printf 'appliance/%s\t%s\n' "$rel" "$binary/$rel"
+    done <<<"$binary_files"
     for name in OPERATOR.md ROOT-FINGERPRINT.txt root.yaml; do
         printf '%s\t%s\n' "$name" "$stage/$name"
     done
@@ -208,6 +236,7 @@ xorriso -no_rc -report_about WARNING -abort_on FAILURE \
     -joliet on -rockridge on -compliance iso_9660_level=3 \
     -uid 0 -gid 0 \
     -not_leaf '.*' \
+    -follow link \
     -map "$binary" /appliance \
     -map "$stage/root.yaml" /root.yaml \
     -map "$stage/ROOT-FINGERPRINT.txt" /ROOT-FINGERPRINT.txt \
@@ -216,7 +245,7 @@ xorriso -no_rc -report_about WARNING -abort_on FAILURE \
     -map "$bundle" /bundle \
     -find / -type d -exec chmod 0755 -- \
     -find / -type f -exec chmod 0644 -- \
-    -chmod 0755 /appliance -- \
+    -chmod 0755 "${executables[@]}" -- \
     -volume_date all_file_dates "=$SOURCE_DATE_EPOCH" \
     -commit -end 2>"$work/xorriso.log" \
     || { cat "$work/xorriso.log" >&2; rm -f "$tmp_iso"; die "xorriso failed"; }

@@ -1,13 +1,16 @@
-"""Build dist/appliance (one file, PyInstaller) or reuse it when its inputs have not changed.
+"""Build dist/appliance/ (one directory, PyInstaller) or reuse it when its inputs have not changed.
 
 Run with the project's venv Python: ``.venv/bin/python packaging/build_binary.py [--force]``.
-It prints the binary's path on the last line of stdout (build_iso.sh reads it).
+It prints the build's directory on the last line of stdout (build_iso.sh reads it); the
+command is its ``appliance`` launcher (``dist/appliance/appliance``), the rest is in
+``_internal/``.
 
-A binary is fresh when ``dist/appliance.inputs`` holds the same digest as now. The digest
-covers what ends up inside the binary: every file of the appliance package, the spec and
-entry point, pyproject.toml, the Python version, the name and version of every installed
-distribution, and the bytes of llama.cpp's shared libraries (a rebuild with other CMAKE_ARGS
-keeps the same version number). Build output goes to build/pyinstaller and dist/ (gitignored).
+A build is fresh when ``dist/appliance.inputs`` holds the same digest as now. The digest
+covers what ends up inside it: every file of the appliance package, the spec and entry
+point, pyproject.toml, the Python version, the name and version of every installed
+distribution, and the bytes of llama.cpp's shared libraries and of llama-server (a rebuild
+with other CMAKE_ARGS keeps the same version number). Build output goes to build/pyinstaller
+and dist/ (gitignored).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ SPEC = PACKAGING / "appliance.spec"
 ENTRY = PACKAGING / "appliance_main.py"
 BINARY_NAME = "appliance"
 INPUTS_SUFFIX = ".inputs"
+LLAMA_SERVER = REPO / ".venv" / "bin" / "llama-server"  # the spec takes it from here
 SKIP_DIRS = frozenset({"__pycache__"})
 
 
@@ -60,6 +64,8 @@ def inputs_digest() -> str:
         add(f"file:{path.relative_to(REPO)}", path.read_bytes())
     for lib in _llama_libs():
         add(f"lib:{lib.name}", lib.read_bytes())
+    if LLAMA_SERVER.is_file():
+        add("llama-server", LLAMA_SERVER.read_bytes())
     dists = sorted(
         f"{d.metadata['Name']}=={d.version}".lower() for d in importlib.metadata.distributions()
     )
@@ -68,17 +74,22 @@ def inputs_digest() -> str:
 
 
 def build(dist_dir: Path, work_dir: Path, *, force: bool = False) -> Path:
-    binary = dist_dir / BINARY_NAME
+    """The fresh one-directory build (built now or reused): its directory."""
+    out = dist_dir / BINARY_NAME
+    launcher = out / BINARY_NAME
     stamp = dist_dir / (BINARY_NAME + INPUTS_SUFFIX)
     digest = inputs_digest()
-    if not force and binary.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
-        print(f"reusing fresh binary {binary} (inputs {digest[:12]})", file=sys.stderr)
-        return binary
+    fresh = stamp.is_file() and stamp.read_text().strip() == digest
+    if not force and fresh and launcher.is_file() and os.access(launcher, os.X_OK):
+        print(f"reusing fresh build {out} (inputs {digest[:12]})", file=sys.stderr)
+        return out
     if importlib.util.find_spec("PyInstaller") is None:
         raise SystemExit("PyInstaller is missing: .venv/bin/pip install -e '.[iso]'")
-    print(f"building {binary} with PyInstaller (a few minutes)...", file=sys.stderr)
+    print(f"building {out} with PyInstaller (a few minutes)...", file=sys.stderr)
     started = time.monotonic()
     stamp.unlink(missing_ok=True)
+    if out.is_file() or out.is_symlink():  # the one-file binary of earlier versions
+        out.unlink()
     subprocess.run(
         [sys.executable, "-m", "PyInstaller", "--noconfirm", "--log-level", "ERROR",
          "--distpath", str(dist_dir), "--workpath", str(work_dir), str(SPEC)],
@@ -87,8 +98,8 @@ def build(dist_dir: Path, work_dir: Path, *, force: bool = False) -> Path:
     )
     # Written only after a successful build, so a failed one is never taken for fresh.
     stamp.write_text(digest + "\n")
-    print(f"built {binary} in {time.monotonic() - started:.0f} s", file=sys.stderr)
-    return binary
+    print(f"built {out} in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    return out
 
 
 def main() -> int:
@@ -99,11 +110,11 @@ def main() -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even when fresh")
     args = parser.parse_args()
     try:
-        binary = build(args.dist.resolve(), args.work.resolve(), force=args.force)
+        out = build(args.dist.resolve(), args.work.resolve(), force=args.force)
     except subprocess.CalledProcessError as e:
         print(f"PyInstaller failed (exit {e.returncode})", file=sys.stderr)
         return 1
-    print(binary)
+    print(out)
     return 0
 
 

@@ -1,10 +1,11 @@
-"""The one-file binary and the image, end to end (slow; runs in CI).
+"""The one-directory binary and the image, end to end (slow; runs in CI).
 
-The PyInstaller binary is built once per session (reused while its inputs are unchanged).
-Images are built with build_iso.sh from a bundle made here with the tiny GGUF, extracted with
-xorriso (no mount), and the extracted binary runs in a clean environment (PATH=/usr/bin:/bin,
-a fresh HOME, no venv, no PYTHONPATH): --version, doctor, iso verify, trust install, bundle
-verify, import, one completion through serve, and the TUI on a pty.
+The PyInstaller build (dist/appliance/: the ``appliance`` launcher and ``_internal/``) is made
+once per session (reused while its inputs are unchanged). Images are built with build_iso.sh
+from a bundle made here with the tiny GGUF, extracted with xorriso (no mount), and the
+extracted binary runs in a clean environment (PATH=/usr/bin:/bin, a fresh HOME, no venv, no
+PYTHONPATH): --version, doctor, iso verify, trust install, bundle verify, import, one
+completion through serve on the llama-server the image carries, and the TUI on a pty.
 """
 
 from __future__ import annotations
@@ -45,13 +46,24 @@ EPOCH = "1767225600"  # 2026-01-01
 IMAGE_TOP = {"appliance", "root.yaml", "ROOT-FINGERPRINT.txt", "OPERATOR.md", CHECKSUMS_NAME}
 
 
+LAUNCHER = "appliance"  # the command inside the one-directory build (and on the image)
+
+
 @pytest.fixture(scope="session")
-def appliance_binary() -> Path:
-    """dist/appliance, built once per session (or reused when its inputs are unchanged)."""
+def appliance_dir() -> Path:
+    """dist/appliance/, built once per session (or reused when its inputs are unchanged)."""
     proc = subprocess.run([sys.executable, str(BUILD_BINARY)], capture_output=True, text=True,
                           timeout=2400, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    binary = Path(proc.stdout.strip().splitlines()[-1])
+    out = Path(proc.stdout.strip().splitlines()[-1])
+    assert out.is_dir(), out
+    return out
+
+
+@pytest.fixture(scope="session")
+def appliance_binary(appliance_dir: Path) -> Path:
+    """The launcher, dist/appliance/appliance."""
+    binary = appliance_dir / LAUNCHER
     assert binary.is_file() and os.access(binary, os.X_OK)
     return binary
 
@@ -138,8 +150,18 @@ def test_image_layout_and_checksums(image: Path, extracted: Path, site: Site,
                                     appliance_binary: Path) -> None:
     top = {p.name for p in extracted.iterdir()}
     assert top == IMAGE_TOP | {"bundle"}
-    assert (extracted / "appliance").read_bytes() == appliance_binary.read_bytes()
-    assert os.access(extracted / "appliance", os.X_OK)
+    # The whole one-directory build, file for file (its links to libraries as the files).
+    built = appliance_binary.parent
+    files = sorted(p.relative_to(built) for p in built.rglob("*") if p.is_file())
+    assert sorted(p.relative_to(extracted / "appliance")
+                  for p in (extracted / "appliance").rglob("*") if p.is_file()) == files
+    for rel in files:
+        on_image = extracted / "appliance" / rel
+        assert on_image.read_bytes() == (built / rel).read_bytes(), rel
+        assert os.access(on_image, os.X_OK) == os.access(built / rel, os.X_OK), rel
+    assert not any(p.is_symlink() for p in extracted.rglob("*"))
+    assert os.access(extracted / "appliance" / LAUNCHER, os.X_OK)
+    assert os.access(extracted / "appliance" / "_internal" / "llama-server", os.X_OK)
     assert (extracted / "root.yaml").read_bytes() == site.root.read_bytes()
     assert (extracted / "bundle" / "manifest.yaml").is_file()
     assert "@VERSION@" not in (extracted / "OPERATOR.md").read_text()
@@ -155,7 +177,7 @@ def test_image_layout_and_checksums(image: Path, extracted: Path, site: Site,
 
 @pytest.mark.slow
 def test_clean_env_operator_flow(image: Path, extracted: Path, tmp_path: Path) -> None:
-    binary = extracted / "appliance"
+    binary = extracted / "appliance" / LAUNCHER
     home = tmp_path / "home"
     store = ["--store", str(tmp_path / "store")]
 
@@ -176,14 +198,39 @@ def test_clean_env_operator_flow(image: Path, extracted: Path, tmp_path: Path) -
     models = json.loads(ok(*store, "models", "list", "--json"))
     assert [m["name"] for m in models] == ["tiny"]
 
-    with served(binary, [*store, "serve", "--listen", "127.0.0.1:0", "--threads", "1",
-                         "--ctx", "256"], home) as url:
+    # The serving engine is the llama-server the image carries, on the libraries beside it.
+    engine = extracted / "appliance" / "_internal" / "llama-server"
+    with served(binary, [*store, "serve", "--engine", "llama-server", "--listen",
+                         "127.0.0.1:0", "--threads", "1", "--ctx", "256"], home) as url:
         response = httpx.post(f"{url}/v1/completions", timeout=60, json={
             "model": "tiny", "prompt": "hello", "max_tokens": 4, "temperature": 0})
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["usage"]["completion_tokens"] > 0
         assert isinstance(body["choices"][0]["text"], str)
+        engine_libraries = loaded_libraries(engine)
+        serve_libraries = loaded_libraries(binary)
+    internal = engine.parent
+    # libstdc++ and libgomp from the image (glibc is the host's, as for every Linux binary).
+    for name in ("libstdc++.so.6", "libgomp.so.1"):
+        assert [p for p in engine_libraries if p.name == name] == [internal / name], \
+            engine_libraries
+    # One directory, run in place: Python comes from the image, not from an unpacked copy in
+    # /tmp as a one-file build's would.
+    pythons = {p for p in serve_libraries if p.name.startswith("libpython")}
+    assert pythons and {p.parent for p in pythons} == {internal}, serve_libraries
+
+
+def loaded_libraries(executable: Path) -> list[Path]:
+    """The shared objects mapped by the processes that run this executable (at least one)."""
+    running = []
+    for proc_dir in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if proc_dir.name.isdigit() and (proc_dir / "exe").resolve() == executable.resolve():
+                running.append((proc_dir / "maps").read_text())
+    assert running, f"nothing runs {executable}"
+    fields = [line.split(maxsplit=5) for maps in running for line in maps.splitlines()]
+    return sorted({Path(f[5]) for f in fields if len(f) == 6 and ".so" in f[5]})
 
 
 @pytest.mark.slow
@@ -194,7 +241,8 @@ def test_tui_starts_and_quits_in_clean_env(extracted: Path, tmp_path: Path) -> N
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     proc = subprocess.Popen(
-        [str(extracted / "appliance"), "--store", str(tmp_path / "store"), "tui", "--no-scan",
+        [str(extracted / "appliance" / LAUNCHER), "--store", str(tmp_path / "store"), "tui",
+         "--no-scan",
          "--no-mdns"],
         stdin=slave, stdout=slave, stderr=slave, env=env, cwd=home, start_new_session=True,
     )
@@ -278,9 +326,9 @@ def test_reproducible_from_the_same_bundle(media: Path, site: Site, tmp_path: Pa
     shutil.copytree(media, copy)
     for path in copy.rglob("*"):
         os.utime(path, (1_000_000_000, 1_000_000_000))
-    # One binary for both builds, whatever else rebuilds dist/ meanwhile.
+    # One build for both images, whatever else rebuilds dist/ meanwhile.
     binary = tmp_path / "appliance"
-    shutil.copy2(appliance_binary, binary)
+    shutil.copytree(appliance_binary.parent, binary, symlinks=True)
     first = tmp_path / "one.iso"
     second = tmp_path / "two" / "two.iso"
     second.parent.mkdir()
@@ -290,7 +338,7 @@ def test_reproducible_from_the_same_bundle(media: Path, site: Site, tmp_path: Pa
                 second)
     listing = [(f.path, f.size) for f in list_image(first)]
     assert listing == [(f.path, f.size) for f in list_image(second)]
-    assert {p for p, _ in listing} >= IMAGE_TOP
+    assert {p.split("/")[0] for p, _ in listing} >= IMAGE_TOP
     assert verify_image(first).checksums_sha256 == verify_image(second).checksums_sha256
     assert sha256(first.read_bytes()) == sha256(second.read_bytes())
 
@@ -299,7 +347,7 @@ def test_reproducible_from_the_same_bundle(media: Path, site: Site, tmp_path: Pa
 def test_default_trust_root_comes_from_the_bundle(media: Path, site: Site, tmp_path: Path,
                                                   appliance_binary: Path) -> None:
     out = tmp_path / "default-root.iso"
-    build_image(["--bundle", str(media), "--binary", str(appliance_binary)], out)
+    build_image(["--bundle", str(media), "--binary", str(appliance_binary.parent)], out)
     extracted = extract_iso(out, tmp_path / "x")
     assert (extracted / "root.yaml").read_bytes() == site.root.read_bytes()
 
