@@ -4,9 +4,12 @@ Same model (gemma-3-270m when installed, else the tiny llama), same llama-server
 command line (``llama_server.server_argv``: threads, slots, context), same prompts, greedy
 sampling and ``max_tokens``, in the same run. Ours: the real app under uvicorn on 127.0.0.1
 (auth layer, queue, access log, metrics, its llama-server child), read as SSE by httpx.
+Ours runs in its own process (``python -m bench.bench_serve MODEL PORT``), as
+``appliance serve`` would, so that the bench's client threads do not share its interpreter.
 Native: the same llama-server started directly. For 1, 4 and 8 concurrent streams: aggregate
 generated tokens/s (the sum of every stream's tokens, exact from the usage chunk, over the
-wall time from the first request to the last token) and, at 1 stream, time to first token.
+wall time from the first request to the last token); and time to first token, the median of
+alternating one-token requests with nothing else running.
 The two sides alternate per round so both see the same machine load; the best round is kept.
 """
 
@@ -38,16 +41,14 @@ PROMPT = "The history of the printing press begins"
 class Round:
     tokens: int
     seconds: float
-    first_token_s: float  # the earliest stream's
 
     @property
     def rate(self) -> float:
         return self.tokens / self.seconds
 
 
-def _stream(http: httpx.Client, url: str, body: dict[str, Any], out: list[tuple[int, float]],
-            start: float) -> None:
-    first, tokens = 0.0, 0
+def _stream(http: httpx.Client, url: str, body: dict[str, Any], out: list[int]) -> None:
+    tokens = 0
     with http.stream("POST", f"{url}/v1/completions", json=body) as response:
         response.raise_for_status()
         for line in response.iter_lines():
@@ -56,17 +57,15 @@ def _stream(http: httpx.Client, url: str, body: dict[str, Any], out: list[tuple[
             event = json.loads(line[6:])
             if event.get("usage"):
                 tokens = int(event["usage"]["completion_tokens"])
-            if not first and event.get("choices") and event["choices"][0].get("text"):
-                first = time.perf_counter() - start
-    out.append((tokens, first))
+    out.append(tokens)
 
 
 def _round(http: httpx.Client, url: str, streams: int, params: dict[str, Any], i: int) -> Round:
-    out: list[tuple[int, float]] = []
+    out: list[int] = []
     start = time.perf_counter()
     threads = [threading.Thread(target=_stream, args=(http, url, {
         "model": "bench", "prompt": f"{PROMPT} ({i}.{n})", "stream": True,
-        "stream_options": {"include_usage": True}, **params}, out, start))
+        "stream_options": {"include_usage": True}, **params}, out))
         for n in range(streams)]
     for t in threads:
         t.start()
@@ -75,7 +74,7 @@ def _round(http: httpx.Client, url: str, streams: int, params: dict[str, Any], i
     seconds = time.perf_counter() - start
     if len(out) != streams:
         raise RuntimeError(f"{streams - len(out)} of {streams} streams failed")
-    return Round(sum(t for t, _ in out), seconds, min(f for _, f in out))
+    return Round(sum(out), seconds)
 
 
 def _wait(http: httpx.Client, url: str, headers: dict[str, str] | None = None) -> None:
@@ -91,8 +90,44 @@ def _wait(http: httpx.Client, url: str, headers: dict[str, str] | None = None) -
         time.sleep(0.05)
 
 
-def run(ctx: BenchContext) -> list[Comparison]:
+def _settings(n_ctx: int) -> Any:
+    from appliance.serve.model import ServeSettings
+
+    return ServeSettings(models=("bench",), n_threads=THREADS, n_ctx=n_ctx,
+                         engine="llama-server", parallel=SLOTS, max_queue=64)
+
+
+def serve_child(model_path: Path, port: int, n_ctx: int) -> None:
+    """Ours: the real app (auth layer, queue, access log, metrics, its llama-server child)
+    under uvicorn on 127.0.0.1:PORT, in the foreground of this process."""
     from appliance.serve.app import create_app
+    from appliance.serve.model import ServableModel
+    from appliance.serve.server import bind
+    from appliance.serve.server import run as serve
+
+    def resolve(name: str) -> ServableModel:
+        return ServableModel(name, model_path, os.path.getsize(model_path), "bench")
+
+    logging.getLogger("appliance.serve").setLevel(logging.WARNING)
+    serve(create_app(_settings(n_ctx), resolve), bind(f"127.0.0.1:{port}"))
+
+
+def _first_token(http: httpx.Client, url: str, i: int) -> float:
+    body = {"model": "bench", "prompt": f"{PROMPT} ({i})", "max_tokens": 1, "stream": True,
+            "temperature": 0.0}
+    start = time.perf_counter()
+    with http.stream("POST", f"{url}/v1/completions", json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if line.startswith("data: {") and '"text"' in line:
+                return time.perf_counter() - start
+    raise RuntimeError(f"{url}: no token in the stream")
+
+
+def run(ctx: BenchContext) -> list[Comparison]:
+    import statistics
+    import sys
+
     from appliance.serve.engine import (
         NOT_BUILT,
         find_binary,
@@ -100,8 +135,6 @@ def run(ctx: BenchContext) -> list[Comparison]:
         gguf_facts,
         server_argv,
     )
-    from appliance.serve.model import ServableModel, ServeSettings
-    from appliance.serve.server import ServerThread
 
     binary = find_binary()
     if binary is None:
@@ -113,24 +146,22 @@ def run(ctx: BenchContext) -> list[Comparison]:
     repeats = 1 if ctx.quick else 3
     n_ctx = N_CTX if ctx.model_path else TINY_N_CTX
     params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": 0.0, "seed": 0}
-    settings = ServeSettings(models=("bench",), n_threads=THREADS, n_ctx=n_ctx,
-                             engine="llama-server", parallel=SLOTS, max_queue=64)
-
-    def resolve(name: str) -> ServableModel:
-        return ServableModel(name, model_path, os.path.getsize(model_path), "bench")
-
-    port = free_port()
+    settings = _settings(n_ctx)
+    port, our_port = free_port(), free_port()
     argv = server_argv(binary, str(model_path), port, settings, gguf_facts(model_path),
                        alias="bench")
     native = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     native_url = f"http://127.0.0.1:{port}"
+    ours_proc = subprocess.Popen([sys.executable, "-m", "bench.bench_serve", str(model_path),
+                                  str(our_port), str(n_ctx)], stdout=subprocess.DEVNULL)
+    our_url = f"http://127.0.0.1:{our_port}"
     best: dict[tuple[str, int], Round] = {}
+    first_token: dict[str, list[float]] = {"ours": [], "native": []}
     try:
-        with ServerThread(create_app(settings, resolve)) as server, \
-                httpx.Client(timeout=600, trust_env=False) as http:
-            _wait(http, server.url)
+        with httpx.Client(timeout=600, trust_env=False) as http:
+            _wait(http, our_url)
             _wait(http, native_url)
-            sides = {"ours": server.url, "native": native_url}
+            sides = {"ours": our_url, "native": native_url}
             # Warm-up with every slot busy: a slot's first use allocates and builds graphs,
             # which would land in whichever round first used it.
             for url in sides.values():
@@ -142,9 +173,13 @@ def run(ctx: BenchContext) -> list[Comparison]:
                         key = (side, streams)
                         if key not in best or r.rate > best[key].rate:
                             best[key] = r
+            for i in range(5 if ctx.quick else 15):
+                for side, url in sides.items():
+                    first_token[side].append(_first_token(http, url, i))
     finally:
-        native.terminate()
-        native.wait(30)
+        for proc in (native, ours_proc):
+            proc.terminate()
+            proc.wait(30)
     version = subprocess.run([str(binary), "--version"], capture_output=True, text=True,
                              check=False).stderr.strip().splitlines()
     tool = f"llama-server alone ({version[0] if version else 'same binary'}, same argv)"
@@ -154,11 +189,19 @@ def run(ctx: BenchContext) -> list[Comparison]:
         note = f"{ours.tokens} tokens in {ours.seconds:.2f} s vs {theirs.tokens} in " \
                f"{theirs.seconds:.2f} s; best of {repeats}"
         if streams == 1:
-            note += (f"; time to first token: ours {ours.first_token_s * 1000:.1f} ms, "
-                     f"native {theirs.first_token_s * 1000:.1f} ms "
-                     f"({(ours.first_token_s - theirs.first_token_s) * 1000:+.1f} ms)")
+            mine, native_s = (statistics.median(first_token[side]) * 1000
+                              for side in ("ours", "native"))
+            note += (f"; time to first token (median of {len(first_token['ours'])} alternating "
+                     f"one-token requests): ours {mine:.1f} ms, native {native_s:.1f} ms "
+                     f"({mine - native_s:+.1f} ms)")
         rows.append(Comparison(
             name=f"serve: {streams} concurrent streams ({label}, {THREADS} threads, "
                  f"{SLOTS} slots, {max_tokens} tokens each)",
             unit="tok/s", ours=ours.rate, native=theirs.rate, native_tool=tool, note=note))
     return rows
+
+
+if __name__ == "__main__":
+    import sys
+
+    serve_child(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
