@@ -48,7 +48,12 @@ def wait_health(url: str, timeout: float = 120.0, want: int = 200) -> dict[str, 
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
-        response = httpx.get(f"{url}/health", timeout=10)
+        try:
+            response = httpx.get(f"{url}/health", timeout=10)
+        except httpx.TransportError as e:  # not listening yet
+            last = e
+            time.sleep(0.05)
+            continue
         last = response.json()
         if response.status_code == want:
             return dict(last)

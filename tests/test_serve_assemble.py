@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from llama_server_helpers import grammar_ready_tiny
-from serve_helpers import running_server
+from serve_helpers import running_server, wait_health
 
 from appliance.serve.assemble import Folded
 from appliance.serve.engine import NOT_BUILT, find_binary, free_port
@@ -125,15 +124,7 @@ def direct(tiny: Path) -> Iterator[str]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, "llama-server never ready"
-            time.sleep(0.1)
+        wait_health(url, timeout=60)
         yield url
     finally:
         proc.terminate()
