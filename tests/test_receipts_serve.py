@@ -205,6 +205,25 @@ def test_a_different_model_under_the_same_name_fails(
         verify(receipt, site["ca"], empty, NOW)
 
 
+def test_refused_requests_get_no_receipt_and_an_over_long_body_still_reaches_the_route(
+        site: dict[str, Any], stores: dict[str, Path]) -> None:
+    with receipt_server(stores["a"], site["a"], max_request_bytes=600) as server:
+        long = request_bytes(temperature=0, stop=["x" * 700])
+        answer = httpx.post(server.url + CHAT, content=long, timeout=60)
+        assert answer.status_code == 400 and "larger than 600" in answer.text
+        assert HEADER not in answer.headers
+        # Chunked, with no length declared: the route reads past the cap itself and refuses.
+        chunked = httpx.post(server.url + CHAT, content=iter([long[:300], long[300:]]),
+                             timeout=60)
+        assert chunked.status_code == 400 and HEADER not in chunked.headers
+        broken = httpx.post(server.url + CHAT, content=b'{"model": ', timeout=60)
+        assert broken.status_code == 400 and HEADER not in broken.headers
+        models = httpx.get(server.url + "/v1/models", timeout=60)
+        assert models.status_code == 200 and "receipt" not in models.json()
+        fits = post(server.url, CHAT, request_bytes(temperature=0))
+        assert HEADER in fits.headers
+
+
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path

@@ -196,19 +196,22 @@ class ReceiptLayer:
         if api is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        raw, complete = await _read_body(receive, self.state.settings.max_request_bytes)
-        exchange = self._exchange(api, scope["path"], raw)
+        raw, finished, within = await _read_body(receive, self.state.settings.max_request_bytes)
+        exchange = self._exchange(api, scope["path"], raw if within else None)
         sent = raw
-        if complete and exchange.seed_source == "server" and exchange.body is not None:
+        if exchange.seed_source == "server" and exchange.body is not None:
             assert exchange.seed is not None
             sent = json.dumps(digests.with_seed(api, exchange.body, exchange.seed)).encode()
             scope = {**scope, "headers": [
                 (k, str(len(sent)).encode() if k == b"content-length" else v)
                 for k, v in scope["headers"]]}
-        await self.app(scope, _replay(sent, complete, receive),
+        await self.app(scope, _replay(sent, finished, receive),
                        _Answer(self, exchange, send).send)
 
-    def _exchange(self, api: str, path: str, raw: bytes) -> _Exchange:
+    def _exchange(self, api: str, path: str, raw: bytes | None) -> _Exchange:
+        """What the receipt will say of the request; ``raw`` None: too long, no receipt."""
+        if raw is None:
+            return _Exchange(api, path, "", None, None, "none")
         digest = digests.sha256(raw)
         try:
             body = fields.json_object(raw, "the request body", max_bytes=len(raw) + 1)
@@ -270,25 +273,25 @@ def audit_details(receipt: SignedReceipt) -> dict[str, Any]:
             "host": body.host}
 
 
-async def _read_body(receive: Receive, limit: int) -> tuple[bytes, bool]:
-    """The request body, unless it grows past ``limit`` (then what was read, and False: the
-    route refuses it and reads the rest itself)."""
+async def _read_body(receive: Receive, limit: int) -> tuple[bytes, bool, bool]:
+    """(the request body, whether it has all been received, whether it stayed within
+    ``limit``). Reading stops past the limit: the route refuses the body and reads the rest
+    itself."""
     chunks: list[bytes] = []
     size = 0
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            return b"".join(chunks), False
+            return b"".join(chunks), True, False
         chunk = message.get("body", b"")
         chunks.append(chunk)
         size += len(chunk)
-        if size > limit:
-            return b"".join(chunks), False
-        if not message.get("more_body", False):
-            return b"".join(chunks), True
+        finished = not message.get("more_body", False)
+        if size > limit or finished:
+            return b"".join(chunks), finished, size <= limit
 
 
-def _replay(body: bytes, complete: bool, receive: Receive) -> Receive:
+def _replay(body: bytes, finished: bool, receive: Receive) -> Receive:
     """A ``receive`` that gives ``body`` first, then whatever the client sends next (the rest
     of an over-long body, or the disconnect the routes watch for)."""
     given = False
@@ -297,7 +300,7 @@ def _replay(body: bytes, complete: bool, receive: Receive) -> Receive:
         nonlocal given
         if not given:
             given = True
-            return {"type": "http.request", "body": body, "more_body": not complete}
+            return {"type": "http.request", "body": body, "more_body": not finished}
         return await receive()
 
     return replayed
