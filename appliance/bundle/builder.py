@@ -23,6 +23,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +33,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import blake3
+import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance import __version__, fsutil
@@ -253,10 +255,37 @@ def _prepare_out(out_dir: Path) -> tuple[bool, Path]:
 Work = tuple[bytes, bytes | memoryview, bool]  # digest, stored bytes, compressed
 
 
+# Quantized weights are incompressible (zstd saves 0-6 %, under MIN_COMPRESSION_SAVING), and
+# compressing a whole chunk only to store it raw cost as much CPU as the rest of the build.
+# So a large chunk is first probed: when zstd saves under _PROBE_SAVING on each of
+# _PROBES samples spread over it, it is stored raw without compressing the rest.
+_PROBES = 8
+_PROBE_BYTES = 32 * 1024
+_PROBE_SAVING = 0.02
+_probe_local = threading.local()
+
+
+def _incompressible(data: memoryview, level: int) -> bool:
+    if len(data) < 8 * _PROBES * _PROBE_BYTES:
+        return False
+    cctx = getattr(_probe_local, "cctx", None)
+    if cctx is None or _probe_local.level != level:
+        cctx = _probe_local.cctx = zstandard.ZstdCompressor(level=level, write_checksum=False)
+        _probe_local.level = level
+    step = len(data) // _PROBES
+    for start in range(0, _PROBES * step, step):
+        sample = data[start:start + _PROBE_BYTES]
+        if len(cctx.compress(sample)) < len(sample) * (1 - _PROBE_SAVING):
+            return False
+    return True
+
+
 def _digest_and_compress(data: memoryview, level: int, known: set[bytes]) -> Work:
     digest = blake3.blake3(data).digest()
     if digest in known:  # a chunk already stored: skip compressing it again
         return digest, b"", False
+    if _incompressible(data, level):
+        return digest, data, False
     stored, compressed = compress_chunk(data, level)
     return digest, stored, compressed
 

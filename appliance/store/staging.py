@@ -86,19 +86,46 @@ def verify_chunks(path: Path, chunks: list[StoredChunk], size: int, file_label: 
 
     Raises TruncatedError when the file's size differs, IntegrityError naming the first chunk
     whose bytes differ.
+
+    This thread only reads (``pread``: a file cut short while mapped would be a SIGBUS, not
+    an error); one thread checks the chunks and another takes the whole-file hash in file
+    order, so the file is read once and the two hashes overlap (blake3 releases the GIL).
+    At most ``_HASH_BACKLOG`` chunks are held, so memory stays flat.
     """
-    whole = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    with open(path, "rb", buffering=0) as f:
+    whole = blake3.blake3()
+    with open(path, "rb", buffering=0) as f, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-chunk") as checks, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-file") as hashes:
         actual = os.fstat(f.fileno()).st_size
         if actual != size:
             raise TruncatedError(
                 f"file is {actual} bytes, expected {size}", file=file_label, offset=actual
             )
         fd = f.fileno()
-        for chunk in sorted(chunks, key=lambda c: c.offset):
-            data = os.pread(fd, chunk.length, chunk.offset)
-            whole.update(data)
-            check_chunk(data, chunk.digest, chunk.length, file=file_label, offset=chunk.offset)
+        pending: deque[tuple[Future[None], Future[object]]] = deque()
+
+        def settle() -> None:
+            checked, hashed = pending.popleft()
+            checked.result()  # in file order: the first bad chunk is the one named
+            hashed.result()
+
+        try:
+            for chunk in sorted(chunks, key=lambda c: c.offset):
+                data = os.pread(fd, chunk.length, chunk.offset)
+                pending.append((
+                    checks.submit(check_chunk, data, chunk.digest, chunk.length,
+                                  file=file_label, offset=chunk.offset),
+                    hashes.submit(whole.update, data),  # one thread: in file order
+                ))
+                while len(pending) > _HASH_BACKLOG:
+                    settle()
+            while pending:
+                settle()
+        except BaseException:
+            for checked, hashed in pending:
+                checked.cancel()
+                hashed.cancel()
+            raise
     return whole.hexdigest()
 
 
@@ -310,8 +337,15 @@ class StagedFile:
         self._unflushed.append(idx)
         self._unflushed_bytes += self._lengths[idx]
         self._settle(wait=False)
-        if (self._unflushed_bytes >= self.flush_bytes
-                or len(self._unflushed) >= self.flush_chunks):
+        due = (self._unflushed_bytes >= self.flush_bytes
+               or len(self._unflushed) >= self.flush_chunks)
+        # While a sync runs, chunks gather for the next one instead of this (index) thread
+        # waiting for it: with a small flush_bytes (a pull: 1 MiB) waiting put every chunk
+        # behind an fdatasync. Once DEFAULT_FLUSH_BYTES (or flush_chunks chunks) gathered it
+        # waits, so what a SIGKILL can lose stays one batch syncing plus one filling.
+        if due and (self._syncing is None
+                    or self._unflushed_bytes >= max(self.flush_bytes, DEFAULT_FLUSH_BYTES)
+                    or len(self._unflushed) >= self.flush_chunks):
             self._start_sync()
 
     def _start_sync(self) -> None:
