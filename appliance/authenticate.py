@@ -14,16 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from appliance.format.freshness import check_expiry
 from appliance.format.manifest import Manifest, manifest_hash, parse_manifest
+from appliance.format.publisher import check_publisher_scope, verify_manifest_signatures
 from appliance.format.signing import Signature
-from appliance.format.trust import (
-    SignedRoot,
-    TrustRoot,
-    check_expiry,
-    check_publisher_scope,
-    verify_manifest_signatures,
-    walk_chain,
-)
+from appliance.format.trust import SignedRoot, TrustRoot, walk_chain
 from appliance.limits import DEFAULT_LIMITS, Limits
 
 

@@ -1,4 +1,5 @@
-"""appliance.format.trust and trust_build: the root format, thresholds, chains, scopes, rules."""
+"""appliance.format.trust, trust_build, publisher and freshness: the root format, thresholds,
+chains, scopes, rollback and expiry rules."""
 
 from __future__ import annotations
 
@@ -34,12 +35,11 @@ from appliance.errors import (
     UsageError,
 )
 from appliance.format import yamlsafe
+from appliance.format.freshness import check_expiry, check_rollback
+from appliance.format.publisher import check_publisher_scope, verify_manifest_signatures
 from appliance.format.signing import DOMAIN_ROOT, sign
 from appliance.format.trust import (
-    check_expiry,
     check_fingerprint,
-    check_publisher_scope,
-    check_rollback,
     check_same_root,
     encode_envelope,
     next_root,
@@ -49,7 +49,6 @@ from appliance.format.trust import (
     parse_signed_root,
     pattern_matches,
     root_fingerprint,
-    verify_manifest_signatures,
     verify_self_signed,
     walk_chain,
 )

@@ -29,13 +29,10 @@ from appliance.errors import (
     ScopeError,
     ThresholdError,
 )
+from appliance.format.freshness import check_expiry
+from appliance.format.publisher import check_publisher_scope, verify_manifest_signatures
 from appliance.format.signing import DOMAIN_ROOT, Signature, sign
-from appliance.format.trust import (
-    SignedRoot,
-    check_expiry,
-    check_publisher_scope,
-    verify_manifest_signatures,
-)
+from appliance.format.trust import SignedRoot
 from appliance.limits import Limits
 from appliance.store import audit, trust_state
 

@@ -1,12 +1,14 @@
-"""Trust root: keys, roles, thresholds, rotation, publisher scopes, rollback and expiry rules.
+"""Trust root: the document (keys, roles, thresholds, publisher patterns), its fingerprint,
+and its chain of rotations.
 
 Pure: bytes and datetimes in, objects out or a ``RefusalError``. No file, no clock (``now`` is
 always passed in, timezone-aware). The byte format is specified in docs/FORMAT.md, "Trust
 root": a YAML envelope whose ``signed`` literal block holds the exact body bytes that
 signatures (``signing.DOMAIN_ROOT``) and the fingerprint cover; the body is never
 re-serialised before checking. Version N+1 is valid only with a threshold of version N's root
-keys and a threshold of its own. Publisher keys sign manifests (``signing.DOMAIN_MANIFEST``),
-optionally limited to model-name patterns.
+keys and a threshold of its own. Publisher keys sign manifests, optionally limited to
+model-name patterns: that check is ``appliance.format.publisher``; rollback and expiry rules
+are ``appliance.format.freshness``.
 
 Parsing implies no trust: ``parse_signed_root`` only checks shape. Trust comes from
 ``verify_self_signed`` plus the operator's fingerprint (first root) or ``walk_chain`` (later).
@@ -24,27 +26,17 @@ from typing import Any
 import blake3
 
 from appliance.errors import (
-    ExpiredError,
     FingerprintMismatchError,
     FormatError,
     LimitExceededError,
-    RollbackError,
     RotationError,
-    ScopeError,
     ThresholdError,
     UsageError,
 )
 from appliance.format import fields, yamlsafe
-from appliance.format.fields import format_timestamp
-from appliance.format.signing import (
-    DOMAIN_MANIFEST,
-    DOMAIN_ROOT,
-    Signature,
-    is_key_id,
-    key_id,
-    verify,
-)
-from appliance.limits import DEFAULT_LIMITS, MAX_SEQUENCE, Limits
+from appliance.format.freshness import check_expiry
+from appliance.format.signing import DOMAIN_ROOT, Signature, is_key_id, key_id, verify
+from appliance.limits import DEFAULT_LIMITS, Limits
 
 ROOT_FORMAT = "appliance-root/1"
 ENVELOPE_FORMAT = "appliance-signed-root/1"
@@ -122,14 +114,7 @@ class SignedRoot:
         return SignedRoot(self.root, self.body, tuple(merged))
 
 
-# --- times, names, patterns -------------------------------------------------------------
-
-
-
-
-def _require_aware(moment: datetime) -> None:
-    if moment.tzinfo is None:
-        raise TypeError("datetimes passed to appliance.format.trust must be timezone-aware")
+# --- names, patterns ------------------------------------------------------------------
 
 
 def valid_key_name(name: str) -> bool:
@@ -364,8 +349,9 @@ def _ignored(
     return f"; ignored {'; '.join(notes)}" if notes else ""
 
 
-def _short(root: TrustRoot, role_name: str, what: str, valid: frozenset[str],
-           signatures: Sequence[Signature]) -> str | None:
+def threshold_shortfall(root: TrustRoot, role_name: str, what: str, valid: frozenset[str],
+                        signatures: Sequence[Signature]) -> str | None:
+    """Why ``valid`` falls short of ``role_name``'s threshold (naming ignored signers), or None."""
     threshold = root.roles[role_name].threshold
     if len(valid) >= threshold:
         return None
@@ -381,7 +367,8 @@ def verify_self_signed(
     """A first root: a threshold of its own root keys (ThresholdError), not expired."""
     root = signed.root
     valid = valid_signers(root, ROLE_ROOT, DOMAIN_ROOT, signed.body, signed.signatures)
-    problem = _short(root, ROLE_ROOT, f"trust root v{root.version}", valid, signed.signatures)
+    problem = threshold_shortfall(root, ROLE_ROOT, f"trust root v{root.version}", valid,
+                                  signed.signatures)
     if problem:
         raise ThresholdError(problem)
     check_expiry(f"trust root v{root.version}", root.expires, now, allow_expired,
@@ -418,7 +405,7 @@ def next_root(current: TrustRoot, data: bytes, version: int, limits: Limits = DE
     check_next_version(current.version, version)
     body, signatures = parse_envelope(data, limits)
     valid = valid_signers(current, ROLE_ROOT, DOMAIN_ROOT, body, signatures)
-    problem = _short(current, ROLE_ROOT, f"trust root v{version}", valid, signatures)
+    problem = threshold_shortfall(current, ROLE_ROOT, f"trust root v{version}", valid, signatures)
     if problem:
         raise RotationError(problem)
     signed = SignedRoot(parse_root_body(body, limits), body, signatures)
@@ -433,7 +420,7 @@ def rotate_to(current: TrustRoot, signed: SignedRoot) -> TrustRoot:
     what = f"trust root v{new.version}"
     for authority in (current, new):
         valid = valid_signers(authority, ROLE_ROOT, DOMAIN_ROOT, signed.body, signed.signatures)
-        problem = _short(authority, ROLE_ROOT, what, valid, signed.signatures)
+        problem = threshold_shortfall(authority, ROLE_ROOT, what, valid, signed.signatures)
         if problem:
             raise RotationError(problem)
     return new
@@ -474,102 +461,3 @@ def walk_chain(
     check_expiry(f"trust root v{current.version}", current.expires, now, allow_expired,
                  created=current.created)
     return current
-
-
-def verify_manifest_signatures(
-    root: TrustRoot,
-    manifest_bytes: bytes,
-    signatures: Sequence[Signature],
-    now: datetime,
-    *,
-    allow_expired: bool = False,
-    limits: Limits = DEFAULT_LIMITS,
-) -> frozenset[str]:
-    """Publisher key ids with a valid signature over the exact manifest bytes.
-
-    Call before parsing the manifest. Raises ExpiredError for an expired root (unless
-    allowed) and ThresholdError when fewer distinct publisher keys signed than required.
-    """
-    if len(manifest_bytes) > limits.max_manifest_bytes:
-        raise LimitExceededError(f"manifest is {len(manifest_bytes)} bytes, over the cap")
-    if len(signatures) > limits.max_signatures:
-        raise LimitExceededError(f"{len(signatures)} manifest signatures, over the cap")
-    check_expiry(f"trust root v{root.version}", root.expires, now, allow_expired,
-                 created=root.created)
-    valid = valid_signers(root, ROLE_PUBLISHER, DOMAIN_MANIFEST, manifest_bytes, signatures)
-    problem = _short(root, ROLE_PUBLISHER, "the manifest", valid, signatures)
-    if problem:
-        raise ThresholdError(problem)
-    return valid
-
-
-def check_publisher_scope(
-    root: TrustRoot, signer_ids: Iterable[str], model_names: Sequence[str]
-) -> None:
-    """Each model needs a threshold of signers whose patterns allow its name (ScopeError)."""
-    role = root.publisher_role
-    signers = sorted(set(signer_ids) & set(role.key_ids))
-    for name in model_names:
-        allowed = [kid for kid in signers if role.allows(kid, name)]
-        if len(allowed) < role.threshold:
-            limited = "; ".join(
-                f"{root.key_label(kid)} may sign only {', '.join(role.models[kid])}"
-                for kid in signers
-                if kid not in allowed
-            )
-            raise ScopeError(
-                f"model {name!r} is signed by {len(allowed)} publisher key(s) allowed to sign "
-                f"it, trust root v{root.version} needs {role.threshold}"
-                + (f" ({limited})" if limited else "")
-            )
-
-
-def check_rollback(
-    previous: tuple[int, str] | None,
-    sequence: int,
-    manifest_hash: str,
-    *,
-    channel: str | None = None,
-) -> None:
-    """Sequences only go up per channel; the same one again only with the same manifest."""
-    where = f"channel {channel!r}" if channel else "this channel"
-    if isinstance(sequence, bool) or not isinstance(sequence, int) or not (
-        0 <= sequence <= MAX_SEQUENCE
-    ):
-        raise RollbackError(f"sequence {sequence!r} on {where} is not a valid sequence number")
-    if previous is None:
-        return
-    seen_sequence, seen_hash = previous
-    if sequence < seen_sequence:
-        raise RollbackError(
-            f"{where}: sequence {sequence} is older than {seen_sequence}, the highest this "
-            f"store has accepted (rollback refused)"
-        )
-    if sequence == seen_sequence and manifest_hash != seen_hash:
-        raise RollbackError(
-            f"{where}: sequence {sequence} was already accepted with another manifest "
-            f"({seen_hash}, now {manifest_hash}); a publisher must raise the sequence"
-        )
-
-
-def check_expiry(
-    what: str,
-    expires: datetime,
-    now: datetime,
-    allow_expired: bool,
-    *,
-    created: datetime | None = None,
-) -> bool:
-    """ExpiredError when ``now >= expires``; with ``allow_expired``, True so the caller audits."""
-    _require_aware(expires)
-    _require_aware(now)
-    if now < expires:
-        return False
-    if allow_expired:
-        return True
-    issued = f" (issued {format_timestamp(created)})" if created is not None else ""
-    raise ExpiredError(
-        f"{what} expired at {format_timestamp(expires)}{issued}; this host's clock says "
-        f"{format_timestamp(now)}. If the clock is wrong, correct it; to accept it anyway pass "
-        f"--allow-expired with a reason (recorded in the audit log)"
-    )

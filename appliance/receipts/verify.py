@@ -34,6 +34,7 @@ from appliance.errors import (
 )
 from appliance.format import fields
 from appliance.format.manifest import parse_manifest
+from appliance.format.publisher import check_publisher_scope, verify_manifest_signatures
 from appliance.format.receipt import (
     ModelFacts,
     SignedReceipt,
@@ -43,7 +44,6 @@ from appliance.format.receipt import (
     verify_receipt,
 )
 from appliance.format.signing import Signature
-from appliance.format.trust import check_publisher_scope, verify_manifest_signatures
 from appliance.receipts import digests
 from appliance.serve.receipts import HEADER
 

@@ -35,11 +35,11 @@ from appliance.errors import (
     UsageError,
 )
 from appliance.format.fields import format_timestamp
+from appliance.format.freshness import check_rollback
 from appliance.format.trust import (
     SignedRoot,
     TrustRoot,
     check_fingerprint,
-    check_rollback,
     normalize_fingerprint,
     parse_signed_root,
     verify_self_signed,

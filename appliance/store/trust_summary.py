@@ -15,8 +15,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from appliance.format.fields import format_timestamp
 from appliance.format.signing import fingerprint_words
-from appliance.format.trust import ROLES, TrustRoot, format_timestamp
+from appliance.format.trust import ROLES, TrustRoot
 from appliance.store import trust_state
 
 
