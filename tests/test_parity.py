@@ -14,12 +14,12 @@ from bundle_helpers import MIB, NOW, build, flip_byte, make_sources, root_file, 
 from trust_helpers import trusted_store
 
 from appliance.bundle.media import MANIFEST_NAME
-from appliance.bundle.parity import (
-    PARITY_NAME,
+from appliance.bundle.parity import write_parity
+from appliance.bundle.parity_layout import PARITY_NAME
+from appliance.bundle.parity_rebuild import (
     import_media_with_parity,
     restore,
     verify_media_with_parity,
-    write_parity,
 )
 from appliance.bundle.reader import open_media
 from appliance.bundle.sbom import bundle_sbom

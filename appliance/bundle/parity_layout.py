@@ -3,7 +3,8 @@
 A data volume's **stream** is its packs concatenated in order; ``StreamReader`` reads it
 block by block (zeros after its end, as the code pads it) and ``StreamWriter`` cuts a rebuilt
 stream back into packs of the sizes its index gives. ``ParityHeader`` is the fixed header of
-``parity.bin`` (docs/FORMAT.md, "Parity volumes"). Used by ``appliance.bundle.parity``.
+``parity.bin`` (docs/FORMAT.md, "Parity volumes"). Used by ``appliance.bundle.parity`` (writing) and
+``appliance.bundle.parity_rebuild`` (reading).
 """
 
 from __future__ import annotations

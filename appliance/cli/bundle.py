@@ -253,7 +253,7 @@ def _report_json(report: VerifyReport) -> dict[str, Any]:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from appliance.bundle.parity import verify_media_with_parity
+    from appliance.bundle.parity_rebuild import verify_media_with_parity
     from appliance.format.manifest import format_timestamp
     now = _now()
     root = _trusted_root(args.trust, args.store, now, args.allow_expired)

@@ -122,7 +122,7 @@ def result_json(result: ImportResult, roots: list[TrustRoot]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from appliance.bundle.parity import import_media_with_parity
+    from appliance.bundle.parity_rebuild import import_media_with_parity
     from appliance.store import trust_state
     allow_expired, reason = override_options(args)
     with byte_progress("importing", enabled=not args.json) as progress:

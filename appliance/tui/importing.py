@@ -16,7 +16,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import ProgressBar, Static
 
-from appliance.bundle.parity import import_media_with_parity
+from appliance.bundle.parity_rebuild import import_media_with_parity
 from appliance.errors import ExpiredError
 from appliance.importer import ImportResult
 from appliance.tui import service

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.bundle.media import MANIFEST_NAME, TRUST_DIR, root_file_name
-from appliance.bundle.parity import verify_media_with_parity
+from appliance.bundle.parity_rebuild import verify_media_with_parity
 from appliance.bundle.reader import Media, open_media
 from appliance.bundle.verify import VerifyReport
 from appliance.errors import ApplianceError, AuditChainError, NoTrustRootError, UsageError
