@@ -1,9 +1,12 @@
-"""The write side of the store: import bookkeeping, staged files, local chunk lookup, removal.
+"""The write side of the store: import bookkeeping, staged files, quarantine, removal.
 
-``Store`` wraps one index connection. Writers (importer, peer pull, ``models rm``) hold
-``layout.writer_lock`` around their work; readers (the server, a peer serving chunks) just
-open a ``Store`` and read. The model inputs are duck-typed (``ModelLike``...) so the manifest
-dataclasses of ``appliance.format.manifest`` are passed straight in.
+``Store`` is a ``catalog.StoreCatalog`` (the read queries: where verified chunks live, held
+digests, manifests offered, imports under way) plus the writes: transactions, audit records,
+import plans, model and file rows, staging, quarantine moves and ``models rm``. Writers
+(importer, peer pull, ``models rm``) hold ``layout.writer_lock`` around their work; readers
+(the server, a peer serving chunks) just open a ``Store`` and read. The model inputs are
+duck-typed (``ModelLike``...) so the manifest dataclasses of ``appliance.format.manifest`` are
+passed straight in.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from typing import Any
 from appliance.errors import IntegrityError, StoreError
 from appliance.format.fields import format_timestamp
 from appliance.store import audit, layout
-from appliance.store.db import connect
-from appliance.store.records import ModelRecord, find_model, list_models
+from appliance.store.catalog import StoreCatalog
+from appliance.store.records import ModelRecord
 from appliance.store.specs import (
     BundleOrigin,
     ChunkLike,
@@ -38,7 +41,6 @@ from appliance.store.staging import (
     DEFAULT_FLUSH_BYTES,
     DEFAULT_FLUSH_CHUNKS,
     StagedFile,
-    StoredChunk,
     verify_chunks,
 )
 
@@ -66,26 +68,15 @@ def _file_key(files: Sequence[FileLike]) -> set[tuple[str, int, str]]:
     return {(f.path, f.size, f.merkle_root) for f in files}
 
 
-class Store:
+class Store(StoreCatalog):
     """One open store: ``with Store(path) as store: ...``."""
 
     def __init__(self, store_dir: Path, *, flush_bytes: int = DEFAULT_FLUSH_BYTES,
                  flush_chunks: int = DEFAULT_FLUSH_CHUNKS) -> None:
-        self.store_dir = store_dir
         self.flush_bytes = flush_bytes
         self.flush_chunks = flush_chunks
-        layout.ensure_dirs(store_dir)
-        self.conn = connect(store_dir)
+        super().__init__(store_dir)
         self._head_stale = False
-
-    def close(self) -> None:
-        self.conn.close()
-
-    def __enter__(self) -> Store:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -115,95 +106,6 @@ class Store:
             raise StoreError("audit records are appended inside a store transaction")
         audit.append(self.store_dir, kind, details, conn=self.conn, now=now)
         self._head_stale = True
-
-    # -- reading ---------------------------------------------------------------------------
-
-    def list_models(self, *, include_importing: bool = False) -> list[ModelRecord]:
-        return list_models(self.store_dir, include_importing=include_importing, conn=self.conn)
-
-    def find_model(self, ref: str) -> ModelRecord:
-        return find_model(self.store_dir, ref, conn=self.conn)
-
-    def find_chunk(self, digest: str) -> list[LocalChunk]:
-        """Every place a verified, durable copy of a chunk lives (staged or published)."""
-        rows = self.conn.execute(
-            """SELECT c.byte_offset, c.length, f.id, f.path, f.state, m.name, m.version
-               FROM chunks c JOIN files f ON f.id = c.file JOIN models m ON m.id = f.model
-               WHERE c.digest = ? AND c.done = 1 AND f.state IN ('staging', 'published')""",
-            (digest,),
-        ).fetchall()
-        found = []
-        for r in rows:
-            if r["state"] == "published":
-                path = layout.published_path(self.store_dir, r["name"], r["version"], r["path"])
-            else:
-                path = layout.staged_path(self.store_dir, r["id"])
-            found.append(LocalChunk(digest, path, r["byte_offset"], r["length"]))
-        return found
-
-    def read_local_chunk(self, digest: str) -> bytes | None:
-        """The chunk's bytes from a local copy, re-checked against its hash; None if none is good.
-
-        A staged file may be renamed into place between the lookup and the read, so a missing
-        file triggers one more lookup.
-        """
-        for _attempt in range(2):
-            missing = False
-            for loc in self.find_chunk(digest):
-                try:
-                    data = read_local_copy(loc)
-                except FileNotFoundError:
-                    missing = True
-                    continue
-                if data is not None:
-                    return data
-            if not missing:
-                break
-        return None
-
-    def held_digests(self) -> set[str]:
-        """Digests of every chunk this host holds verified (peers advertise these)."""
-        rows = self.conn.execute(
-            """SELECT DISTINCT c.digest FROM chunks c JOIN files f ON f.id = c.file
-               WHERE c.done = 1 AND f.state IN ('staging', 'published')"""
-        )
-        return {r["digest"] for r in rows}
-
-    def manifest(self, manifest_hash: str) -> tuple[bytes, tuple[str, ...]] | None:
-        """A recorded manifest's exact bytes and its detached signatures."""
-        row = self.conn.execute(
-            "SELECT body, signatures FROM manifests WHERE hash = ?", (manifest_hash,)
-        ).fetchone()
-        if row is None:
-            return None
-        return bytes(row["body"]), tuple(json.loads(row["signatures"]))
-
-    def offered_manifests(self) -> list[tuple[str, str, int, bool]]:
-        """(hash, channel, sequence, complete) of manifests a model in the store still refers
-        to, or whose import is under way, newest sequence first (what a peer offers)."""
-        rows = self.conn.execute(
-            """SELECT mf.hash, mf.channel, mf.sequence,
-                      COALESCE((SELECT i.state FROM imports i WHERE i.manifest = mf.hash), '')
-                        AS import_state,
-                      (SELECT COUNT(*) FROM models m WHERE m.manifest = mf.hash
-                         AND m.state != 'published') AS unpublished
-               FROM manifests mf
-               WHERE mf.hash IN (SELECT manifest FROM models)
-                  OR mf.hash IN (SELECT manifest FROM imports WHERE state = 'partial')
-               ORDER BY mf.sequence DESC, mf.hash"""
-        ).fetchall()
-        return [
-            (r["hash"], r["channel"], int(r["sequence"]),
-             r["import_state"] != "partial" and int(r["unpublished"]) == 0)
-            for r in rows
-        ]
-
-    def pending_imports(self) -> list[str]:
-        """Hashes of manifests whose import has not completed."""
-        rows = self.conn.execute(
-            "SELECT manifest FROM imports WHERE state = 'partial' ORDER BY started_at"
-        )
-        return [r["manifest"] for r in rows]
 
     # -- importing -------------------------------------------------------------------------
 
@@ -500,12 +402,3 @@ class Store:
         remove_tree(model.dir)
         prune_empty_dirs(layout.models_dir(self.store_dir))
         return model
-
-    def chunks_of(self, file_id: int) -> list[StoredChunk]:
-        return [
-            StoredChunk(r["idx"], r["byte_offset"], r["length"], r["digest"])
-            for r in self.conn.execute(
-                "SELECT idx, byte_offset, length, digest FROM chunks WHERE file = ? ORDER BY idx",
-                (file_id,),
-            )
-        ]
