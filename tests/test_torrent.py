@@ -23,7 +23,7 @@ from torrent_helpers import (
     held,
     member,
     seeded_host,
-    tiny_bundle,
+    two_file_bundle,
 )
 from trust_helpers import NOW, make_root, trusted_store
 
@@ -56,7 +56,7 @@ def _carried(store: Path) -> tuple[meta.Carried, dict[bytes, object]]:
 
 
 def test_make_is_deterministic_v2_and_lists_the_signed_files(tmp_path: Path) -> None:
-    bundle = tiny_bundle()
+    bundle = two_file_bundle()
     store = seeded_host(tmp_path / "a", bundle)
     first, ref = model_torrent(store, MODEL, root_cert=None)
     again, _ = model_torrent(store, MODEL, root_cert=None)
@@ -78,7 +78,7 @@ def test_make_is_deterministic_v2_and_lists_the_signed_files(tmp_path: Path) -> 
 
 
 def test_fetch_from_a_seeder_publishes_a_verified_model(tmp_path: Path) -> None:
-    bundle = tiny_bundle()
+    bundle = two_file_bundle()
     seed_store = seeded_host(tmp_path / "seed", bundle)
     before = {p: p.read_bytes() for p in layout.models_dir(seed_store).rglob("*") if p.is_file()}
     data, _ = model_torrent(seed_store, MODEL, root_cert=None)
@@ -104,7 +104,7 @@ def test_fetch_from_a_seeder_publishes_a_verified_model(tmp_path: Path) -> None:
 def test_torrent_whose_bytes_differ_from_the_manifest_is_refused(tmp_path: Path) -> None:
     """A seeder whose torrent hashes other bytes (libtorrent is satisfied) lands nothing:
     the sink's check against the signed manifest refuses the first bad chunk."""
-    bundle = tiny_bundle()
+    bundle = two_file_bundle()
     honest = seeded_host(tmp_path / "honest", bundle)
     _, carried = _carried(honest)
     model = bundle.manifest.models[0]
@@ -129,7 +129,7 @@ def test_torrent_whose_bytes_differ_from_the_manifest_is_refused(tmp_path: Path)
 
 def test_torrent_listing_other_files_than_the_manifest_is_refused_before_download(
         tmp_path: Path) -> None:
-    bundle = tiny_bundle()
+    bundle = two_file_bundle()
     honest = seeded_host(tmp_path / "honest", bundle)
     _, carried = _carried(honest)
     model = bundle.manifest.models[0]
@@ -143,7 +143,7 @@ def test_torrent_listing_other_files_than_the_manifest_is_refused_before_downloa
 
 
 def test_manifest_this_host_does_not_trust_is_refused(tmp_path: Path) -> None:
-    bundle = tiny_bundle()
+    bundle = two_file_bundle()
     data, _ = model_torrent(seeded_host(tmp_path / "seed", bundle), MODEL, root_cert=None)
     stranger = tmp_path / "stranger"
     other = make_root(root_keys=("r7", "r8", "r9"), sign_with=("r7", "r8"),
@@ -159,7 +159,7 @@ def test_ssl_torrent_members_fetch_and_a_non_member_is_refused(tmp_path: Path) -
     tls.init_site(ca)
     seeder_id = member(tmp_path, ca, "seeder")
     fetcher_id = member(tmp_path, ca, "fetcher")
-    bundle = tiny_bundle()
+    bundle = two_file_bundle()
     seed_store = seeded_host(tmp_path / "seed", bundle)
     data, _ = model_torrent(seed_store, MODEL, root_cert=seeder_id.ca_pem)
     assert lt.torrent_info(data).ssl_cert()
@@ -189,14 +189,14 @@ def test_plaintext_torrent_needs_insecure(tmp_path: Path) -> None:
     ca = tmp_path / "ca"
     tls.init_site(ca)
     identity = member(tmp_path, ca, "host")
-    data, _ = model_torrent(seeded_host(tmp_path / "seed", tiny_bundle()), MODEL,
+    data, _ = model_torrent(seeded_host(tmp_path / "seed", two_file_bundle()), MODEL,
                             root_cert=None)
     with pytest.raises(UsageError, match="plaintext"):
         fetch_from(trusted_store(tmp_path / "f"), data, [], identity=identity)
 
 
 def test_a_peer_sending_corrupt_pieces_is_banned_and_nothing_lands(tmp_path: Path) -> None:
-    bundle = tiny_bundle()
+    bundle = two_file_bundle()
     seed_store = seeded_host(tmp_path / "seed", bundle)
     data, _ = model_torrent(seed_store, MODEL, root_cert=None)
     store = trusted_store(tmp_path / "fetcher")
@@ -215,7 +215,7 @@ def test_a_peer_sending_corrupt_pieces_is_banned_and_nothing_lands(tmp_path: Pat
 
 
 def test_fetch_by_magnet_gets_the_signed_manifest_from_the_swarm(tmp_path: Path) -> None:
-    bundle = tiny_bundle()
+    bundle = two_file_bundle()
     seed_store = seeded_host(tmp_path / "seed", bundle)
     with Seeder(seed_store, LOOPBACK, identity=None) as seeder:
         (seeded,) = seeder.add_published()

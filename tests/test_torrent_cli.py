@@ -7,7 +7,7 @@ from pathlib import Path
 
 import libtorrent as lt
 import pytest
-from torrent_helpers import LOOPBACK, MODEL, seeded_host, tiny_bundle
+from torrent_helpers import LOOPBACK, MODEL, seeded_host, two_file_bundle
 from trust_helpers import trusted_store
 
 from appliance.cli.main import main
@@ -21,7 +21,7 @@ from appliance.torrent.seed import Seeder
 
 def test_make_writes_the_same_bytes_as_the_library(tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    store = seeded_host(tmp_path / "s", tiny_bundle())
+    store = seeded_host(tmp_path / "s", two_file_bundle())
     out = tmp_path / "tiny.torrent"
     assert main(["--store", str(store), "torrent", "make", MODEL, "--insecure",
                  "-o", str(out)]) == 0
@@ -30,7 +30,7 @@ def test_make_writes_the_same_bytes_as_the_library(tmp_path: Path,
 
 
 def test_make_without_site_certificates_or_insecure_is_a_usage_error(tmp_path: Path) -> None:
-    store = seeded_host(tmp_path / "s", tiny_bundle())
+    store = seeded_host(tmp_path / "s", two_file_bundle())
     assert main(["--store", str(store), "torrent", "make", MODEL]) == EXIT_USAGE
 
 
@@ -39,7 +39,7 @@ def test_enroll_then_make_an_ssl_torrent(tmp_path: Path) -> None:
     tls.init_site(ca)
     tls_dir = tmp_path / "tls"
     tls.enroll_host("host-a", ca, tls_dir)
-    store = seeded_host(tmp_path / "s", tiny_bundle())
+    store = seeded_host(tmp_path / "s", two_file_bundle())
     assert main(["--store", str(store), "torrent", "enroll", "--ca", str(ca),
                  "--tls-dir", str(tls_dir)]) == 0
     assert (tls_dir / TORRENT_KEY).stat().st_mode & 0o777 == 0o600
@@ -55,7 +55,7 @@ def test_enroll_then_make_an_ssl_torrent(tmp_path: Path) -> None:
 
 
 def test_fetch_of_a_torrent_with_foreign_files_exits_refused(tmp_path: Path) -> None:
-    bundle = tiny_bundle(now=datetime.now(UTC))
+    bundle = two_file_bundle(now=datetime.now(UTC))
     seed_store = seeded_host(tmp_path / "seed", bundle)
     data = bytearray(model_torrent(seed_store, MODEL, root_cert=None)[0])
     # Rename a file inside the info dict: the signed manifest does not list it.
@@ -71,7 +71,7 @@ def test_fetch_of_a_torrent_with_foreign_files_exits_refused(tmp_path: Path) -> 
 
 def test_fetch_through_the_cli_publishes(tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
-    bundle = tiny_bundle(now=datetime.now(UTC))
+    bundle = two_file_bundle(now=datetime.now(UTC))
     seed_store = seeded_host(tmp_path / "seed", bundle)
     torrent = tmp_path / "tiny.torrent"
     torrent.write_bytes(model_torrent(seed_store, MODEL, root_cert=None)[0])

@@ -10,7 +10,15 @@ import libtorrent as lt
 import pytest
 from bundle_helpers import CHUNK, MIB, Bundle, build, flip_byte, make_sources
 from peer_helpers import seed
-from torrent_helpers import LOOPBACK, MODEL, LyingPeer, fetch_from, held, seeded_host, tiny_bundle
+from torrent_helpers import (
+    LOOPBACK,
+    MODEL,
+    LyingPeer,
+    fetch_from,
+    held,
+    seeded_host,
+    two_file_bundle,
+)
 from trust_helpers import NOW, make_root, trusted_store
 
 from appliance.bundle.reader import find_volume_dirs
@@ -132,7 +140,7 @@ def _allocated_files(root: Path) -> list[Path]:
 @pytest.mark.slow  # real libtorrent swarms, waits for a stalled fetch
 def test_an_importing_model_seeds_its_verified_pieces_and_the_fetch_writes_into_staging(
         tmp_path: Path) -> None:
-    bundle = tiny_bundle(3_000_000)
+    bundle = two_file_bundle(3_000_000)
     data, _ = model_torrent(seeded_host(tmp_path / "full", bundle), MODEL, root_cert=None)
     importing = _partial_seeder(tmp_path, bundle, 60)
     store = trusted_store(tmp_path / "fetcher")
@@ -162,7 +170,7 @@ def test_an_importing_model_seeds_its_verified_pieces_and_the_fetch_writes_into_
 
 @pytest.mark.slow  # real libtorrent swarms, waits for a stalled fetch
 def test_seeding_an_importing_model_refreshes_as_its_import_goes_on(tmp_path: Path) -> None:
-    bundle = tiny_bundle(3_000_000)
+    bundle = two_file_bundle(3_000_000)
     data, _ = model_torrent(seeded_host(tmp_path / "full", bundle), MODEL, root_cert=None)
     importing = _partial_seeder(tmp_path, bundle, 20)
     with Seeder(importing, LOOPBACK, identity=None) as seeder:
@@ -181,9 +189,9 @@ def test_seeding_an_importing_model_refreshes_as_its_import_goes_on(tmp_path: Pa
 
 
 def test_seeding_refuses_a_torrent_of_another_manifest(tmp_path: Path) -> None:
-    other = tiny_bundle(3_000_000, seed_value=2)
+    other = two_file_bundle(3_000_000, seed_value=2)
     data, _ = model_torrent(seeded_host(tmp_path / "other", other), MODEL, root_cert=None)
-    importing = _partial_seeder(tmp_path, tiny_bundle(3_000_000), 20)
+    importing = _partial_seeder(tmp_path, two_file_bundle(3_000_000), 20)
     with Seeder(importing, LOOPBACK, identity=None) as seeder:
         with pytest.raises(IntegrityError, match="another manifest"):
             StagedSeeds(seeder).add(data)
@@ -199,7 +207,7 @@ def test_done_chunks_a_lying_peer_overwrote_are_written_back(tmp_path: Path) -> 
     """Chunks are 16 KiB and pieces 32 KiB: with an odd number of chunks done, a needed chunk
     shares its piece with a done one. The lying peer's garbage for that piece must not stay
     in the done chunk, whose bytes the store has already verified."""
-    bundle = tiny_bundle(3_000_000)
+    bundle = two_file_bundle(3_000_000)
     data, _ = model_torrent(seeded_host(tmp_path / "full", bundle), MODEL, root_cert=None)
     store = trusted_store(tmp_path / "fetcher")
     seed(store, bundle, partial_chunks=5)
@@ -220,7 +228,7 @@ def test_a_fetch_killed_with_chunks_kept_aside_writes_them_back_first(tmp_path: 
     """What a SIGKILL leaves when it lands while a bad peer's blocks sit in a done chunk:
     the kept copy in guard/ and the damaged bytes. The next fetch writes the copy back before
     anything else, so the model it publishes verifies."""
-    bundle = tiny_bundle(3_000_000)
+    bundle = two_file_bundle(3_000_000)
     seed_store = seeded_host(tmp_path / "full", bundle)
     data, _ = model_torrent(seed_store, MODEL, root_cert=None)
     store = trusted_store(tmp_path / "fetcher")

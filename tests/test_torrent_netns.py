@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from peer_helpers import published_bytes, stop
-from torrent_helpers import MODEL, seeded_host, tiny_bundle
+from torrent_helpers import MODEL, seeded_host, two_file_bundle
 from trust_helpers import trusted_store
 
 from appliance.errors import EXIT_USAGE
@@ -46,7 +46,7 @@ def test_member_finds_the_seed_by_lsd_and_fetches_an_ssl_torrent(lan: Lan,
         tls.enroll_host(name, ca, dirs[host], ips=[lan.addresses[host]])
     enroll_torrent(ca, dirs[0])
     enroll_torrent(ca, dirs[1])  # the visitor has a host certificate only
-    bundle = tiny_bundle(now=datetime.now(UTC))  # the CLI checks expiry on today's clock
+    bundle = two_file_bundle(now=datetime.now(UTC))  # the CLI checks expiry on today's clock
     seed_store = seeded_host(tmp_path / "seed", bundle)
     torrent = tmp_path / "tiny.torrent"
     torrent.write_bytes(model_torrent(seed_store, MODEL,

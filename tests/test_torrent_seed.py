@@ -8,13 +8,13 @@ import socket
 from dataclasses import replace
 from pathlib import Path
 
-from torrent_helpers import LOOPBACK, seeded_host, tiny_bundle
+from torrent_helpers import LOOPBACK, seeded_host, two_file_bundle
 
 from appliance.torrent.seed import Seeder
 
 
 def test_a_seed_dials_its_static_peers(tmp_path: Path) -> None:
-    store = seeded_host(tmp_path / "seed", tiny_bundle())
+    store = seeded_host(tmp_path / "seed", two_file_bundle())
     with socket.create_server(("127.0.0.1", 0)) as fetcher:
         fetcher.settimeout(10)
         options = replace(LOOPBACK, peers=(f"127.0.0.1:{fetcher.getsockname()[1]}",))

@@ -31,7 +31,7 @@ LOOPBACK = SwarmOptions(listen="127.0.0.1:0", lsd=False, dht=False)
 MODEL = "org/tiny"
 
 
-def tiny_bundle(size: int = 300_000, *, seed_value: int = 1, now: datetime = NOW) -> Bundle:
+def two_file_bundle(size: int = 300_000, *, seed_value: int = 1, now: datetime = NOW) -> Bundle:
     """One model, two files (one spans several pieces and chunks, one is small), signed at
     ``now`` (the CLI's real clock when a test runs the CLI)."""
     return make_bundle({MODEL: {"weights.bin": model_bytes(seed_value, size),
