@@ -40,6 +40,8 @@ class Comparison:
     note: str = ""
     ours_rss_mb: float | None = None  # peak RSS of the appliance child (ru_maxrss)
     native_rss_mb: float | None = None  # peak RSS of the native tool's processes
+    ours_cpu_s: float | None = None  # user + system CPU seconds of the child (median run)
+    native_cpu_s: float | None = None
 
     @property
     def ratio(self) -> float:
@@ -129,11 +131,12 @@ def mb_per_s(nbytes: int, seconds: float) -> float:
 class Measured:
     seconds: float
     rss_mb: float  # peak RSS of the child (ru_maxrss), MB
+    cpu_s: float = 0.0  # user + system CPU seconds of the child
 
 
 def _spawn(argv: Sequence[str], *, stdout: int | None = subprocess.DEVNULL
-           ) -> tuple[float, float, str]:
-    """Run ``argv`` under GNU time: wall seconds, the peak RSS in MB, and stdout.
+           ) -> tuple[float, float, float, str]:
+    """Run ``argv`` under GNU time: wall seconds, the peak RSS in MB, CPU seconds, stdout.
 
     The peak is ``ru_maxrss`` of the command as GNU time's ``wait4`` sees it. Not ours:
     Linux carries the high-water mark across ``exec``, so a command forked straight from
@@ -143,31 +146,32 @@ def _spawn(argv: Sequence[str], *, stdout: int | None = subprocess.DEVNULL
         raise RuntimeError(f"native baseline {argv[0]!r} is not installed")
     with tempfile.NamedTemporaryFile("r", prefix="bench-rss-") as rss:
         started = time.perf_counter()
-        proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss.name, *argv],
+        proc = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", "-o", rss.name, *argv],
                               stdout=stdout, text=True, check=False)
         seconds = time.perf_counter() - started
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(argv[:3])} ... exited {proc.returncode}")
-        kib = int(rss.read().split()[-1])
-    return seconds, kib / 1024, proc.stdout or ""
+        kib, user, system = rss.read().split()[-3:]
+    return seconds, int(kib) / 1024, float(user) + float(system), proc.stdout or ""
 
 
 def run_measured(argvs: Sequence[Sequence[str]]) -> Measured:
     """Run native commands one after the other (``cp`` then ``sync``): total wall time, and
     the largest peak RSS of any of them."""
-    total = rss = 0.0
+    total = rss = cpu = 0.0
     for argv in argvs:
-        seconds, peak, _ = _spawn(argv)
-        total, rss = total + seconds, max(rss, peak)
-    return Measured(total, rss)
+        seconds, peak, used, _ = _spawn(argv)
+        total, rss, cpu = total + seconds, max(rss, peak), cpu + used
+    return Measured(total, rss, cpu)
 
 
 def run_child(target: str, **kwargs: Any) -> Measured:
     """``target`` ("bench.bench_x:function") called with ``kwargs`` in a fresh Python child:
     the time the call took inside it, and the child's peak RSS."""
-    _, rss, out = _spawn([sys.executable, "-m", "bench.harness", target, json.dumps(kwargs)],
-                         stdout=subprocess.PIPE)
-    return Measured(float(json.loads(out.splitlines()[-1])["seconds"]), rss)
+    _, rss, cpu, out = _spawn(
+        [sys.executable, "-m", "bench.harness", target, json.dumps(kwargs)],
+        stdout=subprocess.PIPE)
+    return Measured(float(json.loads(out.splitlines()[-1])["seconds"]), rss, cpu)
 
 
 def page_cache_percent(paths: Sequence[Path]) -> float | None:
@@ -224,6 +228,8 @@ class Pair:
             f"median of {self.repeats} alternating runs{cache}" + (f"; {note}" if note else ""),
             ours_rss_mb=max(m.rss_mb for m in self.ours),
             native_rss_mb=max(m.rss_mb for m in self.native),
+            ours_cpu_s=statistics.median(m.cpu_s for m in self.ours),
+            native_cpu_s=statistics.median(m.cpu_s for m in self.native),
         )
 
 

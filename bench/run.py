@@ -46,15 +46,18 @@ def _markdown(rows: list[Comparison], meta: dict[str, str]) -> str:
         f"Measured {meta['date']} on {meta['machine']} with `{meta['command']}` "
         f"(load average at the end: {meta['load']}).",
         "",
-        "| benchmark | unit | appliance | native | native tool | ratio | peak RSS ours / native |",
-        "|---|---|---:|---:|---|---:|---:|",
+        "| benchmark | unit | appliance | native | native tool | ratio | peak RSS ours / native "
+        "| CPU s ours / native |",
+        "|---|---|---:|---:|---|---:|---:|---:|",
     ]
     for r in rows:
         rss = (f"{r.ours_rss_mb:.0f} / {r.native_rss_mb:.0f} MB"
                if r.ours_rss_mb is not None and r.native_rss_mb is not None else "")
+        cpu = (f"{r.ours_cpu_s:.1f} / {r.native_cpu_s:.1f}"
+               if r.ours_cpu_s is not None and r.native_cpu_s is not None else "")
         lines.append(
             f"| {r.name} | {r.unit} | {r.ours:.1f} | {r.native:.1f} | `{r.native_tool}` "
-            f"| {r.ratio:.2f}x | {rss} |"
+            f"| {r.ratio:.2f}x | {rss} | {cpu} |"
         )
     notes = sorted({r.note for r in rows if r.note})
     return "\n".join([*lines, "", *(f"- {n}" for n in notes)]) + "\n"
@@ -92,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             results = module.run(ctx)
             for r in results:
                 print(f"    {r.name}: {r.ours:.1f} vs {r.native:.1f} {r.unit} "
-                      f"({r.native_tool}) = {r.ratio:.2f}x; peak RSS {r.ours_rss_mb} MB vs "
-                      f"{r.native_rss_mb} MB; {r.note}", flush=True)
+                      f"({r.native_tool}) = {r.ratio:.2f}x; peak RSS {r.ours_rss_mb} vs "
+                      f"{r.native_rss_mb} MB; CPU {r.ours_cpu_s} vs {r.native_cpu_s} s; "
+                      f"{r.note}", flush=True)
             print(f"    ({time.perf_counter() - start:.1f} s, load {_load()})", flush=True)
             rows.extend(results)
 
