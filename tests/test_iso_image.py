@@ -24,6 +24,7 @@ import subprocess
 import sys
 import termios
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -233,6 +234,12 @@ def loaded_libraries(executable: Path) -> list[Path]:
     return sorted({Path(f[5]) for f in fields if len(f) == 6 and ".so" in f[5]})
 
 
+TUI_START_S = 120  # to the first frame, a cold start on a loaded 2-core CI machine
+TUI_QUIT_S = 60  # from the first ctrl+q to the exit
+QUIT_EVERY_S = 5.0
+CTRL_Q = b"\x11"
+
+
 @pytest.mark.slow
 def test_tui_starts_and_quits_in_clean_env(extracted: Path, tmp_path: Path) -> None:
     # Textual needs a terminal: give it a pty (and TERM, as any terminal would).
@@ -242,31 +249,68 @@ def test_tui_starts_and_quits_in_clean_env(extracted: Path, tmp_path: Path) -> N
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     proc = subprocess.Popen(
         [str(extracted / "appliance" / LAUNCHER), "--store", str(tmp_path / "store"), "tui",
-         "--no-scan",
-         "--no-mdns"],
+         "--no-scan", "--no-mdns"],
         stdin=slave, stdout=slave, stderr=slave, env=env, cwd=home, start_new_session=True,
     )
     os.close(slave)
     screen = b""
-    quit_sent = False
-    deadline = time.monotonic() + 120
+    quits: list[float] = []  # when each ctrl+q went
+    started = time.monotonic()
     try:
-        while proc.poll() is None and time.monotonic() < deadline:
+        while proc.poll() is None:
+            now = time.monotonic()
+            if not quits and now - started > TUI_START_S:
+                break
+            if quits and now - quits[0] > TUI_QUIT_S:
+                break
             if select.select([master], [], [], 0.2)[0]:
                 try:
                     screen += os.read(master, 1 << 16)
-                except OSError:  # the child closed the pty
+                except OSError:  # every holder of the pty closed it: the TUI is gone
                     break
-            if not quit_sent and all(tab in screen for tab in (b"Media", b"Trust", b"Audit")):
-                os.write(master, b"\x11")  # ctrl+q
-                quit_sent = True
-        assert quit_sent, screen[-2000:]
-        assert proc.wait(timeout=30) == 0, screen[-2000:]
+            # Once the screens are drawn, quit; again every few seconds, so a key that came
+            # before Textual read its input is not taken for a TUI that cannot quit.
+            if all(tab in screen for tab in (b"Media", b"Trust", b"Audit")) and (
+                    not quits or time.monotonic() - quits[-1] >= QUIT_EVERY_S):
+                os.write(master, CTRL_Q)
+                quits.append(time.monotonic())
+        assert quits, f"no screens within {TUI_START_S} s: {screen[-2000:]!r}"
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the TUI did not quit within {TUI_QUIT_S} s of the first ctrl+q "
+                        f"({len(quits)} sent, every {QUIT_EVERY_S:.0f} s); its threads: "
+                        f"{threads_of(proc.pid)}; screen: {screen[-1500:]!r}")
+        assert code == 0, f"exit {code} after {len(quits)} ctrl+q: {screen[-2000:]!r}"
+        if len(quits) > 1:  # passed, but say so in the run's summary: the first key was lost
+            warnings.warn(f"the TUI quit only after {len(quits)} ctrl+q "
+                          f"({quits[-1] - quits[0]:.1f} s after the first)", stacklevel=1)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         os.close(master)
+
+
+def threads_of(pid: int) -> str:
+    """What each thread of a stuck process waits in (name, state, kernel wait channel), and
+    its native stacks when gdb is at hand: enough to tell a lost key from a hang at exit."""
+    lines = []
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+        with contextlib.suppress(OSError):
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            lines.append(f"{(task / 'comm').read_text().strip()}:{state}:"
+                         f"{(task / 'wchan').read_text().strip()}")
+    report = ", ".join(lines)
+    gdb = shutil.which("gdb")
+    if gdb:
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            stacks = subprocess.run([gdb, "-p", str(pid), "-batch", "-ex",
+                                     "thread apply all bt 12"], capture_output=True, text=True,
+                                    timeout=60, check=False).stdout
+            report += "\n" + "\n".join(line for line in stacks.splitlines()
+                                        if line.startswith(("Thread", "#")))[-6000:]
+    return report
 
 
 @contextlib.contextmanager
