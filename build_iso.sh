@@ -88,7 +88,8 @@ fi
 [ -z "$trust" ] || [ -f "$trust" ] || die "trust root $trust does not exist"
 [[ "$volid" =~ ^[A-Z0-9_]{1,32}$ ]] || die "--volid must be 1-32 characters A-Z 0-9 _"
 if [ -n "$binary" ]; then
-    [ -d "$binary" ] || die "--binary $binary is not a directory (dist/appliance)"
+    [ -d "$binary" ] && [ -f "$binary/appliance" ] && [ -x "$binary/appliance" ] \
+        || die "--binary $binary is not an executable one-directory build (a directory like dist/appliance, holding the 'appliance' launcher)"
     binary="$(cd "$binary" && pwd)"
 fi
 

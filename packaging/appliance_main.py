@@ -1,4 +1,4 @@
-"""Entry point of the one-file ``appliance`` binary built by PyInstaller (packaging/appliance.spec).
+"""Entry point of the ``appliance`` binary built by PyInstaller (packaging/appliance.spec).
 
 A frozen binary has no ``python`` next to it: ``sys.executable`` is the binary itself. Two parts
 of appliance start children through ``sys.executable``, so this entry point speaks both
