@@ -16,11 +16,11 @@ from textual.widgets import DataTable, Input, RichLog
 from trust_helpers import NOW, trusted_store
 from tui_helpers import (
     MODEL,
+    build_gguf_media,
     drive,
     on_screen,
     tamper_raw_chunk,
     text,
-    tiny_bundle,
     type_text,
     wait_for,
 )
@@ -61,7 +61,7 @@ async def close_explanation(app: ApplianceApp, pilot: Pilot[None]) -> str:
 @pytest.mark.slow
 def test_media_to_verified_import_to_served_chat(tmp_path: Path, tiny_gguf: Path) -> None:
     store = trusted_store(tmp_path / "store")
-    media = tiny_bundle(tmp_path / "bundle", tiny_gguf)
+    media = build_gguf_media(tmp_path / "bundle", tiny_gguf)
     app = create_app(store, media=[media], scan_roots=(), clock=lambda: NOW, serve_ctx=256)
 
     async def scenario(app: ApplianceApp, pilot: Pilot[None]) -> None:
@@ -127,7 +127,7 @@ def test_media_to_verified_import_to_served_chat(tmp_path: Path, tiny_gguf: Path
 
 def test_tampered_bundle_is_refused_in_plain_words(tmp_path: Path, tiny_gguf: Path) -> None:
     store = trusted_store(tmp_path / "store")
-    media = tiny_bundle(tmp_path / "bundle", tiny_gguf)
+    media = build_gguf_media(tmp_path / "bundle", tiny_gguf)
     tamper_raw_chunk(media)
     app = create_app(store, media=[media], scan_roots=(), clock=lambda: NOW)
 
@@ -153,7 +153,7 @@ def test_tampered_bundle_is_refused_in_plain_words(tmp_path: Path, tiny_gguf: Pa
 
 def test_expired_bundle_needs_a_typed_reason(tmp_path: Path, tiny_gguf: Path) -> None:
     store = trusted_store(tmp_path / "store")
-    media = tiny_bundle(tmp_path / "bundle", tiny_gguf)  # expires 30 days after NOW
+    media = build_gguf_media(tmp_path / "bundle", tiny_gguf)  # expires 30 days after NOW
     late = NOW + timedelta(days=60)
     app = create_app(store, media=[media], scan_roots=(), clock=lambda: late)
 
@@ -184,8 +184,8 @@ def test_expired_bundle_needs_a_typed_reason(tmp_path: Path, tiny_gguf: Path) ->
 
 def test_older_bundle_is_refused_as_rollback(tmp_path: Path, tiny_gguf: Path) -> None:
     store = trusted_store(tmp_path / "store")
-    newer = tiny_bundle(tmp_path / "b2", tiny_gguf, sequence=2)
-    older = tiny_bundle(tmp_path / "b1", tiny_gguf, sequence=1)
+    newer = build_gguf_media(tmp_path / "b2", tiny_gguf, sequence=2)
+    older = build_gguf_media(tmp_path / "b1", tiny_gguf, sequence=1)
     from appliance.importer import import_media
 
     import_media(store, [newer], now=NOW)
@@ -209,7 +209,7 @@ def test_no_trust_root_says_how_to_install_one_and_install_works(tmp_path: Path,
     from trust_helpers import make_root
 
     store = tmp_path / "store"
-    media = tiny_bundle(tmp_path / "bundle", tiny_gguf)
+    media = build_gguf_media(tmp_path / "bundle", tiny_gguf)
     signed = make_root()
     root_file = tmp_path / "root-1.yaml"
     root_file.write_bytes(signed.to_bytes())
@@ -308,7 +308,7 @@ def test_unknown_signer_is_refused(tmp_path: Path, tiny_gguf: Path) -> None:
     from appliance.errors import ThresholdError
 
     store = trusted_store(tmp_path / "store")
-    media = tiny_bundle(tmp_path / "bundle", tiny_gguf)
+    media = build_gguf_media(tmp_path / "bundle", tiny_gguf)
     # Same manifest bytes, but signed only by a key this site never trusted.
     rewrite_manifest(media, (media / "manifest.yaml").read_bytes(), signers=("stranger",))
     app = create_app(store, media=[media], scan_roots=(), clock=lambda: NOW)

@@ -11,7 +11,7 @@ import pytest
 from textual.pilot import Pilot
 from textual.widgets import Input, ProgressBar, Static
 from trust_helpers import NOW, trusted_store
-from tui_helpers import MODEL, drive, on_screen, text, tiny_bundle, type_text, wait_for
+from tui_helpers import MODEL, build_gguf_media, drive, on_screen, text, type_text, wait_for
 
 from appliance.cli.main import main
 from appliance.errors import UsageError
@@ -55,7 +55,7 @@ def ticking(step: float = 1.0) -> RateMeter:
 
 def test_no_screen_key_is_typed_into_the_form_it_opens(tmp_path: Path, tiny_gguf: Path) -> None:
     store = trusted_store(tmp_path / "store")
-    media = tiny_bundle(tmp_path / "bundle", tiny_gguf)
+    media = build_gguf_media(tmp_path / "bundle", tiny_gguf)
     app = create_app(store, media=[media], scan_roots=(), clock=lambda: NOW, mdns=False,
                      insecure=True)
 
@@ -106,7 +106,7 @@ def test_the_chat_key_moves_to_the_chat_box_and_types_nothing(tmp_path: Path) ->
 def test_one_i_on_inspect_imports_and_the_idle_bar_is_hidden(tmp_path: Path,
                                                              tiny_gguf: Path) -> None:
     store = trusted_store(tmp_path / "store")
-    media = tiny_bundle(tmp_path / "bundle", tiny_gguf)
+    media = build_gguf_media(tmp_path / "bundle", tiny_gguf)
     app = create_app(store, media=[media], scan_roots=(), clock=lambda: NOW)
 
     async def scenario(app: ApplianceApp, pilot: Pilot[None]) -> None:
@@ -194,7 +194,7 @@ def test_rate_meter_tells_rate_and_time_left_from_this_runs_bytes() -> None:
 
 def test_verify_shows_rate_and_time_left(tmp_path: Path, tiny_gguf: Path) -> None:
     store = trusted_store(tmp_path / "store")
-    media = tiny_bundle(tmp_path / "bundle", tiny_gguf)
+    media = build_gguf_media(tmp_path / "bundle", tiny_gguf)
     app = create_app(store, media=[media], scan_roots=(), clock=lambda: NOW)
 
     async def scenario(app: ApplianceApp, pilot: Pilot[None]) -> None:
@@ -223,7 +223,7 @@ def test_verify_shows_rate_and_time_left(tmp_path: Path, tiny_gguf: Path) -> Non
 def test_reverify_shows_rate_and_time_left_like_the_other_bars(tmp_path: Path,
                                                                tiny_gguf: Path) -> None:
     store = trusted_store(tmp_path / "store")
-    import_media(store, [tiny_bundle(tmp_path / "bundle", tiny_gguf)], now=NOW)
+    import_media(store, [build_gguf_media(tmp_path / "bundle", tiny_gguf)], now=NOW)
     app = create_app(store, scan_roots=(), clock=lambda: NOW)
 
     async def scenario(app: ApplianceApp, pilot: Pilot[None]) -> None:
@@ -274,7 +274,7 @@ def test_help_key_and_quit_fit_the_footer_on_every_screen(tmp_path: Path) -> Non
 def test_a_long_path_is_cut_with_an_ellipsis_not_off_screen(tmp_path: Path,
                                                             tiny_gguf: Path) -> None:
     deep = tmp_path / ("a-very-long-directory-name-for-the-usb-disk-" * 3) / "bundle"
-    media = tiny_bundle(deep, tiny_gguf)
+    media = build_gguf_media(deep, tiny_gguf)
     app = create_app(trusted_store(tmp_path / "store"), media=[media], scan_roots=(),
                      clock=lambda: NOW)
 
@@ -317,8 +317,8 @@ def test_no_bundle_found_says_which_roots_were_searched(tmp_path: Path,
 def test_models_rm_is_one_function_for_cli_and_tui_with_the_same_user(
         tmp_path: Path, tiny_gguf: Path) -> None:
     store = trusted_store(tmp_path / "store")
-    import_media(store, [tiny_bundle(tmp_path / "b1", tiny_gguf)], now=NOW)
-    import_media(store, [tiny_bundle(tmp_path / "b2", tiny_gguf, name="acme/other",
+    import_media(store, [build_gguf_media(tmp_path / "b1", tiny_gguf)], now=NOW)
+    import_media(store, [build_gguf_media(tmp_path / "b2", tiny_gguf, name="acme/other",
                                      sequence=2)], now=NOW)
     assert main(["--store", str(store), "models", "rm", "acme/other"]) == 0
     removed = remove_model(store, MODEL, NOW)
@@ -335,7 +335,7 @@ def test_models_rm_is_one_function_for_cli_and_tui_with_the_same_user(
 def test_serve_dialog_chooses_settings_keeps_typing_and_needs_the_key(
         tmp_path: Path, tiny_gguf: Path) -> None:
     store = trusted_store(tmp_path / "store")
-    import_media(store, [tiny_bundle(tmp_path / "bundle", tiny_gguf)], now=NOW)
+    import_media(store, [build_gguf_media(tmp_path / "bundle", tiny_gguf)], now=NOW)
     keys = tmp_path / "api-keys"
     keys.write_text("k-3f9a2c7d1e5b90ab77\n")
     app = create_app(store, scan_roots=(), clock=lambda: NOW)

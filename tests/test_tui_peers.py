@@ -11,7 +11,7 @@ from pathlib import Path
 
 from textual.widgets import Static
 from trust_helpers import NOW, trusted_store
-from tui_helpers import MODEL, drive, on_screen, tiny_bundle, wait_for
+from tui_helpers import MODEL, build_gguf_media, drive, on_screen, wait_for
 
 from appliance.errors import UsageError
 from appliance.importer import import_media
@@ -24,7 +24,7 @@ from appliance.tui.peers import PeersPane
 
 def test_peer_listed_and_pulled(tmp_path: Path, tiny_gguf: Path) -> None:
     host_a = trusted_store(tmp_path / "a")
-    import_media(host_a, [tiny_bundle(tmp_path / "bundle", tiny_gguf)], now=NOW)
+    import_media(host_a, [build_gguf_media(tmp_path / "bundle", tiny_gguf)], now=NOW)
     host_b = trusted_store(tmp_path / "b")
     server = serve_store(host_a, host="127.0.0.1", port=0, tls_dir=None, insecure=True,
                          host_name="host-a").start()
@@ -75,7 +75,7 @@ def test_a_pull_that_fails_brings_the_form_back_as_typed(tmp_path: Path, tiny_gg
     from appliance.tui.base import PromptScreen
 
     host_a = trusted_store(tmp_path / "a")
-    import_media(host_a, [tiny_bundle(tmp_path / "bundle", tiny_gguf)], now=NOW)
+    import_media(host_a, [build_gguf_media(tmp_path / "bundle", tiny_gguf)], now=NOW)
     server = serve_store(host_a, host="127.0.0.1", port=0, tls_dir=None, insecure=True,
                          host_name="host-a").start()
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 from bundle_helpers import build, make_sources, write_recipe
 from textual.widgets import Static
 from trust_helpers import NOW, trusted_store
-from tui_helpers import MODEL, drive, on_screen, text, tiny_bundle, wait_for
+from tui_helpers import MODEL, build_gguf_media, drive, on_screen, text, wait_for
 
 from appliance.importer import import_media
 from appliance.store import audit, trust_state
@@ -33,7 +33,7 @@ def test_media_appear_and_go(tmp_path: Path, tiny_gguf: Path) -> None:
         media = app.query_one(MediaPane)
         await wait_for(pilot, lambda: "No bundle found" in text(app, "#media-status"),
                        what="the empty media list")
-        usb = tiny_bundle(mounts / "operator" / "USB-DISK", tiny_gguf)  # "inserted"
+        usb = build_gguf_media(mounts / "operator" / "USB-DISK", tiny_gguf)  # "inserted"
         await wait_for(pilot, lambda: [c.path for c in media.found] == [usb],
                        what="the inserted media")
         assert media.found[0].models == (f"{MODEL}:q4_k_m",)
@@ -84,8 +84,8 @@ def test_import_cancel_then_resume(tmp_path: Path) -> None:
 
 def test_models_delete_reverify_and_audit_chain(tmp_path: Path, tiny_gguf: Path) -> None:
     store = trusted_store(tmp_path / "store")
-    import_media(store, [tiny_bundle(tmp_path / "b1", tiny_gguf)], now=NOW)
-    import_media(store, [tiny_bundle(tmp_path / "b2", tiny_gguf, name="acme/other",
+    import_media(store, [build_gguf_media(tmp_path / "b1", tiny_gguf)], now=NOW)
+    import_media(store, [build_gguf_media(tmp_path / "b2", tiny_gguf, name="acme/other",
                                      sequence=2)], now=NOW)
     other = next(m for m in list_models(store) if m.name == "acme/other")
     with other.path.open("r+b") as f:  # bit rot in a published file

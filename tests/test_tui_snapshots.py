@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from textual.pilot import Pilot
 from trust_helpers import NOW, trusted_store
-from tui_helpers import tamper_raw_chunk, tiny_bundle, wait_for
+from tui_helpers import build_gguf_media, tamper_raw_chunk, wait_for
 
 from appliance.importer import import_media
 from appliance.tui.app import ApplianceApp, create_app
@@ -33,7 +33,7 @@ def site(tmp_path: Path, tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> Pa
     """cwd = tmp_path with ``store`` (trusting the test root) and ``bundle/media``."""
     monkeypatch.chdir(tmp_path)
     trusted_store(Path("store"))
-    tiny_bundle(Path("bundle"), tiny_gguf)
+    build_gguf_media(Path("bundle"), tiny_gguf)
     return tmp_path
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from trust_helpers import make_root, trusted_store
-from tui_helpers import tiny_bundle
+from tui_helpers import build_gguf_media
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 
@@ -61,7 +61,7 @@ def tmux() -> Iterator[Tmux]:
 
 def test_real_tui_in_tmux(tmp_path: Path, tiny_gguf: Path, tmux: Tmux) -> None:
     store = trusted_store(tmp_path / "store")
-    media = tiny_bundle(tmp_path / "bundle", tiny_gguf)
+    media = build_gguf_media(tmp_path / "bundle", tiny_gguf)
     exe = Path(sys.executable).parent / "appliance"
     command = (f"{exe} tui --store {store} --media {media} --no-scan --no-mdns; "
                f"echo exit=$? > {tmp_path / 'exit'}")

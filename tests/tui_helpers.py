@@ -24,7 +24,7 @@ from appliance.tui.base import Pane
 MODEL = "acme/tiny"
 
 
-def tiny_bundle(base: Path, gguf: Path, *, sequence: int = 1, out: str = "media",
+def build_gguf_media(base: Path, gguf: Path, *, sequence: int = 1, out: str = "media",
                 name: str = MODEL) -> Path:
     """A one-model bundle holding the tiny GGUF; returns the media directory."""
     src = base / "models"
