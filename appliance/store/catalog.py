@@ -134,3 +134,22 @@ class StoreCatalog:
                 (file_id,),
             )
         ]
+
+    def held_files(self, name: str, version: str
+                   ) -> list[tuple[int, str, int, bool, list[tuple[int, int]]]]:
+        """(file id, manifest path, size, published, (offset, length) of the chunks marked
+        done by offset) of a model's staged or published files (a torrent's view of them)."""
+        rows = self.conn.execute(
+            """SELECT f.id, f.path, f.size, f.state FROM files f JOIN models m ON m.id = f.model
+               WHERE m.name = ? AND m.version = ? AND f.state IN ('staging', 'published')""",
+            (name, version),
+        ).fetchall()
+        out = []
+        for row in rows:
+            published = row["state"] == "published"
+            done = [] if published else [(c["byte_offset"], c["length"]) for c in
+                                         self.conn.execute(
+                "SELECT byte_offset, length FROM chunks WHERE file = ? AND done = 1 "
+                "ORDER BY byte_offset", (row["id"],))]
+            out.append((int(row["id"]), row["path"], int(row["size"]), published, done))
+        return out

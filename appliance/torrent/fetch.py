@@ -228,7 +228,7 @@ def _ingest(store_dir: Path, session: lt.session, ti: lt.torrent_info,
         guard = Guard(scratch / GUARD_DIR)
         if guard.saved():
             meta.check_files(ti, model)
-            files = stored_files(store_dir, store.conn, model.name, model.version)
+            files = stored_files(store, model.name, model.version)
             guard.restore(places(ti, model, files))
             say("wrote back the chunks a killed fetch had kept aside")
         ingest = IngestSession(store, action="torrent", now=now,

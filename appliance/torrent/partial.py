@@ -95,7 +95,7 @@ class StagedSeeds:
 
     def _add(self, ti: lt.torrent_info, model: ModelEntry) -> tuple[lt.torrent_handle, int]:
         with Store(self.store_dir) as store:
-            files = storage.stored_files(self.store_dir, store.conn, model.name, model.version)
+            files = storage.stored_files(store, model.name, model.version)
         save_path = self._links(meta.infohash(ti))
         storage.link_tree(save_path, model, files, missing_ok=True)
         have = storage.held_pieces(ti, model, files)
@@ -118,8 +118,7 @@ class StagedSeeds:
         self._due = time.monotonic() + self.refresh_s
         for entry in list(self.staged):
             with Store(self.store_dir) as store:
-                files = storage.stored_files(self.store_dir, store.conn, entry.model.name,
-                                             entry.model.version)
+                files = storage.stored_files(store, entry.model.name, entry.model.version)
             published = len(files) == len(entry.model.files) and all(
                 f.published for f in files.values())
             held = sum(storage.held_pieces(entry.ti, entry.model, files))

@@ -147,8 +147,7 @@ class TorrentSource:
 
     def run(self, needed: Mapping[str, int], sink: ChunkSink) -> None:
         model = self.model
-        files = storage.stored_files(self.store.store_dir, self.store.conn, model.name,
-                                     model.version)
+        files = storage.stored_files(self.store, model.name, model.version)
         where = storage.places(self.ti, model, files)
         spans = self._spans(needed, where)
         if not spans:

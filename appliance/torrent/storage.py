@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import bisect
 import os
-import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from appliance.errors import IntegrityError, StoreError
 from appliance.format.manifest import ModelEntry
 from appliance.fsutil import fsync_dir
 from appliance.store import layout
+from appliance.store.catalog import StoreCatalog
 from appliance.torrent import meta
 
 GUARD_DIR = "guard"
@@ -55,26 +55,16 @@ class StoredFile:
     done: tuple[tuple[int, int], ...]  # (offset, length) of chunks marked done, by offset
 
 
-def stored_files(store_dir: Path, conn: sqlite3.Connection, name: str,
-                 version: str) -> dict[str, StoredFile]:
+def stored_files(catalog: StoreCatalog, name: str, version: str) -> dict[str, StoredFile]:
     """The model's files in the store by manifest path (empty when it holds none)."""
-    rows = conn.execute(
-        """SELECT f.id, f.path, f.size, f.state FROM files f JOIN models m ON m.id = f.model
-           WHERE m.name = ? AND m.version = ? AND f.state IN ('staging', 'published')""",
-        (name, version),
-    ).fetchall()
     out = {}
-    for row in rows:
-        published = row["state"] == "published"
+    for file_id, path, size, published, done in catalog.held_files(name, version):
         if published:
-            location = layout.published_path(store_dir, name, version, row["path"])
-            done: tuple[tuple[int, int], ...] = ((0, row["size"]),)
+            location = layout.published_path(catalog.store_dir, name, version, path)
+            spans: tuple[tuple[int, int], ...] = ((0, size),)
         else:
-            location = layout.staged_path(store_dir, row["id"])
-            done = tuple((c["byte_offset"], c["length"]) for c in conn.execute(
-                "SELECT byte_offset, length FROM chunks WHERE file = ? AND done = 1 "
-                "ORDER BY byte_offset", (row["id"],)))
-        out[row["path"]] = StoredFile(row["path"], row["size"], location, published, done)
+            location, spans = layout.staged_path(catalog.store_dir, file_id), tuple(done)
+        out[path] = StoredFile(path, size, location, published, spans)
     return out
 
 
