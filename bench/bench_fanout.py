@@ -71,10 +71,14 @@ class Phase:
     done: tuple[float, ...] = ()  # seconds until each host's process exited, ascending
     noop: float | None = None  # the same pulls again once every host holds the model
     cpu: float = 0.0  # CPU seconds of the phase's commands that exited (user + system)
+    began: tuple[float, ...] = ()  # seconds until each host had received 5 % of the model
 
     def timeline(self, size: int) -> str:
         """What bounds the phase: the seed's upload over the model, and the hosts' spread."""
         parts = [f"seed link sent {self.seed_sent / size:.2f}x the model"]
+        if self.began:
+            parts.append(f"hosts' downloads began at {self.began[0]:.1f} / "
+                         f"{self.began[len(self.began) // 2]:.1f} / {self.began[-1]:.1f} s")
         if self.done:
             parts.append(f"hosts done at {self.done[0]:.1f} / "
                          f"{self.done[len(self.done) // 2]:.1f} / {self.done[-1]:.1f} s "
@@ -94,6 +98,7 @@ class _Site:
     def __init__(self, lan: Lan, setup: BenchBundle, work: Path) -> None:
         self.lan, self.setup, self.work = lan, setup, work
         self.procs: list[subprocess.Popen[str]] = []
+        self.began: dict[int, float] = {}  # host -> seconds until 5 % of the model arrived
 
     def url(self, host: int) -> str:
         return f"http://{self.lan.addresses[host]}:{PORT}"
@@ -107,6 +112,15 @@ class _Site:
             raise RuntimeError(f"no tc counter on the seed's link: {out!r}")
         return int(found.group(1))
 
+    def received(self) -> dict[int, int]:
+        """Bytes each host's link has delivered to it so far (the switch-side tbf counters)."""
+        out = subprocess.run(["ip", "netns", "exec", self.lan.switch, "tc", "-s", "qdisc",
+                              "show"], check=True, capture_output=True, text=True).stdout
+        got = {}
+        for dev, sent in re.findall(r"dev p(\d+) root.*?\n\s*Sent (\d+) bytes", out):
+            got[int(dev)] = int(sent)
+        return got
+
     def run_all(self, commands: dict[int, list[str]], tag: str, *,
                 done_line: Callable[[str], bool] | None = None
                 ) -> tuple[float, tuple[float, ...], list[subprocess.Popen[str]], float]:
@@ -118,6 +132,9 @@ class _Site:
         running: dict[int, subprocess.Popen[str]] = {}
         logs = {host: self.work / f"{tag}-{host}.log" for host in commands}
         cpu = _children_cpu()
+        base = self.received()
+        self.began = {}
+        sampled = 0.0
         start = time.perf_counter()
         for host, argv in commands.items():
             with logs[host].open("w") as log:
@@ -136,7 +153,14 @@ class _Site:
                 if code == 0 or (done_line is not None and any(
                         map(done_line, logs[host].read_text().splitlines()))):
                     done[host] = time.perf_counter() - start
-            if time.perf_counter() - start > 600:
+            moment = time.perf_counter() - start
+            if moment - sampled >= 0.25:  # when each host's download got going
+                sampled = moment
+                for host, n in self.received().items():
+                    if host in commands and host not in self.began and \
+                            n - base.get(host, 0) > self.setup.size / 20:
+                        self.began[host] = moment
+            if moment > 600:
                 raise RuntimeError(f"{tag}: hosts still running after 600 s")
             time.sleep(0.02)
         left = []
@@ -208,7 +232,8 @@ class _Site:
                     from_seed += int(n)
                 else:
                     from_hosts += int(n)
-        return Phase(seconds, from_seed, from_hosts, sent, done, cpu=cpu)
+        return Phase(seconds, from_seed, from_hosts, sent, done, cpu=cpu,
+                     began=tuple(sorted(self.began.values())))
 
     def noop(self, pullers: dict[int, Path], sources: dict[int, list[int]]) -> float:
         """The same pulls again, every host already holding the model: start-up alone."""

@@ -81,7 +81,8 @@ def _torrent(site: _Site, seed: Path, torrent: Path, n: int) -> Phase:
             model = get_model(store, MODEL)
             if sum(f.size for f in model.files) != site.setup.size:
                 raise RuntimeError(f"{lan.hosts[host]} holds the wrong size")
-        return Phase(seconds, 0, 0, sent, done, cpu=cpu)
+        return Phase(seconds, 0, 0, sent, done, cpu=cpu,
+                     began=tuple(sorted(site.began.values())))
     finally:
         site.stop(seeder)
         for store in stores.values():
