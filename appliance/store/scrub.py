@@ -89,7 +89,8 @@ def verify_store(
             final = layout.published_path(store_dir, r["name"], r["version"], r["path"])
             label = f"{r['name']}:{r['version']}/{r['path']}"
             try:
-                whole = verify_chunks(final, store.chunks_of(r["id"]), r["size"], label)
+                whole = verify_chunks(final, store.chunks_of(r["id"]), r["size"], label,
+                                      expected=r["blake3"] or None)
                 if r["blake3"] and whole != r["blake3"]:
                     raise IntegrityError(
                         "whole-file hash differs from the one recorded", file=label
