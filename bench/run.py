@@ -28,7 +28,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 
 def _discover(only: str | None) -> list[str]:
     names = sorted(p.stem for p in BENCH_DIR.glob("bench_*.py"))
-    return [n for n in names if only is None or only in n]
+    wanted = only.split(",") if only else None
+    return [n for n in names if wanted is None or any(w in n for w in wanted)]
 
 
 def _model_path() -> Path | None:
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--large", action="store_true",
                         help="also the generated 6.3 GB GGUF and its split variant, cached in "
                              "~/.cache/appliance-bench (bench/large_model.py)")
-    parser.add_argument("--only", help="run only benchmarks whose module name contains this")
+    parser.add_argument("--only", help="run only benchmarks whose module name contains this "
+                                       "(several: a,b,c)")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
     args = parser.parse_args(argv)
 
