@@ -70,8 +70,10 @@ class Phase:
     seed_sent: int = 0  # bytes out of the seed's link (its tc counter), any protocol
     done: tuple[float, ...] = ()  # seconds until each host's process exited, ascending
     noop: float | None = None  # the same pulls again once every host holds the model
-    cpu: float = 0.0  # CPU seconds of the phase's commands that exited (user + system)
+    cpu: float = 0.0  # CPU seconds of the hosts' fetch commands (user + system)
     began: tuple[float, ...] = ()  # seconds until each host had received 5 % of the model
+    busy: float = 0.0  # share of all this machine's cores busy during the phase (/proc/stat)
+    servers_cpu: float = 0.0  # CPU seconds of the hosts' peer servers during the phase
 
     def timeline(self, size: int) -> str:
         """What bounds the phase: the seed's upload over the model, and the hosts' spread."""
@@ -84,9 +86,13 @@ class Phase:
                          f"{self.done[len(self.done) // 2]:.1f} / {self.done[-1]:.1f} s "
                          "(first / median / last)")
         if self.cpu:
-            parts.append(f"{self.cpu:.1f} CPU s in the commands that exited "
+            parts.append(f"{self.cpu:.1f} CPU s in the hosts' fetches "
                          f"({self.cpu / self.seconds:.1f} of this machine's {os.cpu_count()} "
                          "cores)")
+        if self.servers_cpu:
+            parts.append(f"{self.servers_cpu:.1f} CPU s in the hosts' peer servers")
+        if self.busy:
+            parts.append(f"the machine's cores {self.busy:.0%} busy (everyone's processes)")
         if self.noop is not None:
             parts.append(f"the same pulls with nothing to fetch {self.noop:.1f} s")
         return ", ".join(parts)
@@ -99,6 +105,7 @@ class _Site:
         self.lan, self.setup, self.work = lan, setup, work
         self.procs: list[subprocess.Popen[str]] = []
         self.began: dict[int, float] = {}  # host -> seconds until 5 % of the model arrived
+        self.busy = 0.0  # share of the machine's cores busy during the last run_all
 
     def url(self, host: int) -> str:
         return f"http://{self.lan.addresses[host]}:{PORT}"
@@ -132,6 +139,7 @@ class _Site:
         running: dict[int, subprocess.Popen[str]] = {}
         logs = {host: self.work / f"{tag}-{host}.log" for host in commands}
         cpu = _children_cpu()
+        ticks = _cpu_ticks()
         base = self.received()
         self.began = {}
         sampled = 0.0
@@ -169,6 +177,7 @@ class _Site:
                 left.append(proc)
             else:
                 self.procs.remove(proc)
+        self.busy = _busy_since(ticks)
         return max(done.values()), tuple(sorted(done.values())), left, _children_cpu() - cpu
 
     def new_store(self, name: str) -> Path:
@@ -233,7 +242,7 @@ class _Site:
                 else:
                     from_hosts += int(n)
         return Phase(seconds, from_seed, from_hosts, sent, done, cpu=cpu,
-                     began=tuple(sorted(self.began.values())))
+                     began=tuple(sorted(self.began.values())), busy=self.busy)
 
     def noop(self, pullers: dict[int, Path], sources: dict[int, list[int]]) -> float:
         """The same pulls again, every host already holding the model: start-up alone."""
@@ -243,6 +252,26 @@ class _Site:
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+def _cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of all cores so far (/proc/stat; idle and iowait are not busy)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields) - idle, sum(fields)
+
+
+def _busy_since(start: tuple[int, int]) -> float:
+    busy, total = _cpu_ticks()
+    return (busy - start[0]) / max(1, total - start[1])
+
+
+def _process_cpu(pid: int, *, children: bool = False) -> float:
+    """CPU seconds of a running process (utime + stime in /proc/PID/stat), with those of its
+    children it has waited for (cutime + cstime) when asked."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = sum(int(f) for f in fields[11:15 if children else 13])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _single(site: _Site) -> Phase:
@@ -271,8 +300,10 @@ def _swarm(site: _Site, n: int) -> Phase:
             servers.append(site.serve(host, store))
         # The seed first, then the other pullers: every host is a source for every other.
         sources = {h: [0, *(o for o in stores if o != h)] for h in stores}
+        before = [_process_cpu(p.pid) for p in servers]
         phase = site.pull_all(stores, sources, tag="swarm")
-        return dataclasses.replace(phase, noop=site.noop(stores, sources))
+        served = sum(_process_cpu(p.pid) - b for p, b in zip(servers, before, strict=True))
+        return dataclasses.replace(phase, noop=site.noop(stores, sources), servers_cpu=served)
     finally:
         for proc in servers:
             site.stop(proc)

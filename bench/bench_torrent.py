@@ -34,6 +34,7 @@ from bench.bench_fanout import (
     RATE_MBIT,
     Phase,
     _central,
+    _process_cpu,
     _single,
     _Site,
     _swarm,
@@ -75,6 +76,8 @@ def _torrent(site: _Site, seed: Path, torrent: Path, n: int) -> Phase:
             commands, "torrent", done_line=lambda line: line.startswith(f"{MODEL}:")
             and ": published" in line)
         sent = site.seed_sent() - sent
+        # Each host's shell ran its fetch and became its seed: CPU of both so far.
+        cpu += sum(_process_cpu(proc.pid, children=True) for proc in seeding)
         for proc in seeding:
             site.stop(proc)
         for host, store in stores.items():
@@ -82,7 +85,7 @@ def _torrent(site: _Site, seed: Path, torrent: Path, n: int) -> Phase:
             if sum(f.size for f in model.files) != site.setup.size:
                 raise RuntimeError(f"{lan.hosts[host]} holds the wrong size")
         return Phase(seconds, 0, 0, sent, done, cpu=cpu,
-                     began=tuple(sorted(site.began.values())))
+                     began=tuple(sorted(site.began.values())), busy=site.busy)
     finally:
         site.stop(seeder)
         for store in stores.values():
