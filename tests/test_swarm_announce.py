@@ -131,6 +131,14 @@ def test_a_liar_announcing_every_chunk_costs_one_grace_not_one_per_chunk() -> No
     assert s.stats.deferred == len(CHUNKS) and set(source.asked) == set(CHUNKS)
 
 
+def test_chunks_another_puller_holds_never_come_from_the_seed_even_when_it_is_busy() -> None:
+    # The other puller holds every other chunk and serves 2 at a time: the rest of those wait
+    # for it rather than go to the idle seed.
+    source, other = Seed(delay=0.0), Puller(set(ORDER[::2]), after=0.0)
+    run(swarm([source, other], per_peer=2))
+    assert set(source.asked) == set(ORDER[1::2]) and set(other.requests) == set(ORDER[::2])
+
+
 def test_the_swarm_announces_what_it_fetches_until_it_is_durable() -> None:
     calls: list[set[str]] = []
     source = Seed(delay=0.005)
