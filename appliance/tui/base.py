@@ -177,9 +177,15 @@ class Pane(Vertical):
         return self.ctx.clock()
 
     def call_ui(self, callback: Callable[..., Any], *args: Any) -> None:
+        """Run ``callback`` on the UI thread, unless this screen has gone meanwhile (the app
+        quitting while a thread worked: its widgets may already be removed)."""
+        def if_still_here() -> None:
+            if self.is_attached:
+                callback(*args)
+
         # RuntimeError: the app is shutting down, nobody is left to tell.
         with contextlib.suppress(RuntimeError):
-            self.app.call_from_thread(callback, *args)
+            self.app.call_from_thread(if_still_here)
 
     def load(self, fn: Callable[[], Any], done: Callable[[Any], None], *,
              group: str = "load") -> None:
