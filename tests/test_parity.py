@@ -144,8 +144,9 @@ def test_rebuild_memory_stays_flat(tmp_path: Path) -> None:
         _, encode_peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    # A few stripes in flight (read ahead, being encoded, being written), not a volume.
-    assert section.stripes >= 20 and encode_peak < 12 * MIB
+    # A few stripes in flight (2 read ahead, 2 being coded, 2 being written; a stripe here is
+    # 2 MiB in and 1 MiB out), not the 52 MiB of the volumes.
+    assert section.stripes >= 20 and encode_peak < 16 * MIB
     rebuilt = sum(p.stat().st_size for p in (tmp_path / "scratch/vol-001").rglob("*"))
     assert rebuilt > 20 * MIB
     assert peak < 8 * MIB  # a few 1 MiB blocks, not the volume

@@ -29,9 +29,7 @@ writer used by the builder. The exact byte layout is in docs/FORMAT.md, section
 from __future__ import annotations
 
 import bisect
-import ctypes
 import dataclasses
-import functools
 import itertools
 import mmap
 import os
@@ -440,26 +438,7 @@ class MappedRange:
 
 # Packs are fsynced when closed; starting their writeback as they grow keeps the disk busy
 # during the build, so that fsync finds little left to write (a 6 GB build spent 3 s in it).
-_WRITEBACK_BYTES = 64 * 1024 * 1024
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _start_writeback(fd: int) -> None:
-    """Ask the kernel to start writing a file's dirty pages out, without waiting (Linux
-    ``sync_file_range``; elsewhere nothing: the fsync at close does it all)."""
-    libc = _libc()
-    if libc is not None:
-        libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), _SYNC_FILE_RANGE_WRITE)
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.sync_file_range  # noqa: B018 - absent off Linux
-    except (OSError, AttributeError):
-        return None
-    return libc
+_WRITEBACK_BYTES = fsutil.WRITEBACK_BYTES
 
 
 class PackWriter:
@@ -503,7 +482,7 @@ class PackWriter:
         self.entries.append(entry)
         if self.bytes_written - self._writeback_at >= _WRITEBACK_BYTES:
             f.flush()
-            _start_writeback(f.fileno())
+            fsutil.start_writeback(f.fileno())
             self._writeback_at = self.bytes_written
         return entry
 

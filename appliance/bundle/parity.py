@@ -66,6 +66,7 @@ from appliance.format.signing import Signature
 from appliance.format.trust import SignedRoot
 
 _AHEAD = 2  # stripes read (and written) ahead of the encoder
+_CODERS = 2  # stripes coded at once
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,25 +102,44 @@ def write_parity(data_dirs: Sequence[Path], staging: Path, count: int, *,
         def read_stripe() -> tuple[bytes, ...]:
             return tuple(r.read(block_size) for r in readers)
 
+        unsynced = [0]  # bytes written since the last writeback started (writer thread only)
+
         def write_stripe(blocks: Sequence[bytes]) -> None:
             for out, h, block in zip(files, hashes, blocks, strict=True):
                 out.write(block)
                 h.update(block)
+            unsynced[0] += block_size
+            if unsynced[0] >= fsutil.WRITEBACK_BYTES:  # the closing fsync finds little left
+                for out in files:
+                    out.flush()
+                    fsutil.start_writeback(out.fileno())
+                unsynced[0] = 0
 
-        # zfec holds the GIL, file I/O and BLAKE3 do not: a reader and a writer thread keep
-        # the encoder busy. At most _AHEAD stripes are in flight each way (memory stays flat).
+        # A reader, _CODERS encoders (zfec lets go of the GIL while it codes) and a writer run
+        # side by side, each at most _AHEAD stripes ahead (memory stays flat); stripes are
+        # written in order.
         with ThreadPoolExecutor(1, "parity-read") as reading, \
+                ThreadPoolExecutor(_CODERS, "parity-code") as coding, \
                 ThreadPoolExecutor(1, "parity-write") as writing:
             ahead: deque[Future[tuple[bytes, ...]]] = deque(
                 reading.submit(read_stripe) for _ in range(min(_AHEAD, stripes)))
+            coded: deque[Future[list[bytes]]] = deque()
             written: deque[Future[None]] = deque()
+
+            def write_next() -> None:
+                written.append(writing.submit(write_stripe, coded.popleft().result()))
+                while len(written) > _AHEAD:
+                    written.popleft().result()
+
             for j in range(stripes):
                 blocks = ahead.popleft().result()
                 if j + len(ahead) + 1 < stripes:
                     ahead.append(reading.submit(read_stripe))
-                written.append(writing.submit(write_stripe, encoder.encode(blocks, wanted)))
-                while len(written) > _AHEAD:
-                    written.popleft().result()
+                coded.append(coding.submit(encoder.encode, blocks, wanted))
+                if len(coded) >= _CODERS:
+                    write_next()
+            while coded:
+                write_next()
             while written:
                 written.popleft().result()
         for out in files:
