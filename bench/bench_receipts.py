@@ -18,17 +18,13 @@ import statistics
 import tempfile
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.bundle.builder import build_bundle
 from appliance.format.receipt import sign_receipt, verify_receipt
-from appliance.format.signing import key_id, public_bytes
-from appliance.format.trust import TrustKey, encode_envelope, parse_signed_root
-from appliance.format.trust_build import new_root_body, sign_root_body
 from appliance.importer import import_media
 from appliance.peer import tls
 from appliance.receipts.replay import replay
@@ -38,8 +34,8 @@ from appliance.serve.model import ServeSettings
 from appliance.serve.receipts import HEADER, HostSigner, ReceiptOptions, store_lookup
 from appliance.serve.server import ServerThread
 from appliance.serve.store_resolver import serve_audit, store_resolver
-from appliance.store import trust_state
 from appliance.tiny_model import write_tiny_llama
+from bench.signed_bundle import installed_signer
 
 BODY = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hello"}],
                    "max_tokens": 8, "temperature": 0}).encode()
@@ -62,19 +58,11 @@ def server(store: Path, options: ReceiptOptions | None) -> Iterator[str]:
 def signed_store(base: Path, store: Path) -> None:
     """A store holding the tiny llama, imported from a signed bundle like any other."""
     now = datetime.now(UTC)
-    key = Ed25519PrivateKey.generate()
-    trust_key = TrustKey(key_id(public_bytes(key)), public_bytes(key), "bench")
-    body = new_root_body(version=1, created=now - timedelta(days=1),
-                         expires=now + timedelta(days=30), keys=[trust_key],
-                         root_keys=[trust_key.key_id], root_threshold=1,
-                         publisher_models={trust_key.key_id: ("*",)}, publisher_threshold=1)
-    data = encode_envelope(body, sign_root_body(body, [key]))
-    (base / "root-1.yaml").write_bytes(data)
-    trust_state.install_first_root(store, data, parse_signed_root(data).root.fingerprint, now)
+    key, root = installed_signer(base, store, now)
     recipe = base / "recipe.yaml"
     recipe.write_text("channel: bench\nsequence: 1\nmodels:\n"
                       "  - {name: tiny, version: '1', files: [{path: tiny.gguf}]}\n")
-    build_bundle(recipe, [key], base / "media", trust_chain=[base / "root-1.yaml"], now=now)
+    build_bundle(recipe, [key], base / "media", trust_chain=[root], now=now)
     import_media(store, [base / "media"], now=now)
 
 

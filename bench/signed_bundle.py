@@ -19,6 +19,7 @@ from appliance.bundle.builder import BuildResult, build_bundle
 from appliance.format.signing import key_id, public_bytes
 from appliance.format.trust import TrustKey, TrustRoot, encode_envelope, parse_signed_root
 from appliance.format.trust_build import new_root_body, sign_root_body
+from appliance.store import trust_state
 from bench.harness import BenchContext, Subject
 
 MIB = 1 << 20
@@ -80,6 +81,15 @@ def _root(work: Path, publisher: Ed25519PrivateKey, now: datetime) -> tuple[Path
     path = work / "root-1.yaml"
     path.write_bytes(data)
     return path, data
+
+
+def installed_signer(base: Path, store: Path, now: datetime) -> tuple[Ed25519PrivateKey, Path]:
+    """A publisher key and the root (``base/root-1.yaml``) that trusts it, installed as
+    ``store``'s first root."""
+    publisher = Ed25519PrivateKey.generate()
+    path, data = _root(base, publisher, now)
+    trust_state.install_first_root(store, data, parse_signed_root(data).root.fingerprint, now)
+    return publisher, path
 
 
 def prepare(

@@ -13,21 +13,17 @@ import argparse
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import gguf
 import llama_cpp
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.bundle.builder import build_bundle
 from appliance.default_model import default_model_path
-from appliance.format.signing import key_id, public_bytes
-from appliance.format.trust import TrustKey, encode_envelope, parse_signed_root
-from appliance.format.trust_build import new_root_body, sign_root_body
 from appliance.importer import import_media
 from appliance.serve.store_resolver import store_resolver
-from appliance.store import trust_state
+from bench.signed_bundle import installed_signer
 
 
 def split(src: Path, dst: Path, shards: int) -> list[Path]:
@@ -52,21 +48,6 @@ def split(src: Path, dst: Path, shards: int) -> list[Path]:
     return writer.format_shard_names(dst)
 
 
-def signer(base: Path, store: Path, now: datetime) -> tuple[Ed25519PrivateKey, Path]:
-    """One key that is both root and publisher, its root file, installed in ``store``."""
-    key = Ed25519PrivateKey.generate()
-    trust_key = TrustKey(key_id(public_bytes(key)), public_bytes(key), "bench")
-    body = new_root_body(version=1, created=now - timedelta(days=1),
-                         expires=now + timedelta(days=30), keys=[trust_key],
-                         root_keys=[trust_key.key_id], root_threshold=1,
-                         publisher_models={trust_key.key_id: ("*",)}, publisher_threshold=1)
-    data = encode_envelope(body, sign_root_body(body, [key]))
-    (base / "root-1.yaml").write_bytes(data)
-    fingerprint = parse_signed_root(data).root.fingerprint
-    trust_state.install_first_root(store, data, fingerprint, now)
-    return key, base / "root-1.yaml"
-
-
 def best(seconds: list[float]) -> str:
     return f"{min(seconds) * 1000:.1f} ms"
 
@@ -89,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe.write_text("\n".join(lines) + "\n")
         now = datetime.now(UTC)
         store = base / "store"
-        key, root = signer(base, store, now)
+        key, root = installed_signer(base, store, now)
         started = time.perf_counter()
         build_bundle(recipe, [key], base / "media", trust_chain=[root], now=now)
         import_media(store, [base / "media"], now=now)
