@@ -112,5 +112,7 @@ def test_cors_only_for_the_given_origins(tiny_gguf: Path) -> None:
         answer = httpx.get(f"{server.url}/v1/models", headers={
             "Origin": "http://app.example", "Authorization": f"Bearer {next(iter(keys))}"})
         assert answer.headers["access-control-allow-origin"] == "http://app.example"
+        # A page may read a receipt (serve --receipts) from the answer's headers.
+        assert "x-appliance-receipt" in answer.headers["access-control-expose-headers"]
         other = httpx.get(f"{server.url}/health", headers={"Origin": "http://evil.example"})
         assert "access-control-allow-origin" not in other.headers

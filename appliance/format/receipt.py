@@ -49,6 +49,9 @@ FORMAT = "appliance-receipt/1"
 DOMAIN_RECEIPT = b"appliance/receipt/v1\x00"
 ALGORITHM = "ecdsa-p256-sha256"
 MAX_RECEIPT_BYTES = 8 * 1024  # the document; its header form is 4/3 of this
+# The HTTP response headers that carry a receipt (base64url) or why none could be made.
+HEADER = "x-appliance-receipt"
+ERROR_HEADER = "x-appliance-receipt-error"
 MAX_CERT_BYTES = 4 * 1024
 MAX_SIGNATURE_BYTES = 128  # a DER ECDSA P-256 signature is at most 72
 APIS = ("openai", "ollama")

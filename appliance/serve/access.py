@@ -22,6 +22,8 @@ from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from appliance.format import receipt
+
 access_log = logging.getLogger("appliance.serve.access")
 
 _record: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
@@ -74,6 +76,9 @@ class AccessLog:
                             tokens, (time.perf_counter() - started) * 1000, where)
 
 
+_EXPOSED = f"{receipt.HEADER}, {receipt.ERROR_HEADER}".encode()
+
+
 class Cors:
     def __init__(self, app: ASGIApp, origins: tuple[str, ...]) -> None:
         self.app = app
@@ -109,6 +114,8 @@ class Cors:
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"],
                                       (b"access-control-allow-origin", allowed.encode()),
+                                      # a page may read the answer's receipt
+                                      (b"access-control-expose-headers", _EXPOSED),
                                       (b"vary", b"Origin")]
             await send(message)
 

@@ -48,6 +48,8 @@ from appliance import fsutil
 from appliance.errors import ApplianceError, ServeError, UsageError
 from appliance.format import fields
 from appliance.format.receipt import (
+    ERROR_HEADER,
+    HEADER,
     EngineFacts,
     ModelFacts,
     ReceiptBody,
@@ -61,8 +63,6 @@ from appliance.serve.state import ServerState
 
 log = logging.getLogger("appliance.serve")
 
-HEADER = "x-appliance-receipt"
-ERROR_HEADER = "x-appliance-receipt-error"
 RANDOM_SEEDS = frozenset({-1, 0xFFFFFFFF})  # llama.cpp's LLAMA_DEFAULT_SEED: "pick one"
 _MAX_PEM_BYTES = 64 * 1024
 
