@@ -14,8 +14,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from appliance.importer import import_media
-from appliance.store import trust_state
 from appliance.store.export import export_dir, export_ollama
 from bench.harness import BenchContext, Comparison, Measured, Pair, run_child, run_measured
 from bench.signed_bundle import prepare
@@ -39,11 +37,7 @@ def run(ctx: BenchContext) -> list[Comparison]:
 
 def _run(ctx: BenchContext, work: Path) -> list[Comparison]:
     setup = prepare(ctx, work, generated_mib=(48, 256), header_mib=2)
-    media, store, out = work / "media", work / "store", work / "out"
-    setup.build(media)
-    trust_state.install_first_root(store, setup.root_bytes, setup.fingerprint, setup.now)
-    import_media(store, [media], now=setup.now)
-    shutil.rmtree(media)
+    store, out = setup.seed_store(work / "store", work / "media"), work / "out"
     published = sorted(p for p in (store / "models").rglob("*") if p.is_file())
     repeats = 1 if ctx.quick else 3
 

@@ -48,7 +48,6 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from appliance.importer import import_media
 from appliance.store import audit, trust_state
 from appliance.store.records import get_model
 from appliance.testlan import Lan
@@ -339,13 +338,7 @@ def seeded_store(ctx: BenchContext, work: Path) -> tuple[BenchBundle, Path]:
     weights = _weights_gguf(work / "weights.gguf", QUICK_MIB if ctx.quick else FULL_MIB)
     setup = prepare(dataclasses.replace(ctx, model_path=weights), work, generated_mib=(0, 0),
                     model_when_quick=True)
-    media = work / "media"
-    setup.build(media)
-    seed = work / "seed"
-    trust_state.install_first_root(seed, setup.root_bytes, setup.fingerprint, setup.now)
-    import_media(seed, [media], now=setup.now)
-    shutil.rmtree(media)
-    return setup, seed
+    return setup, setup.seed_store(work / "seed", work / "media")
 
 
 def run(ctx: BenchContext) -> list[Comparison]:

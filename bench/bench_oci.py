@@ -24,7 +24,6 @@ from pathlib import Path
 
 import httpx
 
-from appliance.importer import import_media
 from appliance.oci.layout import OciLayout
 from appliance.oci.pull import pull
 from appliance.oci.push import push, store_model
@@ -69,11 +68,7 @@ def _free_port() -> int:
 def run(ctx: BenchContext) -> list[Comparison]:
     work = ctx.workdir / "bench_oci"
     setup = prepare(ctx, work, generated_mib=(32, 256))
-    media = work / "media"
-    setup.build(media)
-    seed = work / "seed"
-    trust_state.install_first_root(seed, setup.root_bytes, setup.fingerprint, setup.now)
-    import_media(seed, [media], now=setup.now)
+    seed = setup.seed_store(work / "seed", work / "media", keep_media=True)
     source = store_model(seed, "bench")
     layout = work / "layout"
     push(source, OciLayout(layout, create=True), "v1")

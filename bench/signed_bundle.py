@@ -8,6 +8,7 @@ publisher key and a version-1 trust root it may sign for, and writes a one-model
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,6 +20,7 @@ from appliance.bundle.builder import BuildResult, build_bundle
 from appliance.format.signing import key_id, public_bytes
 from appliance.format.trust import TrustKey, TrustRoot, encode_envelope, parse_signed_root
 from appliance.format.trust_build import new_root_body, sign_root_body
+from appliance.importer import import_media
 from appliance.store import trust_state
 from bench.harness import BenchContext, Subject
 
@@ -52,6 +54,20 @@ class BenchBundle:
               parity: int = 0) -> BuildResult:
         return build_bundle(self.recipe, [self.publisher], out, trust_chain=[self.root_path],
                             now=self.now, volume_size=volume_size, parity=parity)
+
+    def trust(self, store: Path) -> None:
+        """Install this bundle's root as ``store``'s first root (creating the store)."""
+        trust_state.install_first_root(store, self.root_bytes, self.fingerprint, self.now)
+
+    def seed_store(self, store: Path, media: Path, *, keep_media: bool = False) -> Path:
+        """Build the bundle into ``media``, trust its root in ``store`` and import it there;
+        the media is removed afterwards unless ``keep_media``."""
+        self.build(media)
+        self.trust(store)
+        import_media(store, [media], now=self.now)
+        if not keep_media:
+            shutil.rmtree(media)
+        return store
 
 
 def generated_weights(path: Path, size: int, *, header_mib: int = 0, salt: bytes = b"") -> Path:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,8 +24,6 @@ import threading
 import time
 from pathlib import Path
 
-from appliance.importer import import_media
-from appliance.store import trust_state
 from appliance.torrent.make import model_torrent
 from appliance.torrent.seed import Seeder
 from appliance.torrent.session import SwarmOptions
@@ -51,17 +48,12 @@ def measure(work: Path, model: Path | None, mib: int, rate: float) -> dict[str, 
     ctx = BenchContext(workdir=work, model_path=model, tiny_model_path=work / "none",
                        quick=False)
     setup = prepare(ctx, work / "bundle", generated_mib=(mib, mib))
-    media = work / "media"
-    setup.build(media)
-    seed = work / "seed"
-    trust_state.install_first_root(seed, setup.root_bytes, setup.fingerprint, setup.now)
-    import_media(seed, [media], now=setup.now)
-    shutil.rmtree(media)
+    seed = setup.seed_store(work / "seed", work / "media")
     data, _ = model_torrent(seed, "bench", root_cert=None)
     torrent = work / "bench.torrent"
     torrent.write_bytes(data)
     fetcher = work / "fetcher"
-    trust_state.install_first_root(fetcher, setup.root_bytes, setup.fingerprint, setup.now)
+    setup.trust(fetcher)
     base = allocated(fetcher)
     peak = 0
     stop = threading.Event()
