@@ -24,10 +24,11 @@ from bundle_helpers import (
 )
 from trust_helpers import make_root, private
 
-from appliance.bundle.builder import add_signature, build_bundle
+from appliance.bundle.builder import build_bundle
 from appliance.bundle.media import parse_index
 from appliance.bundle.reader import open_media
 from appliance.bundle.recipe import load_recipe, parse_size
+from appliance.bundle.signers import add_signature
 from appliance.bundle.verify import verify_media
 from appliance.errors import (
     FormatError,

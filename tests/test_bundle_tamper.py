@@ -20,10 +20,10 @@ from bundle_helpers import (
 )
 from trust_helpers import kid, make_root, private
 
-from appliance.bundle.builder import add_signature
 from appliance.bundle.media import parse_index
 from appliance.bundle.reader import open_media
 from appliance.bundle.recipe import parse_size
+from appliance.bundle.signers import add_signature
 from appliance.bundle.verify import verify_media
 from appliance.errors import (
     ApplianceError,

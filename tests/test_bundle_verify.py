@@ -14,9 +14,9 @@ from bundle_helpers import (
 )
 from trust_helpers import DAY, kid, make_root, private
 
-from appliance.bundle.builder import add_signature
 from appliance.bundle.reader import open_media, read_chunk
 from appliance.bundle.recipe import parse_size
+from appliance.bundle.signers import add_signature
 from appliance.bundle.verify import verify_media
 from appliance.errors import (
     ExpiredError,

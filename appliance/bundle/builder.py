@@ -1,4 +1,4 @@
-"""Build a signed bundle from a recipe onto media, and co-sign an existing bundle.
+"""Build a signed bundle from a recipe onto media.
 
 ``build_bundle`` reads every source file once, front to back: each planned chunk
 (``appliance.chunker.plan_spans``) is hashed (BLAKE3) and compressed (zstd) in a thread pool
@@ -12,7 +12,9 @@ written last, so a failed or interrupted build never leaves a volume that looks 
 (readers require ``manifest.yaml``). Nothing is written outside ``--out``.
 
 Public API: ``build_bundle(recipe_path, keys, out_dir, *, trust_chain, volume_size,
-pack_size, progress) -> BuildResult`` and ``add_signature(media_dir, key) -> Signature``.
+pack_size, progress) -> BuildResult``; the plan is ``appliance.bundle.build_plan``, each
+chunk's hashing and compression ``appliance.bundle.chunk_work``, and co-signing an existing
+bundle ``appliance.bundle.signers.add_signature``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import os
 import secrets
 import shutil
 import tempfile
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -33,10 +34,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import blake3
-import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance import __version__, fsutil
+from appliance.bundle.build_plan import PlannedFile, plan_recipe, volume_reserve
+from appliance.bundle.chunk_work import Work, digest_and_compress
 from appliance.bundle.media import (
     COMPRESSION_LEVEL,
     INDEX_NAME,
@@ -47,17 +49,15 @@ from appliance.bundle.media import (
     MappedRange,
     PackWriter,
     VolumeIndex,
-    compress_chunk,
     encode_index,
     root_file_name,
     volume_name,
 )
 from appliance.bundle.oms import carry_signatures, sign_recipe
 from appliance.bundle.parity import finish_parity, write_parity
-from appliance.bundle.reader import find_volume_dirs
 from appliance.bundle.recipe import Recipe, load_recipe
-from appliance.bundle.sources import ResolvedSource, resolve_source
-from appliance.chunker import Span, plan_file
+from appliance.bundle.signers import check_keys_against_root, load_chain
+from appliance.chunker import Span
 from appliance.errors import (
     FormatError,
     IntegrityError,
@@ -70,7 +70,6 @@ from appliance.format.manifest import (
     FORMAT_VERSION,
     ChunkRef,
     FileEntry,
-    GgufInfo,
     Manifest,
     ModelEntry,
     Provenance,
@@ -81,30 +80,17 @@ from appliance.format.manifest import (
 )
 from appliance.format.merkle import merkle_root
 from appliance.format.parity_field import ParitySection
-from appliance.format.signing import DOMAIN_MANIFEST, Signature, key_id, public_bytes, sign
-from appliance.format.trust import SignedRoot, parse_signed_root
-from appliance.gguf_layout import GgufFacts
-from appliance.gguf_split import split_model_facts
+from appliance.format.signing import DOMAIN_MANIFEST, Signature, sign
+from appliance.format.trust import SignedRoot
 from appliance.limits import (
     DEFAULT_LIMITS,
     DEFAULT_PACK_BYTES,
     MAX_CHUNK_BYTES,
-    MIN_COMPRESSION_SAVING,
-    TARGET_CHUNK_BYTES,
     Limits,
-    MiB,
 )
 
 Progress = Callable[[int, int], None]
 STAGING_PREFIX = ".appliance-build-"
-# Room kept free on each volume for files other than packs. Removable media round every file
-# up to a cluster (FAT32/exFAT: up to 128 KiB), and co-signers add signature files later.
-_CLUSTER = 128 * 1024
-_SIGNATURE_SLOTS = 32
-_MANIFEST_BYTES_PER_CHUNK = 90
-_INDEX_BYTES_PER_CHUNK = 49
-
-
 @dataclass(frozen=True)
 class BuildResult:
     out_dir: Path
@@ -119,14 +105,6 @@ class BuildResult:
     unique_chunk_count: int
     seconds: float
     parity_volumes: tuple[Path, ...] = ()  # par-NNN, with --parity
-
-
-@dataclass
-class _PlannedFile:
-    source: ResolvedSource
-    spans: list[Span]
-    size: int
-    gguf: GgufInfo | None
 
 
 @dataclass
@@ -145,89 +123,6 @@ class _State:
     created_out: bool
     moved: list[Path] = field(default_factory=list)
     volumes: list[_Volume] = field(default_factory=list)
-
-
-def _load_chain(paths: Sequence[Path], limits: Limits) -> list[tuple[SignedRoot, bytes]]:
-    chain: dict[int, tuple[SignedRoot, bytes]] = {}
-    for path in paths:
-        if not path.is_file():
-            raise UsageError(f"trust root {path} does not exist")
-        data = fsutil.read_capped(path, limits.max_trust_root_bytes, f"trust root {path}")
-        try:
-            signed = parse_signed_root(data, limits)
-        except FormatError as e:
-            raise UsageError(f"{path} is not a trust root file: {e}") from e
-        version = signed.root.version
-        if version in chain and chain[version][1] != data:
-            raise UsageError(f"two different trust roots v{version} given")
-        chain[version] = (signed, data)
-    versions = sorted(chain)
-    if versions and versions != list(range(versions[0], versions[-1] + 1)):
-        raise UsageError(f"the trust roots to carry have a gap: versions {versions}")
-    return [chain[v] for v in versions]
-
-
-def _check_keys_against_root(keys: Sequence[Ed25519PrivateKey],
-                             chain: Sequence[tuple[SignedRoot, bytes]]) -> None:
-    if not chain:
-        return
-    newest = chain[-1][0].root
-    for key in keys:
-        kid = key_id(public_bytes(key))
-        if kid not in newest.publisher_role.key_ids:
-            raise UsageError(
-                f"key {kid} is not a publisher key of trust root v{newest.version} (the "
-                "newest root carried), so sites could not count its signature"
-            )
-
-
-def _gguf_info(facts: GgufFacts | None) -> GgufInfo | None:
-    if facts is None:
-        return None
-    return GgufInfo(
-        architecture=facts.architecture, quantization=facts.quantization,
-        parameter_count=facts.parameter_count, context_length=facts.context_length,
-        tensor_count=facts.tensor_count, chat_template_hash=facts.chat_template_hash,
-    )
-
-
-def _plan(recipe: Recipe, limits: Limits, scratch: Path | None = None,
-          notify: Callable[[str], None] | None = None) -> list[list[_PlannedFile]]:
-    planned = []
-    for model in recipe.models:
-        files = []
-        for spec in model.files:
-            source = resolve_source(spec, scratch=scratch, notify=notify)
-            try:
-                size = source.local_path.stat().st_size
-            except OSError as e:
-                raise RecipeError(f"cannot read {source.local_path}: {e}") from e
-            if size > limits.max_file_bytes:
-                raise RecipeError(f"{source.local_path} is over the file size cap")
-            plan = plan_file(source.local_path, target=TARGET_CHUNK_BYTES,
-                             maximum=MAX_CHUNK_BYTES, limits=limits)
-            if len(plan.spans) > limits.max_chunks_per_file:
-                raise RecipeError(
-                    f"{source.local_path} needs {len(plan.spans)} chunks, over the cap")
-            files.append(_PlannedFile(source, list(plan.spans), size, _gguf_info(plan.facts)))
-        whole = split_model_facts([(f.source.dest, f.source.local_path) for f in files],
-                                  limits=limits)
-        if whole is not None:  # a split GGUF: the model's facts are the whole set's
-            for planned_file in files:
-                planned_file.gguf = None
-            files[0].gguf = _gguf_info(whole)
-        planned.append(files)
-    return planned
-
-
-def _volume_reserve(planned: list[list[_PlannedFile]], chain_bytes: int, keys: int,
-                    pack_size: int, volume_size: int) -> int:
-    chunks = sum(len(f.spans) for files in planned for f in files)
-    files = sum(len(files) for files in planned)
-    manifest = 64 * 1024 + files * 4096 + chunks * _MANIFEST_BYTES_PER_CHUNK
-    index = 4096 + chunks * _INDEX_BYTES_PER_CHUNK
-    small_files = 4 + max(keys, _SIGNATURE_SLOTS) + len(planned) + volume_size // pack_size
-    return manifest + index + chain_bytes + small_files * _CLUSTER + 1 * MiB
 
 
 def _prepare_out(out_dir: Path) -> tuple[bool, Path]:
@@ -251,43 +146,6 @@ def _prepare_out(out_dir: Path) -> tuple[bool, Path]:
     staging = out_dir / f"{STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
     staging.mkdir()
     return created, staging
-
-
-Work = tuple[bytes, bytes | memoryview, bool]  # digest, stored bytes, compressed
-
-
-# Quantized weights are incompressible (zstd saves 0-6 %, under MIN_COMPRESSION_SAVING), and
-# compressing a whole chunk only to store it raw cost as much CPU as the rest of the build.
-# So a chunk of 1 MiB or more is first probed: when zstd saves under _PROBE_SAVING (half of
-# MIN_COMPRESSION_SAVING) on _PROBES samples spread over it, together, it is stored raw
-# without compressing the rest (real Q4_K weights save 4-6 %; samples see a little less).
-_PROBES = 8
-_PROBE_BYTES = 32 * 1024
-_PROBE_SAVING = MIN_COMPRESSION_SAVING / 2
-_probe_local = threading.local()
-
-
-def _incompressible(data: memoryview, level: int) -> bool:
-    if len(data) < 4 * _PROBES * _PROBE_BYTES:  # 1 MiB: gemma's tensors are cut about there
-        return False
-    cctx = getattr(_probe_local, "cctx", None)
-    if cctx is None or _probe_local.level != level:
-        cctx = _probe_local.cctx = zstandard.ZstdCompressor(level=level, write_checksum=False)
-        _probe_local.level = level
-    step = len(data) // _PROBES
-    packed = sum(len(cctx.compress(data[start:start + _PROBE_BYTES]))
-                 for start in range(0, _PROBES * step, step))
-    return packed >= _PROBES * _PROBE_BYTES * (1 - _PROBE_SAVING)
-
-
-def _digest_and_compress(data: memoryview, level: int, known: set[bytes]) -> Work:
-    digest = blake3.blake3(data).digest()
-    if digest in known:  # a chunk already stored: skip compressing it again
-        return digest, b"", False
-    if _incompressible(data, level):
-        return digest, data, False
-    stored, compressed = compress_chunk(data, level)
-    return digest, stored, compressed
 
 
 def build_bundle(
@@ -336,17 +194,17 @@ def build_bundle(
         recipe = carry_signatures(recipe, oms_signatures)
     # OMS signatures made now stay in a temporary directory until this function returns.
     recipe, _oms_work = sign_recipe(recipe, oms_key) if oms_key is not None else (recipe, None)
-    chain = _load_chain([*recipe.trust, *trust_chain], limits)
-    _check_keys_against_root(keys, chain)
+    chain = load_chain([*recipe.trust, *trust_chain], limits)
+    check_keys_against_root(keys, chain)
     # Quantized files (recipe quantize:) stay in a temporary directory until this returns.
     _scratch = tempfile.TemporaryDirectory(prefix="appliance-build-")
-    planned = _plan(recipe, limits, Path(_scratch.name), notify)
+    planned = plan_recipe(recipe, limits, Path(_scratch.name), notify)
     total = sum(f.size for files in planned for f in files)
     if total == 0:
         raise RecipeError("every file in the recipe is empty")
     budget = None
     if volume_size is not None:
-        reserve = _volume_reserve(planned, sum(len(b) for _, b in chain), len(keys),
+        reserve = volume_reserve(planned, sum(len(b) for _, b in chain), len(keys),
                                   pack_size, volume_size)
         budget = volume_size - reserve
         largest = max(s.length for files in planned for f in files for s in f.spans)
@@ -443,7 +301,7 @@ class _Packer:
             self.progress(self.done, self.total)
 
 
-def _write_packs(recipe: Recipe, planned: list[list[_PlannedFile]], state: _State,
+def _write_packs(recipe: Recipe, planned: list[list[PlannedFile]], state: _State,
                  pack_size: int, budget: int | None, total: int, progress: Progress | None,
                  workers: int | None, level: int) -> tuple[list[ModelEntry], dict[str, int]]:
     workers = workers or max(2, os.cpu_count() or 2)
@@ -486,7 +344,7 @@ def _write_packs(recipe: Recipe, planned: list[list[_PlannedFile]], state: _Stat
                                                  file=str(path), offset=span.offset) from e
                         pending.append((
                             span, mapped,
-                            pool.submit(_digest_and_compress, mapped.view, level,
+                            pool.submit(digest_and_compress, mapped.view, level,
                                         packer.known),
                             sha_pool.submit(sha.update, mapped.view),
                         ))
@@ -584,31 +442,3 @@ def _cleanup(state: _State) -> None:
     if state.created_out:
         with contextlib.suppress(OSError):
             state.out_dir.rmdir()
-
-
-def add_signature(media_dir: Path, key: Ed25519PrivateKey,
-                  limits: Limits = DEFAULT_LIMITS) -> Signature:
-    """Co-sign a bundle: every volume under ``media_dir`` gets ``signatures/<key_id>.sig``.
-
-    The manifest is parsed first (a signer should never sign what it cannot read) and must
-    be byte-identical on every volume.
-    """
-    dirs = find_volume_dirs([media_dir])
-    manifests = {fsutil.read_capped(d / MANIFEST_NAME, limits.max_manifest_bytes,
-                                    f"manifest of {d}")
-                 for d in dirs}
-    if len(manifests) != 1:
-        raise FormatError(f"the volumes under {media_dir} carry different manifests")
-    data = manifests.pop()
-    parse_manifest(data, limits)
-    signature = sign(key, DOMAIN_MANIFEST, data)
-    for d in dirs:
-        sig_dir = d / SIGNATURES_DIR
-        try:
-            sig_dir.mkdir(exist_ok=True)
-            fsutil.write_atomic(sig_dir / f"{signature.key_id}{SIGNATURE_SUFFIX}",
-                                signature.to_bytes(), sync_dir=False)
-            fsutil.fsync_dir(sig_dir, strict=False)
-        except OSError as e:
-            raise MediaError(f"cannot write a signature into {sig_dir}: {e}") from e
-    return signature

@@ -229,7 +229,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_sign(args: argparse.Namespace) -> int:
-    from appliance.bundle.builder import add_signature
+    from appliance.bundle.signers import add_signature
     (key,) = load_signing_keys([args.key])
     signature = add_signature(args.media, key)
     _console().print(f"signed {args.media} with key {signature.key_id}")
