@@ -40,6 +40,7 @@ import httpx
 
 from appliance.errors import ApplianceError, RefusalError, ServeError, WorkerCrashedError
 from appliance.serve import assemble, tool_calls
+from appliance.serve import llama_replies as replies
 from appliance.serve.engine import (
     find_binary,
     free_port,
@@ -354,9 +355,9 @@ class LlamaServerWorker(Worker):
             # no logprobs for tokens held back as incomplete UTF-8 (the whole answer does).
             # Such a request notices a client leaving only at llama-server's next poll.
             response = await client.post(path, json={**body, "stream": False})
-            payload = _json(response)
+            payload = replies.json_body(response)
             if response.status_code != 200:
-                yield _error(rid, response.status_code, payload)
+                yield replies.error_message(rid, response.status_code, payload)
                 return
             payload["model"] = self.name
             messages = self._answer(rid, op, payload, calls.generic, streamed, started, None)
@@ -383,7 +384,7 @@ class LlamaServerWorker(Worker):
             payload = tool_calls.as_tool_call(payload)
         out: list[Message] = ([("chunk", rid, piece) for piece in tool_calls.as_chunks(payload)]
                               if streamed else [("result", rid, payload)])
-        return [*out, ("done", rid, _stats(payload, started, first))]
+        return [*out, ("done", rid, replies.stats(payload, started, first))]
 
     async def _stream(self, client: httpx.AsyncClient, rid: int, path: str,
                       body: dict[str, Any], fold: assemble.Folded | None,
@@ -396,11 +397,13 @@ class LlamaServerWorker(Worker):
         final: dict[str, Any] = {}
         async with client.stream("POST", path, json=body) as response:
             if response.status_code != 200:
-                yield _error(rid, response.status_code, _json_bytes(await response.aread()))
+                payload = replies.json_bytes(await response.aread())
+                yield replies.error_message(rid, response.status_code, payload)
                 return
             async for line in response.aiter_lines():
                 if line.startswith("error: "):  # llama-server's mid-stream error event
-                    yield _error(rid, 500, _json_bytes(line[len("error: "):].encode()))
+                    payload = replies.json_bytes(line[len("error: "):].encode())
+                    yield replies.error_message(rid, 500, payload)
                     return
                 if not line.startswith("data: "):
                     continue
@@ -427,39 +430,7 @@ class LlamaServerWorker(Worker):
         if fold is not None:
             yield ("folded", rid, first)
         else:
-            yield ("done", rid, _stats(final, started, first))
-
-
-def _json(response: httpx.Response) -> dict[str, Any]:
-    return _json_bytes(response.content)
-
-
-def _json_bytes(raw: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return {"error": {"message": raw.decode("utf-8", "replace")[:500]}}
-    return value if isinstance(value, dict) else {"value": value}
-
-
-def _error(rid: int, status: int, payload: dict[str, Any]) -> Message:
-    error = payload.get("error")
-    message = error.get("message") if isinstance(error, dict) else None
-    kind = "bad_request" if 400 <= status < 500 else "internal"
-    return ("error", rid, kind, str(message or payload)[:2000])
-
-
-def _stats(payload: dict[str, Any], started: float, first: float | None) -> dict[str, float]:
-    usage = payload.get("usage") or {}
-    timings = payload.get("timings") or {}
-    prompt_ms = float(timings.get("prompt_ms", 0.0))
-    ttft = (first - started) if first is not None else prompt_ms / 1000
-    return {
-        "prompt_tokens": int(usage.get("prompt_tokens", timings.get("prompt_n", 0))),
-        "completion_tokens": int(usage.get("completion_tokens", timings.get("predicted_n", 0))),
-        "time_to_first_token": ttft,
-        "generation_seconds": float(timings.get("predicted_ms", 0.0)) / 1000,
-    }
+            yield ("done", rid, replies.stats(final, started, first))
 
 
 def _die_with_parent() -> None:
@@ -497,30 +468,6 @@ def make_workers(settings: ServeSettings, resolver: ModelResolver, *, metrics: M
 async def engine_metrics(workers: dict[str, Worker]) -> str:
     """llama-server's own ``/metrics`` of every loaded model, each sample labelled with its
     model (llama-server's names: ``llamacpp:prompt_tokens_total``, ...)."""
-    families: dict[str, list[str]] = {}
-    samples: dict[str, list[str]] = {}
-    for worker in workers.values():
-        if not isinstance(worker, LlamaServerWorker) or worker.state != READY:
-            continue
-        text = await worker.scrape_metrics()
-        label = f'model="{worker.name}"'
-        for line in text.splitlines():
-            if line.startswith("#"):
-                parts = line.split(" ", 3)
-                if len(parts) >= 3:
-                    families.setdefault(parts[2], [])
-                    if line not in families[parts[2]]:
-                        families[parts[2]].append(line)
-                continue
-            if not line.strip():
-                continue
-            name, _, value = line.partition(" ")
-            base = name.split("{", 1)[0]
-            labelled = (f"{base}{{{label},{name.split('{', 1)[1]}" if "{" in name
-                        else f"{name}{{{label}}}")
-            samples.setdefault(base, []).append(f"{labelled} {value}")
-    out = []
-    for base, lines in samples.items():
-        out += families.get(base, [])
-        out += lines
-    return "\n".join(out) + "\n" if out else ""
+    texts = {worker.name: await worker.scrape_metrics() for worker in workers.values()
+             if isinstance(worker, LlamaServerWorker) and worker.state == READY}
+    return replies.merge_metrics(texts)
