@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import platformdirs
-
 STORE_ENV = "APPLIANCE_HOME"
 # The passphrase of encrypted private keys (appliance.keyfiles); named here with the other
 # environment variables so that the CLI can mention it without loading cryptography.
@@ -21,4 +19,6 @@ def default_store() -> Path:
     env = os.environ.get(STORE_ENV)
     if env:
         return Path(env).expanduser()
+    import platformdirs  # only here: most commands name their store, and it costs 10 ms
+
     return Path(platformdirs.user_data_dir("appliance", appauthor=False))

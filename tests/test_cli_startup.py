@@ -1,12 +1,14 @@
 """``appliance --help`` starts fast (issue 22 item 3): building the parser imports none of the
-heavy libraries; each command imports what it runs when it runs. A module-set check, not a
-timing one: it holds on a loaded CI machine and names the culprit when it fails."""
+heavy libraries; each command imports what it runs when it runs, and only its own command
+group. A module-set check, not a timing one: it holds on a loaded CI machine and names the
+culprit when it fails."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +26,22 @@ with contextlib.redirect_stdout(io.StringIO()) as out:
         pass
 print(json.dumps({{"modules": sorted(sys.modules), "help": out.getvalue()}}))
 """
+
+
+# The console script's path (``entry``): the modules loaded when the command has finished.
+_ENTRY_SCRIPT = """
+import atexit, json, sys
+atexit.register(lambda: print(json.dumps(sorted(sys.modules))))
+from appliance.cli.main import entry
+sys.argv = ["appliance", *{argv!r}]
+entry()
+"""
+
+
+def _loaded_by_command(argv: list[str]) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", _ENTRY_SCRIPT.format(argv=argv)],
+                         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def _loaded(argv: list[str]) -> tuple[set[str], str]:
@@ -70,3 +88,53 @@ def test_parsed_arguments_hold_the_librarys_values_not_placeholders() -> None:
     assert seed.listen == f"0.0.0.0:{DEFAULT_PORT}"
     for args in (pull, seed):
         assert not any(isinstance(v, LibraryDefault) for v in vars(args).values())
+
+
+def test_help_does_not_load_the_serve_engine_or_cryptography() -> None:
+    """--engine's choices are read from appliance.serve.engine only when checked or shown;
+    ``Signature`` and key ids (the peer protocol needs them) come without cryptography."""
+    loaded = _loaded_by_command(["--help"])
+    assert {"appliance.serve.engine", "cryptography", "platformdirs"} & loaded == set()
+    assert {"appliance.cli.serve", "appliance.cli.peer"} <= loaded  # every group listed
+
+
+def test_a_command_loads_only_its_own_group(tmp_path: Path) -> None:
+    loaded = _loaded_by_command(["--store", str(tmp_path / "store"), "--debug", "models", "list"])
+    assert "appliance.cli.models" in loaded
+    assert {m for m in loaded if m.startswith("appliance.cli.")} - {
+        "appliance.cli.main", "appliance.cli.options", "appliance.cli.models",
+        "appliance.cli.jsonout", "appliance.cli.store"} == set()
+
+
+# What no run of these commands needs (TUI, inference, web server, BitTorrent, mDNS
+# advertisement, certificates, key files, httpx's own command line).
+_NOT_FOR_MEDIA = {"textual", "llama_cpp", "starlette", "uvicorn", "libtorrent", "numpy",
+                  "gguf", "httpx", "zeroconf", "cryptography.x509", "openai",
+                  "cryptography.hazmat.primitives.serialization", "appliance.serve.engine",
+                  "appliance.keyfiles"}
+
+
+@pytest.mark.parametrize("command", ["bundle verify", "import"])
+def test_media_commands_load_what_they_check_with_only(tmp_path: Path, command: str) -> None:
+    """``bundle verify`` and ``import`` (run as far as the trust root: there is none) load the
+    reader and the signature check, and none of the libraries above; verify not the importer,
+    and neither draws a progress bar (so imports no rich.progress) without a terminal."""
+    media = tmp_path / "media"
+    media.mkdir()
+    loaded = _loaded_by_command(["--store", str(tmp_path / "store"), *command.split(),
+                                 str(media)])
+    assert "appliance.bundle.parity_rebuild" in loaded
+    assert sorted(_NOT_FOR_MEDIA & loaded) == []
+    if command == "bundle verify":
+        assert {"appliance.importer", "appliance.store.ingest", "rich.progress"} & loaded == set()
+
+
+def test_peer_pull_loads_httpx_without_its_command_line(tmp_path: Path) -> None:
+    """httpx imports click, rich and pygments for its own CLI unless that import fails: the
+    console script makes it fail, and the pull (to a port nobody listens on) works without."""
+    loaded = _loaded_by_command(["--store", str(tmp_path / "store"), "peer", "pull", "--all",
+                                 "--from", "http://127.0.0.1:9", "--insecure", "--no-mdns"])
+    assert {"httpx", "appliance.peer.pull"} <= loaded
+    assert sorted({"click", "pygments", "textual", "llama_cpp", "starlette", "uvicorn",
+                   "libtorrent", "numpy", "gguf", "appliance.serve.engine",
+                   "appliance.keyfiles"} & loaded) == []

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import blake3
 import zfec
@@ -71,10 +71,12 @@ from appliance.errors import (
 from appliance.format.parity_field import MAX_SHARES, ParitySection, ParityVolume
 from appliance.format.signing import Signature
 from appliance.format.trust import SignedRoot, TrustRoot, parse_signed_root
-from appliance.importer import ImportResult, import_media
 from appliance.limits import DEFAULT_LIMITS, Limits
 from appliance.store import trust_state
 from appliance.store.location import check_store_path
+
+if TYPE_CHECKING:  # the importer (store, ingest, staging) only where an import runs
+    from appliance.importer import ImportResult
 
 # ---------------------------------------------------------------------------------------------
 # Reading: which volumes are there, and rebuilding the ones that are not
@@ -358,6 +360,8 @@ def import_media_with_parity(store_dir: Path, volume_dirs: Sequence[Path], *, no
                              **kwargs: Any) -> ImportResult:
     """``import_media`` that rebuilds missing or damaged volumes from parity volumes given
     (scratch space on the store's filesystem, removed afterwards)."""
+    from appliance.importer import import_media
+
     check_store_path(store_dir)  # the store before the media, as ``import_media`` does
     _, parity_dirs = split_volumes(volume_dirs)
     if not parity_dirs:

@@ -12,7 +12,6 @@ from appliance.cli import bundle_reports, jsonout
 from appliance.cli.jsonout import print_json
 from appliance.cli.store import byte_progress
 from appliance.errors import MissingVolumeError, UsageError
-from appliance.keyfiles import load_signing_keys
 from appliance.limits import DEFAULT_PACK_BYTES
 from appliance.store.layout import human_bytes
 from appliance.store.location import require_existing_store
@@ -188,6 +187,7 @@ def run_build(args: argparse.Namespace) -> int:
     pack_size = parse_size(args.pack_size)
     if args.workers is not None and args.workers < 1:
         raise UsageError("--workers must be at least 1")
+    from appliance.keyfiles import load_signing_keys
     keys = load_signing_keys(list(args.key))
     with byte_progress("building", enabled=sys.stderr.isatty()) as progress:
         result = build_bundle(args.recipe, keys, args.out, trust_chain=args.trust,
@@ -230,6 +230,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 def run_sign(args: argparse.Namespace) -> int:
     from appliance.bundle.signers import add_signature
+    from appliance.keyfiles import load_signing_keys
     (key,) = load_signing_keys([args.key])
     signature = add_signature(args.media, key)
     _console().print(f"signed {args.media} with key {signature.key_id}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from appliance.errors import UsageError
@@ -43,6 +44,33 @@ class LibraryDefault:
 
     def __str__(self) -> str:
         return self.shown.format(self.value())
+
+
+class LibraryChoices(Sequence[str]):
+    """The ``choices`` of an option, read from ``module`` only when argparse first checks a
+    value or draws the command's own ``--help`` (as ``LibraryDefault``, for a module too heavy
+    to import while the parser is built)."""
+
+    def __init__(self, module: str, attribute: str) -> None:
+        self._source = LibraryDefault(module, attribute)
+        self._values: tuple[str, ...] | None = None
+
+    def _all(self) -> tuple[str, ...]:
+        if self._values is None:
+            self._values = tuple(self._source.value())
+        return self._values
+
+    def __getitem__(self, index: int) -> str:  # type: ignore[override]
+        return self._all()[index]
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._all()
 
 
 def resolve_defaults(namespace: argparse.Namespace) -> argparse.Namespace:

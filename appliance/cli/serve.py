@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from appliance.cli import receipt
+from appliance.cli.options import LibraryChoices
 from appliance.errors import UsageError
-from appliance.serve.engine import ENGINES, parse_keep_alive
 from appliance.serve.model import DEFAULT_N_CTX, VERIFY_MODES, ServeSettings
 from appliance.store.location import require_existing_store
 
@@ -84,7 +84,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                         help="check before each load: quick (header + sizes) or full "
                              "(re-hash every byte) (default quick)")
     engine = parser.add_argument_group("engine and model lifecycle")
-    engine.add_argument("--engine", choices=ENGINES, default="auto",
+    # The engines are named by serve.engine, which loads the worker and subprocess
+    # machinery: read only when --engine is checked or ``serve --help`` is drawn.
+    engine.add_argument("--engine", default="auto",
+                        choices=LibraryChoices("appliance.serve.engine", "ENGINES"),
                         help="llama-server (llama.cpp's own server, parallel slots, tools, "
                              "JSON schemas, GPU), llama-cpp-python (one request at a time), "
                              "or auto: llama-server when built (default auto)")
@@ -127,6 +130,7 @@ def handle(args: argparse.Namespace) -> int:
         raise UsageError("--parallel must be at least 1")
     if args.gpu_layers != "auto" and not args.gpu_layers.isdigit():
         raise UsageError("--gpu-layers takes a number of layers or auto")
+    from appliance.serve.engine import parse_keep_alive
     try:
         keep_alive = parse_keep_alive(args.keep_alive)
     except ValueError as e:

@@ -59,6 +59,9 @@ def byte_progress(
     ``transient`` removes the bar when done. When the work fails the bar is always removed:
     the error line that follows says what happened, a half-full bar above it would not.
     """
+    if not enabled:  # no terminal to draw on: rich is not even imported
+        yield lambda done, total: None
+        return
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -68,9 +71,6 @@ def byte_progress(
         TimeRemainingColumn,
         TransferSpeedColumn,
     )
-    if not enabled:
-        yield lambda done, total: None
-        return
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),

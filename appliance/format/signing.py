@@ -13,17 +13,22 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import blake3
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from appliance.errors import SignatureError
 from appliance.limits import DEFAULT_LIMITS, Limits
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
+
+# cryptography is imported by the functions that sign or verify, not here: ``Signature`` and
+# key ids are needed by modules every command loads (the peer protocol, the CLI's parser),
+# and only some commands check a signature.
 
 DOMAIN_MANIFEST = b"appliance/manifest/v1\x00"
 DOMAIN_ROOT = b"appliance/root/v1\x00"
@@ -97,8 +102,10 @@ def is_key_id(text: str) -> bool:
 
 def public_bytes(key: Ed25519PublicKey | Ed25519PrivateKey) -> bytes:
     """The raw 32-byte public key."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
-    return public.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return public.public_bytes_raw()
 
 
 def key_id(public_raw: bytes) -> str:
@@ -125,6 +132,9 @@ def verify(public_raw: bytes, domain: bytes, message: bytes, signature: Signatur
     Returns False (never raises) for a wrong key or bad signature, so threshold counting can
     skip invalid ones; a mismatched key id is also False.
     """
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     if signature.key_id != key_id(public_raw):
         return False
     try:
