@@ -9,9 +9,12 @@ signature threshold checked, then parse, publisher scopes, expiry and every volu
 rule, and this module checks that every pack has the size its index says
 (``bundle.reader.check_pack_sizes``). The session then plans, checks free space, accepts the
 bundle, copies the chunks the store already holds, and asks ``MediaSource`` for the rest:
-whichever given volume stores a chunk reads it, in volume/pack/offset order; the session
-checks each chunk against the signed digest before it is written and publishes every file
-whose chunks are all there.
+whichever given volume stores a chunk reads it, in volume/pack/offset order; each chunk is
+checked against the signed digest before it is recorded, and every file whose chunks are all
+there is published. A chunk stored raw (quantized weights mostly are) is copied from its pack
+into the staged file in the kernel (``appliance.store.kernelcopy``) and checked where it
+landed, so its bytes never pass through user space; a compressed one is read, decompressed
+and checked before it is written.
 
 Chunks on volumes not given are left for a later run: the result lists the volumes still
 needed and the import resumes where it stopped (also after SIGKILL, see
@@ -22,6 +25,7 @@ authentication leaves an "import" record. The media is only ever opened for read
 from __future__ import annotations
 
 import bisect
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,16 +36,26 @@ from appliance.authenticate import AuthenticatedBundle
 from appliance.bundle.reader import (
     ChunkLocation,
     Media,
+    check_location,
     check_pack_sizes,
     open_media,
     read_chunk,
 )
-from appliance.errors import ApplianceError, IntegrityError, MediaError, MissingVolumeError
+from appliance.chunks import check_chunk
+from appliance.errors import (
+    ApplianceError,
+    IntegrityError,
+    MediaError,
+    MissingVolumeError,
+    TruncatedError,
+)
 from appliance.format.manifest import ChunkRef
 from appliance.format.trust import TrustRoot
+from appliance.fsutil import open_regular
 from appliance.limits import DEFAULT_LIMITS, Limits
 from appliance.store import layout, trust_state
 from appliance.store.ingest import IngestOutcome, IngestSession, ReadAhead
+from appliance.store.kernelcopy import MIN_KERNEL_COPY, ChunkExtent, copy_range
 from appliance.store.staging import DEFAULT_FLUSH_BYTES, DEFAULT_FLUSH_CHUNKS
 from appliance.store.store import Store
 
@@ -154,13 +168,20 @@ class MediaSource:
                 ordinals[digest] = ordinal
         return sorted(ordinals, key=ordinals.__getitem__)
 
-    def read(self, digest: str, length: int) -> bytes | None:
+    def read(self, digest: str, length: int) -> bytes | ChunkExtent | None:
         location = self.media.locations(digest)[0]
         # read_chunk checks the digest and the length, which the session gives from the
         # signed manifest; a unique chunk's offset (in its first file) plays no part.
         ref = ChunkRef(digest=digest, length=length, offset=0)
+        if not location.compressed and length >= MIN_KERNEL_COPY:
+            check_location(location, ref, self.media.limits)
+            return _PackChunk(self, location, ref)
+        return self.read_checked(location, ref)
+
+    def read_checked(self, location: ChunkLocation, ref: ChunkRef) -> bytes:
+        """``read_chunk``: pread, decompress if need be, check."""
         try:
-            return read_chunk(location, ref, self.media.limits, file=self.label(digest))
+            return read_chunk(location, ref, self.media.limits, file=self.label(ref.digest))
         except (IntegrityError, MediaError) as e:
             self._went_away(location, e)
             raise
@@ -174,6 +195,41 @@ class MediaSource:
                 f"{location.volume} ({volume_dir}) went away during the import; what was "
                 "written so far is kept: put it back and run the same import again"
             ) from e
+
+
+class _PackChunk(ChunkExtent):
+    """A chunk stored raw in a pack: copied into the staged file in the kernel, then checked
+    there (``IntegrityError`` naming the chunk, file, volume, pack and offset)."""
+
+    def __init__(self, source: MediaSource, location: ChunkLocation, ref: ChunkRef) -> None:
+        self.source = source
+        self.location = location
+        self.ref = ref
+        self.length = ref.length
+
+    def copy_into(self, dst_fd: int, dst_offset: int) -> bool:
+        location = self.location
+        try:
+            fd = open_regular(location.pack, "pack file", missing=TruncatedError)
+        except ApplianceError:
+            return False  # read() names what is wrong with the pack
+        try:
+            return copy_range(fd, dst_fd, self.length, location.offset, dst_offset) \
+                == self.length
+        finally:
+            os.close(fd)
+
+    def check(self, data: bytes | memoryview) -> None:
+        location = self.location
+        try:
+            check_chunk(data, self.ref.digest, self.length, file=self.source.label(self.ref.digest),
+                        volume=location.volume, offset=location.offset, pack=location.pack.name)
+        except IntegrityError as e:
+            self.source._went_away(location, e)
+            raise
+
+    def read(self) -> bytes:
+        return self.source.read_checked(self.location, self.ref)
 
 
 def _result(outcome: IngestOutcome, media: Media) -> ImportResult:

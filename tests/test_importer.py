@@ -20,7 +20,7 @@ from bundle_helpers import (
 from importer_helpers import check_consistent, tree_digest
 from trust_helpers import make_root, trusted_store
 
-from appliance.bundle import builder
+from appliance.bundle import build_plan
 from appliance.bundle.verify import verify_media
 from appliance.errors import (
     ExpiredError,
@@ -373,7 +373,7 @@ def test_many_tiny_chunks_are_recorded_every_n_chunks(
 ) -> None:
     """Issue 14 item 9: with chunks far below ``flush_bytes``, progress still reaches the
     index every ``flush_chunks`` chunks, so a SIGKILL loses a bounded number of them."""
-    monkeypatch.setattr(builder, "TARGET_CHUNK_BYTES", 4096)
+    monkeypatch.setattr(build_plan, "TARGET_CHUNK_BYTES", 4096)
     base = tmp_path / "tiny-chunks"
     make_sources(base, random_mib=1)
     build(base, recipe=write_recipe(base, files=("weights.bin",)))

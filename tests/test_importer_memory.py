@@ -13,7 +13,7 @@ import blake3
 import pytest
 from bundle_helpers import build, sparse_file, write_recipe
 
-import appliance.bundle.builder as builder
+import appliance.bundle.build_plan as build_plan
 
 MIB = 1 << 20
 
@@ -72,7 +72,7 @@ def _import_peak(tmp_path: Path, size: int) -> dict[str, int]:
 
 def _build_tiny_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunks: int) -> int:
     """A bundle of one incompressible file cut into ``chunks`` chunks of 256 bytes."""
-    monkeypatch.setattr(builder, "TARGET_CHUNK_BYTES", 256)
+    monkeypatch.setattr(build_plan, "TARGET_CHUNK_BYTES", 256)
     size = 256 * chunks
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "weights.bin").write_bytes(blake3.blake3(b"tiny").digest(length=size))

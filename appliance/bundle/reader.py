@@ -18,7 +18,8 @@ Public API (used by the importer, peers and the CLI):
   lives only on volumes not given), ``Media.holder(digest)`` (the volume that stores it),
   ``Media.volumes_present`` / ``volumes_expected`` / ``volumes_missing``
 - ``read_chunk(location, ref, limits, *, file=None) -> bytes``: bounded, decompressed,
-  checked (``IntegrityError`` / ``TruncatedError`` / ``DecompressionError``)
+  checked (``IntegrityError`` / ``TruncatedError`` / ``DecompressionError``);
+  ``check_location`` is its first step, for readers that copy a raw chunk themselves
 - ``check_pack_sizes(volume)``: every pack as long as its checked index says, before any
   chunk is read (``appliance.bundle.verify`` and the importer call it)
 
@@ -37,9 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import re
-import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -50,9 +49,6 @@ from appliance.bundle.media import (
     MANIFEST_NAME,
     MAX_INDEX_HEAD_BYTES,
     PACKS_DIR,
-    SIGNATURE_SUFFIX,
-    SIGNATURES_DIR,
-    TRUST_DIR,
     VolumeIndex,
     decompress_chunk,
     pack_name,
@@ -61,14 +57,18 @@ from appliance.bundle.media import (
     read_stored,
     volume_name,
 )
+from appliance.bundle.volume_files import (
+    list_chain,
+    read_chain,
+    read_signatures,
+    refuse_special,
+    walk_carried_roots,
+)
 from appliance.chunks import check_chunk
 from appliance.errors import (
     FormatError,
-    LimitExceededError,
     MediaError,
     MissingVolumeError,
-    SignatureError,
-    SpecialFileError,
     TruncatedError,
     UsageError,
 )
@@ -83,15 +83,9 @@ from appliance.format.signing import Signature
 from appliance.format.trust import (
     SignedRoot,
     TrustRoot,
-    check_same_root,
-    next_root,
-    parse_envelope,
-    parse_signed_root,
 )
 from appliance.fsutil import open_regular, pread_exact, read_capped
 from appliance.limits import DEFAULT_LIMITS, Limits
-
-_ROOT_FILE = re.compile(r"root-([1-9][0-9]{0,17})\.yaml")
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +114,7 @@ class Volume:
     def chain(self) -> tuple[SignedRoot, ...]:
         """Every carried root, read and parsed (no trust implied): for showing what the
         media says and for use after authentication, which walks them lazily instead."""
-        return _read_chain(self.path, self.limits)
+        return read_chain(self.path, self.limits)
 
     @property
     def name(self) -> str:
@@ -153,104 +147,6 @@ def find_volume_dirs(paths: Sequence[Path]) -> list[Path]:
     return out
 
 
-def _scan_names(directory: Path, suffix: str, cap: int, what: str) -> list[str]:
-    """Names ending in ``suffix`` (not hidden) in ``directory``, sorted; [] if it is absent.
-
-    Stops with ``LimitExceededError`` as soon as more than ``cap`` such names, or more than
-    ``4 * cap + 64`` entries of any kind, were seen: a directory of millions of files costs
-    neither the memory of listing it nor the time of walking it to the end."""
-    names: list[str] = []
-    seen = 0
-    try:
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                seen += 1
-                if entry.name.endswith(suffix) and not entry.name.startswith("."):
-                    names.append(entry.name)
-                if len(names) > cap or seen > 4 * cap + 64:
-                    raise LimitExceededError(
-                        f"{directory} holds more than {cap} {what} (or other files), over the cap"
-                    )
-    except FileNotFoundError:
-        return []
-    except OSError as e:
-        raise MediaError(f"cannot list {directory}: {e}") from e
-    return sorted(names)
-
-
-def _read_signatures(volume_dir: Path, limits: Limits) -> tuple[Signature, ...]:
-    sig_dir = volume_dir / SIGNATURES_DIR
-    names = _scan_names(sig_dir, SIGNATURE_SUFFIX, limits.max_signatures, "signatures")
-    signatures = []
-    for name in names:
-        data = read_capped(sig_dir / name, limits.max_signature_bytes, f"signature {name}")
-        sig = Signature.from_bytes(data, limits)
-        if name != sig.key_id + SIGNATURE_SUFFIX:
-            raise SignatureError(f"signature file {name} holds a signature by {sig.key_id}")
-        signatures.append(sig)
-    return tuple(signatures)
-
-
-def _list_chain(volume_dir: Path, limits: Limits) -> tuple[tuple[int, Path], ...]:
-    """(version, path) of each carried root, from the names alone: nothing is read yet."""
-    trust_dir = volume_dir / TRUST_DIR
-    names = _scan_names(trust_dir, ".yaml", limits.max_trust_chain_length, "trust roots")
-    files = []
-    for name in names:
-        match = _ROOT_FILE.fullmatch(name)
-        if match is None:
-            raise FormatError(f"{trust_dir / name} is not named root-<version>.yaml")
-        files.append((int(match.group(1)), trust_dir / name))
-    _refuse_special([path for _, path in files], f"{volume_dir.name}: a carried trust root")
-    return tuple(sorted(files))
-
-
-def _read_root(path: Path, limits: Limits) -> bytes:
-    return read_capped(path, limits.max_trust_root_bytes, f"trust root {path.name}")
-
-
-def _parse_root(path: Path, version: int, data: bytes, limits: Limits) -> SignedRoot:
-    signed = parse_signed_root(data, limits)
-    if signed.root.version != version:
-        raise FormatError(f"{path} holds trust root v{signed.root.version}")
-    return signed
-
-
-def _read_chain(volume_dir: Path, limits: Limits) -> tuple[SignedRoot, ...]:
-    """Every root one volume carries, read and parsed, ascending (no trust implied)."""
-    return tuple(_parse_root(path, version, _read_root(path, limits), limits)
-                 for version, path in _list_chain(volume_dir, limits))
-
-
-def walk_carried_roots(root_files: Iterable[tuple[int, Path]], trusted: TrustRoot,
-                       limits: Limits = DEFAULT_LIMITS) -> tuple[SignedRoot, ...]:
-    """The carried roots (``(version, path)`` from any number of volumes) from ``trusted``'s
-    version up, each read and parsed only once the one before it is trusted and a threshold
-    of that one's root keys signed its body (``next_root``): roots no trusted key signed cost
-    a signature check, not a parse, and older versions are not read at all. Copies of one
-    version must be byte-identical. ``authenticate_manifest`` walks the result again (expiry,
-    the same rules), so this only bounds the work done before trust is established."""
-    by_version: dict[int, list[Path]] = {}
-    for version, path in root_files:
-        by_version.setdefault(version, []).append(path)
-    chain: list[SignedRoot] = []
-    current = trusted
-    for version in sorted(v for v in by_version if v >= trusted.version):
-        paths = by_version[version]
-        data = _read_root(paths[0], limits)
-        for other in paths[1:]:
-            if _read_root(other, limits) != data:
-                raise FormatError(f"volumes carry two different trust roots v{version}")
-        if version == trusted.version:
-            check_same_root(trusted, version, parse_envelope(data, limits)[0])
-            chain.append(_parse_root(paths[0], version, data, limits))
-            continue
-        signed = next_root(current, data, version, limits)
-        chain.append(signed)
-        current = signed.root
-    return tuple(chain)
-
-
 def _read_index_head(volume_dir: Path, limits: Limits) -> VolumeIndex:
     """The index's header and tables: at most ``MAX_INDEX_HEAD_BYTES`` read, whatever its size."""
     what = f"volume index of {volume_dir}"
@@ -265,23 +161,8 @@ def _read_index_head(volume_dir: Path, limits: Limits) -> VolumeIndex:
     return parse_index_head(head, size, limits, where=what)
 
 
-def _refuse_special(paths: Iterable[Path], what: str) -> None:
-    """Each of ``paths`` that exists must be a regular file: ``SpecialFileError`` otherwise,
-    decided by ``stat`` alone (a FIFO is never opened). Files read later are checked again
-    when opened (``fsutil.open_regular``); this makes ``open_media`` refuse them up front."""
-    for path in paths:
-        try:
-            mode = os.stat(path).st_mode
-        except FileNotFoundError:
-            continue  # a missing pack is a TruncatedError when it is needed
-        except OSError as e:
-            raise MediaError(f"cannot stat {path}: {e}") from e
-        if not stat.S_ISREG(mode):
-            raise SpecialFileError(f"{what} ({path}) is not a regular file")
-
-
 def _check_packs_are_files(volume: Volume) -> None:
-    _refuse_special((volume.pack_path(n) for n in range(1, len(volume.index.pack_sizes) + 1)),
+    refuse_special((volume.pack_path(n) for n in range(1, len(volume.index.pack_sizes) + 1)),
                     f"{volume.name}: a pack")
 
 
@@ -290,8 +171,8 @@ def open_volume(volume_dir: Path, limits: Limits = DEFAULT_LIMITS) -> tuple[byte
     manifest = read_capped(volume_dir / MANIFEST_NAME, limits.max_manifest_bytes,
                            f"manifest of {volume_dir}")
     volume = Volume(path=volume_dir, index=_read_index_head(volume_dir, limits),
-                    signatures=_read_signatures(volume_dir, limits),
-                    root_files=_list_chain(volume_dir, limits), limits=limits)
+                    signatures=read_signatures(volume_dir, limits),
+                    root_files=list_chain(volume_dir, limits), limits=limits)
     _check_packs_are_files(volume)
     return manifest, volume
 
@@ -492,6 +373,18 @@ def read_chunk(location: ChunkLocation, ref: ChunkRef, limits: Limits = DEFAULT_
     Reads at most ``ref.length`` bytes from the pack (a compressed chunk is always shorter
     than its plain length), decompresses to at most ``ref.length`` bytes, then hashes.
     """
+    check_location(location, ref, limits)
+    stored = read_stored(location.pack, location.offset, location.stored_length,
+                         chunk=ref.digest, volume=location.volume)
+    plain = check_stored(stored, location, ref, file=file)
+    assert isinstance(plain, bytes)  # bytes in, bytes out
+    return plain
+
+
+def check_location(location: ChunkLocation, ref: ChunkRef, limits: Limits = DEFAULT_LIMITS
+                   ) -> None:
+    """``FormatError`` unless the stored length fits the signed chunk and the caps: never
+    more than its plain length, exactly that when stored raw."""
     if location.stored_length > min(ref.length, limits.max_chunk_bytes) or (
         not location.compressed and location.stored_length != ref.length
     ):
@@ -499,11 +392,6 @@ def read_chunk(location: ChunkLocation, ref: ChunkRef, limits: Limits = DEFAULT_
             f"{location.volume}: stored length {location.stored_length} does not fit chunk "
             f"{ref.digest} of {ref.length} bytes"
         )
-    stored = read_stored(location.pack, location.offset, location.stored_length,
-                         chunk=ref.digest, volume=location.volume)
-    plain = check_stored(stored, location, ref, file=file)
-    assert isinstance(plain, bytes)  # bytes in, bytes out
-    return plain
 
 
 def check_stored(stored: bytes | memoryview, location: ChunkLocation, ref: ChunkRef, *,

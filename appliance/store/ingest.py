@@ -15,7 +15,9 @@ holding the caller's writer lock and open ``Store``:
 5. copy the chunks the store already holds (another version, another quant, a resumed run)
    from their local copies, then hand every chunk still needed to the SOURCE;
 6. check every chunk on arrival (``appliance.chunks.check_chunk``: length and BLAKE3 against
-   the signed manifest) before it is written, whatever the source says about it; chunks are
+   the signed manifest) before it is written; a source that has just run that very check on
+   those bytes says so per chunk (``write(..., checked=True)``: the peer client), and then only
+   the length is checked again; chunks are
    recorded crash-safely by ``StagedFile`` (every ``flush_bytes`` or ``flush_chunks``);
 7. re-check trust before publishing: if the installed root changed since authentication (a
    rotation that revoked the signer while this ran), authenticate the manifest again against
@@ -30,8 +32,10 @@ a BitTorrent client all fit: ``ChunkSource.run(needed, sink)`` gets the digests 
 (with their lengths) and returns when it has nothing more to give (the rest stays pending) or
 raises. Bytes go to the ``ChunkSink``: ``write`` (any thread: check, then pwrite wherever the
 chunk goes), then ``record`` (only on the thread that called ``run``: index writes stay on the
-session's thread), or ``deliver`` for both. A source reading one chunk at a time is a
-``ChunkReader`` wrapped in ``ReadAhead`` (a few reader threads, a bounded window).
+session's thread), or ``deliver`` for both; a chunk lying raw in a file the reader opens
+(a pack) comes as a ``ChunkExtent`` and goes to ``copy``, which copies it in the kernel and
+has it checked where it landed. A source reading one chunk at a time is a ``ChunkReader``
+wrapped in ``ReadAhead`` (a few reader threads, a bounded window).
 """
 
 from __future__ import annotations
@@ -53,7 +57,9 @@ from appliance.format.manifest import ModelEntry
 from appliance.format.trust import TrustRoot
 from appliance.limits import DEFAULT_LIMITS, Limits
 from appliance.store import layout, trust_state
-from appliance.store.specs import LocalChunk, ModelPlan, read_local_copy
+from appliance.store.kernelcopy import ChunkExtent
+from appliance.store.local_copies import LocalCopies
+from appliance.store.specs import ModelPlan
 from appliance.store.staging import StagedFile, WriteGate
 from appliance.store.store import Store
 
@@ -68,16 +74,24 @@ READ_AHEAD = 4
 class ChunkSink(Protocol):
     """Where a source puts chunk bytes (the session's side; tests may pass their own)."""
 
-    def write(self, digest: str, data: bytes) -> bool:
+    def write(self, digest: str, data: bytes, *, checked: bool = False) -> bool:
         """Any thread: check ``data`` against the signed digest and length (``IntegrityError``)
-        and pwrite it wherever it goes; False when the chunk is no longer needed."""
+        and pwrite it wherever it goes; False when the chunk is no longer needed. ``checked``:
+        the source ran ``check_chunk`` on exactly these bytes against this digest and signed
+        length (only the length is checked again)."""
         ...
 
-    def record(self, digest: str, data: bytes) -> None:
-        """The session's thread: count a chunk ``write`` wrote (made durable in batches)."""
+    def copy(self, digest: str, extent: ChunkExtent) -> bytes | memoryview | None:
+        """Any thread: ``write`` for a ``ChunkExtent`` (checked by it where it landed); the
+        bytes for ``record``, None when the chunk is no longer needed."""
         ...
 
-    def deliver(self, digest: str, data: bytes) -> None:
+    def record(self, digest: str, data: bytes | memoryview) -> None:
+        """The session's thread: count a chunk ``write`` or ``copy`` wrote (made durable in
+        batches)."""
+        ...
+
+    def deliver(self, digest: str, data: bytes, *, checked: bool = False) -> None:
         """The session's thread: ``write`` then ``record``."""
         ...
 
@@ -109,9 +123,9 @@ class ChunkReader(Protocol):
         """The digests of ``needed`` this reader can give now, in the order to read them."""
         ...
 
-    def read(self, digest: str, length: int) -> bytes | None:
-        """One chunk's bytes (any thread; the sink checks them), or None when it cannot give
-        this one after all; raise to stop the session."""
+    def read(self, digest: str, length: int) -> bytes | ChunkExtent | None:
+        """One chunk's bytes (any thread; the sink checks them) or where they lie raw, or None
+        when it cannot give this one after all; raise to stop the session."""
         ...
 
 
@@ -128,10 +142,12 @@ class ReadAhead:
 
     def run(self, needed: Mapping[str, int], sink: ChunkSink) -> None:
         order = iter(self.reader.plan(needed))
-        window: deque[tuple[str, Future[bytes | None]]] = deque()
+        window: deque[tuple[str, Future[bytes | memoryview | None]]] = deque()
 
-        def fetch(digest: str) -> bytes | None:
+        def fetch(digest: str) -> bytes | memoryview | None:
             data = self.reader.read(digest, needed[digest])
+            if isinstance(data, ChunkExtent):
+                return sink.copy(digest, data)
             if data is not None and not sink.write(digest, data):
                 return None
             return data
@@ -345,7 +361,7 @@ class IngestSession:
         try:
             if self._need:
                 local = _SessionSink(self, local=True, prechecked=True)
-                ReadAhead(_LocalCopies(self.store), workers=READERS).run(self._needed(), local)
+                ReadAhead(LocalCopies(self.store), workers=READERS).run(self._needed(), local)
             if self._need:
                 # Readers of this package that run ``check_chunk`` themselves (the media
                 # reader, naming volume and offset) are not hashed twice; any other source is.
@@ -411,11 +427,11 @@ class _SessionSink:
         self.local = local
         self.prechecked = prechecked
 
-    def write(self, digest: str, data: bytes) -> bool:
+    def write(self, digest: str, data: bytes, *, checked: bool = False) -> bool:
         need = self.session._need.get(digest)
         if need is None:
             return False
-        self._check(data, digest, need)
+        self._check(data, digest, need, checked)
         if not self.session._gate.enter():
             raise StoreError("the ingest session has stopped")
         try:
@@ -425,7 +441,21 @@ class _SessionSink:
             self.session._gate.leave()
         return True
 
-    def record(self, digest: str, data: bytes) -> None:
+    def copy(self, digest: str, extent: ChunkExtent) -> bytes | memoryview | None:
+        need = self.session._need.get(digest)
+        if need is None:
+            return None
+        if not self.session._gate.enter():
+            raise StoreError("the ingest session has stopped")
+        try:
+            data = need.file.copy_chunk(need.idx, extent)  # checked by the extent
+            for sf, idx in need.more or ():
+                sf.pwrite_chunk(idx, data)
+        finally:
+            self.session._gate.leave()
+        return data
+
+    def record(self, digest: str, data: bytes | memoryview) -> None:
         session = self.session
         need = session._need.pop(digest, None)
         if need is None:
@@ -443,12 +473,12 @@ class _SessionSink:
             outcome.duplicate_bytes += copies - len(data)
         session._report()
 
-    def _check(self, data: bytes, digest: str, need: _Need) -> None:
-        if not self.prechecked or len(data) != need.length:
+    def _check(self, data: bytes, digest: str, need: _Need, checked: bool) -> None:
+        if not (self.prechecked or checked) or len(data) != need.length:
             check_chunk(data, digest, need.length, file=need.file.label)
 
-    def deliver(self, digest: str, data: bytes) -> None:
-        if self.write(digest, data):
+    def deliver(self, digest: str, data: bytes, *, checked: bool = False) -> None:
+        if self.write(digest, data, checked=checked):
             self.record(digest, data)
 
     def settle(self) -> None:
@@ -460,32 +490,3 @@ class _SessionSink:
         extra = {"manifest": bundle.manifest_hash} if bundle else {}
         trust_state.audit_refusal(self.session.store.store_dir, self.session.action, error,
                                   **details, **extra)
-
-
-class _LocalCopies:
-    """``ChunkReader`` over the verified copies the store already holds."""
-
-    runs_check_chunk = True  # read_local_copy returns only bytes check_chunk passed
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self._where: dict[str, list[LocalChunk]] = {}
-
-    def plan(self, needed: Mapping[str, int]) -> list[str]:
-        held = self.store.held_digests()
-        for digest in needed:
-            if digest in held:
-                found = self.store.find_chunk(digest)
-                if found:
-                    self._where[digest] = found
-        return list(self._where)
-
-    def read(self, digest: str, length: int) -> bytes | None:
-        for loc in self._where.get(digest, ()):
-            try:
-                data = read_local_copy(loc)
-            except FileNotFoundError:
-                continue  # renamed by a publish: the source serves it as well
-            if data is not None:
-                return data
-        return None  # every copy went bad: left for the source

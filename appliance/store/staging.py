@@ -6,11 +6,13 @@ The ordering that keeps the index and the files agreeing after a SIGKILL or powe
    preallocated, and the staging directory is fsynced;
 2. ``write_chunk`` checks the chunk (``appliance.chunks.check_chunk``) and pwrites it at its
    offset (the ingest session splits this into ``pwrite_chunk`` on reader threads and
-   ``record_chunk`` on the index thread); a chunk is marked done in the index only AFTER an
-   fdatasync that started after its pwrite returned (in the background every ``flush_bytes``
-   or every ``flush_chunks`` chunks, whichever comes first, and in ``flush``), so ``done = 1``
-   always means the bytes are durable and a SIGKILL loses a bounded amount of work even when
-   the chunks are tiny (a crash before the commit just rewrites the chunk);
+   ``record_chunk`` on the index thread; ``copy_chunk`` copies a chunk stored raw in a pack
+   in the kernel and checks the bytes that landed, before it may be recorded); a chunk is
+   marked done in the index only AFTER an fdatasync that started after its write returned
+   (in the background every ``flush_bytes`` or every ``flush_chunks`` chunks, whichever comes
+   first, and in ``flush``), so ``done = 1`` always means the bytes are durable and a SIGKILL
+   loses a bounded amount of work even when the chunks are tiny (a crash before the commit
+   just rewrites the chunk);
 3. ``publish`` (every chunk done) takes the whole-file BLAKE3 (computed on the fly when the
    chunks came in file order, else by re-reading the file), fsyncs it, makes it read-only,
    renames it into ``models/<name>/<version>/<path>``, fsyncs both directories, and only then
@@ -20,181 +22,33 @@ The ordering that keeps the index and the files agreeing after a SIGKILL or powe
    re-verifying the file.
 
 ``WriteGate`` lets reader threads pwrite while the index thread records, and closes before the
-files do. ``StoredChunk`` names a chunk of a stored file, staged or published.
+files do. The whole-file hashes are ``appliance.store.filehash``'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 import sqlite3
 import threading
 from array import array
-from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import blake3
-
 from appliance.chunks import check_chunk
-from appliance.errors import IntegrityError, StoreError, TruncatedError
+from appliance.errors import IntegrityError, StoreError
 from appliance.format.fields import format_timestamp
 from appliance.store import layout
+from appliance.store.filehash import RunningHash, StoredChunk, hash_file
+from appliance.store.filehash import verify_chunks as verify_chunks  # its callers import it here
+from appliance.store.kernelcopy import MIN_KERNEL_COPY, ChunkExtent, map_range
 
 # Chunks written but not yet marked done are fsynced and committed once they add up to this
 # many bytes, or to this many chunks (a manifest of many tiny chunks: bounded loss on SIGKILL).
 DEFAULT_FLUSH_BYTES = 64 * 1024 * 1024
 DEFAULT_FLUSH_CHUNKS = 1024
-_READ_BLOCK = 8 * 1024 * 1024
-_HASH_BACKLOG = 4
-_MAP_WINDOW = 64 * 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class StoredChunk:
-    """A chunk of a file in the store (staged or published): its place in the file and its
-    signed digest. The manifest's side is ``ChunkRef``; media's is ``ChunkLocation``."""
-
-    idx: int
-    offset: int
-    length: int
-    digest: str
-
-
-def hash_file(path: Path, size: int | None = None) -> str:
-    """BLAKE3 of a whole file, read in blocks (flat memory)."""
-    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    buf = bytearray(_READ_BLOCK)
-    view = memoryview(buf)
-    total = 0
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            hasher.update(view[:n])
-            total += n
-    if size is not None and total != size:
-        raise TruncatedError(f"{path} is {total} bytes, expected {size}", file=str(path))
-    return hasher.hexdigest()
-
-
-def verify_chunks(path: Path, chunks: list[StoredChunk], size: int, file_label: str, *,
-                  expected: str | None = None) -> str:
-    """Re-hash every chunk of a file on disk; return the whole-file BLAKE3 or raise.
-
-    Raises TruncatedError when the file's size differs, IntegrityError naming the first chunk
-    whose bytes differ.
-
-    ``expected``: the whole-file BLAKE3 recorded when the file was published from chunks
-    that each passed ``check_chunk``. The file is hashed whole first (memory-mapped, on
-    every core, as ``b3sum`` does); equal means every byte is the one published, so every
-    chunk still matches its signed digest (the recorded hash and the chunk list come from
-    the same index). Only a file that differs is read again chunk by chunk, to name the
-    first bad chunk: half the hashing, and no copy, for the files that are fine.
-
-    This thread only reads (``pread``: a file cut short while mapped would be a SIGBUS, not
-    an error); one thread checks the chunks and another takes the whole-file hash in file
-    order, so the file is read once and the two hashes overlap (blake3 releases the GIL).
-    At most ``_HASH_BACKLOG`` chunks are held, so memory stays flat.
-    """
-    if expected is not None and _hash_mapped(path, size, file_label) == expected:
-        return expected
-    whole = blake3.blake3()
-    with open(path, "rb", buffering=0) as f, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-chunk") as checks, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-file") as hashes:
-        actual = os.fstat(f.fileno()).st_size
-        if actual != size:
-            raise TruncatedError(
-                f"file is {actual} bytes, expected {size}", file=file_label, offset=actual
-            )
-        fd = f.fileno()
-        pending: deque[tuple[Future[None], Future[object]]] = deque()
-
-        def settle() -> None:
-            checked, hashed = pending.popleft()
-            checked.result()  # in file order: the first bad chunk is the one named
-            hashed.result()
-
-        try:
-            for chunk in sorted(chunks, key=lambda c: c.offset):
-                data = os.pread(fd, chunk.length, chunk.offset)
-                pending.append((
-                    checks.submit(check_chunk, data, chunk.digest, chunk.length,
-                                  file=file_label, offset=chunk.offset),
-                    hashes.submit(whole.update, data),  # one thread: in file order
-                ))
-                while len(pending) > _HASH_BACKLOG:
-                    settle()
-            while pending:
-                settle()
-        except BaseException:
-            for checked, hashed in pending:
-                checked.cancel()
-                hashed.cancel()
-            raise
-    return whole.hexdigest()
-
-
-def _hash_mapped(path: Path, size: int, file_label: str) -> str:
-    """BLAKE3 of a whole store file through memory maps, multithreaded; TruncatedError when
-    its size is not ``size``. Store files are read-only and only the store writes them, so
-    a map is safe here (a file cut short while mapped would raise SIGBUS, which is why media
-    and the chunk-by-chunk pass use ``pread``)."""
-    actual = path.stat().st_size
-    if actual != size:
-        raise TruncatedError(f"file is {actual} bytes, expected {size}", file=file_label,
-                             offset=actual)
-    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    with open(path, "rb", buffering=0) as f:
-        # Mapped a window at a time and unmapped after: a map of the whole file would count
-        # all of it in the process's RSS (b3sum peaks at the file's size).
-        for start in range(0, size, _MAP_WINDOW):
-            length = min(_MAP_WINDOW, size - start)
-            with mmap.mmap(f.fileno(), length, access=mmap.ACCESS_READ, offset=start) as window:
-                hasher.update(window)
-    return hasher.hexdigest()
-
-
-class _RunningHash:
-    """BLAKE3 of a file's bytes fed in order from offset 0, hashed on one worker thread.
-
-    At most ``_HASH_BACKLOG`` chunks wait for the hasher, so memory stays flat when hashing
-    is slower than writing.
-    """
-
-    def __init__(self) -> None:
-        self._hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-        self._upto = 0
-        self._pool: ThreadPoolExecutor | None = None
-        self._backlog: deque[Future[object]] = deque()
-
-    def feed(self, offset: int, data: bytes) -> bool:
-        """Hash ``data`` if it continues the file; False (and stop) if it does not."""
-        if offset != self._upto:
-            self.result(None)
-            return False
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="file-hash")
-        self._backlog.append(self._pool.submit(self._hasher.update, data))
-        self._upto += len(data)
-        while len(self._backlog) > _HASH_BACKLOG:
-            self._backlog.popleft().result()
-        return True
-
-    def result(self, size: int | None) -> str | None:
-        """Wait for the hasher; the hex digest if it covered exactly ``size`` bytes."""
-        while self._backlog:
-            self._backlog.popleft().result()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-        return self._hasher.hexdigest() if size is not None and self._upto == size else None
 
 
 def _now(now: datetime | None) -> str:
@@ -236,7 +90,7 @@ class StagedFile:
         # Whole-file BLAKE3 computed on the fly while chunks arrive in file order from the
         # start (the usual single pass), on its own thread so it overlaps the writes;
         # anything else falls back to re-reading the file at publish.
-        self._running: _RunningHash | None = _RunningHash()
+        self._running: RunningHash | None = RunningHash()
         self._unflushed: list[int] = []
         self._unflushed_bytes = 0
         # One background fdatasync at a time, so copying goes on while the disk catches up;
@@ -338,7 +192,7 @@ class StagedFile:
         self.pwrite_chunk(idx, data)
         self.record_chunk(idx, data)
 
-    def pwrite_chunk(self, idx: int, data: bytes) -> None:
+    def pwrite_chunk(self, idx: int, data: bytes | memoryview) -> None:
         """Only the pwrite of bytes ``check_chunk`` passed; safe from any thread once ``open()``.
 
         The chunk counts as written only after ``record_chunk`` (on the index thread), so a
@@ -362,7 +216,32 @@ class StagedFile:
         except OSError as e:
             raise layout.os_error(e, f"cannot write {self.label}", needed=length) from e
 
-    def record_chunk(self, idx: int, data: bytes) -> None:
+    def copy_chunk(self, idx: int, extent: ChunkExtent) -> bytes | memoryview:
+        """Chunk ``idx`` from ``extent`` into the staged file, checked by ``extent`` where it
+        landed; safe from any thread once ``open()``. Returns the checked bytes for
+        ``record_chunk``: a read-only view of the staged file when the kernel copied them
+        (no copy through user space), else what ``extent.read`` gave, pwritten."""
+        length, offset = self._lengths[idx], self._offsets[idx]
+        if extent.length != length:
+            raise IntegrityError(
+                f"chunk is {extent.length} bytes, the signed manifest says {length}",
+                chunk=self.chunk(idx).digest, file=self.label,
+            )
+        fd = self._fd
+        if fd is None:
+            raise StoreError(f"{self.label} is not open for writing")
+        if length >= MIN_KERNEL_COPY and extent.copy_into(fd, offset):
+            try:
+                view = map_range(fd, offset, length)
+            except (OSError, ValueError) as e:
+                raise layout.os_error(e, f"cannot map {self.label}") from e
+            extent.check(view)  # what landed, not what the source meant to give
+            return view
+        data = extent.read()
+        self.pwrite_chunk(idx, data)
+        return data
+
+    def record_chunk(self, idx: int, data: bytes | memoryview) -> None:
         """Note a chunk ``pwrite_chunk`` wrote (flushing when enough has accumulated)."""
         if self._running is not None and not self._running.feed(self._offsets[idx], data):
             self._running = None
