@@ -11,6 +11,7 @@ import pytest
 from trust_helpers import NOW as TRUST_NOW
 from trust_helpers import make_root
 
+from appliance import fsutil
 from appliance.cli.main import main
 from appliance.errors import EXIT_REFUSED, AuditChainError
 from appliance.store import audit, trust_state
@@ -158,3 +159,29 @@ def test_emptied_log_on_a_store_that_holds_a_root_is_not_intact(
     assert type(info.value) is AuditChainError
     assert "the audit log is empty, but the store holds 1 trust root(s)" in str(info.value)
     assert audit.read_head(trusting_store) == (head if keep_head else None)
+
+
+def test_head_is_rewritten_only_when_it_moves(store_dir: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A transaction that appended nothing leaves the head file alone; a replaced head's
+    rename is not made durable by a directory fsync (an older head only lags), a first one's
+    is (a lost first head would read as a removed log)."""
+    synced: list[Path] = []
+    real_fsync_dir = fsutil.fsync_dir
+
+    def fsync_dir(path: Path, **kw: bool) -> None:
+        synced.append(path)
+        real_fsync_dir(path, **kw)
+
+    monkeypatch.setattr(fsutil, "fsync_dir", fsync_dir)
+    before = (store_dir / audit.HEAD_NAME).stat().st_ino
+    audit.sync_head(store_dir)
+    assert (store_dir / audit.HEAD_NAME).stat().st_ino == before
+    record = audit.append(store_dir, "import", {"model": "m5"}, now=NOW)
+    assert audit.read_head(store_dir) == (6, record.hash)
+    assert synced == []
+    (store_dir / audit.HEAD_NAME).unlink()
+    audit.sync_head(store_dir)
+    assert audit.read_head(store_dir) == (6, record.hash)
+    assert synced == [store_dir]
+    assert audit.verify(store_dir) == 6

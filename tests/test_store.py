@@ -163,6 +163,23 @@ def test_lost_staged_file_restarts_that_file(store_dir: Path) -> None:
         assert len(staged.pending()) == len(model.files[0].chunks)
 
 
+def test_staging_a_new_file_commits_nothing(store_dir: Path) -> None:
+    """A file never staged has no chunk marked done: ``stage_files`` leaves the index as it is
+    (no commit, so no WAL sync) where a lost staged file's marks are cleared (above)."""
+    data = payload(200_000)
+    model = model_entry("m", "v", {"a.bin": data})
+    with Store(store_dir) as store:
+        add_origin(store, origin())
+        model_id = store.begin_model(model, origin().manifest_hash)
+        assert model_id is not None
+        statements: list[str] = []
+        store.conn.set_trace_callback(statements.append)
+        (staged,) = store.stage_files(model_id)
+        store.conn.set_trace_callback(None)
+        assert [s for s in statements if s.split()[0] in ("BEGIN", "COMMIT", "UPDATE")] == []
+        assert len(staged.pending()) == len(model.files[0].chunks)
+
+
 def test_local_chunks_are_found_and_rechecked(store_dir: Path) -> None:
     data = payload(300_000)
     model = model_entry("m", "v", {"a.bin": data})

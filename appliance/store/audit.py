@@ -119,15 +119,22 @@ def read_head(store_dir: Path) -> tuple[int, str] | None:
 
 
 def write_head(store_dir: Path, seq: int, digest: str) -> None:
-    """Record the newest committed record; never moves the head backwards."""
+    """Record the newest committed record; never moves the head backwards.
+
+    A head that already names this record is left alone (a transaction that appended
+    nothing costs no write). The new head's bytes are fsynced before the rename, so a crash
+    never leaves a torn head; the directory is fsynced only when the head is created: losing
+    the rename of a *replaced* head leaves the older head, which lags (allowed above), while
+    losing a first head would read as a removed log."""
     current = None
     with contextlib.suppress(AuditChainError):
         current = read_head(store_dir)
-    if current is not None and current[0] > seq:
+    if current is not None and (current[0] > seq or current == (seq, digest)):
         return
     with contextlib.suppress(OSError):
         # The head is a tripwire, not the log: failing to move it must not fail the append.
-        fsutil.write_atomic(store_dir / HEAD_NAME, f"{seq} {digest}\n".encode("ascii"))
+        fsutil.write_atomic(store_dir / HEAD_NAME, f"{seq} {digest}\n".encode("ascii"),
+                            sync_dir=current is None)
 
 
 def sync_head(store_dir: Path, conn: sqlite3.Connection | None = None) -> None:

@@ -337,8 +337,12 @@ class Store(StoreCatalog):
             else:
                 sf.mark_published(whole, now)
                 return
-        with self.transaction():
-            self.conn.execute("UPDATE chunks SET done = 0 WHERE file = ?", (sf.file_id,))
+        # A new file has no chunk done yet: no transaction (one commit, one WAL sync, saved
+        # on every file of every import). A lost staged file's marks are cleared durably.
+        if self.conn.execute("SELECT 1 FROM chunks WHERE file = ? AND done = 1 LIMIT 1",
+                             (sf.file_id,)).fetchone() is not None:
+            with self.transaction():
+                self.conn.execute("UPDATE chunks SET done = 0 WHERE file = ?", (sf.file_id,))
 
     def recover(self) -> None:
         """Finish quarantine moves that a crash interrupted (the index already says quarantined)."""

@@ -14,6 +14,7 @@ transaction.
 
 from __future__ import annotations
 
+import functools
 import getpass
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -104,9 +105,18 @@ def _rows(db: sqlite3.Connection) -> list[sqlite3.Row]:
     ).fetchall()
 
 
+@functools.lru_cache(maxsize=16)
+def _parse_installed(body: bytes) -> SignedRoot:
+    """``parse_signed_root`` of an installed root's bytes, once per process: a pull or an
+    import reads the root in force three to five times (the session, the acceptance, the
+    recheck before publishing), always the same bytes. Pure, and ``SignedRoot`` is frozen,
+    so a cached result is the result; a parse that fails is not cached."""
+    return parse_signed_root(body)
+
+
 def _load_row(store_dir: Path, row: sqlite3.Row) -> SignedRoot:
     try:
-        signed = parse_signed_root(bytes(row["body"]))
+        signed = _parse_installed(bytes(row["body"]))
     except ApplianceError as e:
         raise StoreError(
             f"installed trust root v{row['version']} in {store_dir} is corrupt: {e}"
