@@ -82,6 +82,12 @@ class StoreCatalog:
                 break
         return None
 
+    def data_version(self) -> int:
+        """SQLite's ``PRAGMA data_version`` on this connection: another value than at the last
+        call when some other connection has committed to the index meanwhile (a reader that
+        polls, such as a partial seed, asks this instead of re-reading what it showed)."""
+        return int(self.conn.execute("PRAGMA data_version").fetchall()[0][0])
+
     def held_digests(self) -> set[str]:
         """Digests of every chunk this host holds verified (peers advertise these)."""
         rows = self.conn.execute(

@@ -1,5 +1,6 @@
 """Store upkeep: ``verify_store`` (re-hash, quarantine), ``quarantine_damaged`` (one chunk
-found bad while serving it) and ``gc`` (leftovers, orphans).
+found bad while serving it) and ``gc`` (leftovers, orphans, the scratch directories of
+torrent commands no running process holds: ``appliance.torrent.scratch``).
 
 A file that no longer matches its signed chunk list is never deleted: the index is updated
 first (file and model ``quarantined``, its chunks no longer offered to peers, an audit
@@ -30,6 +31,7 @@ from appliance.format.fields import format_timestamp
 from appliance.store import layout
 from appliance.store.staging import verify_chunks
 from appliance.store.store import Store, prune_empty_dirs, remove_tree
+from appliance.torrent import scratch
 
 Progress = Callable[[int, int], None]
 
@@ -273,7 +275,21 @@ def gc(store_dir: Path, *, abandon: bool = False, now: datetime | None = None) -
                 if path not in published:
                     _remove(path, report)
         prune_empty_dirs(models)
+        _sweep_torrent_scratch(store_dir, report, now)
     return report
+
+
+def _sweep_torrent_scratch(store_dir: Path, report: GcReport, now: datetime | None) -> None:
+    """What killed torrent commands left in STORE/torrent-scratch (held directories stay).
+
+    A fetch un-marks the done chunks libtorrent may overwrite before it keeps their copies in
+    guard/, so dropping a copy costs a re-fetch, never a done chunk with other bytes; each
+    one's durable copies are still re-checked (a copy left by an older version)."""
+    for swept in scratch.sweep(store_dir):
+        report.removed.append(swept.path)
+        report.freed_bytes += swept.freed_bytes
+        for digest in swept.guarded:
+            quarantine_damaged(store_dir, digest, now=now)
 
 
 def _remove(path: Path, report: GcReport) -> None:

@@ -307,6 +307,17 @@ class Store(StoreCatalog):
             staged.append(sf)
         return staged
 
+    def mark_staged_chunks(self, chunks: Sequence[tuple[int, int]], *, done: bool) -> None:
+        """Mark staged chunks (file id, idx) done or not done, in one transaction: a torrent
+        fetch un-marks done chunks before libtorrent may overwrite them with unverified bytes,
+        and marks them again once their checked copies are written back and fsynced."""
+        with self.transaction():
+            self.conn.executemany(
+                """UPDATE chunks SET done = ? WHERE file = ? AND idx = ?
+                   AND file IN (SELECT id FROM files WHERE state = 'staging')""",
+                [(int(done), file_id, idx) for file_id, idx in chunks],
+            )
+
     def _settle_lost_staged(self, sf: StagedFile, now: datetime | None) -> None:
         """A staging row without its staged file: a publish cut before its commit, or new."""
         if sf.final.exists():

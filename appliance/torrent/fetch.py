@@ -10,19 +10,22 @@ libtorrent, with every piece that holds only chunks the store already has at pri
 
 libtorrent downloads the rest straight into the session's staged files (its save path is a
 tree of links to them, ``storage.link_tree``, under ``STORE/torrent-scratch/<infohash>``,
-removed once the model is published: the model is on disk once) and checks every piece
+removed once the model is published: the model is on disk once; the fetch holds that
+directory, ``scratch.held``, so ``store gc`` leaves it alone) and checks every piece
 against the torrent's SHA-256 Merkle tree; a peer that sends bad blocks is banned by
 libtorrent. As the pieces that cover a chunk are all there, the source reads them
 (``read_piece``), cuts out the chunk and delivers it to the session's sink, which checks it
 against the signed manifest's BLAKE3 digest before it counts: a torrent whose hashes describe
 other bytes than the manifest stops with ``IntegrityError`` and nothing is published. After a
-kill, done chunks a bad peer may have touched are written back from their kept copies
-(``storage.Guard``) before the session starts, the session's durable chunks are not asked for
-again, and libtorrent is told which pieces the store holds (no re-hash of the staged files).
+kill, the done chunks a bad peer may have touched (marked not done meanwhile) are written back
+from their kept copies and marked done again (``storage.Guard``) before the session starts,
+the session's durable chunks are not asked for again, and libtorrent is told which pieces the
+store holds (no re-hash of the staged files).
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from collections.abc import Callable
@@ -46,8 +49,8 @@ from appliance.store import layout, trust_state
 from appliance.store.ingest import IngestOutcome, IngestSession
 from appliance.store.store import Store
 from appliance.torrent import meta
+from appliance.torrent import scratch as scratch_dirs
 from appliance.torrent.certs import TorrentIdentity, same_certificate
-from appliance.torrent.make import SCRATCH_DIR
 from appliance.torrent.session import SwarmOptions, add_flags, connect_peers, open_session
 from appliance.torrent.source import FILES_DIR, TorrentSource
 from appliance.torrent.storage import GUARD_DIR, Guard, places, stored_files
@@ -132,12 +135,14 @@ def fetch(
     say = notify or (lambda _message: None)
     trust_state.require_override_reason(opts.allow_expired, opts.reason)
     session = open_session(opts.swarm, secure=opts.identity is not None)
+    # Scratch directories this fetch works in, held until libtorrent has stopped (below).
+    holds = contextlib.ExitStack()
     try:
         if isinstance(torrent, str):
             if opts.identity is not None:
                 raise UsageError("a magnet link cannot start an SSL torrent (its CA is in the "
                                  "info dict it would fetch): give the .torrent file")
-            magnet = _magnet(session, torrent, store_dir, opts, say)
+            magnet = _magnet(session, torrent, store_dir, opts, say, holds)
             got = magnet.torrent_file()
             if got is None:
                 raise PeerError("the swarm's info dict could not be read")
@@ -147,25 +152,28 @@ def fetch(
             handle, ti = None, parse_torrent(torrent)
         check_membership(ti, opts.identity)
         carried = meta.decode(ti.info_section())
-        return _ingest(store_dir, session, ti, handle, carried, opts, moment, progress, say)
+        return _ingest(store_dir, session, ti, handle, carried, opts, moment, progress, say,
+                       holds)
     finally:
         session.pause()
         del session
+        holds.close()
 
 
 def _scratch(store_dir: Path, opts: FetchOptions, infohash: str) -> Path:
-    return (opts.scratch or store_dir / SCRATCH_DIR) / infohash
+    return (opts.scratch or scratch_dirs.scratch_root(store_dir)) / infohash
 
 
 def _magnet(session: lt.session, uri: str, store_dir: Path, opts: FetchOptions,
-            say: Notify) -> lt.torrent_handle:
+            say: Notify, holds: contextlib.ExitStack) -> lt.torrent_handle:
     try:
         params = lt.parse_magnet_uri(uri)
     except RuntimeError as e:
         raise UsageError(f"not a magnet link: {e}") from e
     hashes = params.info_hashes
     name = str(hashes.v2) if hashes.has_v2() else str(hashes.v1)
-    params.save_path = str(_scratch(store_dir, opts, name) / FILES_DIR)
+    params.save_path = str(holds.enter_context(
+        scratch_dirs.held(_scratch(store_dir, opts, name))) / FILES_DIR)
     # Upload mode: the info dict may come in, no file byte before the manifest is trusted.
     params.flags |= add_flags("upload_mode")
     handle = session.add_torrent(params)
@@ -185,7 +193,8 @@ def _magnet(session: lt.session, uri: str, store_dir: Path, opts: FetchOptions,
 
 def _ingest(store_dir: Path, session: lt.session, ti: lt.torrent_info,
             handle: lt.torrent_handle | None, carried: meta.Carried, opts: FetchOptions,
-            now: datetime, progress: Progress | None, say: Notify) -> FetchResult:
+            now: datetime, progress: Progress | None, say: Notify,
+            holds: contextlib.ExitStack) -> FetchResult:
     infohash = meta.infohash(ti)
     scratch = _scratch(store_dir, opts, infohash)
     holder: dict[str, TorrentSource] = {}
@@ -201,6 +210,7 @@ def _ingest(store_dir: Path, session: lt.session, ti: lt.torrent_info,
 
     def source(_bundle: AuthenticatedBundle) -> TorrentSource:
         meta.check_files(ti, model)  # refused (and audited) before any file byte is asked
+        holds.enter_context(scratch_dirs.held(scratch))
         holder["source"] = TorrentSource(
             session, ti, handle, model, scratch, store, peers=opts.swarm.peers,
             identity=opts.identity, wait_for_pieces=opts.wait_for_pieces, notify=say)
@@ -229,7 +239,7 @@ def _ingest(store_dir: Path, session: lt.session, ti: lt.torrent_info,
         if guard.saved():
             meta.check_files(ti, model)
             files = stored_files(store, model.name, model.version)
-            guard.restore(places(ti, model, files))
+            guard.restore(places(ti, model, files), store)
             say("wrote back the chunks a killed fetch had kept aside")
         ingest = IngestSession(store, action="torrent", now=now,
                                allow_expired=opts.allow_expired, reason=opts.reason,

@@ -13,7 +13,8 @@ media before it is imported: the media is authenticated against the store's trus
 model's files are written, from chunks ``bundle.reader.read_chunk`` decompressed and checked
 against the signed manifest, into a temporary directory under ``STORE/torrent-scratch`` (the
 media's packs hold zstd frames, and libtorrent 2.1's Python bindings can only hash files:
-``set_hash2`` is not exposed), hashed there, and removed. The chain carried is the one the
+``set_hash2`` is not exposed), hashed there while it is held (``scratch.held``: ``store gc``
+leaves it alone), and removed. The chain carried is the one the
 store will hold once the bundle is imported (its installed roots plus the newer roots the
 media carries), so an import followed by ``model_torrent`` gives the same bytes.
 """
@@ -38,8 +39,9 @@ from appliance.store import layout, trust_state
 from appliance.store.records import parse_ref
 from appliance.store.store import Store
 from appliance.torrent import meta
+from appliance.torrent.scratch import SCRATCH_DIR, held
 
-SCRATCH_DIR = "torrent-scratch"
+__all__ = ["SCRATCH_DIR", "build_torrent", "media_torrent", "model_torrent"]
 
 
 def build_torrent(files_root: Path, model: ModelEntry, carried: dict[bytes, object], *,
@@ -110,10 +112,11 @@ def media_torrent(store_dir: Path, volume_dirs: Sequence[Path], ref: str, *,
     except OSError as e:
         raise layout.os_error(e, f"cannot create a directory under {base}") from e
     try:
-        layout.check_free_space(work, sum(f.size for f in model.files),
-                                f"making the torrent of {model.name}:{model.version}")
-        _write_plain_files(media, model, work)
-        data = build_torrent(work, model, carried, root_cert=root_cert)
+        with held(work):  # store gc leaves it alone while it is hashed
+            layout.check_free_space(work, sum(f.size for f in model.files),
+                                    f"making the torrent of {model.name}:{model.version}")
+            _write_plain_files(media, model, work)
+            data = build_torrent(work, model, carried, root_cert=root_cert)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return data, f"{model.name}:{model.version}"

@@ -8,18 +8,26 @@ exactly its signed files (``meta.check_files``) and, as for a fetch, is an SSL t
 site's CA (or plaintext with ``--insecure``). A published model is then seeded as
 ``Seeder.add_published`` does; a model still importing (a media import, a peer pull or a
 torrent fetch in progress, or stopped) is added with libtorrent's save path at a tree of
-links to its staged files (``storage.link_tree``, under ``STORE/torrent-scratch/seed-<ih>``)
+links to its staged files (``storage.link_tree``, under ``STORE/torrent-scratch/seed-<ih>``,
+held while it is seeded: ``scratch.held``, so ``store gc`` leaves it alone)
 and ``have_pieces`` = the pieces every byte of which is in chunks the index marks done
 (``storage.held_pieces``): nothing is re-hashed at start, and no byte the store has not
 verified is offered. Upload mode, as for published models: libtorrent never writes.
 
 libtorrent has no call to say "you have this piece now" without writing it, so ``refresh``
-re-reads the index and, when more pieces are held (or the model was published meanwhile),
-adds the torrent again with the new set (connected peers reconnect).
+(called every poll of the seeding loop) asks the index, at most every ``refresh_s``, whether
+anything was committed since its last look (``StoreCatalog.data_version``: SQLite's
+``PRAGMA data_version`` on the seeder's own connection, one call that reads no table); only
+then does it re-read the staged files' done chunks and, when more pieces are held, add the
+torrent again with the new set, at most every ``reoffer_s`` (default 5 looks: connected peers
+reconnect, so an import verifying chunks all the time does not drop them every second); a
+model published
+meanwhile is moved to its published files at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from dataclasses import dataclass
@@ -30,15 +38,17 @@ import libtorrent as lt
 from appliance.errors import IntegrityError, StoreError
 from appliance.format.manifest import ModelEntry, parse_manifest
 from appliance.store import layout
+from appliance.store.catalog import StoreCatalog
 from appliance.store.records import find_model
 from appliance.store.store import Store
 from appliance.torrent import meta, storage
 from appliance.torrent.fetch import check_membership, parse_torrent
-from appliance.torrent.make import SCRATCH_DIR
+from appliance.torrent.scratch import held, scratch_root
 from appliance.torrent.seed import Seeded, Seeder
 from appliance.torrent.session import add_flags, connect_peers, present_certificate
 
-REFRESH_S = 30.0
+REFRESH_S = 1.0  # how often the index is asked whether anything changed (one pragma)
+REOFFER_LOOKS = 5  # re-add one torrent at most every this many looks (its peers reconnect)
 
 
 @dataclass
@@ -48,16 +58,23 @@ class _Staged:
     model: ModelEntry
     handle: lt.torrent_handle
     held: int  # pieces offered
+    added: float  # time.monotonic() of the last add
 
 
 class StagedSeeds:
     """Torrents given for models of ``seeder``'s store, published or still importing."""
 
-    def __init__(self, seeder: Seeder, *, refresh_s: float = REFRESH_S) -> None:
+    def __init__(self, seeder: Seeder, *, refresh_s: float = REFRESH_S,
+                 reoffer_s: float | None = None) -> None:
         self.seeder = seeder
         self.refresh_s = refresh_s
+        self.reoffer_s = REOFFER_LOOKS * refresh_s if reoffer_s is None else reoffer_s
         self.staged: list[_Staged] = []
+        self.reads = 0  # looks at the staged files' chunks (tests: none when nothing changed)
         self._due = time.monotonic() + refresh_s
+        self._catalog: StoreCatalog | None = None
+        self._version: int | None = None
+        self._holds = contextlib.ExitStack()
 
     @property
     def store_dir(self) -> Path:
@@ -85,17 +102,32 @@ class StagedSeeds:
             if record.state == "published":
                 return self.seeder.add(data, ref, layout.models_dir(self.store_dir))
         seeded = Seeded(ref, meta.infohash(ti), data)
-        handle, held = self._add(ti, model)
-        self.staged.append(_Staged(seeded, ti, model, handle, held))
+        catalog = self._open()
+        self._version = catalog.data_version()  # what the first add below reads
+        self._holds.enter_context(held(self._links(seeded.infohash)))
+        handle, offered = self._add(ti, model, storage.stored_files(
+            catalog, model.name, model.version))
+        self.staged.append(_Staged(seeded, ti, model, handle, offered, time.monotonic()))
         self.seeder.seeded.append(seeded)
         return seeded
 
-    def _links(self, infohash: str) -> Path:
-        return self.store_dir / SCRATCH_DIR / f"seed-{infohash}"
+    def _open(self) -> StoreCatalog:
+        if self._catalog is None:
+            self._catalog = StoreCatalog(self.store_dir)
+        return self._catalog
 
-    def _add(self, ti: lt.torrent_info, model: ModelEntry) -> tuple[lt.torrent_handle, int]:
-        with Store(self.store_dir) as store:
-            files = storage.stored_files(store, model.name, model.version)
+    def close(self) -> None:
+        """Let go of the index and of the link trees (``store gc`` may remove them now)."""
+        if self._catalog is not None:
+            self._catalog.close()
+            self._catalog = None
+        self._holds.close()
+
+    def _links(self, infohash: str) -> Path:
+        return scratch_root(self.store_dir) / f"seed-{infohash}"
+
+    def _add(self, ti: lt.torrent_info, model: ModelEntry,
+             files: dict[str, storage.StoredFile]) -> tuple[lt.torrent_handle, int]:
         save_path = self._links(meta.infohash(ti))
         storage.link_tree(save_path, model, files, missing_ok=True)
         have = storage.held_pieces(ti, model, files)
@@ -112,24 +144,37 @@ class StagedSeeds:
         return handle, sum(have)
 
     def refresh(self, *, force: bool = False) -> None:
-        """Offer the pieces verified since the last look (at most every ``refresh_s``)."""
-        if not force and time.monotonic() < self._due:
+        """Offer the pieces verified since the last look: at most every ``refresh_s``, and
+        reading the staged files' chunks only when the index changed (or ``force``)."""
+        now = time.monotonic()
+        if not self.staged or (not force and now < self._due):
             return
-        self._due = time.monotonic() + self.refresh_s
+        self._due = now + self.refresh_s
+        catalog = self._open()
+        version = catalog.data_version()
+        if not force and version == self._version:
+            return  # nothing committed since the last look: nothing new to offer
+        self._version = version
         for entry in list(self.staged):
-            with Store(self.store_dir) as store:
-                files = storage.stored_files(store, entry.model.name, entry.model.version)
-            published = len(files) == len(entry.model.files) and all(
+            model = entry.model
+            files = storage.stored_files(catalog, model.name, model.version)
+            self.reads += 1
+            published = len(files) == len(model.files) and all(
                 f.published for f in files.values())
-            held = sum(storage.held_pieces(entry.ti, entry.model, files))
-            if not published and held <= entry.held:
-                continue
-            self.seeder.session.remove_torrent(entry.handle)
             if published:  # imported meanwhile: its staged files were renamed into place
+                self.seeder.session.remove_torrent(entry.handle)
                 self.staged.remove(entry)
                 self.seeder.seeded.remove(entry.seeded)
                 self.seeder.add(entry.seeded.torrent, entry.seeded.model,
                                 layout.models_dir(self.store_dir))
                 shutil.rmtree(self._links(entry.seeded.infohash), ignore_errors=True)
                 continue
-            entry.handle, entry.held = self._add(entry.ti, entry.model)
+            held_now = sum(storage.held_pieces(entry.ti, model, files))
+            if held_now <= entry.held:
+                continue
+            if not force and now - entry.added < self.reoffer_s:
+                self._version = None  # look again next time: this growth is not offered yet
+                continue
+            self.seeder.session.remove_torrent(entry.handle)
+            entry.handle, entry.held = self._add(entry.ti, model, files)
+            entry.added = time.monotonic()

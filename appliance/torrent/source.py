@@ -14,8 +14,10 @@ read back (``read_piece``), the chunk is cut out and given to ``sink.deliver``, 
 it against the signed BLAKE3 digest and length before it counts (and writes the same bytes
 at the same place). A piece is held only while a whole chunk waits for it (``_Pieces``), so
 memory stays at the chunks being cut, whatever order pieces arrive in. Done chunks sharing a
-piece with a needed one are kept aside first (``storage.Guard``) and written back when
-libtorrent stops, so a peer's bad blocks never outlive the run in a chunk already verified.
+piece with a needed one are kept aside first (``storage.Guard``) and marked not done while
+libtorrent may write them, then written back and marked done again when it stops, so a peer's
+bad blocks never outlive the run in a chunk the index calls verified, even if the run is
+killed and another entry point finishes the model.
 
 The source stops when every needed chunk was delivered, or raises ``PeerError`` when no piece
 arrived for ``wait_for_pieces`` seconds (what was delivered is durable; run again to resume).
@@ -29,7 +31,6 @@ from pathlib import Path
 
 import libtorrent as lt
 
-from appliance.chunks import check_chunk
 from appliance.errors import PeerError, StoreError
 from appliance.format.manifest import ModelEntry
 from appliance.store.ingest import ChunkSink
@@ -76,6 +77,7 @@ class TorrentSource:
         self.store = store
         self.guard = storage.Guard(scratch / storage.GUARD_DIR)
         self._guard_on_delivery: set[str] = set()
+        self._unmarked: set[tuple[int, int]] = set()  # (file id, idx) while libtorrent runs
         self.peers = tuple(peers)
         self.identity = identity
         self.wait_for_pieces = wait_for_pieces
@@ -96,16 +98,18 @@ class TorrentSource:
 
     def _keep_exposed(self, needed: Mapping[str, int],
                       where: Mapping[str, list[storage.Place]], wanted: list[int]) -> None:
-        """Done chunks that share a piece with a needed one, copied aside before libtorrent
-        may write that piece; needed chunks with a second place in such a piece are copied
-        as they are delivered."""
+        """Done chunks that share a piece with a needed one, copied aside and marked not done
+        before libtorrent may write that piece; needed chunks with a second place in such a
+        piece are treated so as they are delivered (``_exposed_on_delivery``)."""
         piece_length = self.ti.piece_length()
+        exposed: list[tuple[int, int]] = []
         for digest, found in where.items():
             if digest in needed:
                 if any(storage.overlaps(p, wanted, piece_length) for p in found[1:]):
                     self._guard_on_delivery.add(digest)
                 continue
-            if not any(storage.overlaps(p, wanted, piece_length) for p in found):
+            hit = [p.key for p in found if storage.overlaps(p, wanted, piece_length)]
+            if not hit:
                 continue
             data = self.store.read_local_chunk(digest)
             if data is None:
@@ -113,6 +117,24 @@ class TorrentSource:
                                  "is marked done but no copy of it verifies: run 'appliance "
                                  "store verify'")
             self.guard.save(digest, data)
+            exposed += hit
+        self._unmark(exposed)
+
+    def _unmark(self, chunks: list[tuple[int, int]]) -> None:
+        if chunks:
+            self.store.mark_staged_chunks(chunks, done=False)
+            self._unmarked.update(chunks)
+
+    def _exposed_on_delivery(self, span: _Span, data: bytes, sink: ChunkSink,
+                             where: Mapping[str, list[storage.Place]], wanted: list[int]
+                             ) -> None:
+        """A delivered chunk whose other places lie in pieces libtorrent may still write:
+        kept aside, made durable as done, then those places marked not done until the end."""
+        self.guard.save(span.digest, data)  # the sink has just checked it (restore does again)
+        sink.settle()  # its places are committed done now, not in a later batch
+        piece_length = self.ti.piece_length()
+        self._unmark([p.key for p in where[span.digest][1:]
+                      if storage.overlaps(p, wanted, piece_length)])
 
     def _start(self, wanted: set[int], files: dict[str, storage.StoredFile]
                ) -> lt.torrent_handle:
@@ -155,15 +177,20 @@ class TorrentSource:
         pieces = _Pieces(spans.values())
         wanted = sorted(pieces.users)
         self._keep_exposed(needed, where, wanted)
-        handle = self._start(set(wanted), files)
         try:
-            self._transfer(spans, pieces, handle, sink)
+            handle = self._start(set(wanted), files)
+            try:
+                self._transfer(spans, pieces, handle, sink,
+                               lambda span, data: self._exposed_on_delivery(
+                                   span, data, sink, where, wanted))
+            finally:
+                self._stop(handle)
         finally:
-            self._stop(handle)
-            self.guard.restore(where)
+            self.guard.restore(where, self.store, unmarked=self._unmarked)
+            self._unmarked.clear()
 
     def _transfer(self, spans: dict[str, _Span], pieces: _Pieces, handle: lt.torrent_handle,
-                  sink: ChunkSink) -> None:
+                  sink: ChunkSink, expose: Callable[[_Span, bytes], None]) -> None:
         last_piece = time.monotonic()
         last_connect = scan_due = 0.0
         while spans:
@@ -183,10 +210,9 @@ class TorrentSource:
                 last_piece = time.monotonic()
             for span in pieces.complete():
                 data = self._cut(span, pieces.held)
-                if span.digest in self._guard_on_delivery:
-                    check_chunk(data, span.digest, span.length)
-                    self.guard.save(span.digest, data)
                 sink.deliver(span.digest, data)
+                if span.digest in self._guard_on_delivery:
+                    expose(span, data)
                 del spans[span.digest]
                 pieces.delivered(span)
             if spans and time.monotonic() - last_piece > self.wait_for_pieces:

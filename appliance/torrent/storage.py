@@ -18,9 +18,14 @@ is simply fetched again.
 as they arrive and checks the piece after, so a peer sending bad data can overwrite, for a
 moment, the part of a piece that belongs to a chunk already done (a piece shared by a done
 chunk and a needed one). Before libtorrent may write such a piece the done chunk is copied,
-checked, into ``<scratch>/guard/<digest>`` (fsynced), and written back over every place it
-has once libtorrent is stopped: at the end of each run and, after a kill, at the start of
-the next fetch, before anything else reads the staged files.
+checked, into ``<scratch>/guard/<digest>`` (fsynced) and its places there are marked NOT done
+in the index (``Store.mark_staged_chunks``): while libtorrent may write them the store does not
+claim them, so a peer server on this host does not offer them and, if the fetch is killed,
+whatever finishes the model (another fetch, an import, a peer pull) takes them again. Once
+libtorrent is stopped the copy is written back over every place of the chunk, fsynced, the
+places are marked done again and the copy removed: at the end of each run and, after a kill,
+at the start of the next fetch of that torrent. A copy a killed fetch left is only a saving
+(no re-fetch); ``store gc`` removes those no running fetch holds.
 """
 
 from __future__ import annotations
@@ -39,15 +44,19 @@ from appliance.format.manifest import ModelEntry
 from appliance.fsutil import fsync_dir
 from appliance.store import layout
 from appliance.store.catalog import StoreCatalog
+from appliance.store.store import Store
 from appliance.torrent import meta
+from appliance.torrent.scratch import GUARD_DIR
 
-GUARD_DIR = "guard"
+__all__ = ["GUARD_DIR", "Guard", "Place", "StoredFile", "held_pieces", "link_tree", "places",
+           "stored_files"]
 
 
 @dataclass(frozen=True)
 class StoredFile:
     """One file of the model as the store holds it now."""
 
+    file_id: int
     path: str  # in the manifest
     size: int
     location: Path  # the staged file, or the published one
@@ -64,7 +73,7 @@ def stored_files(catalog: StoreCatalog, name: str, version: str) -> dict[str, St
             spans: tuple[tuple[int, int], ...] = ((0, size),)
         else:
             location, spans = layout.staged_path(catalog.store_dir, file_id), tuple(done)
-        out[path] = StoredFile(path, size, location, published, spans)
+        out[path] = StoredFile(file_id, path, size, location, published, spans)
     return out
 
 
@@ -144,6 +153,13 @@ class Place:
     start: int  # byte offset in the torrent's piece space
     location: Path
     offset: int  # in the store's file
+    file_id: int
+    idx: int  # the chunk's index in its file
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """(file id, idx): the chunk's row in the index."""
+        return self.file_id, self.idx
 
 
 def places(ti: lt.torrent_info, model: ModelEntry,
@@ -158,10 +174,10 @@ def places(ti: lt.torrent_info, model: ModelEntry,
         if stored is None or stored.published:
             continue
         base = storage.file_offset(index[meta.torrent_path(model, entry)])
-        for chunk in entry.chunks:
+        for idx, chunk in enumerate(entry.chunks):
             out.setdefault(chunk.digest, []).append(
                 Place(chunk.digest, chunk.length, base + chunk.offset, stored.location,
-                      chunk.offset))
+                      chunk.offset, stored.file_id, idx))
     return out
 
 
@@ -202,27 +218,39 @@ class Guard:
             raise layout.os_error(e, f"cannot keep a copy of chunk {digest} in "
                                   f"{self.directory}", needed=len(data)) from e
 
-    def restore(self, where: dict[str, list[Place]]) -> int:
-        """Write every kept chunk back over each of its places, fsync, and drop the copies;
-        the number of chunks written back."""
+    def restore(self, where: dict[str, list[Place]], store: Store, *,
+                unmarked: set[tuple[int, int]] | None = None) -> int:
+        """Write every kept chunk back over each of its places, fsync, mark done again the
+        places ``unmarked`` for it (every place of it: a copy a killed fetch left), and drop
+        the copies; the number of chunks written back."""
         restored = 0
-        for digest in self.saved():
-            path = self.directory / digest
+        marks: list[tuple[int, int]] = []
+        spoilt: list[tuple[int, int]] = []
+        saved = self.saved()
+        for digest in saved:
             targets = where.get(digest, [])
+            if not targets:
+                continue  # no staged place left (published meanwhile): nothing to put back
+            path = self.directory / digest
             try:
                 data = path.read_bytes()
+                check_chunk(data, digest, targets[0].length, file=str(path))
             except OSError as e:
                 raise layout.os_error(e, f"cannot read {path}") from e
-            if targets:
-                try:
-                    check_chunk(data, digest, targets[0].length, file=str(path))
-                except IntegrityError as e:
-                    raise StoreError(f"the kept copy {path} is damaged ({e}); run 'appliance "
-                                     "store verify' before fetching again") from e
-                for place in targets:
-                    _pwrite_durable(place.location, place.offset, data)
-                restored += 1
-            path.unlink()
+            except IntegrityError:
+                # The copy itself went bad: its places are taken again, not trusted.
+                spoilt += [p.key for p in targets]
+                continue
+            for place in targets:
+                _pwrite_durable(place.location, place.offset, data)
+            marks += [p.key for p in targets if unmarked is None or p.key in unmarked]
+            restored += 1
+        if spoilt:
+            store.mark_staged_chunks(spoilt, done=False)
+        if marks:  # written back and fsynced: the signed bytes are there again
+            store.mark_staged_chunks(marks, done=True)
+        for digest in saved:
+            (self.directory / digest).unlink(missing_ok=True)
         return restored
 
 
