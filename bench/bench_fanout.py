@@ -1,15 +1,15 @@
 """Site fan-out: one seed and N hosts on links capped with ``tc``, swarm pull vs a central server.
 
-Set-up: a generated GGUF (48 MiB, 32 MiB with ``--quick``; 1 MiB tensors, so chunks about as
-big as gemma3-270m's) built into a signed bundle and imported into the seed's store. A
-test-made LAN (``appliance.testlan.Lan``: one network namespace per host on a bridge, names
-``apfo-<pid>-*``, addresses 10.x.0.y inside them only, deleted afterwards) caps every host's
-veth with a ``tc`` token bucket of ``RATE_MBIT`` in both directions, as a full-duplex link: the
-seed uploads at most that in total and each host downloads at most that. The rate is low
-enough that the 2-core machine is not the bottleneck, so the transfers are link-bound. Every
-host command is a real ``appliance`` CLI process run with ``ip netns exec``; servers are
-plaintext (``--insecure``: site TLS costs CPU, not link time) without mDNS
-(``--no-advertise``, ``--no-mdns``), so no traffic leaves the namespaces.
+Set-up: a generated GGUF (48 MiB, 32 MiB with ``--quick``, N MiB with ``bench.run --fanout-mb
+N``: 1 MiB tensors, so chunks about as big as gemma3-270m's) built into a signed bundle and
+imported into the seed's store. A test-made LAN (``appliance.testlan.Lan``: one network
+namespace per host on a bridge, names ``apfo-<pid>-*``, addresses 10.x.0.y inside them only,
+deleted afterwards) caps every host's veth with a ``tc`` token bucket of ``RATE_MBIT`` in both
+directions, as a full-duplex link: the seed uploads at most that in total and each host
+downloads at most that. The rate is low enough that the 2-core machine is not the bottleneck,
+so the transfers are link-bound. Every host command is a real ``appliance`` CLI process run
+with ``ip netns exec``; servers are plaintext (``--insecure``: site TLS costs CPU, not link
+time) without mDNS (``--no-advertise``, ``--no-mdns``), so no traffic leaves the namespaces.
 
 Measured, each from the first process start to the last process exit, every host ending with
 the model verified and published in its store:
@@ -329,13 +329,19 @@ def _weights_gguf(path: Path, mib: int) -> Path:
     return path
 
 
+def model_mib(ctx: BenchContext) -> int:
+    """The generated model's size in MiB: ``--fanout-mb`` (a model large enough that T1 is
+    not dominated by the hosts' start-up), else the default."""
+    return ctx.fanout_mib or (QUICK_MIB if ctx.quick else FULL_MIB)
+
+
 def seeded_store(ctx: BenchContext, work: Path) -> tuple[BenchBundle, Path]:
     """The fan-out model, built into a signed bundle and imported into the seed's store
     (``work/seed``); the fan-out benches (peer swarm, torrent) start from here."""
     work.mkdir(parents=True, exist_ok=True)
     # A generated GGUF even when gemma is installed (253 MB x 8 hosts at a capped rate would
     # take far longer than a benchmark run should), cut like gemma: about 1 MiB per chunk.
-    weights = _weights_gguf(work / "weights.gguf", QUICK_MIB if ctx.quick else FULL_MIB)
+    weights = _weights_gguf(work / "weights.gguf", model_mib(ctx))
     setup = prepare(dataclasses.replace(ctx, model_path=weights), work, generated_mib=(0, 0),
                     model_when_quick=True)
     return setup, setup.seed_store(work / "seed", work / "media")

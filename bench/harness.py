@@ -58,6 +58,7 @@ class BenchContext:
     tiny_model_path: Path  # a tiny runnable GGUF made for this run
     quick: bool  # smaller inputs, fewer repetitions (CI smoke run)
     large: bool = False  # also the generated 6.4 GB GGUF and its split variant (large_model)
+    fanout_mib: int = 0  # the fan-out benches' generated model in MiB (0: their default)
 
 
 @dataclass(frozen=True)

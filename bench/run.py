@@ -1,6 +1,6 @@
 """Run every benchmark in bench/ and write bench/results/latest.{json,md}.
 
-Usage: .venv/bin/python -m bench.run [--quick] [--large] [--only NAME] [--out DIR]
+Usage: .venv/bin/python -m bench.run [--quick] [--large] [--only NAME] [--fanout-mb N] [--out DIR]
 
 Each bench/bench_<area>.py compares appliance with a native tool (zstd, b3sum, cp, curl,
 in-process llama-cpp-python) in this same run; the table shows both figures and the ratio.
@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
                              "~/.cache/appliance-bench (bench/large_model.py)")
     parser.add_argument("--only", help="run only benchmarks whose module name contains this "
                                        "(several: a,b,c)")
+    parser.add_argument("--fanout-mb", type=int, default=0, metavar="N",
+                        help="the site fan-out benches (fanout, torrent) on a generated model "
+                             "of N MiB instead of 48 (bench_fanout.model_mib)")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
     args = parser.parse_args(argv)
 
@@ -83,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         tiny = write_tiny_llama(work / "tiny.gguf")
         ctx = BenchContext(workdir=work, model_path=None if args.quick else _model_path(),
-                           tiny_model_path=tiny, quick=args.quick, large=args.large)
+                           tiny_model_path=tiny, quick=args.quick, large=args.large,
+                           fanout_mib=args.fanout_mb)
         for name in _discover(args.only):
             module = importlib.import_module(f"bench.{name}")
             start = time.perf_counter()
@@ -109,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{platform.machine()}, {_cpu_count()} cores, Python {platform.python_version()}"
         ),
         "command": "python -m bench.run" + (" --quick" if args.quick else "")
-        + (" --large" if args.large else "") + (f" --only {args.only}" if args.only else ""),
+        + (" --large" if args.large else "") + (f" --only {args.only}" if args.only else "")
+        + (f" --fanout-mb {args.fanout_mb}" if args.fanout_mb else ""),
         "load": _load(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
