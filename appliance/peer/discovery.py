@@ -25,15 +25,20 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import ifaddr
-from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, ServiceListener, Zeroconf
 
 from appliance.errors import ApplianceError, FormatError, PeerError, UsageError
 from appliance.format import yamlsafe
 from appliance.limits import DEFAULT_LIMITS, Limits
 from appliance.peer.protocol import PROTOCOL_VERSION, SERVICE_TYPE, normalize_peer_url
+
+if TYPE_CHECKING:
+    from zeroconf import ServiceInfo, ServiceListener, Zeroconf
+
+# zeroconf (and the asyncio it runs on) is imported where mDNS runs, not here: a pull from
+# --from peers with --no-mdns reads the site config through this module and never multicasts.
 
 SITE_CONFIG_NAME = "site.yaml"
 MAX_SITE_CONFIG_BYTES = 256 * 1024
@@ -132,6 +137,8 @@ def _instance_name(host_name: str, port: int) -> str:
 def service_info(host_name: str, port: int, addresses: Sequence[str], *, scheme: str
                  ) -> ServiceInfo:
     """The record a host advertises: where it listens and whether it speaks https."""
+    from zeroconf import ServiceInfo
+
     if scheme not in ("http", "https"):
         raise UsageError(f"scheme {scheme!r} is not http or https")
     if not addresses:
@@ -159,6 +166,8 @@ def _text(props: dict[Any, Any], key: str) -> str | None:
 
 def peer_from_info(info: ServiceInfo) -> Peer | None:
     """A peer from a (hostile) mDNS record, or None when it is not a usable appliance peer."""
+    from zeroconf import IPVersion
+
     props = info.properties or {}
     if _text(props, "proto") != str(PROTOCOL_VERSION):
         return None
@@ -182,6 +191,8 @@ def peer_from_info(info: ServiceInfo) -> Peer | None:
 
 
 def _zeroconf(interfaces: Sequence[str] | None) -> Zeroconf:
+    from zeroconf import IPVersion, Zeroconf
+
     try:
         if interfaces:
             return Zeroconf(interfaces=list(interfaces), ip_version=IPVersion.V4Only)
@@ -225,7 +236,10 @@ class Advertiser:
         self.close()
 
 
-class _Collector(ServiceListener):
+class _Collector:
+    """A zeroconf ``ServiceListener`` by its three methods (``ServiceBrowser`` calls them by
+    name), so that defining it needs no zeroconf import."""
+
     def __init__(self) -> None:
         self.names: set[str] = set()
         self.lock = threading.Lock()
@@ -245,10 +259,12 @@ class _Collector(ServiceListener):
 
 def browse(timeout: float = 2.0, *, interfaces: Sequence[str] | None = None) -> list[Peer]:
     """Peers that answer an mDNS query for ``_appliance._tcp.local.`` within ``timeout``."""
+    from zeroconf import ServiceBrowser
+
     zc = _zeroconf(interfaces)
     try:
         collector = _Collector()
-        browser = ServiceBrowser(zc, SERVICE_TYPE, listener=collector)
+        browser = ServiceBrowser(zc, SERVICE_TYPE, listener=cast("ServiceListener", collector))
         time.sleep(timeout)
         browser.cancel()
         with collector.lock:
