@@ -81,15 +81,19 @@ class FakeSink:
         self.record_threads: set[int] = set()
         self.refusals: list[tuple[ApplianceError, dict[str, Any]]] = []
         self.settles = 0
+        self.trusted: set[str] = set()  # written with checked=True: the sink did not hash them
         self.on_record = on_record
         self.lock = threading.Lock()
 
-    def write(self, digest: str, data: bytes) -> bool:
+    def write(self, digest: str, data: bytes, *, checked: bool = False) -> bool:
         with self.lock:
             self.write_threads.add(threading.get_ident())
             if digest in self.recorded:
                 return False
-        check_chunk(data, digest, len(self.needed[digest]))
+            if checked:
+                self.trusted.add(digest)
+        if not checked or len(data) != len(self.needed[digest]):
+            check_chunk(data, digest, len(self.needed[digest]))
         with self.lock:
             self.written[digest] = data
         return True
@@ -237,3 +241,22 @@ def test_a_chunk_no_longer_needed_is_counted_as_a_duplicate() -> None:
     run(s, sink)
     assert s.stats.duplicates == 1
     assert sink.recorded == CHUNKS
+
+
+class CheckingPeer(FakePeer):
+    """Says it runs check_chunk on what it returns, as the real client does."""
+
+    checks_chunks = True
+
+
+def test_only_a_peer_that_says_it_checks_is_trusted_by_the_sink_and_a_liar_still_is_not(
+) -> None:
+    honest, liar = CheckingPeer("http://checks", CHUNKS), FakePeer("http://liar", CHUNKS,
+                                                                   mode="liar")
+    sink = FakeSink(CHUNKS)
+    s = swarm([honest, liar])
+    run(s, sink)
+    assert sink.recorded == CHUNKS
+    assert "IntegrityError" in s.stats.dropped["http://liar"]  # hashed by the sink: caught
+    assert sink.trusted == set(honest.requests)  # the sink skipped the hash for these only
+

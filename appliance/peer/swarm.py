@@ -4,7 +4,8 @@ peer lies, stalls, refuses or dies.
 ``Swarm`` is a ``ChunkSource`` of the ingest session (``appliance.store.ingest``): its ``run``
 loop runs on the session's thread and keeps every index write there (``sink.record``); fetch
 threads (``workers``) only ask a peer for a chunk and hand it to ``sink.write``, which checks
-it against the signed manifest and pwrites it. The swarm talks to peers through ``PeerLike``
+it against the signed manifest (only its length when the peer's client already hashed it:
+``checks_chunks``) and pwrites it. The swarm talks to peers through ``PeerLike``
 (``url``, ``have``, ``chunk``: what ``PeerClient`` offers), so it is tested with in-memory
 peers and no sockets (tests/test_swarm.py).
 
@@ -53,7 +54,11 @@ NAMED_CHUNKS = 3
 
 
 class PeerLike(Protocol):
-    """What the swarm needs of a peer (``appliance.peer.client.PeerClient`` is one)."""
+    """What the swarm needs of a peer (``appliance.peer.client.PeerClient`` is one).
+
+    A peer may also say ``checks_chunks = True`` when ``chunk`` returns nothing but bytes that
+    just passed ``appliance.chunks.check_chunk`` against that digest and length (the real
+    client does); the sink then does not hash them again. Without it, the sink checks."""
 
     @property
     def url(self) -> str: ...
@@ -444,4 +449,8 @@ def _fetch(client: PeerLike, digest: str, length: int, sink: ChunkSink
     data = client.chunk(digest, length)
     if data is None:
         return None
+    if getattr(client, "checks_chunks", False) is True:
+        # The client ran check_chunk on exactly these bytes against this digest and length:
+        # the sink checks the length again, not the hash.
+        return data, sink.write(digest, data, checked=True)
     return data, sink.write(digest, data)
