@@ -313,6 +313,22 @@ def test_manifest_and_signatures_are_kept_for_peers(store_dir: Path) -> None:
         assert store.manifest("0" * 64) is None
 
 
+def test_finishing_a_complete_import_again_commits_nothing(store_dir: Path) -> None:
+    """A pull or import that finds everything present finishes an import already complete:
+    no transaction (the acceptance has just stamped it)."""
+    bundle = origin("m8", 8)
+    with Store(store_dir) as store:
+        add_origin(store, bundle)
+        store.finish_import(bundle.manifest_hash, None)
+        add_origin(store, bundle)
+        statements: list[str] = []
+        store.conn.set_trace_callback(statements.append)
+        store.finish_import(bundle.manifest_hash, None)
+        store.conn.set_trace_callback(None)
+        assert [s for s in statements if s.split()[0] in ("BEGIN", "COMMIT", "UPDATE")] == []
+        assert store.pending_imports() == []
+
+
 def test_jsonable_flattens_manifest_facts() -> None:
     model = model_entry("m", "v", {"a.bin": b"x"})
     value = jsonable(model.provenance)

@@ -199,6 +199,12 @@ class Store(StoreCatalog):
         )
 
     def finish_import(self, manifest_hash: str, now: datetime | None) -> None:
+        """Mark the import complete; one already complete (a pull or import again that found
+        everything present: ``add_manifest`` has just stamped it) costs no commit."""
+        row = self.conn.execute("SELECT state FROM imports WHERE manifest = ?",
+                                (manifest_hash,)).fetchone()
+        if row is not None and row["state"] == "complete":
+            return
         with self.transaction():
             self.conn.execute(
                 "UPDATE imports SET state = 'complete', updated_at = ? WHERE manifest = ?",
