@@ -105,8 +105,10 @@ def test_one_timestamp_form() -> None:
     assert text == "2026-12-01T09:00:00Z"
     assert fields.parse_timestamp(text, "w") == moment
     assert fields.parse_timestamp(text, "w").tzinfo is UTC
+    assert fields.parse_timestamp("2028-02-29T00:00:00Z", "w") == datetime(2028, 2, 29, tzinfo=UTC)
     for bad in ("2026-12-01T09:00:00+00:00", "2026-12-01 09:00:00Z", "2026-13-01T09:00:00Z",
-                "2026-12-01T09:00:00.5Z", 1764579600):
+                "2026-12-01T09:00:00.5Z", "2026-02-29T09:00:00Z", "2026-12-31T23:59:60Z",
+                "2026-12-01T24:00:00Z", 1764579600):
         raises(FormatError, fields.parse_timestamp, bad, "w")
     raises(PeerProtocolError, fields.parse_timestamp, "never", "w", error=PeerProtocolError)
     with pytest.raises(TypeError):
