@@ -103,7 +103,8 @@ class StagedSeeds:
                 return self.seeder.add(data, ref, layout.models_dir(self.store_dir))
         seeded = Seeded(ref, meta.infohash(ti), data)
         catalog = self._open()
-        self._version = catalog.data_version()  # what the first add below reads
+        if not self.staged:  # the first: the index as read below (else the next look reads)
+            self._version = catalog.data_version()
         self._holds.enter_context(held(self._links(seeded.infohash)))
         handle, offered = self._add(ti, model, storage.stored_files(
             catalog, model.name, model.version))
