@@ -1,30 +1,39 @@
-"""The peer client's per-chunk costs, against real sockets on 127.0.0.1.
+"""The peer client's per-chunk costs and deadlines, against real sockets on 127.0.0.1.
 
 Each chunk is hashed once on its way into the store (by the client; the sink is told and checks
-only the length), while a peer that does not say it checks is still hashed by the sink.
+only the length), while a peer that does not say it checks is still hashed by the sink. The
+slowness deadline grows with the requests in flight to a peer, and a patient request (the only
+holder of a chunk) is never given up on while bytes flow, only when they stall.
 """
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 from bundle_helpers import CHUNK, Bundle, make_bundle, model_bytes
-from peer_helpers import FAST, INSECURE, QUICK, client, seed, start_server
+from peer_helpers import FAST, INSECURE, client, seed, start_server
 from trust_helpers import NOW, trusted_store
 
 from appliance import chunks
 from appliance.errors import PeerError
 from appliance.peer import client as client_module
-from appliance.peer.client import PeerClient
+from appliance.peer.client import PeerClient, Timeouts
 from appliance.peer.pull import pull
 from appliance.peer.server import PeerServer
 from appliance.store import audit, ingest
 from appliance.store.db import connect
 from appliance.store.records import list_models
+
+BODY = model_bytes(7, 64 * 1024)
+DIGEST = blake3.blake3(BODY).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +55,150 @@ def seeded(tmp_path: Path, bundle: Bundle) -> Path:
     store = trusted_store(tmp_path / "seed")
     seed(store, bundle)
     return store
+
+
+class TricklePeer:
+    """A raw TCP peer answering every request with ``body`` (its Content-Length declared) in
+    ``piece``-byte pieces ``gap`` seconds apart; with ``stall_after`` it stops sending after
+    that many bytes and holds the connection open."""
+
+    def __init__(self, body: bytes, *, piece: int, gap: float, stall_after: int | None = None
+                 ) -> None:
+        self.body, self.piece, self.gap, self.stall_after = body, piece, gap, stall_after
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.stop = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        self.sock.settimeout(0.1)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        try:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n"
+                         b"content-length: %d\r\nconnection: close\r\n\r\n" % len(self.body))
+            for start in range(0, len(self.body), self.piece):
+                if self.stall_after is not None and start >= self.stall_after:
+                    self.stop.wait(30)
+                    return
+                conn.sendall(self.body[start:start + self.piece])
+                time.sleep(self.gap)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+
+
+@pytest.fixture
+def trickle() -> Iterator[Callable[..., TricklePeer]]:
+    made: list[TricklePeer] = []
+
+    def make(**kwargs: Any) -> TricklePeer:
+        made.append(TricklePeer(BODY, **kwargs))
+        return made[-1]
+
+    yield make
+    for peer in made:
+        peer.close()
+
+
+# 64 KiB in 16 pieces 0.04 s apart: about 0.6 s of steady bytes, three times the deadline.
+STEADY = {"piece": 4096, "gap": 0.04}
+TIGHT = Timeouts(connect=2.0, read=1.0, chunk_deadline=0.2, min_rate=1e12)
+
+
+def test_a_slow_but_steady_peer_misses_the_deadline_unless_asked_patiently(trickle) -> None:
+    peer = trickle(**STEADY)
+    with client(peer.url, timeouts=TIGHT) as c:
+        with pytest.raises(PeerError, match="too slow sending chunk"):
+            c.chunk(DIGEST, len(BODY))
+        assert c.chunk(DIGEST, len(BODY), patient=True) == BODY
+        assert c.chunks_in_flight == 0
+
+
+def test_a_stalled_peer_times_out_even_when_asked_patiently(trickle) -> None:
+    peer = trickle(**STEADY, stall_after=16 * 1024)
+    start = time.monotonic()
+    with client(peer.url, timeouts=TIGHT) as c, pytest.raises(PeerError, match="timed out"):
+        c.chunk(DIGEST, len(BODY), patient=True)
+    assert time.monotonic() - start < TIGHT.read + 2
+
+
+def test_the_deadline_grows_with_the_requests_in_flight_to_the_peer(trickle) -> None:
+    # Budget per request: length * in_flight / min_rate = 0.35 s alone (the body takes ~0.6 s),
+    # 1.4 s with four in flight.
+    peer = trickle(**STEADY)
+    timeouts = Timeouts(connect=2.0, read=1.0, chunk_deadline=0.1, min_rate=len(BODY) / 0.35)
+    with client(peer.url, timeouts=timeouts) as c:
+        with pytest.raises(PeerError, match="too slow"):
+            c.chunk(DIGEST, len(BODY))
+        results: list[object] = []
+
+        def fetch() -> None:
+            try:
+                results.append(c.chunk(DIGEST, len(BODY)))
+            except PeerError as e:
+                results.append(e)
+
+        threads = [threading.Thread(target=fetch) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == [BODY] * 4
+
+
+class _Trickle:
+    """ASGI middleware: chunk bodies in 4 pieces, 0.1 s apart (a slow, steady link)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope.get("path", "").startswith("/v1/chunks/"):
+            await self.app(scope, receive, send)
+            return
+        import asyncio
+
+        async def slowly(message: dict[str, Any]) -> None:
+            body = message.get("body", b"")
+            if message["type"] != "http.response.body" or len(body) < 4:
+                await send(message)
+                return
+            step = -(-len(body) // 4)
+            for start in range(0, len(body), step):
+                await send({"type": "http.response.body", "body": body[start:start + step],
+                            "more_body": True})
+                await asyncio.sleep(0.1)
+            if not message.get("more_body"):
+                await send({"type": "http.response.body", "body": b""})
+
+        await self.app(scope, receive, slowly)
+
+
+def test_the_only_peer_is_not_dropped_for_a_slow_steady_link(tmp_path: Path, model: Bundle,
+                                                              server) -> None:
+    seed_server = server(seeded(tmp_path, model), wrap=_Trickle)
+    b = trusted_store(tmp_path / "b")
+    # Every chunk takes ~0.3 s, past its 0.1 s deadline: only patience gets the model.
+    with PeerClient(seed_server.url, INSECURE,
+                    timeouts=Timeouts(connect=2, read=2, chunk_deadline=0.1, min_rate=1e12)) as c:
+        [result] = pull(b, [c], ["tiny"], options=FAST, now=NOW)
+    assert result.models == ["tiny:1"] and not result.dropped
+    assert result.by_peer == {seed_server.url: model.size}
 
 
 def test_the_real_clients_bytes_are_hashed_once(tmp_path: Path, model: Bundle, server,
@@ -75,8 +228,8 @@ class UncheckedForger(PeerClient):
 
     checks_chunks = False
 
-    def chunk(self, digest: str, length: int) -> bytes | None:
-        data = super().chunk(digest, length)
+    def chunk(self, digest: str, length: int, *, patient: bool = False) -> bytes | None:
+        data = super().chunk(digest, length, patient=patient)
         if data is None:
             return None
         forged = bytearray(data)
@@ -88,7 +241,7 @@ def test_a_peer_not_claiming_to_check_is_checked_by_the_sink(tmp_path: Path, mod
                                                              server) -> None:
     seed_server = server(seeded(tmp_path, model))
     b = trusted_store(tmp_path / "b")
-    with UncheckedForger(seed_server.url, INSECURE, timeouts=QUICK) as forger, \
+    with UncheckedForger(seed_server.url, INSECURE, timeouts=TIGHT) as forger, \
             pytest.raises(PeerError, match="every peer was dropped") as raised:
         pull(b, [forger], ["tiny"], options=FAST, now=NOW)
     assert "IntegrityError" in str(raised.value)

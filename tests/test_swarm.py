@@ -44,6 +44,7 @@ class FakePeer:
         self.advertised = set(chunks) if advertise is None else set(advertise)
         self.refuse = set(refuse)
         self.requests: list[str] = []
+        self.patient: list[str] = []  # asked for with patient=True
         self.have_requests = 0
         self.lock = threading.Lock()
 
@@ -53,9 +54,11 @@ class FakePeer:
             self.have_requests += 1
             return [d in self.advertised for d in ORDER[:count]]
 
-    def chunk(self, digest: str, length: int) -> bytes | None:
+    def chunk(self, digest: str, length: int, *, patient: bool = False) -> bytes | None:
         with self.lock:
             self.requests.append(digest)
+            if patient:
+                self.patient.append(digest)
         if self.mode == "stall":
             time.sleep(0.01)
             raise PeerError(f"{self.url} timed out (chunk {digest[:16]}): ReadTimeout")
@@ -260,3 +263,14 @@ def test_only_a_peer_that_says_it_checks_is_trusted_by_the_sink_and_a_liar_still
     assert "IntegrityError" in s.stats.dropped["http://liar"]  # hashed by the sink: caught
     assert sink.trusted == set(honest.requests)  # the sink skipped the hash for these only
 
+
+def test_the_only_holder_of_a_chunk_is_asked_patiently() -> None:
+    shared, alone = set(ORDER[:20]), set(ORDER[20:])
+    both = FakePeer("http://both", CHUNKS)
+    half = FakePeer("http://half", {d: CHUNKS[d] for d in shared})
+    sink = FakeSink(CHUNKS)
+    run(swarm([both, half]), sink)
+    assert sink.recorded == CHUNKS
+    # Chunks only one peer holds go out patient; those two hold, not.
+    assert alone <= set(both.patient)
+    assert not (set(both.patient) | set(half.patient)) & shared

@@ -42,7 +42,7 @@ class Seed:
     def have(self, manifest_hash: str, count: int) -> list[bool] | None:
         return [True] * count
 
-    def chunk(self, digest: str, length: int) -> bytes | None:
+    def chunk(self, digest: str, length: int, *, patient: bool = False) -> bytes | None:
         with self.lock:
             assert digest not in self.asked, "the seed was asked for a chunk twice"
             self.asked[digest] = time.monotonic()
@@ -74,7 +74,7 @@ class Puller:
         return protocol.Availability([d in held for d in ORDER[:count]],
                                      [d in self.coming and d not in held for d in ORDER[:count]])
 
-    def chunk(self, digest: str, length: int) -> bytes | None:
+    def chunk(self, digest: str, length: int, *, patient: bool = False) -> bytes | None:
         self.requests.append(digest)
         return CHUNKS[digest] if digest in self._held() else None
 

@@ -5,7 +5,13 @@ per-read timeout, and every body is read with a cap enforced while reading: a ch
 at its declared length (a peer that streams forever gets no further), a JSON answer at
 ``Limits.max_peer_json_bytes``, a manifest at ``Limits.max_manifest_bytes``. A chunk also has
 a deadline (``Timeouts.chunk_deadline``), so a peer that trickles a byte per read timeout is
-still given up on. Bodies are read raw (``identity``), never decompressed.
+still given up on; the deadline grows with the chunk requests in flight to the peer (they share
+its link), and a ``patient`` request (the swarm asks so of the only peer holding a chunk) has
+none: a slow peer whose bytes still flow is not dropped, a stalled one still times out.
+Bodies are read raw (``identity``), never decompressed.
+
+CPU per byte is what bounds a pull over loopback or a fast LAN, so a body is read into one
+buffer of its declared length (each piece copied once, no copy out).
 
 Errors a caller acts on (the swarm scheduler, ``appliance.peer.swarm``):
 
@@ -20,6 +26,7 @@ TLS directory, http needs an explicit ``insecure``.
 from __future__ import annotations
 
 import ssl
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,9 +46,38 @@ class Timeouts:
     connect: float = 5.0
     # Longest wait for the next bytes of an answer: a stalled peer is given up after this.
     read: float = 15.0
-    # A chunk must arrive within max(chunk_deadline, length / min_rate) seconds.
+    # A chunk must arrive within max(chunk_deadline, length * in_flight / min_rate) seconds,
+    # ``in_flight`` the most chunk requests to the peer at once meanwhile (they share its link).
     chunk_deadline: float = 30.0
     min_rate: float = 256 * 1024
+
+
+class _ChunkClock:
+    """When a chunk request gives up for slowness: ``length * in_flight / min_rate`` seconds
+    after it began (at least ``chunk_deadline``), ``in_flight`` the most chunk requests the
+    client had out to the peer at once meanwhile."""
+
+    __slots__ = ("client", "length", "most", "start", "until")
+
+    def __init__(self, client: PeerClient, length: int) -> None:
+        self.client, self.length = client, length
+        self.start = time.monotonic()
+        self.most = 0
+        self.until = self.start
+        self._widen()
+
+    def _widen(self) -> None:
+        t = self.client.timeouts
+        self.most = self.client.chunks_in_flight
+        self.until = self.start + max(t.chunk_deadline, self.length * self.most / t.min_rate)
+
+    def passed(self) -> bool:
+        if time.monotonic() <= self.until:
+            return False
+        if self.client.chunks_in_flight > self.most:
+            self._widen()
+            return time.monotonic() > self.until
+        return True
 
 
 @dataclass(frozen=True)
@@ -95,12 +131,14 @@ class PeerClient:
         self.timeouts = timeouts or Timeouts()
         self.limits = limits
         t = self.timeouts
+        self.chunks_in_flight = 0
+        self._lock = threading.Lock()
         self.http = httpx.Client(
             base_url=self.url,
             verify=policy.ssl_context if policy.ssl_context is not None else False,
-            timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.read, pool=t.read),
             limits=httpx.Limits(max_connections=max_connections,
                                 max_keepalive_connections=max_connections),
+            timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.read, pool=t.read),
             headers={"accept-encoding": "identity"},
             follow_redirects=False,
             trust_env=False,
@@ -118,8 +156,8 @@ class PeerClient:
     def __repr__(self) -> str:
         return f"PeerClient({self.url})"
 
-    def _get(self, path: str, cap: int, what: str, *, deadline: float | None = None
-             ) -> bytes | None:
+    def _get(self, path: str, cap: int, what: str, *, clock: _ChunkClock | None = None
+             ) -> bytearray | None:
         """The body of a 200 answer (None for 404), read with ``cap`` enforced as it arrives."""
         try:
             with self.http.stream("GET", path) as response:
@@ -139,6 +177,7 @@ class PeerClient:
                             f"{self.url} announces {declared} bytes for {what}, at most {cap} "
                             "are allowed"
                         )
+                    return self._read_into(response, int(declared), what, clock)
                 buf = bytearray()
                 for piece in response.iter_raw():
                     buf += piece
@@ -147,9 +186,9 @@ class PeerClient:
                             f"{self.url} sent more than the {cap} bytes allowed for {what}; "
                             "cut off"
                         )
-                    if deadline is not None and time.monotonic() > deadline:
+                    if clock is not None and clock.passed():
                         raise PeerError(f"{self.url} is too slow sending {what}; gave up")
-                return bytes(buf)
+                return buf
         except httpx.TimeoutException as e:
             raise PeerError(f"{self.url} timed out ({what}): {type(e).__name__}") from e
         except httpx.ConnectError as e:
@@ -168,8 +207,35 @@ class PeerClient:
                 f"{self.url} failed during {what}: {type(e).__name__}: {e}{hint}"
             ) from e
 
+    def _read_into(self, response: httpx.Response, size: int, what: str,
+                   clock: _ChunkClock | None) -> bytearray:
+        """A body of declared ``size`` (at most the cap) into one buffer of that size: each
+        piece is copied once, and the buffer is the answer (no copy out)."""
+        buf = bytearray(size)
+        view = memoryview(buf)
+        got = 0
+        with view:
+            for piece in response.iter_raw():
+                end = got + len(piece)
+                if end > size:  # h11 stops at Content-Length; this must not rely on it
+                    raise PeerProtocolError(
+                        f"{self.url} sent more than the {size} bytes it announced for {what}; "
+                        "cut off"
+                    )
+                view[got:end] = piece
+                got = end
+                if clock is not None and got < size and clock.passed():  # done is done
+                    raise PeerError(f"{self.url} is too slow sending {what}; gave up")
+        if got != size:  # h11 raises first on a short body; kept as a guard
+            raise PeerError(f"{self.url} sent {got} of the {size} bytes of {what}")
+        return buf
+
+    def _get_bytes(self, path: str, cap: int, what: str) -> bytes | None:
+        body = self._get(path, cap, what)
+        return None if body is None else bytes(body)  # small answers, kept immutable
+
     def _get_json(self, path: str, what: str) -> bytes:
-        body = self._get(path, self.limits.max_peer_json_bytes, what)
+        body = self._get_bytes(path, self.limits.max_peer_json_bytes, what)
         if body is None:
             raise PeerProtocolError(f"{self.url} has no {what} (404)")
         return body
@@ -184,15 +250,15 @@ class PeerClient:
         return protocol.parse_manifests(body, self.limits)
 
     def manifest_bytes(self, manifest_hash: str) -> bytes | None:
-        body = self._get(protocol.manifest_path(manifest_hash), self.limits.max_manifest_bytes,
-                         f"manifest {manifest_hash}")
+        body = self._get_bytes(protocol.manifest_path(manifest_hash),
+                               self.limits.max_manifest_bytes, f"manifest {manifest_hash}")
         if body is None:
             return None
         return protocol.check_manifest_body(body, manifest_hash, self.limits)
 
     def signatures(self, manifest_hash: str) -> tuple[Signature, ...]:
-        body = self._get(protocol.signatures_path(manifest_hash),
-                         protocol.signatures_cap(self.limits), "signatures")
+        body = self._get_bytes(protocol.signatures_path(manifest_hash),
+                               protocol.signatures_cap(self.limits), "signatures")
         if body is None:
             raise PeerProtocolError(f"{self.url} has no signatures for {manifest_hash}")
         return protocol.parse_signatures(body, self.limits)
@@ -202,13 +268,13 @@ class PeerClient:
                                     self.limits)
 
     def trust_root(self, version: int) -> bytes | None:
-        return self._get(protocol.trust_root_path(version), self.limits.max_trust_root_bytes,
-                         f"trust root v{version}")
+        return self._get_bytes(protocol.trust_root_path(version), self.limits.max_trust_root_bytes,
+                               f"trust root v{version}")
 
     def have(self, manifest_hash: str, count: int) -> list[bool] | None:
         """The peer's have-map for the manifest, or None when it does not know the manifest."""
-        body = self._get(protocol.have_path(manifest_hash), self.limits.max_peer_json_bytes,
-                         "have-map")
+        body = self._get_bytes(protocol.have_path(manifest_hash), self.limits.max_peer_json_bytes,
+                               "have-map")
         if body is None:
             return None
         return protocol.parse_have(body, manifest_hash, count, self.limits)
@@ -216,22 +282,29 @@ class PeerClient:
     def availability(self, manifest_hash: str, count: int) -> protocol.Availability | None:
         """The have-map and the chunks the peer's own pull announces it is fetching (none
         from a server that predates announcements); None when it does not know the manifest."""
-        body = self._get(protocol.have_path(manifest_hash, fetching=True),
-                         self.limits.max_peer_json_bytes, "have-map")
+        body = self._get_bytes(protocol.have_path(manifest_hash, fetching=True),
+                               self.limits.max_peer_json_bytes, "have-map")
         if body is None:
             return None
         return protocol.parse_availability(body, manifest_hash, count, self.limits)
 
-    def chunk(self, digest: str, length: int) -> bytes | None:
-        """The chunk's bytes, checked on arrival (IntegrityError); None if the peer lacks it."""
-        t = self.timeouts
-        deadline = time.monotonic() + max(t.chunk_deadline, length / t.min_rate)
-        body = self._get(protocol.chunk_path(digest), length, f"chunk {digest[:16]}",
-                         deadline=deadline)
+    def chunk(self, digest: str, length: int, *, patient: bool = False) -> bytes | None:
+        """The chunk's bytes (a ``bytearray`` the caller owns), checked on arrival
+        (IntegrityError); None if the peer lacks it. ``patient``: no deadline, only the
+        per-read timeout (the swarm asks so when no other peer holds the chunk)."""
+        with self._lock:
+            self.chunks_in_flight += 1
+        try:
+            clock = None if patient else _ChunkClock(self, length)
+            body = self._get(protocol.chunk_path(digest), length, f"chunk {digest[:16]}",
+                             clock=clock)
+        finally:
+            with self._lock:
+                self.chunks_in_flight -= 1
         if body is None:
             return None
         check_chunk(body, digest, length, peer=self.url)
-        return body
+        return body  # type: ignore[return-value]  # bytes-like: every reader takes a buffer
 
 
 def _is_tls_failure(e: BaseException) -> bool:

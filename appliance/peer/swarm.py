@@ -24,7 +24,9 @@ into a copy within that time is not believed again in this pull, so a lying or d
 announcer costs one grace period, and the chunk still comes, checked, from the seed.
 
 A peer sending wrong bytes or breaking the protocol is dropped at once (wrong bytes are
-also audited). A peer that times out, dies, or answers 404 for a chunk its have-map lists has
+also audited). The only live holder of a chunk is asked for it ``patient``: it is not given up
+on for slowness while bytes flow (a slow link shared by every request), only for stalling.
+A peer that times out, dies, or answers 404 for a chunk its have-map lists has
 failed: it backs off (``refresh * 2**failures``, at most ``wait_for_chunks / 4``), is not asked
 for a chunk it refused again (whatever its have-map says), and after ``max_failures`` in a row
 it is dropped. When no live peer holds what is left for ``wait_for_chunks`` seconds, the
@@ -56,6 +58,8 @@ NAMED_CHUNKS = 3
 class PeerLike(Protocol):
     """What the swarm needs of a peer (``appliance.peer.client.PeerClient`` is one).
 
+    ``chunk(..., patient=True)`` is asked when no other live peer holds the chunk: the peer
+    is then not given up on for being slow while its bytes still flow (only for stalling).
     A peer may also say ``checks_chunks = True`` when ``chunk`` returns nothing but bytes that
     just passed ``appliance.chunks.check_chunk`` against that digest and length (the real
     client does); the sink then does not hash them again. Without it, the sink checks."""
@@ -65,7 +69,7 @@ class PeerLike(Protocol):
 
     def have(self, manifest_hash: str, count: int) -> list[bool] | None: ...
 
-    def chunk(self, digest: str, length: int) -> bytes | None: ...
+    def chunk(self, digest: str, length: int, *, patient: bool = False) -> bytes | None: ...
 
 
 @runtime_checkable
@@ -389,8 +393,14 @@ class Swarm:
             if peer.inflight >= self._cap(peer, seed_share):
                 open_peers.remove(peer)
             self.stats.requests += 1
-            fut = fetchers.submit(_fetch, peer.client, digest, self._needed[digest], sink)
+            fut = fetchers.submit(_fetch, peer.client, digest, self._needed[digest], sink,
+                                  self._only_holder(peer, digest))
             self._inflight[fut] = (digest, peer)
+
+    def _only_holder(self, peer: _Peer, digest: str) -> bool:
+        """No other live peer holds ``digest``: dropping ``peer`` for slowness would leave
+        the chunk to nobody, so it is asked to be patient (a stalled peer still times out)."""
+        return not any(digest in p.have for p in self._live() if p is not peer)
 
     def _received(self, fut: Future[tuple[bytes, bool] | None], sink: ChunkSink) -> bool:
         """Handle a finished fetch; True when its chunk landed."""
@@ -442,11 +452,11 @@ class Swarm:
         )
 
 
-def _fetch(client: PeerLike, digest: str, length: int, sink: ChunkSink
+def _fetch(client: PeerLike, digest: str, length: int, sink: ChunkSink, patient: bool
            ) -> tuple[bytes, bool] | None:
     """On a fetch thread: the chunk from the peer, then checked and pwritten by the sink;
     None when the peer does not have it, (data, False) when it was no longer needed."""
-    data = client.chunk(digest, length)
+    data = client.chunk(digest, length, patient=patient)
     if data is None:
         return None
     if getattr(client, "checks_chunks", False) is True:
