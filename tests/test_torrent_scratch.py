@@ -91,8 +91,14 @@ def test_gc_keeps_a_held_scratch_directory_and_removes_it_once_let_go(tmp_path: 
         (work / "plain").write_bytes(b"y" * 4096)
         assert gc(store).removed == []
         assert (work / "plain").exists()
+    # What a gc killed while deleting leaves, and a stray file, go too.
+    (scratch.scratch_root(store) / ".gc-make-old.123" / "guard").mkdir(parents=True)
+    (scratch.scratch_root(store) / ".gc-make-old.123" / "guard" / ("0" * 64)).write_bytes(b"z")
+    (scratch.scratch_root(store) / "stray").write_bytes(b"s" * 10)
     report = gc(store)
-    assert report.removed == [work] and report.freed_bytes == 4096
+    assert sorted(report.removed) == sorted([work, scratch.scratch_root(store) / "stray",
+                                             scratch.scratch_root(store) / ".gc-make-old.123"])
+    assert report.freed_bytes == 4096 + 10 + 1
     assert target.read_bytes() == b"x" * 1000  # the link went, not the file it points at
     assert not scratch.scratch_root(store).exists()
 
