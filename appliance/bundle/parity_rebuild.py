@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import blake3
-import zfec
 
 from appliance import fsutil
 from appliance.authenticate import AuthenticatedBundle, authenticate_manifest
@@ -270,6 +269,8 @@ def _rebuild(bundle: AuthenticatedBundle, section: ParitySection,
             handle: BinaryIO = (path / PARITY_NAME).open("rb")
             parity_files.append((handle, blake3.blake3(handle.read(header_size(k))),
                                  section.volumes[share - k], path.name))
+        import zfec  # here, not at the top: verify and import of media without parity
+
         decoder = zfec.Decoder(k, section.total_shares)
         numbers = tuple([n - 1 for n in chosen_data] + chosen_parity)
         for _ in range(section.stripes):

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.authenticate import AuthenticatedBundle
 from appliance.errors import (
@@ -49,7 +49,10 @@ from appliance.format.trust import (
 from appliance.limits import DEFAULT_LIMITS, Limits
 from appliance.store import audit
 from appliance.store.db import connect
-from appliance.store.store import BundleOrigin, Store
+from appliance.store.specs import BundleOrigin
+
+if TYPE_CHECKING:  # the store's write side only where a bundle is accepted into it
+    from appliance.store.store import Store
 
 
 def who() -> str:
