@@ -141,3 +141,18 @@ def test_peer_pull_loads_httpx_without_its_command_line(tmp_path: Path) -> None:
     assert sorted({"click", "pygments", "zeroconf", "textual", "llama_cpp", "starlette", "uvicorn",
                    "libtorrent", "numpy", "gguf", "appliance.serve.engine",
                    "appliance.keyfiles"} & loaded) == []
+
+
+def test_engine_choices_are_the_librarys(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--engine`` checks and shows appliance.serve.engine.ENGINES, read when first used."""
+    from appliance.cli.main import build_parser
+    from appliance.serve.engine import ENGINES
+
+    parser = build_parser("appliance.cli.serve")
+    assert parser.parse_args(["serve", "--engine", ENGINES[-1]]).engine == ENGINES[-1]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--engine", "no-such-engine"])
+    assert "invalid choice: 'no-such-engine'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--help"])
+    assert "{" + ",".join(ENGINES) + "}" in capsys.readouterr().out
