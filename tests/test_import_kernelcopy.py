@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bundle_helpers import NOW, build, flip_byte, make_sources, trusted
+from bundle_helpers import NOW, build, flip_byte, make_sources, trusted, write_recipe
 from trust_helpers import trusted_store
 
 from appliance.bundle.reader import open_media
@@ -73,6 +73,19 @@ def test_raw_chunks_are_copied_in_the_kernel_and_land_exactly(
     assert result.complete
     assert copies, "no chunk took the kernel-copy path"
     _assert_imported(store, raw_bundle)
+
+
+def test_a_chunk_two_files_share_is_copied_once_and_written_to_both(
+    tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = make_sources(tmp_path, random_mib=2)
+    shutil.copyfile(models / "weights.bin", models / "same.bin")
+    build(tmp_path, recipe=write_recipe(tmp_path, files=("weights.bin", "same.bin")))
+    copies = _count(monkeypatch, "copy_file_range")
+    result = import_media(store, [tmp_path / "media"], now=NOW)
+    assert copies
+    assert result.media_bytes == 2 * MIB and result.local_bytes == 2 * MIB  # the second copy
+    _assert_imported(store, tmp_path)
 
 
 @pytest.mark.parametrize("code", [errno.EXDEV, errno.EINVAL, errno.ENOSYS])
