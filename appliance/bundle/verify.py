@@ -62,13 +62,27 @@ def _open_pack(volume: Volume, number: int) -> BinaryIO:
     return os.fdopen(fd, "rb")
 
 
-def _check_mapped(mapped: MappedRange, location: ChunkLocation, ref: ChunkRef, file: str
-                  ) -> int:
+# Chunks are checked a window of a pack at a time: one map for several consecutive chunks,
+# hashed in order on one worker. A map (and its unmap, a TLB shootdown on every core) per
+# 1 MiB chunk cost gemma's verify a quarter of its time; windows of 8 MiB hash as fast as
+# one map of the whole file (measured: 35-37 ms for 253 MB on 2 cores, 47-64 ms per chunk).
+# Memory stays flat: at most 2 * workers windows are mapped at once.
+_WINDOW_BYTES = 8 * 1024 * 1024
+
+_Item = tuple[ChunkLocation, ChunkRef, str]  # where it is stored, what it must be, its file
+
+
+def _check_window(mapped: MappedRange, start: int, items: list[_Item]) -> list[int]:
+    """Check each chunk of one mapped window in order; the first bad one raises."""
+    view = mapped.view
     try:
-        check_stored(mapped.view, location, ref, file=file)
+        for location, ref, file in items:
+            at = location.offset - start
+            with view[at:at + location.stored_length] as stored:  # released before the unmap
+                check_stored(stored, location, ref, file=file)
     finally:
         mapped.close()
-    return ref.length
+    return [ref.length for _, ref, _ in items]
 
 
 def verify_media(
@@ -83,9 +97,10 @@ def verify_media(
 ) -> VerifyReport:
     """Authenticate the bundle, then read and check every chunk of every volume given.
 
-    This thread maps each chunk of each pack in order (``MappedRange``: no copy) while
-    ``workers`` threads decompress and hash (both release the GIL); at most
-    ``2 * workers`` chunks are mapped at a time, so memory stays flat. The first
+    This thread maps each pack in order, a window of consecutive chunks at a time
+    (``MappedRange``: no copy), while ``workers`` threads decompress and hash them (both
+    release the GIL); at most ``2 * workers`` windows are mapped at a time, so memory stays
+    flat. The first
     bad chunk stops the run with an ``IntegrityError`` naming chunk, file, volume and pack
     offset. Missing volumes are not an error here: the report lists them.
     ``progress(done, total)`` counts bytes read from packs.
@@ -101,12 +116,35 @@ def verify_media(
         check_pack_sizes(volume)
     total = sum(sum(v.index.pack_sizes) for v in media.volumes)
     done = chunks = plain = 0
-    pending: deque[Future[int]] = deque()
+    pending: deque[Future[list[int]]] = deque()
 
-    def settle(future: Future[int]) -> None:
+    def settle(future: Future[list[int]]) -> None:
         nonlocal chunks, plain
-        plain += future.result()
-        chunks += 1
+        lengths = future.result()  # in pack order: the first bad chunk is the one named
+        plain += sum(lengths)
+        chunks += len(lengths)
+
+    window: list[_Item] = []
+
+    def submit(handle: BinaryIO, pack: int) -> None:
+        if not window:
+            return
+        start = window[0][0].offset
+        end = window[-1][0].offset + window[-1][0].stored_length
+        try:
+            mapped = MappedRange(handle.fileno(), start, end - start)
+        except TruncatedError as e:
+            size = os.fstat(handle.fileno()).st_size
+            bad = next(((loc, ref) for loc, ref, _ in window
+                        if loc.offset + loc.stored_length > size), window[-1][:2])
+            raise TruncatedError(
+                f"{pack_name(pack)} ends before this chunk",
+                chunk=bad[1].digest, volume=bad[0].volume, offset=bad[0].offset,
+            ) from e
+        pending.append(pool.submit(_check_window, mapped, start, list(window)))
+        window.clear()
+        while len(pending) > 2 * workers:
+            settle(pending.popleft())
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bundle-verify") as pool:
         try:
@@ -116,6 +154,11 @@ def verify_media(
                 current = 0
                 try:
                     for ref, entry in zip(refs, volume.index.entries, strict=True):
+                        ends_at = entry.offset + entry.stored_length
+                        window_full = bool(window) and (
+                            ends_at - window[0][0].offset > _WINDOW_BYTES)
+                        if handle is not None and (entry.pack != current or window_full):
+                            submit(handle, current)
                         if entry.pack != current:
                             if handle is not None:
                                 handle.close()
@@ -125,22 +168,14 @@ def verify_media(
                         location = ChunkLocation(volume.name, volume.pack_path(entry.pack),
                                                  entry.offset, entry.stored_length,
                                                  entry.compressed)
-                        try:
-                            mapped = MappedRange(handle.fileno(), entry.offset,
-                                                 entry.stored_length)
-                        except TruncatedError as e:
-                            raise TruncatedError(
-                                f"{pack_name(entry.pack)} ends before this chunk",
-                                chunk=ref.digest, volume=volume.name, offset=entry.offset,
-                            ) from e
-                        pending.append(pool.submit(_check_mapped, mapped, location, ref,
-                                                   files[ref.digest]))
+                        window.append((location, ref, files[ref.digest]))
                         done += entry.stored_length
-                        while len(pending) > 2 * workers:
-                            settle(pending.popleft())
                         if progress is not None:
                             progress(done, total)
+                    if handle is not None:
+                        submit(handle, current)
                 finally:
+                    window.clear()
                     if handle is not None:
                         handle.close()
             while pending:
