@@ -17,15 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import blake3
+import httpcore
 import pytest
 from bundle_helpers import CHUNK, Bundle, make_bundle, model_bytes
+from httpcore._backends.sync import SyncStream  # httpcore's own plain stream
 from peer_helpers import FAST, INSECURE, client, seed, start_server
 from trust_helpers import NOW, trusted_store
 
 from appliance import chunks
 from appliance.errors import PeerError
 from appliance.peer import client as client_module
-from appliance.peer.client import PeerClient, Timeouts
+from appliance.peer import tls
+from appliance.peer.client import PeerClient, Timeouts, connect_policy
 from appliance.peer.pull import pull
 from appliance.peer.server import PeerServer
 from appliance.store import audit, ingest
@@ -253,3 +256,42 @@ def test_a_peer_not_claiming_to_check_is_checked_by_the_sink(tmp_path: Path, mod
         assert db.execute("SELECT count(*) FROM chunks WHERE done = 1").fetchone()[0] == 0
     finally:
         db.close()
+
+
+def test_a_read_takes_everything_that_has_already_arrived() -> None:
+    left, right = socket.socketpair()
+    try:
+        stream = client_module._GatheringStream(SyncStream(left))
+        for _ in range(5):
+            right.sendall(b"x" * 20_000)
+        time.sleep(0.05)
+        assert len(stream.read(16384, timeout=1.0)) == 100_000  # not the 16 KiB asked for
+        with pytest.raises(httpcore.ReadTimeout):  # nothing there: the per-read timeout
+            stream.read(65536, timeout=0.2)
+        right.close()
+        assert stream.read(65536, timeout=1.0) == b""  # EOF still reads as EOF
+    finally:
+        left.close()
+
+
+def test_over_tls_a_read_gathers_more_than_one_record(tmp_path: Path, server,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    big = make_bundle({"big": {"w.bin": model_bytes(5, 4 * 1024 * 1024)}}, chunk=1024 * 1024)
+    tls.init_site(tmp_path / "ca")
+    tls.enroll_host("seed", tmp_path / "ca", tmp_path / "seed-tls")
+    tls.enroll_host("puller", tmp_path / "ca", tmp_path / "puller-tls")
+    seed_server = server(seeded(tmp_path, big), tls_dir=tmp_path / "seed-tls")
+    sizes: list[int] = []
+    real_read = client_module._GatheringStream.read
+
+    def read(self: Any, max_bytes: int, timeout: float | None = None) -> bytes:
+        data = real_read(self, max_bytes, timeout)
+        sizes.append(len(data))
+        return data
+
+    monkeypatch.setattr(client_module._GatheringStream, "read", read)
+    policy = connect_policy(tmp_path / "puller-tls", insecure=False)
+    with PeerClient(seed_server.url, policy) as c:
+        for ref in big.manifest.models[0].files[0].chunks:
+            assert c.chunk(ref.digest, ref.length) is not None
+    assert max(sizes) > 16 * 1024  # one TLS record is at most 16 KiB

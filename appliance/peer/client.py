@@ -11,7 +11,9 @@ none: a slow peer whose bytes still flow is not dropped, a stalled one still tim
 Bodies are read raw (``identity``), never decompressed.
 
 CPU per byte is what bounds a pull over loopback or a fast LAN, so a body is read into one
-buffer of its declared length (each piece copied once, no copy out).
+buffer of its declared length, and the socket is drained of what has already arrived (up to
+``GATHER_BYTES``) on every read: over TLS a read returns one 16 KiB record, and each read
+costs a trip through httpcore and h11 in Python.
 
 Errors a caller acts on (the swarm scheduler, ``appliance.peer.swarm``):
 
@@ -25,13 +27,16 @@ TLS directory, http needs an explicit ``insecure``.
 
 from __future__ import annotations
 
+import socket
 import ssl
 import threading
 import time
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpcore
 import httpx
 
 from appliance.chunks import check_chunk
@@ -50,6 +55,86 @@ class Timeouts:
     # ``in_flight`` the most chunk requests to the peer at once meanwhile (they share its link).
     chunk_deadline: float = 30.0
     min_rate: float = 256 * 1024
+
+
+# Most bytes one socket read hands to httpcore: what has already arrived is taken in one go.
+GATHER_BYTES = 1024 * 1024
+
+
+class _GatheringStream(httpcore.NetworkStream):
+    """httpcore's own stream, with each read draining what the socket already holds.
+
+    The first ``recv`` waits as httpcore's does (the per-read timeout); the rest never wait.
+    """
+
+    def __init__(self, inner: httpcore.NetworkStream) -> None:
+        self._inner = inner
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        first = self._inner.read(max_bytes, timeout)
+        sock = self._inner.get_extra_info("socket")
+        if not first or not isinstance(sock, socket.socket):
+            return first
+        pieces, total = [first], len(first)
+        try:
+            sock.setblocking(False)  # httpcore sets the timeout again before each read
+            while total < GATHER_BYTES:
+                more = sock.recv(GATHER_BYTES - total)
+                if not more:
+                    break  # EOF: the next read reports it
+                pieces.append(more)
+                total += len(more)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+            pass  # nothing more has arrived yet
+        except OSError as e:  # ssl.SSLError too: the connection is broken, the answer lost
+            raise httpcore.ReadError(str(e)) from e
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, timeout)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        return _GatheringStream(self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> typing.Any:
+        return self._inner.get_extra_info(info)
+
+
+class _GatheringBackend(httpcore.NetworkBackend):
+    def __init__(self) -> None:
+        self._inner = httpcore.SyncBackend()
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                    local_address: str | None = None,
+                    socket_options: typing.Iterable[typing.Any] | None = None
+                    ) -> httpcore.NetworkStream:
+        return _GatheringStream(self._inner.connect_tcp(host, port, timeout, local_address,
+                                                        socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+class _Transport(httpx.HTTPTransport):
+    """httpx's own transport over a connection pool whose streams gather their reads."""
+
+    def __init__(self, ssl_context: ssl.SSLContext | None, max_connections: int) -> None:
+        super().__init__(verify=ssl_context if ssl_context is not None else False,
+                         limits=httpx.Limits(max_connections=max_connections,
+                                             max_keepalive_connections=max_connections),
+                         trust_env=False)
+        # httpx builds the pool in __init__ and takes no network backend; the same pool,
+        # with ours. Checked, so an httpx that renames it fails here rather than silently.
+        if not isinstance(getattr(self, "_pool", None), httpcore.ConnectionPool):
+            raise RuntimeError("httpx.HTTPTransport no longer keeps its pool in _pool")
+        self._pool.close()
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=ssl_context, max_connections=max_connections,
+            max_keepalive_connections=max_connections, network_backend=_GatheringBackend())
 
 
 class _ChunkClock:
@@ -135,9 +220,7 @@ class PeerClient:
         self._lock = threading.Lock()
         self.http = httpx.Client(
             base_url=self.url,
-            verify=policy.ssl_context if policy.ssl_context is not None else False,
-            limits=httpx.Limits(max_connections=max_connections,
-                                max_keepalive_connections=max_connections),
+            transport=_Transport(policy.ssl_context, max_connections),
             timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.read, pool=t.read),
             headers={"accept-encoding": "identity"},
             follow_redirects=False,
