@@ -26,9 +26,8 @@ import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from appliance.format.manifest import Manifest
-from appliance.importer import import_media
 from appliance.peer import tls
 from appliance.peer.client import PeerClient, connect_policy
 from appliance.peer.protocol import chunk_path
@@ -45,7 +44,9 @@ from bench.harness import (
     run_native,
     subjects,
 )
-from bench.signed_bundle import prepare
+
+if TYPE_CHECKING:
+    from appliance.format.manifest import Manifest
 
 
 class _ServerProcess:
@@ -108,6 +109,11 @@ def _measure(
 
 def _one(ctx: BenchContext, subject: Subject | None, work: Path, plaintext: bool
          ) -> list[Comparison]:
+    # Here, not at the top: the pull's child process imports this module for child_pull, and
+    # its CPU is measured; `appliance peer pull` imports neither the builder nor the importer.
+    from appliance.importer import import_media
+    from bench.signed_bundle import prepare
+
     setup = prepare(ctx, work, generated_mib=(32, 256), subject=subject)
     label, size, now = setup.label, setup.size, setup.now
     root_bytes, fingerprint = setup.root_bytes, setup.fingerprint
