@@ -84,10 +84,11 @@ class _GatheringStream(httpcore.NetworkStream):
                     break  # EOF: the next read reports it
                 pieces.append(more)
                 total += len(more)
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
-            pass  # nothing more has arrived yet
-        except OSError as e:  # ssl.SSLError too: the connection is broken, the answer lost
-            raise httpcore.ReadError(str(e)) from e
+        except OSError:
+            # Nothing more has arrived yet (SSLWantReadError, BlockingIOError), or the
+            # connection broke after what was read: the next read reports that, and only if
+            # the answer still needs bytes (a complete one is not lost to a reset after it).
+            pass
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
@@ -123,10 +124,10 @@ class _Transport(httpx.HTTPTransport):
     """httpx's own transport over a connection pool whose streams gather their reads."""
 
     def __init__(self, ssl_context: ssl.SSLContext | None, max_connections: int) -> None:
+        limits = httpx.Limits(max_connections=max_connections,
+                              max_keepalive_connections=max_connections)
         super().__init__(verify=ssl_context if ssl_context is not None else False,
-                         limits=httpx.Limits(max_connections=max_connections,
-                                             max_keepalive_connections=max_connections),
-                         trust_env=False)
+                         limits=limits, trust_env=False)
         # httpx builds the pool in __init__ and takes no network backend; the same pool,
         # with ours. Checked, so an httpx that renames it fails here rather than silently.
         if not isinstance(getattr(self, "_pool", None), httpcore.ConnectionPool):
@@ -134,7 +135,8 @@ class _Transport(httpx.HTTPTransport):
         self._pool.close()
         self._pool = httpcore.ConnectionPool(
             ssl_context=ssl_context, max_connections=max_connections,
-            max_keepalive_connections=max_connections, network_backend=_GatheringBackend())
+            max_keepalive_connections=max_connections, keepalive_expiry=limits.keepalive_expiry,
+            network_backend=_GatheringBackend())
 
 
 class _ChunkClock:
