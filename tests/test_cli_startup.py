@@ -134,13 +134,14 @@ def test_media_commands_load_what_they_check_with_only(tmp_path: Path, command: 
 def test_peer_pull_loads_httpx_without_its_command_line(tmp_path: Path) -> None:
     """httpx imports click, rich and pygments for its own CLI unless that import fails: the
     console script makes it fail, and the pull (to a port nobody listens on) works without.
-    With --no-mdns and --from, zeroconf (and its asyncio) is not loaded either."""
+    With --no-mdns and --from, zeroconf (and its asyncio) is not loaded either, and a
+    plaintext (--insecure) pull loads no X.509 (the site TLS module)."""
     loaded = _loaded_by_command(["--store", str(tmp_path / "store"), "peer", "pull", "--all",
                                  "--from", "http://127.0.0.1:9", "--insecure", "--no-mdns"])
     assert {"httpx", "appliance.peer.pull"} <= loaded
     assert sorted({"click", "pygments", "zeroconf", "textual", "llama_cpp", "starlette", "uvicorn",
                    "libtorrent", "numpy", "gguf", "appliance.serve.engine",
-                   "appliance.keyfiles"} & loaded) == []
+                   "appliance.keyfiles", "appliance.peer.tls", "cryptography.x509"} & loaded) == []
 
 
 def test_engine_choices_are_the_librarys(capsys: pytest.CaptureFixture[str]) -> None:

@@ -43,7 +43,7 @@ from appliance.chunks import check_chunk
 from appliance.errors import PeerError, PeerProtocolError, UsageError
 from appliance.format.signing import Signature
 from appliance.limits import DEFAULT_LIMITS, Limits
-from appliance.peer import protocol, tls
+from appliance.peer import protocol
 
 
 @dataclass(frozen=True)
@@ -194,7 +194,11 @@ def connect_policy(tls_dir: Path | None, insecure: bool) -> ConnectPolicy:
             "peers talk mutual TLS: pass --tls-dir DIR (made by 'appliance site enroll') "
             "or --insecure for plaintext"
         )
-    context = tls.client_context(tls_dir) if tls_dir is not None else None
+    context = None
+    if tls_dir is not None:
+        from appliance.peer import tls  # X.509 and its parsers: only for mutual TLS
+
+        context = tls.client_context(tls_dir)
     return ConnectPolicy(context, insecure)
 
 
@@ -278,11 +282,11 @@ class PeerClient:
             raise PeerError(f"{self.url} timed out ({what}): {type(e).__name__}") from e
         except httpx.ConnectError as e:
             if _is_tls_failure(e):
-                raise tls.describe_tls_failure(self.url, e) from e
+                raise _tls_failure(self.url, e) from e
             raise PeerError(f"cannot connect to {self.url}: {e}") from e
         except (httpx.HTTPError, ssl.SSLError, OSError) as e:
             if _is_tls_failure(e):
-                raise tls.describe_tls_failure(self.url, e) from e
+                raise _tls_failure(self.url, e) from e
             hint = ""
             if self.url.startswith("https://") and isinstance(e, httpx.RemoteProtocolError):
                 # TLS 1.3 servers verify the client certificate after the handshake and just
@@ -390,6 +394,12 @@ class PeerClient:
             return None
         check_chunk(body, digest, length, peer=self.url)
         return body  # type: ignore[return-value]  # bytes-like: every reader takes a buffer
+
+
+def _tls_failure(url: str, e: BaseException) -> PeerError:
+    from appliance.peer import tls
+
+    return tls.describe_tls_failure(url, e)
 
 
 def _is_tls_failure(e: BaseException) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import ApplianceError, PeerError, UsageError
-from appliance.peer import discovery, tls
+from appliance.peer import discovery
 from appliance.peer.client import ConnectPolicy, PeerClient, Timeouts, connect_policy
 from appliance.peer.protocol import ManifestSummary
 
@@ -84,6 +84,8 @@ def tls_dir(store_dir: Path, config: discovery.SiteConfig, given: Path | None,
                 raise UsageError(f"TLS directory {candidate} does not exist")
             return Path(candidate)
     default = store_dir / "tls"
+    from appliance.peer import tls  # X.509: not for a plaintext (--insecure) pull
+
     if (default / tls.HOST_CERT).exists():
         return default
     raise UsageError(
