@@ -23,11 +23,14 @@ def check_chunk(
     offset: int | None = None,
     pack: str | None = None,
     peer: str | None = None,
+    one_core: bool = False,
 ) -> None:
     """``IntegrityError`` unless ``data`` is exactly ``length`` bytes hashing to ``digest``.
 
     ``length`` may be left out only where the bytes were already cut to the signed length
-    (a decompressor capped at it); the digest then decides alone.
+    (a decompressor capped at it); the digest then decides alone. ``one_core``: the caller
+    already keeps every core busy with chunks of its own (``bundle verify``'s workers), where
+    splitting each hash across cores only adds overhead.
     """
     source = f" from {peer}" if peer else ""
     where = f" in {pack}" if pack else ""
@@ -37,7 +40,8 @@ def check_chunk(
             chunk=digest, file=file, volume=volume, offset=offset,
         )
     # Large chunks hash faster across cores; blake3 releases the GIL either way.
-    if blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest() != digest:
+    threads = 1 if one_core else blake3.blake3.AUTO
+    if blake3.blake3(data, max_threads=threads).hexdigest() != digest:
         raise IntegrityError(
             f"chunk bytes{source}{where} differ from the signed manifest",
             chunk=digest, file=file, volume=volume, offset=offset,

@@ -395,14 +395,15 @@ def check_location(location: ChunkLocation, ref: ChunkRef, limits: Limits = DEFA
 
 
 def check_stored(stored: bytes | memoryview, location: ChunkLocation, ref: ChunkRef, *,
-                 file: str | None = None) -> bytes | memoryview:
-    """Decompress (if needed) and hash stored bytes already read from a pack."""
+                 file: str | None = None, one_core: bool = False) -> bytes | memoryview:
+    """Decompress (if needed) and hash stored bytes already read from a pack
+    (``one_core``: see ``check_chunk``)."""
     plain: bytes | memoryview = stored
     if location.compressed:
         plain = decompress_chunk(stored, ref.length, chunk=ref.digest, volume=location.volume,
                                  offset=location.offset, pack=location.pack.name)
     check_chunk(plain, ref.digest, ref.length, file=file, volume=location.volume,
-                offset=location.offset, pack=location.pack.name)
+                offset=location.offset, pack=location.pack.name, one_core=one_core)
     return plain
 
 
