@@ -166,8 +166,9 @@ class ChunkTamper:
         await asyncio.sleep(3600)  # stall
 
 
-class EndlessPeer:
-    """A raw TCP server that answers every request with headers and then bytes forever."""
+class RawTcpPeer:
+    """A raw TCP server on loopback: every connection gets ``answer(conn)`` on its own thread
+    (hostile peers that speak just enough HTTP to misbehave); ``close`` stops it."""
 
     def __init__(self) -> None:
         self.sock = socket.socket()
@@ -175,13 +176,12 @@ class EndlessPeer:
         self.sock.listen(16)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.sent = 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        self.sock.settimeout(0.2)
+        self.sock.settimeout(0.1)
         while not self.stop.is_set():
             try:
                 conn, _ = self.sock.accept()
@@ -192,20 +192,34 @@ class EndlessPeer:
     def _answer(self, conn: socket.socket) -> None:
         try:
             conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n"
-                         b"connection: close\r\n\r\n")
-            block = os.urandom(65536)
-            while not self.stop.is_set():
-                conn.sendall(block)
-                self.sent += len(block)
+            self.answer(conn)
         except OSError:
             pass
         finally:
             conn.close()
 
+    def answer(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
     def close(self) -> None:
         self.stop.set()
         self.sock.close()
+
+
+class EndlessPeer(RawTcpPeer):
+    """Answers every request with headers and then bytes forever."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        super().__init__()
+
+    def answer(self, conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n"
+                     b"connection: close\r\n\r\n")
+        block = os.urandom(65536)
+        while not self.stop.is_set():
+            conn.sendall(block)
+            self.sent += len(block)
 
 
 def stop(proc: subprocess.Popen[str], timeout: float = 20) -> None:

@@ -21,7 +21,7 @@ import httpcore
 import pytest
 from bundle_helpers import CHUNK, Bundle, make_bundle, model_bytes
 from httpcore._backends.sync import SyncStream  # httpcore's own plain stream
-from peer_helpers import FAST, INSECURE, client, seed, start_server
+from peer_helpers import FAST, INSECURE, RawTcpPeer, client, seed, start_server
 from trust_helpers import NOW, trusted_store
 
 from appliance import chunks
@@ -60,7 +60,7 @@ def seeded(tmp_path: Path, bundle: Bundle) -> Path:
     return store
 
 
-class TricklePeer:
+class TricklePeer(RawTcpPeer):
     """A raw TCP peer answering every request with ``body`` (its Content-Length declared) in
     ``piece``-byte pieces ``gap`` seconds apart; with ``stall_after`` it stops sending after
     that many bytes and holds the connection open."""
@@ -68,41 +68,17 @@ class TricklePeer:
     def __init__(self, body: bytes, *, piece: int, gap: float, stall_after: int | None = None
                  ) -> None:
         self.body, self.piece, self.gap, self.stall_after = body, piece, gap, stall_after
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.stop = threading.Event()
-        threading.Thread(target=self._run, daemon=True).start()
+        super().__init__()
 
-    def _run(self) -> None:
-        self.sock.settimeout(0.1)
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
-
-    def _answer(self, conn: socket.socket) -> None:
-        try:
-            conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n"
-                         b"content-length: %d\r\nconnection: close\r\n\r\n" % len(self.body))
-            for start in range(0, len(self.body), self.piece):
-                if self.stall_after is not None and start >= self.stall_after:
-                    self.stop.wait(30)
-                    return
-                conn.sendall(self.body[start:start + self.piece])
-                time.sleep(self.gap)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def close(self) -> None:
-        self.stop.set()
-        self.sock.close()
+    def answer(self, conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n"
+                     b"content-length: %d\r\nconnection: close\r\n\r\n" % len(self.body))
+        for start in range(0, len(self.body), self.piece):
+            if self.stall_after is not None and start >= self.stall_after:
+                self.stop.wait(30)
+                return
+            conn.sendall(self.body[start:start + self.piece])
+            time.sleep(self.gap)
 
 
 @pytest.fixture
