@@ -173,15 +173,21 @@ def test_a_partial_seed_reads_the_index_only_when_it_changed(tmp_path: Path) -> 
     assert links in gc(importing).removed
 
 
-@pytest.mark.slow  # two CLI processes and a throttled real swarm
-def test_gc_removes_what_a_sigkilled_fetch_left_but_not_a_running_fetchs_scratch(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    today = datetime.now(UTC)
+def _seeded_torrent(tmp_path: Path, today: datetime) -> tuple[Bundle, Path, bytes, Path]:
+    """A 3 MB two-file model seeded in ``tmp_path/seed``, its torrent's bytes and file."""
     bundle = two_file_bundle(3_000_000, now=today)
     seed_store = seeded_host(tmp_path / "seed", bundle)
     data, _ = model_torrent(seed_store, MODEL, root_cert=None)
     torrent_file = tmp_path / "tiny.torrent"
     torrent_file.write_bytes(data)
+    return bundle, seed_store, data, torrent_file
+
+
+@pytest.mark.slow  # two CLI processes and a throttled real swarm
+def test_gc_removes_what_a_sigkilled_fetch_left_but_not_a_running_fetchs_scratch(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    today = datetime.now(UTC)
+    _, seed_store, data, torrent_file = _seeded_torrent(tmp_path, today)
     other, _ = model_torrent(seeded_host(tmp_path / "other", two_file_bundle(seed_value=2)),
                              MODEL, root_cert=None)
     store = trusted_store(tmp_path / "fetcher")
@@ -222,11 +228,7 @@ def test_a_fetch_killed_over_a_lying_peer_then_finished_by_a_peer_pull_is_the_si
     marked not done while libtorrent could write it, so the pull takes it again: the
     published model is the signed one, and gc removes the kept copy."""
     today = datetime.now(UTC)
-    bundle = two_file_bundle(3_000_000, now=today)
-    seed_store = seeded_host(tmp_path / "seed", bundle)
-    data, _ = model_torrent(seed_store, MODEL, root_cert=None)
-    torrent_file = tmp_path / "tiny.torrent"
-    torrent_file.write_bytes(data)
+    bundle, seed_store, data, torrent_file = _seeded_torrent(tmp_path, today)
     store = trusted_store(tmp_path / "fetcher")
     _stage_all_but_chunk_5(store, bundle)
     weights = bundle.contents[MODEL]["weights.bin"]
