@@ -34,9 +34,11 @@ examples:
 """
 GC_DESCRIPTION = """\
 Delete what the index does not account for: staged files of no import, files under models/
-that no published model owns (a crash during 'models rm'), and empty directories. Imports
-that stopped part-way are kept so they can resume; --abandon drops them too. The quarantine/
-directory is never touched (delete evidence by hand once examined).
+that no published model owns (a crash during 'models rm'), empty directories, and what
+torrent commands left under torrent-scratch/ (a killed fetch's links and kept chunk copies, a
+stopped partial seed's links): a directory a running torrent command holds is never removed.
+Imports that stopped part-way are kept so they can resume; --abandon drops them too. The
+quarantine/ directory is never touched (delete evidence by hand once examined).
 """
 GC_EPILOG = """\
 examples:
