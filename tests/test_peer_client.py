@@ -12,7 +12,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import httpcore
 import pytest
 from bundle_helpers import CHUNK, Bundle, make_bundle, model_bytes
 from httpcore._backends.sync import SyncStream  # httpcore's own plain stream
-from peer_helpers import FAST, INSECURE, RawTcpPeer, client, seed, start_server
+from peer_helpers import FAST, INSECURE, RawTcpPeer, client, seed
 from trust_helpers import NOW, trusted_store
 
 from appliance import chunks
@@ -30,7 +29,6 @@ from appliance.peer import client as client_module
 from appliance.peer import tls
 from appliance.peer.client import PeerClient, Timeouts, connect_policy
 from appliance.peer.pull import pull
-from appliance.peer.server import PeerServer
 from appliance.store import audit, ingest
 from appliance.store.db import connect
 from appliance.store.records import list_models
@@ -42,16 +40,6 @@ DIGEST = blake3.blake3(BODY).hexdigest()
 @pytest.fixture(scope="module")
 def model() -> Bundle:
     return make_bundle({"tiny": {"model.gguf": model_bytes(3, 6 * CHUNK + 77)}})
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Callable[..., PeerServer]]:
-    with ExitStack() as stack:
-        def start(store: Path, **kwargs: Any) -> PeerServer:
-            started = start_server(store, **kwargs)
-            stack.callback(started.stop)
-            return started
-        yield start
 
 
 def seeded(tmp_path: Path, bundle: Bundle) -> Path:
@@ -169,8 +157,8 @@ class _Trickle:
 
 
 def test_the_only_peer_is_not_dropped_for_a_slow_steady_link(tmp_path: Path, model: Bundle,
-                                                              server) -> None:
-    seed_server = server(seeded(tmp_path, model), wrap=_Trickle)
+                                                              servers) -> None:
+    seed_server = servers(seeded(tmp_path, model), wrap=_Trickle)
     b = trusted_store(tmp_path / "b")
     # Every chunk takes ~0.3 s, past its 0.1 s deadline: only patience gets the model.
     with PeerClient(seed_server.url, INSECURE,
@@ -180,7 +168,7 @@ def test_the_only_peer_is_not_dropped_for_a_slow_steady_link(tmp_path: Path, mod
     assert result.by_peer == {seed_server.url: model.size}
 
 
-def test_the_real_clients_bytes_are_hashed_once(tmp_path: Path, model: Bundle, server,
+def test_the_real_clients_bytes_are_hashed_once(tmp_path: Path, model: Bundle, servers,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"client": 0, "sink": 0}
 
@@ -192,7 +180,7 @@ def test_the_real_clients_bytes_are_hashed_once(tmp_path: Path, model: Bundle, s
 
     monkeypatch.setattr(client_module, "check_chunk", counting("client"))
     monkeypatch.setattr(ingest, "check_chunk", counting("sink"))
-    seed_server = server(seeded(tmp_path, model))
+    seed_server = servers(seeded(tmp_path, model))
     b = trusted_store(tmp_path / "b")
     with client(seed_server.url) as c:
         [result] = pull(b, [c], ["tiny"], options=FAST, now=NOW)
@@ -217,8 +205,8 @@ class UncheckedForger(PeerClient):
 
 
 def test_a_peer_not_claiming_to_check_is_checked_by_the_sink(tmp_path: Path, model: Bundle,
-                                                             server) -> None:
-    seed_server = server(seeded(tmp_path, model))
+                                                             servers) -> None:
+    seed_server = servers(seeded(tmp_path, model))
     b = trusted_store(tmp_path / "b")
     with UncheckedForger(seed_server.url, INSECURE, timeouts=TIGHT) as forger, \
             pytest.raises(PeerError, match="every peer was dropped") as raised:
@@ -250,13 +238,13 @@ def test_a_read_takes_everything_that_has_already_arrived() -> None:
         left.close()
 
 
-def test_over_tls_a_read_gathers_more_than_one_record(tmp_path: Path, server,
+def test_over_tls_a_read_gathers_more_than_one_record(tmp_path: Path, servers,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     big = make_bundle({"big": {"w.bin": model_bytes(5, 4 * 1024 * 1024)}}, chunk=1024 * 1024)
     tls.init_site(tmp_path / "ca")
     tls.enroll_host("seed", tmp_path / "ca", tmp_path / "seed-tls")
     tls.enroll_host("puller", tmp_path / "ca", tmp_path / "puller-tls")
-    seed_server = server(seeded(tmp_path, big), tls_dir=tmp_path / "seed-tls")
+    seed_server = servers(seeded(tmp_path, big), tls_dir=tmp_path / "seed-tls")
     sizes: list[int] = []
     real_read = client_module._GatheringStream.read
 

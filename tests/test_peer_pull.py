@@ -21,7 +21,6 @@ from peer_helpers import (
     client,
     published_bytes,
     seed,
-    start_server,
 )
 from trust_helpers import DAY, NOW, make_root, trusted_store
 
@@ -36,7 +35,6 @@ from appliance.errors import (
 )
 from appliance.peer.client import PeerClient
 from appliance.peer.pull import PullOptions, pull
-from appliance.peer.server import PeerServer
 from appliance.store import audit, layout, trust_state
 from appliance.store.db import connect
 from appliance.store.records import list_models
@@ -49,16 +47,6 @@ def two_models() -> Bundle:
         "tiny": {"model.gguf": model_bytes(1, 20 * CHUNK + 123)},
         "other": {"weights.bin": model_bytes(2, 4 * CHUNK)},
     })
-
-
-@pytest.fixture
-def servers() -> Iterator[Callable[..., PeerServer]]:
-    with ExitStack() as stack:
-        def start(store: Path, **kwargs: Any) -> PeerServer:
-            server = start_server(store, **kwargs)
-            stack.callback(server.stop)
-            return server
-        yield start
 
 
 @pytest.fixture
