@@ -5,7 +5,7 @@ not pass through user space: ``copy_range`` moves it with ``copy_file_range`` (a
 does), or, where the kernel refuses that pair of files (``EXDEV`` across filesystem types,
 ``EINVAL``, ``ENOSYS``), with ``splice`` through a pipe; ``map_range`` then maps the bytes
 that landed in the staged file (ours: only the store writes it, so a map cannot be cut short
-under us; media may be pulled out, which is why packs are never mapped) so the signed chunk
+under us; media may be pulled out, which is why the import never maps packs) so the signed chunk
 check and the whole-file hash read them straight from the page cache, with no copy either.
 ``sendfile`` is not tried: it writes at the descriptor's file position, which the reader
 threads writing the same staged file would share.
