@@ -256,7 +256,8 @@ class Swarm:
             peer.failed.add(digest)
         peer.have.discard(digest)
         if peer.failures >= self.max_failures:
-            self._drop(peer, f"{self.max_failures} failures, the last: {why}")
+            strikes = f"{self.max_failures} failure" + ("s" if self.max_failures != 1 else "")
+            self._drop(peer, f"{strikes}, the last: {why}")
             return
         backoff = min(self.refresh * 2 ** peer.failures, max(self.wait_for_chunks / 4,
                                                              self.refresh))
