@@ -56,6 +56,14 @@ _BASE_SETTINGS: dict[str, Any] = {
     # nobody has yet and lets the others fetch the rest from each other.
     "request_queue_time": 1,
     "max_out_request_queue": 32,
+    # libtorrent's default (20 s) makes a connection that could fetch a whole piece within
+    # that time reserve runs of up to 8 MiB of contiguous pieces, all queued at that one peer:
+    # at the seed's share of a capped link (about 1.2 MB/s at N = 8) a run took seconds, the
+    # other fetchers, not seeing it, reserved the same pieces at the seed too, and the seed
+    # sent 1.33-1.40x the model (bench_torrent at 400 MiB; its upload log showed the repeats
+    # 1-8 s apart). Off: every connection asks block by block, rarest first, and the seed's link
+    # sent 1.18-1.19x (Tt 1.19-1.21x T1 at N = 8, against 1.40x in the same run).
+    "whole_pieces_threshold": 0,
     # --upload-rate means what it says on a LAN too (libtorrent exempts local peers).
     "ignore_limits_on_local_network": False,
 }
