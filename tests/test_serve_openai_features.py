@@ -143,6 +143,30 @@ def test_logprobs_on_chat_and_completions(client: openai.OpenAI) -> None:
     assert text.choices[0].logprobs is not None
 
 
+BYTE_F0 = 5 + 0xF0  # the tiny vocabulary's <0xF0>: after 5 specials, one token per byte
+LETTER_A = 5 + 256 + ord("a") - 0x21  # then printable ASCII from "!"
+
+
+def test_llama_server_gives_no_logprobs_for_tokens_that_end_in_a_partial_character(
+        client: openai.OpenAI) -> None:
+    """llama-server records a token's probabilities only when the text so far does not end
+    in an incomplete UTF-8 character (``process_token`` in tools/server/server-context.cpp),
+    so an answer cut off inside characters at every step comes back with ``logprobs: null``.
+    0xF0 opens a four-byte character: three of them never complete one. This is the flaky
+    null seen once in four full-suite runs on an unseeded answer (docs/DESIGN.md); the test
+    pins llama-server's behaviour so that a release changing it is noticed."""
+    cut = client.completions.create(model="tiny", prompt="once", max_tokens=3, logprobs=2,
+                                    logit_bias={**NO_EOS, str(BYTE_F0): 100})
+    assert cut.usage is not None and cut.usage.completion_tokens == 3
+    assert cut.choices[0].logprobs is None
+    whole = client.completions.create(model="tiny", prompt="once", max_tokens=3, logprobs=2,
+                                      logit_bias={**NO_EOS, str(LETTER_A): 100})
+    assert whole.choices[0].text == "aaa"
+    # llama-server answers a text completion's logprobs in the chat form ("content").
+    content = whole.model_dump()["choices"][0]["logprobs"]["content"]
+    assert [item["token"] for item in content] == ["a", "a", "a"]
+
+
 def test_unknown_extra_fields_are_ignored_known_ones_still_checked(
         server: ServerThread) -> None:
     headers = {"Authorization": f"Bearer {KEY}"}
