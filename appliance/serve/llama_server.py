@@ -351,8 +351,9 @@ class LlamaServerWorker(Worker):
         started = time.perf_counter()
         whole = calls.generic or not streamed  # the client gets one piece (or chunks of one)
         if op == "embedding" or (whole and body.get("logprobs")):
-            # Asked whole from llama-server: an embedding has no stream, and a stream carries
-            # no logprobs for tokens held back as incomplete UTF-8 (the whole answer does).
+            # Asked whole from llama-server: an embedding has no stream, and a chat stream
+            # sends no chunk, so no logprobs, for a token that adds no text (<unk>, a control
+            # token, text held back as a possible stop string); the whole answer lists it.
             # Such a request notices a client leaving only at llama-server's next poll.
             response = await client.post(path, json={**body, "stream": False})
             payload = replies.json_body(response)
