@@ -154,3 +154,27 @@ def test_a_folded_answer_equals_llama_servers_whole_answer(direct: str, front: S
     assert ours["object"] == theirs["object"]
     if "response_format" in body:
         assert json.loads(ours["choices"][0]["message"]["content"])["city"] in ("Paris", "Oslo")
+
+
+def test_a_whole_answer_keeps_the_logprobs_of_tokens_that_add_no_text(direct: str,
+                                                                     front: ServerThread
+                                                                     ) -> None:
+    """Why a whole request with logprobs is asked whole (``llama_server._forward``): every
+    token here is <unk> (id 0), which adds no text. llama-server's own whole answer lists
+    each one with its logprob; its chat stream sends no chunk for such a token, so a folded
+    stream would miss them. Ours must be the whole answer."""
+    body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 3, "seed": 1,
+            "logprobs": True, "top_logprobs": 1, "logit_bias": {**NO_EOS, "0": 100}}
+    path = "/v1/chat/completions"
+    theirs = httpx.post(f"{direct}{path}", json=body, timeout=60).json()
+    listed = theirs["choices"][0]["logprobs"]["content"]
+    assert [entry["token"] for entry in listed] == ["", "", ""]
+    with httpx.stream("POST", f"{direct}{path}", json={**body, "stream": True},
+                      timeout=60) as streamed:
+        chunks = [json.loads(line.removeprefix("data: ")) for line in streamed.iter_lines()
+                  if line.startswith("data: {")]
+    in_stream = [entry for chunk in chunks for choice in chunk["choices"]
+                 for entry in (choice.get("logprobs") or {}).get("content") or []]
+    assert len(in_stream) < 3  # the first rides on the role chunk; the others get no chunk
+    ours = httpx.post(f"{front.url}{path}", json={**body, "model": "tiny"}, timeout=60).json()
+    assert ours["choices"][0]["logprobs"] == theirs["choices"][0]["logprobs"]
