@@ -45,7 +45,8 @@ from appliance.gguf_layout import gguf_boundaries, is_gguf
 from appliance.gguf_split import find_split, split_identity
 from appliance.serve.model import VERIFY_MODES, ModelFile, ModelResolver, ServableModel
 from appliance.serve.supervisor import Audit
-from appliance.store import audit, trust_state
+from appliance.store import trust_state
+from appliance.store.audit_group import GroupedAudit
 from appliance.store.records import (
     FileRecord,
     ModelRecord,
@@ -103,11 +104,14 @@ def servable_names(store_dir: Path, requested: Sequence[str] = ()) -> tuple[str,
 
 def serve_audit(store_dir: Path, *, via: str) -> Audit:
     """The audit sink a server writes to: each record gets the operating system user (the
-    same ``trust_state.who`` every other record names) and ``via`` (cli, tui)."""
+    same ``trust_state.who`` every other record names) and ``via`` (cli, tui). Answers audited
+    at the same time (``--audit-requests``) share one commit (``audit_group``); each still
+    returns only once its record is durable."""
     user = trust_state.who()
+    grouped = GroupedAudit(store_dir)
 
     def record(kind: str, details: dict[str, Any]) -> None:
-        audit.append(store_dir, kind, {**details, "user": user, "via": via})
+        grouped.append(kind, {**details, "user": user, "via": via})
 
     return record
 

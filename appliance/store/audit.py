@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -77,31 +77,43 @@ def append(
     now: datetime | None = None,
 ) -> AuditRecord:
     """Append one record; runs in its own IMMEDIATE transaction unless ``conn`` is in one."""
-    own = conn is None
-    db = conn if conn is not None else connect(store_dir)
+    if conn is not None:
+        return _insert(conn, kind, details, now)
+    return append_many(store_dir, [(kind, details)], now=now)[0]
+
+
+def append_many(store_dir: Path, entries: Sequence[tuple[str, dict[str, Any]]], *,
+                now: datetime | None = None) -> list[AuditRecord]:
+    """Append ``(kind, details)`` records in order, in one IMMEDIATE transaction: one commit
+    and one head write for all of them (``audit_group.GroupedAudit`` gathers them)."""
+    db = connect(store_dir)
     try:
-        if own:
-            db.execute("BEGIN IMMEDIATE")
-        row = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-        seq = (row["seq"] + 1) if row else 1
-        prev = row["hash"] if row else GENESIS
-        time = format_timestamp(now or datetime.now(UTC))
-        details_json = json.dumps(details, sort_keys=True, separators=(",", ":"))
-        digest = record_hash(seq, time, kind, details_json, prev)
-        db.execute(
-            "INSERT INTO audit (seq, time, kind, details, prev, hash) VALUES (?, ?, ?, ?, ?, ?)",
-            (seq, time, kind, details_json, prev, digest),
-        )
-        if own:
-            db.execute("COMMIT")
-            write_head(store_dir, seq, digest)
+        db.execute("BEGIN IMMEDIATE")
+        appended = [_insert(db, kind, details, now) for kind, details in entries]
+        db.execute("COMMIT")
+        if appended:
+            write_head(store_dir, appended[-1].seq, appended[-1].hash)
     except BaseException:
-        if own and db.in_transaction:
+        if db.in_transaction:
             db.execute("ROLLBACK")
         raise
     finally:
-        if own:
-            db.close()
+        db.close()
+    return appended
+
+
+def _insert(db: sqlite3.Connection, kind: str, details: dict[str, Any],
+            now: datetime | None) -> AuditRecord:
+    row = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+    seq = (row["seq"] + 1) if row else 1
+    prev = row["hash"] if row else GENESIS
+    time = format_timestamp(now or datetime.now(UTC))
+    details_json = json.dumps(details, sort_keys=True, separators=(",", ":"))
+    digest = record_hash(seq, time, kind, details_json, prev)
+    db.execute(
+        "INSERT INTO audit (seq, time, kind, details, prev, hash) VALUES (?, ?, ?, ?, ?, ?)",
+        (seq, time, kind, details_json, prev, digest),
+    )
     return AuditRecord(seq, time, kind, details, prev, digest)
 
 
