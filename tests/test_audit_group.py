@@ -76,6 +76,23 @@ class _Gate:
         return audit.append_many(store_dir, entries)
 
 
+def _queued_behind_a_held_commit(store: Path, gate: _Gate, later: str
+                                 ) -> tuple[GroupedAudit, dict[str, Any]]:
+    """Caller "a" commits through ``gate`` and is held there while each of ``later`` queues;
+    then the gate opens. Every caller's record, or error, by name."""
+    grouped = GroupedAudit(store, append_many=gate)
+    out: dict[str, Any] = {}
+    first = _start(grouped, "a", out)
+    assert gate.entered.wait(10)
+    rest = [_start(grouped, who, out) for who in later]
+    _until(lambda: grouped.waiting == len(later))
+    assert not out  # nobody returns before its record is committed
+    gate.release.set()
+    for t in (first, *rest):
+        t.join(10)
+    return grouped, out
+
+
 def _start(grouped: GroupedAudit, who: str, out: dict[str, Any]) -> threading.Thread:
     def run() -> None:
         try:
@@ -91,16 +108,7 @@ def _start(grouped: GroupedAudit, who: str, out: dict[str, Any]) -> threading.Th
 def test_callers_waiting_on_a_commit_share_the_next_one(tmp_path: Path) -> None:
     store = _store(tmp_path)
     gate = _Gate()
-    grouped = GroupedAudit(store, append_many=gate)
-    out: dict[str, Any] = {}
-    first = _start(grouped, "a", out)
-    assert gate.entered.wait(10)
-    rest = [_start(grouped, who, out) for who in "bcd"]
-    _until(lambda: grouped.waiting == 3)
-    assert not out  # nobody returns before its record is committed
-    gate.release.set()
-    for t in (first, *rest):
-        t.join(10)
+    grouped, out = _queued_behind_a_held_commit(store, gate, "bcd")
     assert gate.batches[0] == ["a"]
     assert sorted(gate.batches[1]) == ["b", "c", "d"] and len(gate.batches) == 2
     assert grouped.commits == 2
@@ -111,16 +119,7 @@ def test_callers_waiting_on_a_commit_share_the_next_one(tmp_path: Path) -> None:
 def test_a_failed_commit_fails_its_callers_only_and_the_next_one_starts_afresh(
         tmp_path: Path) -> None:
     store = _store(tmp_path)
-    gate = _Gate(fail_batch=2)
-    grouped = GroupedAudit(store, append_many=gate)
-    out: dict[str, Any] = {}
-    first = _start(grouped, "a", out)
-    assert gate.entered.wait(10)
-    rest = [_start(grouped, who, out) for who in "bc"]
-    _until(lambda: grouped.waiting == 2)
-    gate.release.set()
-    for t in (first, *rest):
-        t.join(10)
+    grouped, out = _queued_behind_a_held_commit(store, _Gate(fail_batch=2), "bc")
     assert isinstance(out["a"], audit.AuditRecord)
     assert isinstance(out["b"], StoreError) and isinstance(out["c"], StoreError)
     later = grouped.append("request", {"who": "e"})
