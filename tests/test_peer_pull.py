@@ -220,17 +220,20 @@ def test_an_expired_bundle_is_refused_unless_overridden(tmp_path: Path, servers,
     assert "override" in [r.kind for r in audit.records(b)]
 
 
+# A broken or stalled transfer is a network failure, backed off before the peer is dropped;
+# with the default two strikes the honest peer can finish everything inside the 0.2 s back-off
+# (one CI run in many). One strike makes the drop the next two tests check certain.
+ONE_STRIKE = replace(FAST, max_failures=1)
+
+
 def test_a_peer_that_dies_mid_transfer(tmp_path: Path, two_models: Bundle, servers,
                                        clients) -> None:
     dying = servers(seeded(tmp_path, "dying", two_models),
                     wrap=lambda app: ChunkTamper(app, "die", honest=2))
     honest = servers(seeded(tmp_path, "honest", two_models))
     b = trusted_store(tmp_path / "b")
-    # A broken transfer is a network failure, backed off before the peer is dropped; with the
-    # default two strikes the honest peer can finish everything inside the 0.2 s back-off
-    # (one CI run in many). One strike makes the drop this test checks certain.
-    once = replace(FAST, max_failures=1)
-    [result] = pull(b, [clients(dying.url), clients(honest.url)], ["tiny"], options=once, now=NOW)
+    [result] = pull(b, [clients(dying.url), clients(honest.url)], ["tiny"], options=ONE_STRIKE,
+                    now=NOW)
     expect_model(b, two_models)
     assert dying.url in result.dropped and "1 failure, the last" in result.dropped[dying.url]
     assert result.by_peer[dying.url] > 0  # what it sent before dying was verified and kept
@@ -244,9 +247,8 @@ def test_a_peer_that_stalls_mid_transfer(tmp_path: Path, two_models: Bundle, ser
     honest = servers(seeded(tmp_path, "honest", two_models))
     b = trusted_store(tmp_path / "b")
     start = time.monotonic()
-    once = replace(FAST, max_failures=1)  # as above: the drop must not race the honest peer
-    [result] = pull(b, [clients(stalling.url), clients(honest.url)], ["tiny"], options=once,
-                    now=NOW)
+    [result] = pull(b, [clients(stalling.url), clients(honest.url)], ["tiny"],
+                    options=ONE_STRIKE, now=NOW)
     expect_model(b, two_models)
     assert stalling.url in result.dropped and "timed out" in result.dropped[stalling.url]
     assert time.monotonic() - start < 20

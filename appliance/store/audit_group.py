@@ -82,6 +82,5 @@ class GroupedAudit:
     def _outcome(pending: _Pending) -> audit.AuditRecord:
         if isinstance(pending.outcome, BaseException):
             raise pending.outcome
-        if pending.outcome is None:  # not reached: a caller returns only once settled
-            raise RuntimeError("an audit record was neither committed nor failed")
+        assert pending.outcome is not None  # a caller returns only once its batch settled
         return pending.outcome
