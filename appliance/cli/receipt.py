@@ -100,7 +100,8 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
                             "site config's tls_dir, else STORE/tls)")
     group.add_argument("--audit-requests", action="store_true",
                        help="record each receipt's digests (never prompts or answers) in the "
-                            "audit log; needs --receipts")
+                            "audit log, committed before the answer leaves (answers finishing "
+                            "together share one commit); needs --receipts")
 
 
 def serve_receipts(args: argparse.Namespace) -> ReceiptOptions | None:
